@@ -1,0 +1,36 @@
+"""User-facing errors.
+
+Every error graphslim raises for bad input derives from :class:`GraphslimError`. Its message is one
+paragraph that names the file, node, pass or option at fault and says what to do; the CLI prints it
+without a traceback and exits non-zero.
+"""
+
+
+class GraphslimError(Exception):
+    """Base class of all user-facing errors (clean message, no traceback in the CLI)."""
+
+    exit_code = 2
+
+
+class LoadError(GraphslimError):
+    """The input model cannot be read (missing, corrupt, unsupported)."""
+
+
+class EmitError(GraphslimError):
+    """The output model cannot be written."""
+
+
+class VerificationError(GraphslimError):
+    """The IR violates an invariant (after loading or after a pass)."""
+
+
+class PipelineError(GraphslimError):
+    """A pipeline text, pass name or pass option is wrong, or a pass failed."""
+
+
+class OptionError(PipelineError):
+    """A pass option is unknown or has a bad value."""
+
+
+class PassError(GraphslimError):
+    """A pass refuses the graph it was given (e.g. an op without a channel rule)."""
