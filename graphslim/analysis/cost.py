@@ -1,0 +1,100 @@
+"""Parameter and multiply-accumulate counts per node (per example: axis 0 is the batch).
+
+MAC rules live in a registry keyed by op type, like every per-op rule in graphslim; ops without a rule
+cost no MACs (element-wise ops are cheap next to convolutions and matmuls and are not counted).
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Callable
+
+from graphslim.ir.graph import WEIGHT_OP, Cost, Graph, Node, NodeCost
+
+MAC_RULES: dict[str, Callable[[Graph, Node], int]] = {}
+
+
+def mac_rule(*ops: str):
+    """Register a function ``(graph, node) -> MACs per example`` for the given op types."""
+
+    def deco(fn):
+        for op in ops:
+            MAC_RULES[op] = fn
+        return fn
+
+    return deco
+
+
+def _per_example(shape) -> int | None:
+    if shape is None or any(d is None for d in shape[1:]):
+        return None
+    return prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def _in_shape(graph: Graph, node: Node, port: int):
+    try:
+        return graph.shape(graph.input(node, port))
+    except (KeyError, IndexError):
+        return None
+
+
+@mac_rule("Conv2D", "Conv3D")
+def _conv(graph: Graph, node: Node) -> int:
+    out = _per_example(node.shapes[0]) if node.shapes else None
+    f = _in_shape(graph, node, 1)
+    if out is None or f is None or None in f:
+        return 0
+    return out * prod(f[:-1])  # each output element: kh*kw*cin_per_group MACs
+
+
+@mac_rule("DepthwiseConv2dNative")
+def _depthwise(graph: Graph, node: Node) -> int:
+    out = _per_example(node.shapes[0]) if node.shapes else None
+    f = _in_shape(graph, node, 1)
+    if out is None or f is None or None in f:
+        return 0
+    return out * f[0] * f[1]
+
+
+@mac_rule("Conv2DBackpropInput")
+def _deconv(graph: Graph, node: Node) -> int:
+    x = _per_example(_in_shape(graph, node, 2))
+    f = _in_shape(graph, node, 1)
+    if x is None or f is None or None in f:
+        return 0
+    return x * f[0] * f[1] * f[2]
+
+
+@mac_rule("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
+def _matmul(graph: Graph, node: Node) -> int:
+    out = _per_example(node.shapes[0]) if node.shapes else None
+    a = _in_shape(graph, node, 0)
+    if out is None or not a:
+        return 0
+    adj = node.attr("transpose_a", False) or node.attr("adj_x", False)
+    k = a[-2] if adj else a[-1]
+    return 0 if k is None else out * k
+
+
+def _weights_read(graph: Graph, node: Node) -> int:
+    total = 0
+    for port in range(len(graph.inputs_of(node))):
+        w = graph.weight_of(node, port)
+        if w is not None:
+            total += int(w.value.size)
+    return total
+
+
+def graph_cost(graph: Graph) -> Cost:
+    """Per-node params (weights each node reads) and MACs; totals count each weight once."""
+    nodes = []
+    for node in graph.nodes():
+        if node.op == WEIGHT_OP:
+            continue
+        rule = MAC_RULES.get(node.op)
+        macs = rule(graph, node) if rule else 0
+        params = _weights_read(graph, node)
+        if macs or params:
+            nodes.append(NodeCost(node.name, node.op, params, macs))
+    params = sum(int(w.value.size) for w in graph.weights.values())
+    return Cost(nodes=nodes, params=params, macs=sum(c.macs for c in nodes))

@@ -1,0 +1,715 @@
+"""SavedModel / frozen GraphDef → graphslim IR, without running the model.
+
+``load(path)`` reads ``saved_model.pb`` with protobuf, picks the MetaGraphDef by tags and the signature
+by name, inlines every function call the signature makes into one flat graph, and reads the variables
+from the checkpoint (``variables/``) with TensorFlow's checkpoint reader. It never calls
+``tf.saved_model.load``: that revives Python objects (and fails on SavedModels written by older
+TensorFlow versions, e.g. Keras models saved with optimizer slot variables), and it is slow.
+
+How variables are found:
+
+* TF2 SavedModels (``tf.saved_model.save``, Keras ``model.export``): the signature's call op passes the
+  captured variable handles as its trailing inputs. ``object_graph_def.concrete_functions[f].bound_inputs``
+  names the SavedObjectGraph nodes of those variables; the checkpoint's own object graph
+  (``_CHECKPOINTABLE_OBJECT_GRAPH``), matched path by path from the root, gives each one's checkpoint key
+  and its original name (``full_name``, e.g. ``conv2d_1/kernel``).
+* TF1 SavedModels (``VariableV2`` + Saver): the checkpoint key is the variable's op name; the
+  ``trainable_variables`` collection gives the trainable flags.
+* Frozen GraphDefs: floating-point constants of rank ≥ 1 become weights named after their node.
+
+Example::
+
+    g = graphslim.load("resnet50/")                      # serving_default, tags {"serve"}
+    g = graphslim.load("model/", signature="embed")
+    g = graphslim.load("frozen.pb")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import message as _pb_message
+from google.protobuf import text_format
+
+from graphslim.errors import LoadError, VerificationError
+from graphslim.ir.graph import WEIGHT_OP, Graph, SignatureArg, Tensor
+from graphslim.ir import attrs as _attrs
+from graphslim.ir.tfconv import graph_from_node_defs, parse_input
+
+CALL_OPS = {"PartitionedCall", "StatefulPartitionedCall"}
+VARIABLE_OPS = {"VarHandleOp", "VariableV2", "Variable"}
+# ops that only exist to read or describe variables, dropped once reads become Weight edges
+_MAX_INLINE_DEPTH = 64
+
+
+def _tf():
+    import tensorflow as tf  # deferred: importing TF costs ~2 s, error paths should not pay it twice
+
+    return tf
+
+
+# --------------------------------------------------------------------------------------- entry point
+def load(path, signature: str = "serving_default", tags=("serve",)) -> Graph:
+    """Read a SavedModel directory (or a frozen GraphDef ``.pb`` file) into a :class:`Graph`.
+
+    ``signature`` picks the SignatureDef; ``tags`` the MetaGraphDef. Raises :class:`LoadError` with a
+    one-paragraph message naming the file and what to do when the model cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or directory. Pass a SavedModel directory (the folder "
+                        f"holding saved_model.pb and variables/) or a frozen GraphDef .pb file.")
+    if path.is_file():
+        if path.name in ("saved_model.pb", "saved_model.pbtxt"):
+            path = path.parent
+        else:
+            return _load_frozen(path)
+    pb, pbtxt = path / "saved_model.pb", path / "saved_model.pbtxt"
+    if not pb.exists() and not pbtxt.exists():
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise LoadError(f"{path}: not a SavedModel directory: it has no saved_model.pb (it holds: "
+                        f"{', '.join(found) or 'nothing'}). Point graphslim at the folder that contains "
+                        f"saved_model.pb and variables/, or at a frozen GraphDef .pb file.")
+    sm = _parse_saved_model(pb if pb.exists() else pbtxt)
+    meta = _pick_meta_graph(sm, tags, path)
+    loader = _SavedModelReader(path, meta)
+    return loader.build(signature)
+
+
+def _parse_saved_model(file: Path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    try:
+        data = file.read_bytes()
+        if file.suffix == ".pbtxt":
+            text_format.Parse(data.decode("utf-8"), sm)
+        else:
+            sm.ParseFromString(data)
+    except (_pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeError) as exc:
+        raise LoadError(f"{file}: corrupt SavedModel: the file cannot be parsed as a SavedModel protocol "
+                        f"buffer ({exc}). Re-export the model, or check that the copy is complete.") from None
+    if not sm.meta_graphs:
+        raise LoadError(f"{file}: corrupt SavedModel: it contains no MetaGraphDef. Re-export the model, "
+                        f"or check that the copy is complete.")
+    return sm
+
+
+def _pick_meta_graph(sm, tags, path: Path):
+    want = set(tags)
+    available = [sorted(m.meta_info_def.tags) for m in sm.meta_graphs]
+    for m in sm.meta_graphs:
+        if set(m.meta_info_def.tags) == want:
+            return m
+    if len(sm.meta_graphs) == 1 and not sm.meta_graphs[0].meta_info_def.tags:
+        return sm.meta_graphs[0]
+    raise LoadError(f"{path}: no MetaGraphDef with tags {sorted(want)}; it has {available}. "
+                    f"Pass tags= (--tags) with one of those.")
+
+
+def _sig_names(meta) -> list[str]:
+    return sorted(k for k in meta.signature_def if not k.startswith("__"))
+
+
+# --------------------------------------------------------------------------------------- SavedModel
+class _SavedModelReader:
+    def __init__(self, path: Path, meta):
+        self.path = path
+        self.meta = meta
+        self.library = {f.signature.name: f for f in meta.graph_def.library.function}
+        self.nodes = {}
+        for nd in meta.graph_def.node:
+            if nd.name in self.nodes:
+                raise LoadError(f"{path / 'saved_model.pb'}: corrupt graph: two nodes are named {nd.name!r}. "
+                                f"Re-export the model.")
+            self.nodes[nd.name] = nd
+        self._fn_cache: dict = {}
+        self._reader = None
+
+    # ------------------------------------------------------------------ top level
+    def build(self, signature: str) -> Graph:
+        tf = _tf()
+        if signature not in self.meta.signature_def or signature.startswith("__"):
+            names = _sig_names(self.meta)
+            raise LoadError(f"{self.path}: no signature named {signature!r}; the model has "
+                            f"{', '.join(repr(n) for n in names) or 'no signatures'}. Pass one of those "
+                            f"with signature= (--signature).")
+        sig = self.meta.signature_def[signature]
+        if not sig.outputs:
+            raise LoadError(f"{self.path}: signature {signature!r} has no outputs; nothing to optimize.")
+        inputs = {k: parse_input(v.name)[:2] for k, v in sig.inputs.items() if v.name}
+        outputs = {k: parse_input(v.name)[:2] for k, v in sig.outputs.items() if v.name}
+        for kind, table in (("input", inputs), ("output", outputs)):
+            for key, (node, _) in table.items():
+                if node not in self.nodes:
+                    raise LoadError(f"{self.path}: signature {signature!r} {kind} {key!r} names tensor "
+                                    f"{node!r}, which is not in the graph. The SavedModel is inconsistent; "
+                                    f"re-export it.")
+        for key in sig.inputs:
+            if key not in inputs:
+                raise LoadError(f"{self.path}: signature {signature!r} input {key!r} is not a dense tensor "
+                                f"(sparse and ragged inputs are not supported).")
+        # Only the part of the graph the outputs need.
+        needed = self._ancestors([n for n, _ in outputs.values()])
+        var_info = self._variable_info(needed)
+        nodes, aliases = self._flatten(needed)
+        g = self._to_ir(nodes, aliases, var_info, inputs, outputs, sig)
+        g.signature_name = signature
+        g.assets = self._assets()
+        g.meta = {"source": str(self.path), "format": "saved_model", "signature": signature,
+                  "tags": sorted(self.meta.meta_info_def.tags),
+                  "tf_version": self.meta.meta_info_def.tensorflow_version}
+        _finish(g, self.path)
+        del tf
+        return g
+
+    def _ancestors(self, roots) -> list[str]:
+        seen, stack = set(), list(roots)
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            nd = self.nodes.get(n)
+            if nd is None:
+                continue
+            for text in nd.input:
+                src, _, control = parse_input(text)
+                if not control and src not in seen:
+                    if src not in self.nodes:
+                        raise LoadError(f"{self.path}: corrupt graph: node {n!r} reads {text!r}, but no "
+                                        f"node {src!r} exists. Re-export the model.")
+                    stack.append(src)
+        return [n for n in self.nodes if n in seen]  # keep file order
+
+    # ------------------------------------------------------------------ variables
+    def _checkpoint(self):
+        if self._reader is None:
+            tf = _tf()
+            prefix = self.path / "variables" / "variables"
+            index = Path(str(prefix) + ".index")
+            if not index.exists():
+                raise LoadError(f"{self.path}: the model has variables but {index} is missing. Copy the "
+                                f"whole SavedModel directory, including variables/.")
+            try:
+                self._reader = tf.train.load_checkpoint(str(prefix))
+            except Exception as exc:  # noqa: BLE001 - the reader raises several unrelated types
+                raise LoadError(f"{self.path}: cannot read the variables checkpoint {prefix}: "
+                                f"{_first_line(exc)}. The variables files are missing, truncated or from "
+                                f"another model; copy the whole SavedModel directory again.") from None
+        return self._reader
+
+    def _read_tensor(self, key: str, what: str):
+        reader = self._checkpoint()
+        try:
+            return reader.get_tensor(key)
+        except Exception as exc:  # noqa: BLE001
+            raise LoadError(f"{self.path}: cannot read variable {what!r} (checkpoint key {key!r}) from "
+                            f"variables/: {_first_line(exc)}. The variables files are truncated or do not "
+                            f"belong to this saved_model.pb; copy the whole SavedModel directory again.") from None
+
+    def _variable_info(self, needed) -> dict:
+        """Outer variable node name → (weight name, checkpoint key, trainable)."""
+        info = {}
+        var_nodes = [n for n in needed if self.nodes[n].op in VARIABLE_OPS]
+        if not var_nodes:
+            return info
+        og = self.meta.object_graph_def
+        if len(og.nodes):
+            ckpt_of = self._object_checkpoint_map()
+            for name in needed:
+                nd = self.nodes[name]
+                if nd.op not in CALL_OPS:
+                    continue
+                fname = nd.attr["f"].func.name
+                cf = og.concrete_functions.get(fname)
+                if cf is None:
+                    continue
+                data_inputs = [i for i in nd.input if not i.startswith("^")]
+                bound = list(cf.bound_inputs)
+                captured = data_inputs[len(data_inputs) - len(bound):] if bound else []
+                for text, node_id in zip(captured, bound):
+                    src = parse_input(text)[0]
+                    obj = og.nodes[node_id] if node_id < len(og.nodes) else None
+                    if obj is None or obj.WhichOneof("kind") != "variable" or src in info:
+                        continue
+                    key, full_name = ckpt_of.get(node_id, (None, None))
+                    if key is None:
+                        continue
+                    info[src] = (full_name or obj.variable.name or src, key, bool(obj.variable.trainable))
+        # TF1 variables (or TF2 handles not captured through a call): key = op name / shared name.
+        trainable = self._tf1_trainable()
+        for name in var_nodes:
+            if name in info:
+                continue
+            nd = self.nodes[name]
+            shared = nd.attr["shared_name"].s.decode() if "shared_name" in nd.attr else ""
+            reader = self._checkpoint()
+            for key in (name, shared):
+                if key and reader.has_tensor(key):
+                    info[name] = (key, key, trainable.get(key, True) if trainable else True)
+                    break
+            else:
+                raise LoadError(f"{self.path}: variable node {name!r} ({nd.op}) has no value in the "
+                                f"checkpoint (looked for keys {name!r}"
+                                f"{' and ' + repr(shared) if shared else ''} and the object graph). The "
+                                f"variables files do not belong to this saved_model.pb.")
+        return info
+
+    def _object_checkpoint_map(self) -> dict:
+        """SavedObjectGraph node id → (checkpoint key, full_name), matching both graphs by child path."""
+        from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+        raw = self._read_tensor("_CHECKPOINTABLE_OBJECT_GRAPH", "object graph")
+        tog = trackable_object_graph_pb2.TrackableObjectGraph()
+        try:
+            tog.ParseFromString(bytes(raw.item() if hasattr(raw, "item") else raw))
+        except _pb_message.DecodeError:
+            raise LoadError(f"{self.path}: the checkpoint's object graph is corrupt; copy the whole "
+                            f"SavedModel directory again.") from None
+        og = self.meta.object_graph_def
+        out, seen = {}, set()
+        stack = [(0, 0)]
+        while stack:
+            sid, cid = stack.pop()
+            if (sid, cid) in seen or sid >= len(og.nodes) or cid >= len(tog.nodes):
+                continue
+            seen.add((sid, cid))
+            for attr in tog.nodes[cid].attributes:
+                if attr.name == "VARIABLE_VALUE":
+                    out[sid] = (attr.checkpoint_key, attr.full_name)
+            ckids = {c.local_name: c.node_id for c in tog.nodes[cid].children}
+            for c in og.nodes[sid].children:
+                if c.local_name in ckids:
+                    stack.append((c.node_id, ckids[c.local_name]))
+        return out
+
+    def _tf1_trainable(self) -> dict:
+        from tensorflow.core.framework import variable_pb2
+
+        out = {}
+        cols = self.meta.collection_def
+        for col, flag in (("variables", False), ("trainable_variables", True)):
+            if col not in cols:
+                continue
+            for raw in cols[col].bytes_list.value:
+                vd = variable_pb2.VariableDef()
+                try:
+                    vd.ParseFromString(raw)
+                except _pb_message.DecodeError:
+                    continue
+                key = vd.variable_name.split(":")[0]
+                out[key] = flag or out.get(key, False)
+        return out
+
+    # ------------------------------------------------------------------ flattening
+    def _function_graph(self, fname: str):
+        """(body NodeDefs with GraphDef-style inputs, arg names, flat ret tensors) of a library function."""
+        if fname not in self._fn_cache:
+            fdef = self.library.get(fname)
+            if fdef is None:
+                raise LoadError(f"{self.path}: the graph calls function {fname!r}, which is not in the "
+                                f"function library. The SavedModel is incomplete; re-export it.")
+            self._fn_cache[fname] = _flatten_function_def(fdef, self.library, self.path)
+        return self._fn_cache[fname]
+
+    def _flatten(self, needed):
+        """Inline every call. Returns (ordered NodeDefs, aliases "call:i" → "inner:j")."""
+        from tensorflow.core.framework import node_def_pb2
+
+        out: dict[str, object] = {}
+        aliases: dict[str, str] = {}
+        work = [(self.nodes[n], "", {}, 0) for n in needed]
+        # (node_def, name prefix, arg name -> outer tensor, depth)
+        while work:
+            nd, prefix, argmap, depth = work.pop(0)
+            name = prefix + nd.name
+
+            def remap(text, prefix=prefix, argmap=argmap):
+                src, port, control = parse_input(text)
+                if src in argmap:
+                    if control:
+                        return None
+                    return argmap[src]
+                full = prefix + src
+                return ("^" + full) if control else f"{full}:{port}"
+
+            fname = None
+            if nd.op in CALL_OPS:
+                fname = nd.attr["f"].func.name
+            elif nd.op in self.library:
+                fname = nd.op
+            if fname is not None:
+                if depth >= _MAX_INLINE_DEPTH:
+                    raise LoadError(f"{self.path}: function calls nest deeper than {_MAX_INLINE_DEPTH} "
+                                    f"levels at {name!r} (recursive functions?); cannot flatten the graph.")
+                body, arg_names, rets = self._function_graph(fname)
+                data_in = [remap(i) for i in nd.input if not i.startswith("^")]
+                if len(data_in) != len(arg_names):
+                    raise LoadError(f"{self.path}: call {name!r} passes {len(data_in)} inputs to "
+                                    f"{fname!r}, which takes {len(arg_names)}.")
+                inner_args = dict(zip(arg_names, data_in))
+                inner_prefix = name + "/"
+                for i, ret in enumerate(rets):
+                    rsrc, rport, _ = parse_input(ret)
+                    target = inner_args[rsrc] if rsrc in inner_args else f"{inner_prefix}{rsrc}:{rport}"
+                    aliases[f"{name}:{i}"] = target
+                arg_set = set(arg_names)
+                work[:0] = [(b, inner_prefix, inner_args, depth + 1) for b in body if b.name not in arg_set]
+                continue
+            new = node_def_pb2.NodeDef()
+            new.CopyFrom(nd)
+            new.name = name
+            del new.input[:]
+            for text in nd.input:
+                if text.startswith("^"):
+                    continue  # control edges are dropped: the serving graph is pure dataflow
+                new.input.append(remap(text))
+            out[name] = new
+        return out, aliases
+
+    # ------------------------------------------------------------------ IR
+    def _to_ir(self, nodes, aliases, var_info, inputs, outputs, sig) -> Graph:
+        tf = _tf()
+        from tensorflow.core.framework import node_def_pb2
+
+        def resolve(text: str) -> str:
+            seen = 0
+            while True:
+                src, port, _ = parse_input(text)
+                key = f"{src}:{port}"
+                if key in aliases:
+                    text = aliases[key]
+                    seen += 1
+                    if seen > 10000:
+                        raise LoadError(f"{self.path}: function outputs refer to each other in a cycle "
+                                        f"at {key!r}.")
+                    continue
+                return key
+
+        for nd in nodes.values():
+            ins = [resolve(i) for i in nd.input]
+            del nd.input[:]
+            nd.input.extend(ins)
+
+        # Variables: outer handles → Weight nodes; reads of them → uses of the Weight.
+        weights = {}
+        taken = set(nodes)
+        handle_to_weight = {}
+        for vname, (wname, key, trainable) in var_info.items():
+            value = self._read_tensor(key, wname)
+            nd_var = nodes.get(vname)
+            _check_var_value(self.path, vname, nd_var, value)
+            base = wname
+            if base in weights or (base in taken and base != vname):
+                i = 1
+                while f"{base}_{i}" in weights or f"{base}_{i}" in taken:
+                    i += 1
+                wname = f"{base}_{i}"
+            weights[wname] = (value, trainable)
+            handle_to_weight[vname] = wname
+            taken.add(wname)
+
+        def handle_source(text: str):
+            src, port, _ = parse_input(text)
+            while src in nodes and nodes[src].op == "Identity" and nodes[src].input:
+                src, port, _ = parse_input(nodes[src].input[0])
+            return handle_to_weight.get(src)
+
+        redirect = {}
+        drop = set(var_info)
+        for name, nd in nodes.items():
+            if nd.op == "ReadVariableOp":
+                w = handle_source(nd.input[0])
+                if w is None:
+                    raise LoadError(f"{self.path}: node {name!r} reads a variable that is not in the "
+                                    f"checkpoint; graphslim cannot give it a value.")
+                redirect[f"{name}:0"] = f"{w}:0"
+                drop.add(name)
+            elif nd.op == "ResourceGather":
+                w = handle_source(nd.input[0])
+                if w is None:
+                    raise LoadError(f"{self.path}: node {name!r} gathers from a variable that is not in "
+                                    f"the checkpoint.")
+                axis = name + "/axis"
+                nodes_axis = node_def_pb2.NodeDef(name=axis, op="Const")
+                nodes_axis.attr["dtype"].type = tf.int32.as_datatype_enum
+                nodes_axis.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.int32(0)))
+                redirect_gather = node_def_pb2.NodeDef(name=name, op="GatherV2")
+                redirect_gather.input.extend([f"{w}:0", nd.input[1], f"{axis}:0"])
+                redirect_gather.attr["Tparams"].type = nd.attr["dtype"].type
+                redirect_gather.attr["Tindices"].type = nd.attr["Tindices"].type
+                redirect_gather.attr["Taxis"].type = tf.int32.as_datatype_enum
+                redirect_gather.attr["batch_dims"].i = nd.attr["batch_dims"].i if "batch_dims" in nd.attr else 0
+                nodes[name] = redirect_gather
+                nodes[axis] = nodes_axis
+        for name in drop:
+            nodes.pop(name, None)
+        # Identity chains over resource handles die with the handles.
+        for name in [n for n, nd in nodes.items() if nd.op == "Identity" and nd.attr["T"].type == _attrs.DT_RESOURCE]:
+            nodes.pop(name)
+
+        weight_defs = []
+        for wname, (value, trainable) in weights.items():
+            w = node_def_pb2.NodeDef(name=wname, op=WEIGHT_OP)
+            weight_defs.append(w)
+        for nd in nodes.values():
+            ins = []
+            for text in nd.input:
+                src, port, _ = parse_input(text)
+                key = f"{src}:{port}"
+                while key in redirect:
+                    key = redirect[key]
+                if src in handle_to_weight and key == f"{src}:{port}":
+                    raise LoadError(f"{self.path}: node {nd.name!r} ({nd.op}) uses variable {src!r} as a "
+                                    f"resource handle; only plain reads (ReadVariableOp, ResourceGather) "
+                                    f"are supported.")
+                ins.append(key)
+            del nd.input[:]
+            nd.input.extend(ins)
+        # Placeholder shapes come from the signature.
+        for key, info in sig.inputs.items():
+            ph = nodes.get(inputs[key][0])
+            if ph is not None and ph.op == "Placeholder":
+                ph.attr["shape"].shape.CopyFrom(info.tensor_shape)
+
+        # Keep only what outputs need now that reads are plain edges.
+        order = _prune_to_outputs(list(weight_defs) + list(nodes.values()),
+                                  [resolve(f"{n}:{p}") for n, p in outputs.values()])
+        try:
+            g = graph_from_node_defs(order)
+        except VerificationError as exc:
+            raise LoadError(f"{self.path}: {exc}") from None
+        for w in weight_defs:
+            if g.has_node(w.name):
+                value, trainable = weights[w.name]
+                g.weights[w.name] = _weight(w.name, value, trainable)
+        for key in sorted(sig.inputs):
+            n, p = inputs[key]
+            if g.has_node(n):
+                g.inputs.append(SignatureArg(key, Tensor(n, p)))
+            else:  # an input the outputs do not need: keep it in the signature
+                g.add_node(n, "Placeholder", attrs={"dtype": tf.as_dtype(sig.inputs[key].dtype),
+                                                    "shape": _attrs.shape_from_proto(sig.inputs[key].tensor_shape)})
+                g.inputs.append(SignatureArg(key, Tensor(n, 0)))
+        for key in sorted(sig.outputs):
+            t = resolve(f"{outputs[key][0]}:{outputs[key][1]}")
+            g.outputs.append(SignatureArg(key, Tensor.parse(t)))
+        _prettify_names(g)
+        return g
+
+    def _assets(self) -> dict:
+        out = {}
+        adir = self.path / "assets"
+        if adir.is_dir():
+            root = adir.resolve()
+            for p in sorted(adir.rglob("*")):
+                if p.is_file():
+                    if not p.resolve().is_relative_to(root):
+                        raise LoadError(f"{self.path}: asset {p} points outside the model directory; "
+                                        f"refusing to read it.")
+                    out[str(p.relative_to(adir))] = p.read_bytes()
+        return out
+
+
+def _num_args(arg_def, nd) -> int:
+    if arg_def.number_attr:
+        return nd.attr[arg_def.number_attr].i
+    if arg_def.type_list_attr:
+        return len(nd.attr[arg_def.type_list_attr].list.type)
+    return 1
+
+
+def _flatten_function_def(fdef, library, where):
+    """FunctionDef → body NodeDefs whose inputs use GraphDef syntax (``node:3``), its argument names,
+    and its outputs as flat tensor names. FunctionDef bodies name tensors ``node:out_arg:idx``; the
+    flat port is found from the op's (or called function's) output arguments."""
+    from tensorflow.core.framework import node_def_pb2
+    from tensorflow.python.framework import op_def_registry
+
+    arg_names = [a.name for a in fdef.signature.input_arg]
+    flat = {}
+    for a in arg_names:
+        flat[a] = f"{a}:0"
+    for nd in fdef.node_def:
+        if nd.op in library:
+            op_def = library[nd.op].signature
+        else:
+            op_def = op_def_registry.get(nd.op)
+            if op_def is None:
+                raise LoadError(f"{where}: function {fdef.signature.name!r} uses op type {nd.op!r} "
+                                f"(node {nd.name!r}), which this TensorFlow does not know. The model needs a "
+                                f"custom op library; graphslim cannot read it.")
+        port = 0
+        for out in op_def.output_arg:
+            n = _num_args(out, nd)
+            for i in range(n):
+                flat[f"{nd.name}:{out.name}:{i}"] = f"{nd.name}:{port + i}"
+            port += n
+    body = []
+    for nd in fdef.node_def:
+        new = node_def_pb2.NodeDef()
+        new.CopyFrom(nd)
+        del new.input[:]
+        for text in nd.input:
+            if text.startswith("^"):
+                new.input.append(text)
+                continue
+            if text in flat:
+                new.input.append(flat[text])
+            elif text.count(":") == 0 and text in arg_names:
+                new.input.append(f"{text}:0")
+            else:
+                raise LoadError(f"{where}: function {fdef.signature.name!r}: node {nd.name!r} reads "
+                                f"{text!r}, which no node of the function produces.")
+        body.append(new)
+    rets = []
+    for out in fdef.signature.output_arg:
+        ret = fdef.ret.get(out.name)
+        if ret is None or (ret not in flat and ret.split(":")[0] not in arg_names):
+            raise LoadError(f"{where}: function {fdef.signature.name!r} output {out.name!r} is not "
+                            f"produced by any node.")
+        rets.append(flat.get(ret, f"{ret.split(':')[0]}:0"))
+    return body, arg_names, rets
+
+
+def _weight(name, value, trainable):
+    from graphslim.ir.graph import Weight
+
+    return Weight(name, np.asarray(value), bool(trainable))
+
+
+def _check_var_value(path, vname, nd, value):
+    if nd is None:
+        return
+    tf = _tf()
+    if "dtype" in nd.attr and nd.attr["dtype"].type:
+        want = tf.as_dtype(nd.attr["dtype"].type).base_dtype
+        if want != tf.as_dtype(value.dtype):
+            raise LoadError(f"{path}: variable {vname!r} is {want.name} in the graph but "
+                            f"{value.dtype} in the checkpoint; the variables files do not belong to this "
+                            f"saved_model.pb.")
+    if "shape" in nd.attr and not nd.attr["shape"].shape.unknown_rank:
+        want = _attrs.shape_from_proto(nd.attr["shape"].shape)
+        if want is not None and len(want) == value.ndim and any(
+                w is not None and w != v for w, v in zip(want, value.shape)) or (
+                want is not None and len(want) != value.ndim and len(want) > 0):
+            raise LoadError(f"{path}: variable {vname!r} has shape {list(want)} in the graph but "
+                            f"{list(value.shape)} in the checkpoint; the variables files do not belong "
+                            f"to this saved_model.pb.")
+
+
+def _prune_to_outputs(node_defs, output_tensors):
+    by_name = {nd.name: nd for nd in node_defs}
+    seen, stack = set(), [parse_input(t)[0] for t in output_tensors]
+    while stack:
+        n = stack.pop()
+        if n in seen or n not in by_name:
+            continue
+        seen.add(n)
+        stack.extend(parse_input(i)[0] for i in by_name[n].input)
+    return [nd for nd in node_defs if nd.name in seen]
+
+
+_CALL_SEGMENT = re.compile(r"^(Stateful)?PartitionedCall(_\d+)?$")
+
+
+def _prettify_names(g: Graph) -> None:
+    """Drop the ``StatefulPartitionedCall_N/`` path segments that inlining introduced, where the
+    shorter name stays unique (``StatefulPartitionedCall/sequential/conv1/Conv2D`` →
+    ``sequential/conv1/Conv2D``)."""
+    import networkx as nx
+
+    mapping = {}
+    taken = set(g._g.nodes)
+    for name in list(g._g.nodes):
+        if g.node(name).op == WEIGHT_OP:
+            continue
+        parts = name.split("/")
+        short = "/".join(p for p in parts if not _CALL_SEGMENT.match(p))
+        if short and short != name and short not in taken:
+            mapping[name] = short
+            taken.add(short)
+    if not mapping:
+        return
+    nx.relabel_nodes(g._g, mapping, copy=False)
+    for old, new in mapping.items():
+        g._g.nodes[new]["node"].name = new
+    for arg in g.inputs + g.outputs:
+        if arg.tensor.node in mapping:
+            arg.tensor = Tensor(mapping[arg.tensor.node], arg.tensor.port)
+
+
+def _finish(g: Graph, where) -> None:
+    try:
+        g.verify()
+    except VerificationError as exc:
+        raise LoadError(f"{where}: the model's graph is not valid: {exc}") from None
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------- frozen
+def _load_frozen(file: Path) -> Graph:
+    """A frozen GraphDef: Placeholders are the inputs, nodes nobody reads are the outputs."""
+    tf = _tf()
+    from tensorflow.core.framework import graph_pb2
+
+    gd = graph_pb2.GraphDef()
+    try:
+        data = file.read_bytes()
+        if file.suffix == ".pbtxt":
+            text_format.Parse(data.decode("utf-8"), gd)
+        else:
+            gd.ParseFromString(data)
+    except (_pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeError) as exc:
+        raise LoadError(f"{file}: cannot be parsed as a frozen GraphDef ({exc}). Pass a SavedModel "
+                        f"directory or a binary GraphDef .pb file.") from None
+    if not gd.node:
+        raise LoadError(f"{file}: the GraphDef has no nodes (or the file is not a GraphDef). Pass a "
+                        f"SavedModel directory or a frozen GraphDef .pb file.")
+    names = [nd.name for nd in gd.node]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise LoadError(f"{file}: corrupt graph: two nodes are named {dup!r}.")
+    library = {f.signature.name for f in gd.library.function}
+    nodes = []
+    for nd in gd.node:
+        new = type(nd)()
+        new.CopyFrom(nd)
+        del new.input[:]
+        new.input.extend(i for i in nd.input if not i.startswith("^"))
+        nodes.append(new)
+    used = {parse_input(i)[0] for nd in nodes for i in nd.input}
+    outputs = [nd for nd in nodes if nd.name not in used and nd.op not in ("NoOp", "Const", "Placeholder", "Assert")]
+    if not outputs:
+        raise LoadError(f"{file}: the graph has no output nodes.")
+    try:
+        g = graph_from_node_defs(nodes)
+    except VerificationError as exc:
+        raise LoadError(f"{file}: {exc}") from None
+    g.functions = {f.signature.name: f for f in gd.library.function} if library else {}
+    for node in g.nodes(op="Placeholder"):
+        g.inputs.append(SignatureArg(node.name, Tensor(node.name, 0)))
+    for nd in outputs:
+        g.outputs.append(SignatureArg(nd.name, Tensor(nd.name, 0)))
+    # Float constants of rank >= 1 are the trained weights.
+    for node in g.nodes(op="Const"):
+        value = node.attr("value")
+        if isinstance(value, np.ndarray) and value.ndim >= 1 and value.dtype.kind == "f":
+            consumers = g.consumers(node.output(0))
+            name = node.name
+            g._g.remove_node(name)  # re-added as a Weight under the same name, same edges
+            g.add_weight(name, value, trainable=True)
+            for c, port in consumers:
+                g._g.add_edge(name, c.name, src_port=0, dst_port=port)
+    g.meta = {"source": str(file), "format": "frozen_graphdef", "signature": "serving_default"}
+    _finish(g, file)
+    del tf
+    return g

@@ -1,0 +1,493 @@
+"""The graphslim IR: a dataflow graph of TensorFlow ops over a ``networkx.MultiDiGraph``.
+
+* A :class:`Node` is one op: its TF type (``Conv2D``), attributes (``AttrValue`` protos, read and written
+  as Python values), and per output a dtype and a static shape.
+* A :class:`Tensor` names one output of a node: ``Tensor("conv1/Conv2D", 0)``.
+* Edges are tensors (``src_port`` → ``dst_port``) or control dependencies.
+* Trained parameters live in one table, ``graph.weights``. Each weight is read through exactly one
+  node of the pseudo-op ``Weight`` (named like the weight, e.g. ``conv1/kernel``), so that its uses
+  are ordinary edges and ``graph.consumers(...)`` finds every op that reads it.
+* The graph carries one signature: ``graph.inputs`` (Placeholder outputs) and ``graph.outputs``,
+  each a :class:`SignatureArg` with the name a caller of the SavedModel uses.
+
+Only this module touches networkx. Passes use :meth:`Graph.add_node`, :meth:`Graph.remove_node`,
+:meth:`Graph.producer`, :meth:`Graph.consumers`, :meth:`Graph.replace_all_uses`,
+:meth:`Graph.set_weight` and friends, so use-def information cannot go stale.
+
+Example::
+
+    g = graphslim.load("model/")
+    for node in g.nodes(op="Conv2D"):
+        kernel = g.weight_of(node, 1)          # the Weight feeding input 1, or None
+        print(node.name, kernel.name, kernel.value.shape)
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, NamedTuple
+
+import networkx as nx
+import numpy as np
+import tensorflow as tf
+
+from graphslim.errors import VerificationError
+from graphslim.ir import attrs as _attrs
+
+WEIGHT_OP = "Weight"
+
+
+class Tensor(NamedTuple):
+    """One output of a node: ``(node name, output port)``. Prints as ``name:port``."""
+
+    node: str
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.node}:{self.port}"
+
+    @staticmethod
+    def parse(text: str) -> "Tensor":
+        """``"conv:1"`` → Tensor("conv", 1); ``"conv"`` → Tensor("conv", 0)."""
+        name, sep, port = text.rpartition(":")
+        if sep and port.isdigit():
+            return Tensor(name, int(port))
+        return Tensor(text, 0)
+
+
+def as_tensor(t) -> Tensor:
+    if isinstance(t, Tensor):
+        return t
+    if isinstance(t, Node):
+        return Tensor(t.name, 0)
+    if isinstance(t, tuple) and len(t) == 2:
+        return Tensor(str(t[0]), int(t[1]))
+    if isinstance(t, str):
+        return Tensor.parse(t)
+    raise TypeError(f"not a tensor reference: {t!r}")
+
+
+@dataclass(eq=False)
+class Node:
+    """One op of the graph. Attributes are stored as ``AttrValue`` protos (exact round trip)."""
+
+    name: str
+    op: str
+    attrs: dict = field(default_factory=dict)
+    device: str = ""
+    dtypes: list = field(default_factory=list)  # tf.DType per output
+    shapes: list = field(default_factory=list)  # tuple (None = unknown dim) or None per output
+
+    def attr(self, key: str, default=None):
+        """The attribute ``key`` as a Python value (``"SAME"``, ``[1, 2, 2, 1]``, ``tf.float32``...)."""
+        if key not in self.attrs:
+            return default
+        return _attrs.from_attr(self.attrs[key])
+
+    def set_attr(self, key: str, value) -> None:
+        """Set attribute ``key`` from a Python value or an ``AttrValue`` proto."""
+        self.attrs[key] = _attrs.to_attr(value)
+
+    def output(self, port: int = 0) -> Tensor:
+        return Tensor(self.name, port)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.dtypes)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(s) for s in self.shapes)
+        return f"<Node {self.name} {self.op} -> [{shapes}]>"
+
+
+@dataclass
+class Weight:
+    """A trained parameter: its value, checkpoint name and trainable flag."""
+
+    name: str
+    value: np.ndarray
+    trainable: bool = True
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.value.shape)
+
+
+@dataclass
+class SignatureArg:
+    """A named signature input or output and the tensor it is bound to."""
+
+    name: str
+    tensor: Tensor
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op: str
+    params: int
+    macs: int
+
+
+@dataclass
+class Cost:
+    """Parameters and multiply-accumulates (per example, batch 1) per node and in total."""
+
+    nodes: list
+    params: int
+    macs: int
+
+    def by_node(self) -> dict:
+        return {c.name: c for c in self.nodes}
+
+
+class Graph:
+    """A TensorFlow dataflow graph with a weight table and one signature. See the module docstring."""
+
+    def __init__(self) -> None:
+        self._g = nx.MultiDiGraph()
+        self.weights: dict[str, Weight] = {}
+        self.inputs: list[SignatureArg] = []
+        self.outputs: list[SignatureArg] = []
+        self.signature_name = "serving_default"
+        self.functions: dict = {}  # name -> FunctionDef, for functional ops left in the graph
+        self.assets: dict[str, bytes] = {}  # file name -> content
+        self.meta: dict = {}  # provenance: source path, format, producer versions
+        self._uid = itertools.count()
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return self._g.number_of_nodes()
+
+    def __contains__(self, name) -> bool:
+        return self._g.has_node(name)
+
+    def node(self, name: str) -> Node:
+        """The node called ``name`` (KeyError with the name if there is none)."""
+        try:
+            return self._g.nodes[name]["node"]
+        except KeyError:
+            raise KeyError(f"no node named {name!r} in the graph") from None
+
+    def has_node(self, name: str) -> bool:
+        return self._g.has_node(name)
+
+    def nodes(self, op: str | Iterable[str] | None = None) -> list[Node]:
+        """All nodes in topological order, optionally only those of type ``op`` (a name or a set)."""
+        order = self.topo_order()
+        if op is None:
+            return order
+        ops = {op} if isinstance(op, str) else set(op)
+        return [n for n in order if n.op in ops]
+
+    def topo_order(self) -> list[Node]:
+        try:
+            return [self._g.nodes[n]["node"] for n in nx.topological_sort(self._g)]
+        except nx.NetworkXUnfeasible:
+            cycle = nx.find_cycle(self._g)
+            names = " -> ".join(str(e[0]) for e in cycle)
+            raise VerificationError(f"the graph has a cycle: {names}; a dataflow graph must be acyclic") from None
+
+    def producer(self, tensor) -> Node:
+        """The node that produces ``tensor`` (a Tensor, ``"name:port"`` or a Node)."""
+        return self.node(as_tensor(tensor).node)
+
+    def inputs_of(self, node) -> list[Tensor]:
+        """The data inputs of ``node`` in port order."""
+        name = node.name if isinstance(node, Node) else node
+        ins = {}
+        for src, _, data in self._g.in_edges(name, data=True):
+            if not data.get("control"):
+                ins[data["dst_port"]] = Tensor(src, data["src_port"])
+        return [ins[i] for i in sorted(ins)]
+
+    def input(self, node, port: int) -> Tensor:
+        """The tensor feeding input ``port`` of ``node``."""
+        name = node.name if isinstance(node, Node) else node
+        for src, _, data in self._g.in_edges(name, data=True):
+            if not data.get("control") and data["dst_port"] == port:
+                return Tensor(src, data["src_port"])
+        raise KeyError(f"node {name!r} has no input {port}")
+
+    def input_node(self, node, port: int) -> Node:
+        return self.producer(self.input(node, port))
+
+    def control_inputs_of(self, node) -> list[str]:
+        name = node.name if isinstance(node, Node) else node
+        return sorted({src for src, _, d in self._g.in_edges(name, data=True) if d.get("control")})
+
+    def consumers(self, what) -> list[tuple[Node, int]]:
+        """Data uses of a tensor (or of every output of a node): list of ``(consumer, input port)``."""
+        if isinstance(what, Node) or (isinstance(what, str) and ":" not in what and self.has_node(what)):
+            name, port = (what.name if isinstance(what, Node) else what), None
+        else:
+            t = as_tensor(what)
+            name, port = t.node, t.port
+        out = []
+        for _, dst, data in self._g.out_edges(name, data=True):
+            if data.get("control"):
+                continue
+            if port is None or data["src_port"] == port:
+                out.append((self._g.nodes[dst]["node"], data["dst_port"]))
+        out.sort(key=lambda x: (x[0].name, x[1]))
+        return out
+
+    def control_consumers(self, node) -> list[Node]:
+        name = node.name if isinstance(node, Node) else node
+        return [self._g.nodes[d]["node"] for _, d, dd in self._g.out_edges(name, data=True) if dd.get("control")]
+
+    def is_output(self, tensor) -> bool:
+        t = as_tensor(tensor)
+        return any(o.tensor == t for o in self.outputs)
+
+    def uses(self, tensor) -> int:
+        """Number of data uses of ``tensor``, counting signature outputs."""
+        t = as_tensor(tensor)
+        return len(self.consumers(t)) + sum(o.tensor == t for o in self.outputs)
+
+    def weight_of(self, node, port: int) -> Weight | None:
+        """The Weight read by input ``port`` of ``node`` (looking through Identity), or None."""
+        try:
+            src = self.input_node(node, port)
+        except KeyError:
+            return None
+        while src.op == "Identity":
+            src = self.input_node(src, 0)
+        if src.op == WEIGHT_OP:
+            return self.weights[src.name]
+        return None
+
+    def constant_value(self, tensor) -> np.ndarray | None:
+        """The value of ``tensor`` if it is a Const or Weight (through Identity), else None."""
+        src = self.producer(tensor)
+        while src.op == "Identity":
+            src = self.input_node(src, 0)
+        if src.op == WEIGHT_OP:
+            return self.weights[src.name].value
+        if src.op == "Const":
+            return src.attr("value")
+        return None
+
+    def shape(self, tensor) -> tuple | None:
+        t = as_tensor(tensor)
+        return self.node(t.node).shapes[t.port]
+
+    def dtype(self, tensor):
+        t = as_tensor(tensor)
+        return self.node(t.node).dtypes[t.port]
+
+    # ------------------------------------------------------------------ mutation
+    def unique_name(self, base: str) -> str:
+        """``base`` if unused, else ``base_1``, ``base_2``..."""
+        if not self._g.has_node(base):
+            return base
+        for i in itertools.count(1):
+            cand = f"{base}_{i}"
+            if not self._g.has_node(cand):
+                return cand
+        raise AssertionError
+
+    def add_node(self, name: str, op: str, inputs: Iterable = (), attrs: dict | None = None,
+                 control_inputs: Iterable[str] = (), device: str = "", dtypes=None, shapes=None,
+                 unique: bool = False) -> Node:
+        """Add an op. ``inputs`` are tensors (``Tensor``, ``"name:port"`` or Node for port 0).
+
+        Attribute values may be Python values or AttrValue protos. Output dtypes and shapes are filled
+        by the next :meth:`infer_shapes` unless given. With ``unique=True`` a taken name gets a suffix.
+        """
+        if unique:
+            name = self.unique_name(name)
+        elif self._g.has_node(name):
+            raise ValueError(f"a node named {name!r} already exists")
+        node = Node(name=name, op=op, attrs={k: _attrs.to_attr(v) for k, v in (attrs or {}).items()},
+                    device=device, dtypes=list(dtypes or []), shapes=list(shapes or []))
+        self._g.add_node(name, node=node)
+        for port, t in enumerate(inputs):
+            t = as_tensor(t)
+            if not self._g.has_node(t.node):
+                self._g.remove_node(name)
+                raise KeyError(f"input {t} of new node {name!r} does not exist")
+            self._g.add_edge(t.node, name, src_port=t.port, dst_port=port)
+        for c in control_inputs:
+            self.add_control_input(name, c)
+        return node
+
+    def remove_node(self, node, safe: bool = True) -> None:
+        """Remove a node. With ``safe`` (default) refuse if any of its outputs is still used."""
+        name = node.name if isinstance(node, Node) else node
+        n = self.node(name)
+        if safe:
+            users = [c.name for c, _ in self.consumers(n)] + [d.name for d in self.control_consumers(n)]
+            outs = [o.name for o in self.outputs if o.tensor.node == name]
+            if users or outs:
+                raise ValueError(f"cannot remove {name!r}: still used by {', '.join(users + outs)}")
+        self._g.remove_node(name)
+        if n.op == WEIGHT_OP:
+            self.weights.pop(name, None)
+        self.inputs = [a for a in self.inputs if a.tensor.node != name]
+
+    def set_input(self, node, port: int, tensor) -> None:
+        """Rewire input ``port`` of ``node`` to ``tensor``."""
+        name = node.name if isinstance(node, Node) else node
+        t = as_tensor(tensor)
+        for src, dst, key, data in list(self._g.in_edges(name, keys=True, data=True)):
+            if not data.get("control") and data["dst_port"] == port:
+                self._g.remove_edge(src, dst, key)
+        self._g.add_edge(t.node, name, src_port=t.port, dst_port=port)
+
+    def set_inputs(self, node, tensors: Iterable) -> None:
+        """Replace all data inputs of ``node`` by ``tensors`` (ports 0..n-1)."""
+        name = node.name if isinstance(node, Node) else node
+        for src, dst, key, data in list(self._g.in_edges(name, keys=True, data=True)):
+            if not data.get("control"):
+                self._g.remove_edge(src, dst, key)
+        for port, t in enumerate(tensors):
+            t = as_tensor(t)
+            self._g.add_edge(t.node, name, src_port=t.port, dst_port=port)
+
+    def add_control_input(self, node, control: str) -> None:
+        name = node.name if isinstance(node, Node) else node
+        ctl = control.name if isinstance(control, Node) else control.lstrip("^")
+        if ctl not in self.control_inputs_of(name):
+            self._g.add_edge(ctl, name, control=True)
+
+    def remove_control_inputs(self, node) -> None:
+        name = node.name if isinstance(node, Node) else node
+        for src, dst, key, data in list(self._g.in_edges(name, keys=True, data=True)):
+            if data.get("control"):
+                self._g.remove_edge(src, dst, key)
+
+    def replace_all_uses(self, old, new, *, include_outputs: bool = True) -> int:
+        """Make every consumer of tensor ``old`` read ``new`` instead (and signature outputs bound to
+        ``old``, unless ``include_outputs=False``). Returns the number of uses rewired."""
+        old, new = as_tensor(old), as_tensor(new)
+        count = 0
+        for src, dst, key, data in list(self._g.out_edges(old.node, keys=True, data=True)):
+            if data.get("control") or data["src_port"] != old.port or dst == new.node:
+                continue
+            self._g.remove_edge(src, dst, key)
+            self._g.add_edge(new.node, dst, src_port=new.port, dst_port=data["dst_port"])
+            count += 1
+        if include_outputs:
+            for o in self.outputs:
+                if o.tensor == old:
+                    o.tensor = new
+                    count += 1
+        return count
+
+    # ------------------------------------------------------------------ weights
+    def add_weight(self, name: str, value: np.ndarray, trainable: bool = True, unique: bool = False) -> Node:
+        """Add a weight and the ``Weight`` node that reads it; returns the node."""
+        value = np.asarray(value)
+        if unique:
+            name = self.unique_name(name)
+        node = self.add_node(name, WEIGHT_OP, dtypes=[tf.as_dtype(value.dtype)], shapes=[tuple(value.shape)])
+        self.weights[name] = Weight(name, value, trainable)
+        return node
+
+    def weight(self, name: str) -> Weight:
+        try:
+            return self.weights[name]
+        except KeyError:
+            raise KeyError(f"no weight named {name!r}") from None
+
+    def set_weight(self, name: str, value: np.ndarray, trainable: bool | None = None) -> None:
+        """Replace a weight's value (its shape may change; shapes downstream re-infer)."""
+        w = self.weight(name)
+        value = np.asarray(value)
+        w.value = value
+        if trainable is not None:
+            w.trainable = trainable
+        n = self.node(name)
+        n.dtypes = [tf.as_dtype(value.dtype)]
+        n.shapes = [tuple(value.shape)]
+
+    # ------------------------------------------------------------------ whole-graph
+    def copy(self) -> "Graph":
+        """A deep copy of the structure. Weight arrays are shared: passes replace them, never mutate."""
+        g = Graph.__new__(Graph)
+        g._g = nx.MultiDiGraph()
+        for name, data in self._g.nodes(data=True):
+            n = data["node"]
+            g._g.add_node(name, node=Node(n.name, n.op, dict(n.attrs), n.device, list(n.dtypes), list(n.shapes)))
+        g._g.add_edges_from((u, v, dict(d)) for u, v, d in self._g.edges(data=True))
+        g.weights = {k: Weight(w.name, w.value, w.trainable) for k, w in self.weights.items()}
+        g.inputs = [SignatureArg(a.name, a.tensor) for a in self.inputs]
+        g.outputs = [SignatureArg(a.name, a.tensor) for a in self.outputs]
+        g.signature_name = self.signature_name
+        g.functions = dict(self.functions)
+        g.assets = dict(self.assets)
+        g.meta = _copy.deepcopy(self.meta)
+        g._uid = itertools.count()
+        return g
+
+    def ancestors(self, names: Iterable[str]) -> set[str]:
+        """Every node that ``names`` depend on (data or control), including themselves."""
+        out = set()
+        for n in names:
+            if n not in out:
+                out |= nx.ancestors(self._g, n)
+                out.add(n)
+        return out
+
+    def infer_shapes(self) -> None:
+        """Re-infer every output dtype and static shape (TensorFlow's own shape functions; runs no
+        computation). Raises VerificationError naming the node whose shapes conflict."""
+        from graphslim.ir.tfconv import infer_shapes
+
+        infer_shapes(self)
+
+    def verify(self) -> None:
+        """Check the invariants; raise VerificationError saying which one broke and where.
+
+        Acyclic; every input edge comes from an existing node and an output port in range; data input
+        ports are contiguous; each weight has one Weight node whose shape matches; signature tensors
+        exist; shapes re-infer without conflict (which also checks weights against the ops using them).
+        """
+        self.topo_order()  # raises on cycles
+        for name, data in self._g.nodes(data=True):
+            node = data.get("node")
+            if node is None or node.name != name:
+                raise VerificationError(f"node {name!r} has no op (an input refers to a node that does not exist)")
+            ports = sorted(d["dst_port"] for _, _, d in self._g.in_edges(name, data=True) if not d.get("control"))
+            if ports != list(range(len(ports))):
+                raise VerificationError(f"node {name!r} ({node.op}) has input ports {ports}; they must be 0..n-1")
+            if node.op == WEIGHT_OP and name not in self.weights:
+                raise VerificationError(f"Weight node {name!r} has no entry in the weight table")
+        for wname, w in self.weights.items():
+            if not self.has_node(wname) or self.node(wname).op != WEIGHT_OP:
+                raise VerificationError(f"weight {wname!r} has no Weight node reading it")
+        for arg in self.inputs + self.outputs:
+            if not self.has_node(arg.tensor.node):
+                raise VerificationError(f"signature tensor {arg.name!r} refers to missing node {arg.tensor.node!r}")
+        self.infer_shapes()
+        for name, data in self._g.nodes(data=True):
+            node = data["node"]
+            for _, dst, d in self._g.out_edges(name, data=True):
+                if not d.get("control") and d["src_port"] >= node.num_outputs:
+                    raise VerificationError(
+                        f"node {dst!r} reads output {d['src_port']} of {name!r} ({node.op}), "
+                        f"which has only {node.num_outputs} outputs")
+            if node.op == WEIGHT_OP and tuple(self.weights[name].value.shape) != tuple(node.shapes[0]):
+                raise VerificationError(f"weight {name!r} has shape {self.weights[name].value.shape} "
+                                        f"but its node says {node.shapes[0]}")
+        names = [a.name for a in self.outputs]
+        if len(set(names)) != len(names):
+            raise VerificationError(f"signature output names are not unique: {names}")
+
+    def cost(self) -> Cost:
+        """Params and MACs (per example) per node and in total."""
+        from graphslim.analysis.cost import graph_cost
+
+        return graph_cost(self)
+
+    def summary(self) -> str:
+        ops: dict[str, int] = {}
+        for n in self._g.nodes.values():
+            ops[n["node"].op] = ops.get(n["node"].op, 0) + 1
+        return f"Graph({len(self)} nodes, {len(self.weights)} weights, ops={dict(sorted(ops.items()))})"
+
+    def __repr__(self) -> str:
+        return self.summary()
