@@ -4,29 +4,53 @@ Example::
 
     import graphslim
     g = graphslim.load("model/")
-    report = graphslim.run_pipeline(g, "subset{keep=3,7},dce")
+    report = graphslim.run_pipeline(g, "fold-batchnorm,dce")
     graphslim.save(g, "model_small/")
+
+Importing graphslim is cheap; TensorFlow is imported on first use of the IR, loader or emitter.
 """
 
-from graphslim.errors import GraphslimError, LoadError, EmitError, PipelineError, VerificationError, PassError
-from graphslim.ir.graph import Graph, Node, Tensor, Weight, SignatureArg, WEIGHT_OP
+from graphslim.errors import (EmitError, GraphslimError, LoadError, PassError, PipelineError,
+                              VerificationError)
 
 __version__ = "0.1.0"
 
+_LAZY = {"Graph": "graphslim.ir.graph", "Node": "graphslim.ir.graph", "Tensor": "graphslim.ir.graph",
+         "Weight": "graphslim.ir.graph", "SignatureArg": "graphslim.ir.graph", "WEIGHT_OP": "graphslim.ir.graph",
+         "register_pass": "graphslim.pipeline", "PassResult": "graphslim.pipeline",
+         "PassManager": "graphslim.pipeline", "parse_pipeline": "graphslim.pipeline"}
 
-def load(path, signature: str = "serving_default", tags=("serve",)) -> Graph:
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'graphslim' has no attribute {name!r}")
+
+
+def load(path, signature: str = "serving_default", tags=("serve",)):
     """Read a SavedModel directory or frozen GraphDef into a :class:`Graph` (see graphslim.io.loader)."""
     from graphslim.io.loader import load as _load
 
     return _load(path, signature=signature, tags=tags)
 
 
-def save(graph: Graph, out_dir, *, force: bool = False):
+def save(graph, out_dir, *, force: bool = False):
     """Write ``graph`` as a TF2 SavedModel (see graphslim.io.emitter)."""
     from graphslim.io.emitter import save as _save
 
     return _save(graph, out_dir, force=force)
 
 
-__all__ = ["load", "save", "Graph", "Node", "Tensor", "Weight", "SignatureArg", "WEIGHT_OP",
+def run_pipeline(graph, pipeline, *, verify: bool = True, instruments=()):
+    """Run a pipeline (text like ``"fold-batchnorm,dce"`` or a Pipeline) on ``graph`` in place and
+    return the PipelineReport."""
+    from graphslim.pipeline import PassManager
+
+    return PassManager(pipeline, verify=verify, instruments=instruments).run(graph)
+
+
+__all__ = ["load", "save", "run_pipeline", "Graph", "Node", "Tensor", "Weight", "SignatureArg",
+           "WEIGHT_OP", "register_pass", "PassResult", "PassManager", "parse_pipeline",
            "GraphslimError", "LoadError", "EmitError", "PipelineError", "VerificationError", "PassError"]

@@ -421,6 +421,12 @@ class _SavedModelReader:
 
         redirect = {}
         drop = set(var_info)
+        ref_vars = set()
+        for vname, wname in handle_to_weight.items():
+            if nodes.get(vname) is not None and nodes[vname].op in ("VariableV2", "Variable"):
+                ref_vars.add(vname)  # TF1 ref variables are read directly: the Weight takes their place
+                if wname != vname:
+                    redirect[f"{vname}:0"] = f"{wname}:0"
         for name, nd in nodes.items():
             if nd.op == "ReadVariableOp":
                 w = handle_source(nd.input[0])
@@ -463,7 +469,7 @@ class _SavedModelReader:
                 key = f"{src}:{port}"
                 while key in redirect:
                     key = redirect[key]
-                if src in handle_to_weight and key == f"{src}:{port}":
+                if src in handle_to_weight and src not in ref_vars and key == f"{src}:{port}":
                     raise LoadError(f"{self.path}: node {nd.name!r} ({nd.op}) uses variable {src!r} as a "
                                     f"resource handle; only plain reads (ReadVariableOp, ResourceGather) "
                                     f"are supported.")
@@ -644,7 +650,11 @@ def _prettify_names(g: Graph) -> None:
 
 
 def _finish(g: Graph, where) -> None:
+    from graphslim.ir.canonicalize import canonicalize
+
     try:
+        g.infer_shapes()
+        canonicalize(g)
         g.verify()
     except VerificationError as exc:
         raise LoadError(f"{where}: the model's graph is not valid: {exc}") from None

@@ -432,6 +432,23 @@ class Graph:
                 out.add(n)
         return out
 
+    def live_nodes(self) -> set[str]:
+        """Names of the nodes the signature outputs need (plus the signature's input Placeholders)."""
+        live = self.ancestors(a.tensor.node for a in self.outputs)
+        live.update(a.tensor.node for a in self.inputs)
+        return live
+
+    def remove_dead_nodes(self) -> list[str]:
+        """Remove every node no signature output needs (keeping input Placeholders); returns their
+        names. Weights read only by dead nodes leave the weight table."""
+        live = self.live_nodes()
+        dead = [n for n in self._g.nodes if n not in live]
+        for name in dead:
+            if self.node(name).op == WEIGHT_OP:
+                self.weights.pop(name, None)
+        self._g.remove_nodes_from(dead)
+        return dead
+
     def infer_shapes(self) -> None:
         """Re-infer every output dtype and static shape (TensorFlow's own shape functions; runs no
         computation). Raises VerificationError naming the node whose shapes conflict."""

@@ -1,0 +1,327 @@
+"""Write the IR as a TF2 SavedModel: fine-tunable variables, the original signature, assets.
+
+What :func:`save` produces:
+
+* every weight becomes a ``tf.Variable`` named like the weight (``conv2d/kernel``), with its trainable
+  flag, so the checkpoint's object graph gives ``full_name == "conv2d/kernel"``. The root object
+  tracks them in a dict keyed by weight name (checkpoint keys ``weights/conv2d.Skernel/...``, in
+  TensorFlow's escaping of ``/``) and exposes ``variables``, ``trainable_variables`` and
+  ``non_trainable_variables``;
+* one ``tf.function`` whose body re-imports the IR's GraphDef with weights mapped onto variable reads
+  and signature inputs onto the function arguments. Node names are kept as in the IR (no ``import/``
+  prefix; a name TensorFlow already took inside the function, e.g. an input's name reused by another
+  node, gets a ``_1`` suffix). It is exported both as the signature ``graph.signature_name`` and as
+  the method ``serve``, and returns ``{output name: tensor}``;
+* each ``graph.assets`` entry as ``<out>/assets/<file name>``, tracked as ``tf.saved_model.Asset``.
+
+Writing is atomic: everything goes into a temporary directory beside ``out_dir`` that is renamed into
+place at the end. On failure nothing is left behind and :class:`~graphslim.errors.EmitError` says
+why. An existing ``out_dir`` is replaced only with ``force=True``, and only once the new model is
+complete.
+
+Example::
+
+    from graphslim.io.emitter import save
+
+    path = save(graph, "out/model")              # EmitError if out/model exists
+    loaded = tf.saved_model.load(str(path))
+    probs = loaded.serve(images)["probs"]        # or loaded.signatures["serving_default"](x=images)
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+
+import tensorflow as tf
+from tensorflow.core.framework import graph_pb2
+
+from graphslim.errors import EmitError
+from graphslim.ir.graph import WEIGHT_OP, Graph, Tensor
+from graphslim.ir.tfconv import graph_to_graph_def, parse_input
+
+__all__ = ["save"]
+
+# A node name TensorFlow accepts for an op created from Python (``ops._VALID_OP_NAME_REGEX``).
+_VALID_OP_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*$")
+_FLAT_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class _Stage(Exception):
+    """Internal: a failure with a description of what was being done (becomes the EmitError)."""
+
+
+def save(graph: Graph, out_dir, *, force: bool = False) -> pathlib.Path:
+    """Write ``graph`` as a TF2 SavedModel directory at ``out_dir`` and return its path.
+
+    Raises EmitError (nothing written) if ``out_dir`` exists and ``force`` is false, or if any step
+    fails. With ``force=True`` an existing ``out_dir`` is replaced once the new model is complete.
+    """
+    out = pathlib.Path(out_dir).absolute()
+    if _exists(out) and not force:
+        raise EmitError(f"cannot write the SavedModel to {out}: it exists; pass force=True / --force "
+                        "to replace it")
+    created_parents = _make_parents(out)
+    tmp = None
+    try:
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.graphslim-tmp-", dir=out.parent))
+        model_dir = tmp / "model"
+        with tf.name_scope(""):  # a caller's name scope would prefix the variable names
+            _write(graph, model_dir, tmp / "assets_src")
+        _move_into_place(model_dir, out, force)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(created_parents):
+            _rmdir_quietly(d)
+        if not isinstance(exc, Exception) or isinstance(exc, EmitError):
+            raise
+        raise EmitError(f"cannot write the SavedModel to {out}: {_describe(exc)}") from exc
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- build
+def _write(graph: Graph, model_dir: pathlib.Path, assets_src: pathlib.Path) -> None:
+    root = tf.__internal__.tracking.AutoTrackable()
+    variables = _make_variables(graph)
+    # Attribute order matters: checkpoint keys come from the first path a breadth-first walk finds,
+    # so the dict keyed by weight name must be tracked before the lists.
+    root.weights = variables
+    root.variables = list(variables.values())
+    root.trainable_variables = [v for v in variables.values() if v.trainable]
+    root.non_trainable_variables = [v for v in variables.values() if not v.trainable]
+    if graph.assets:
+        root.assets = _make_assets(graph, assets_src)
+
+    # The function is traced once, inside tf.saved_model.save: a trace made outside the save context
+    # has another cache key, so the SavedModel would hold the function body twice.
+    traced = []
+    root.serve = _make_function(graph, variables, traced)
+    try:
+        tf.saved_model.save(root, str(model_dir), signatures={graph.signature_name: root.serve})
+    except Exception as exc:
+        if traced and not traced[-1]:
+            raise _Stage(f"the graph cannot be rebuilt in TensorFlow{_where(exc, graph)} "
+                         f"({_describe(exc)})") from exc
+        raise _Stage(f"TensorFlow failed to write it ({_describe(exc)})") from exc
+
+
+def _make_variables(graph: Graph) -> dict:
+    variables = {}
+    for name, w in graph.weights.items():
+        try:
+            variables[name] = tf.Variable(w.value, name=name, trainable=bool(w.trainable))
+        except Exception as exc:
+            raise _Stage(f"weight {name!r} (dtype {w.value.dtype}, shape {tuple(w.value.shape)}) cannot "
+                         f"become a tf.Variable ({_describe(exc)})") from exc
+    return variables
+
+
+def _make_assets(graph: Graph, assets_src: pathlib.Path) -> dict:
+    assets_src.mkdir()
+    tracked = {}
+    for filename, content in graph.assets.items():
+        if not filename or filename in (".", "..") or "/" in filename or os.sep in filename:
+            raise _Stage(f"asset name {filename!r} is not a plain file name (SavedModel assets are "
+                         "stored flat in assets/)")
+        path = assets_src / filename
+        path.write_bytes(content if isinstance(content, bytes) else str(content).encode("utf-8"))
+        tracked[filename] = tf.saved_model.Asset(str(path))
+    return tracked
+
+
+def _input_spec(graph: Graph, arg) -> tf.TensorSpec:
+    node = graph.producer(arg.tensor)
+    if node.op != "Placeholder" or arg.tensor.port != 0:
+        raise _Stage(f"signature input {arg.name!r} is bound to {arg.tensor} ({node.op}); inputs must be "
+                     "Placeholder outputs")
+    dtype = node.attr("dtype") or graph.dtype(arg.tensor)
+    shape = node.attr("shape") if "shape" in node.attrs else graph.shape(arg.tensor)
+    return tf.TensorSpec(shape, dtype, name=arg.name)
+
+
+def _make_function(graph: Graph, variables: dict, traced: list):
+    """The ``tf.function`` serving the graph. Each trace appends False to ``traced`` and sets it to
+    True when the body is complete, so a failure can be attributed to the graph or to the writer."""
+    for kind, args in (("input", graph.inputs), ("output", graph.outputs)):
+        names = [a.name for a in args]
+        if len(set(names)) != len(names):
+            raise _Stage(f"signature {kind} names repeat: {names}")
+    specs = [_input_spec(graph, a) for a in graph.inputs]
+    input_nodes = [a.tensor.node for a in graph.inputs]
+    gd, handles, used_inputs = _graph_def(graph, set(input_nodes))
+
+    import_outputs = []  # output tensors produced by imported nodes (not signature inputs)
+    for o in graph.outputs:
+        if o.tensor.node not in input_nodes and o.tensor not in import_outputs:
+            import_outputs.append(o.tensor)
+
+    def body(*args):
+        traced.append(False)
+        args_by_node = dict(zip(input_nodes, args))
+        feeds = {name: args_by_node[name] for name in used_inputs}
+        for key, name in handles.items():
+            # Converting the eager handle captures the variable (the function's resource input).
+            feeds[key] = tf.convert_to_tensor(variables[name].handle, name=key)
+        results = {}
+        if gd.node:
+            imported = tf.graph_util.import_graph_def(
+                gd, input_map=feeds, return_elements=[_tensor_name(t) for t in import_outputs], name="")
+            results = dict(zip(import_outputs, imported))
+        outputs = {}
+        for o in graph.outputs:
+            t = args_by_node[o.tensor.node] if o.tensor.node in args_by_node else results[o.tensor]
+            outputs[o.name] = tf.identity(t, name=_op_name(o.name))
+        traced[-1] = True
+        return outputs
+
+    return tf.function(body, input_signature=specs, autograph=False)
+
+
+def _graph_def(graph: Graph, input_nodes: set) -> tuple[graph_pb2.GraphDef, dict, set]:
+    """The GraphDef to import into the function, and what ``input_map`` must feed it.
+
+    Signature-input Placeholders are left out (the function's arguments replace them; control inputs
+    from them are dropped). Each Weight that something reads becomes a ``ReadVariableOp`` named like
+    the weight, reading an input fed with the variable's handle. That input is named
+    ``<weight with / as _>_resource``: without a "/", because the importer renames a node whose name
+    is a scope of a node already in the function (``conv2d`` if ``conv2d/kernel/resource`` exists).
+    Returns the GraphDef, ``{resource input name: weight name}`` and the signature inputs it reads.
+    """
+    order = []
+    for node in graph.topo_order():
+        if node.name in input_nodes:
+            continue
+        if node.op == "Placeholder":
+            raise _Stage(f"node {node.name!r} is a Placeholder that no signature input is bound to")
+        if node.op == WEIGHT_OP and not graph.uses(node.output(0)) and not graph.control_consumers(node):
+            continue  # read by nothing: still a variable of the model, but not in the function
+        order.append(node)
+    gd = graph_to_graph_def(graph, order)
+    # The function graph it is imported into has TensorFlow's current producer version, and so will
+    # the SavedModel; declaring it here checks op deprecations now and avoids a version warning.
+    gd.versions.producer = max(gd.versions.producer, tf.version.GRAPH_DEF_VERSION)
+    handles, used_inputs = {}, set()
+    for nd in gd.node:
+        if nd.name in graph.weights:
+            key = base = _FLAT_NAME.sub("_", nd.name) + "_resource"
+            i = 0
+            while key in handles or graph.has_node(key):  # "a/b" and "a_b" flatten alike
+                i += 1
+                key = f"{base}_{i}"
+            handles[key] = nd.name
+            dtype = nd.attr["dtype"].type
+            nd.op = "ReadVariableOp"
+            nd.attr.clear()
+            nd.attr["dtype"].type = dtype
+            nd.input.append(key)
+            continue
+        keep = []
+        for text in nd.input:
+            src, _, control = parse_input(text)
+            if src in input_nodes:
+                if control:
+                    continue
+                used_inputs.add(src)
+            keep.append(text)
+        if len(keep) != len(nd.input):
+            del nd.input[:]
+            nd.input.extend(keep)
+    return gd, handles, used_inputs
+
+
+def _op_name(name: str) -> str | None:
+    """``name`` if TensorFlow accepts it as an op name, else None (TensorFlow picks one)."""
+    return name if _VALID_OP_NAME.match(name) and not name.endswith("/") else None
+
+
+def _tensor_name(t: Tensor) -> str:
+    return f"{t.node}:{t.port}"
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _exists(path: pathlib.Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _make_parents(out: pathlib.Path) -> list:
+    """Create the missing parents of ``out``; return those created (outermost first), to undo."""
+    missing = []
+    p = out.parent
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    missing.reverse()
+    try:
+        for d in missing:
+            d.mkdir()
+    except OSError as exc:
+        for d in reversed(missing):
+            _rmdir_quietly(d)
+        raise EmitError(f"cannot write the SavedModel to {out}: cannot create its parent directory "
+                        f"({_describe(exc)})") from None
+    return missing
+
+
+def _rmdir_quietly(d: pathlib.Path) -> None:
+    try:
+        d.rmdir()
+    except OSError:
+        pass
+
+
+def _move_into_place(model_dir: pathlib.Path, out: pathlib.Path, force: bool) -> None:
+    if not _exists(out):
+        os.rename(model_dir, out)
+        return
+    if not force:
+        raise _Stage("it appeared while the model was being written; pass force=True / --force to "
+                     "replace it")
+    # Old model aside, new one in, old one deleted: at every moment out_dir holds a complete model,
+    # except between the two renames, and a failure there puts the old one back.
+    aside = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.graphslim-old-", dir=out.parent))
+    old = aside / "old"
+    try:
+        os.rename(out, old)
+    except BaseException:
+        _rmdir_quietly(aside)
+        raise
+    try:
+        os.rename(model_dir, out)
+    except BaseException as exc:
+        try:
+            os.rename(old, out)
+        except OSError:  # never delete the old model: say where it is
+            raise _Stage(f"the new model could not be moved in ({_describe(exc)}) and the old one "
+                         f"could not be moved back; it is in {old}") from exc
+        _rmdir_quietly(aside)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+_NODE_IN_ERROR = re.compile(r"\{\{node ([^}]+)\}\}|[Nn]ode '([^']+)'")
+
+
+def _where(exc: BaseException, graph: Graph) -> str:
+    """`` at node 'conv1/Conv2D' (Conv2D)`` when TensorFlow's message names a node of the graph."""
+    for m in _NODE_IN_ERROR.finditer(str(exc)):
+        name = m.group(1) or m.group(2)
+        if graph.has_node(name):
+            return f" at node {name!r} ({graph.node(name).op})"
+    return ""
+
+
+def _describe(exc: BaseException) -> str:
+    """One line saying what went wrong (TensorFlow messages run to many lines of context)."""
+    if isinstance(exc, _Stage):
+        return str(exc)
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > 400:
+        text = text[:400] + "..."
+    kind = type(exc).__name__
+    return f"{kind}: {text}" if text else kind

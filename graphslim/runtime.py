@@ -1,0 +1,64 @@
+"""Run an IR graph in TensorFlow (for calibration and for checks). This *executes* the model: the
+loader, the passes without calibration data, and the emitter never call it.
+
+Example::
+
+    out = graphslim.runtime.run(g, {"input_1": x})                   # signature outputs by name
+    acts = graphslim.runtime.run(g, {"input_1": x}, fetch=["conv1/Relu:0"])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from graphslim.errors import GraphslimError
+from graphslim.ir.graph import Graph, as_tensor
+from graphslim.ir.tfconv import graph_to_graph_def
+
+
+class Runner:
+    """Imports the graph once; call :meth:`run` many times (e.g. calibration batches)."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        gd = graph_to_graph_def(graph)
+        self._tfg = tf.Graph()
+        with self._tfg.as_default():
+            tf.graph_util.import_graph_def(gd, name="")
+        self._sess = tf.compat.v1.Session(graph=self._tfg, config=tf.compat.v1.ConfigProto(
+            intra_op_parallelism_threads=2, inter_op_parallelism_threads=1))
+        self._weight_feed = {self._tfg.get_tensor_by_name(f"{n}:0"): w.value for n, w in graph.weights.items()}
+
+    def run(self, inputs: dict, fetch=None) -> dict:
+        g = self.graph
+        feed = dict(self._weight_feed)
+        by_name = {a.name: a for a in g.inputs}
+        for key, value in inputs.items():
+            if key not in by_name:
+                raise GraphslimError(f"input {key!r} is not a signature input; the inputs are "
+                                     f"{', '.join(sorted(by_name))}")
+            feed[self._tfg.get_tensor_by_name(str(by_name[key].tensor))] = np.asarray(value)
+        missing = set(by_name) - set(inputs)
+        if missing:
+            raise GraphslimError(f"missing values for signature inputs {sorted(missing)}")
+        if fetch is None:
+            names = [a.name for a in g.outputs]
+            tensors = [self._tfg.get_tensor_by_name(str(a.tensor)) for a in g.outputs]
+        else:
+            names = [str(as_tensor(f)) for f in fetch]
+            tensors = [self._tfg.get_tensor_by_name(n) for n in names]
+        values = self._sess.run(tensors, feed_dict=feed)
+        return dict(zip(names, values))
+
+    def close(self):
+        self._sess.close()
+
+
+def run(graph: Graph, inputs: dict, fetch=None) -> dict:
+    """Run ``graph`` once on ``inputs`` (signature input name → array)."""
+    r = Runner(graph)
+    try:
+        return r.run(inputs, fetch)
+    finally:
+        r.close()
