@@ -723,3 +723,32 @@ def _load_frozen(file: Path) -> Graph:
     _finish(g, file)
     del tf
     return g
+
+
+def describe(path, tags=("serve",)) -> dict:
+    """What a model offers without loading it: ``{"format", "tags", "signatures": {name: {"inputs":
+    {key: (dtype name, shape)}, "outputs": {...}}}}``. Frozen GraphDefs have one pseudo-signature."""
+    path = Path(path)
+    tf = _tf()
+    if path.is_file() and path.name not in ("saved_model.pb", "saved_model.pbtxt"):
+        g = _load_frozen(path)
+        sig = {"inputs": {a.name: (g.dtype(a.tensor).name, g.shape(a.tensor)) for a in g.inputs},
+               "outputs": {a.name: (g.dtype(a.tensor).name, g.shape(a.tensor)) for a in g.outputs}}
+        return {"format": "frozen_graphdef", "tags": [], "signatures": {"serving_default": sig}}
+    if path.is_file():
+        path = path.parent
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or directory.")
+    pb = path / "saved_model.pb"
+    if not pb.exists() and not (path / "saved_model.pbtxt").exists():
+        raise LoadError(f"{path}: not a SavedModel directory: it has no saved_model.pb.")
+    sm = _parse_saved_model(pb if pb.exists() else path / "saved_model.pbtxt")
+    meta = _pick_meta_graph(sm, tags, path)
+    sigs = {}
+    for name in _sig_names(meta):
+        sd = meta.signature_def[name]
+        sigs[name] = {kind: {k: (tf.as_dtype(v.dtype).name if v.dtype else "?",
+                                 _attrs.shape_from_proto(v.tensor_shape)) for k, v in sorted(table.items())}
+                      for kind, table in (("inputs", sd.inputs), ("outputs", sd.outputs))}
+    return {"format": "saved_model", "tags": sorted(meta.meta_info_def.tags), "signatures": sigs,
+            "tf_version": meta.meta_info_def.tensorflow_version}
