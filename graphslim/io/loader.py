@@ -403,7 +403,7 @@ class _SavedModelReader:
             value = self._read_tensor(key, wname)
             nd_var = nodes.get(vname)
             _check_var_value(self.path, vname, nd_var, value)
-            base = wname
+            base = wname = _valid_node_name(wname)
             if base in weights or (base in taken and base != vname):
                 i = 1
                 while f"{base}_{i}" in weights or f"{base}_{i}" in taken:
@@ -580,6 +580,17 @@ def _flatten_function_def(fdef, library, where):
                             f"produced by any node.")
         rets.append(flat.get(ret, f"{ret.split(':')[0]}:0"))
     return body, arg_names, rets
+
+
+_INVALID_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-/>]")
+
+
+def _valid_node_name(name: str) -> str:
+    """A checkpoint name usable as a TF node name (``[A-Za-z0-9.][A-Za-z0-9_.\-/>]*``)."""
+    name = _INVALID_NAME_CHARS.sub("_", name)
+    if not name or not re.match(r"[A-Za-z0-9.]", name[0]):
+        name = "w" + name
+    return name
 
 
 def _weight(name, value, trainable):

@@ -80,7 +80,8 @@ def from_attr(value: attr_value_pb2.AttrValue):
 def to_attr(value) -> attr_value_pb2.AttrValue:
     """Python value → AttrValue. AttrValue protos pass through unchanged.
 
-    Lists of ints become ``list.i``, ndarrays become tensors, ``tf.DType`` becomes ``type``.
+    Tuples are shapes (``(None, 8, 8, 3)``), lists are list attributes (``[1, 2, 2, 1]`` → ``list.i``),
+    ndarrays become tensors, ``tf.DType`` becomes ``type``; this mirrors what :func:`from_attr` returns.
     """
     if isinstance(value, attr_value_pb2.AttrValue):
         return value
@@ -99,7 +100,10 @@ def to_attr(value) -> attr_value_pb2.AttrValue:
         out.type = value.as_datatype_enum
     elif isinstance(value, np.ndarray):
         out.tensor.CopyFrom(tf.make_tensor_proto(value))
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, tuple):
+        # tuples are shapes (from_attr returns shapes as tuples); lists are list attributes
+        out.shape.CopyFrom(shape_to_proto(value))
+    elif isinstance(value, list):
         if all(isinstance(v, bool) for v in value) and value:
             out.list.b.extend(value)
         elif all(isinstance(v, (int, np.integer)) for v in value):

@@ -84,7 +84,9 @@ def graph_to_graph_def(graph: Graph, order=None) -> graph_pb2.GraphDef:
     """The IR as a GraphDef in topological order; each Weight becomes a Placeholder of its shape
     (the emitter maps those Placeholders onto ``tf.Variable`` reads)."""
     gd = graph_pb2.GraphDef()
-    gd.versions.producer = 1994  # TF 2.x graph semantics; only needs to be recent enough
+    from tensorflow.python.framework import versions
+
+    gd.versions.producer = versions.GRAPH_DEF_VERSION
     for node in order if order is not None else graph.topo_order():
         if node.op == WEIGHT_OP:
             gd.node.append(weight_placeholder(node.name, graph.weights[node.name].value))

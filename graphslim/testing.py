@@ -1,0 +1,80 @@
+"""Helpers for graphslim's own tests and for users testing their passes (like ``torch.testing``).
+
+Example::
+
+    from graphslim.testing import fixture_path, fixture_io, assert_graph_matches
+    g = graphslim.load(fixture_path("resnet_digits"))
+    inputs, expected = fixture_io("resnet_digits")
+    assert_graph_matches(g, inputs, expected, rtol=1e-5, atol=1e-5)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "models"
+
+
+def fixture_index() -> list[dict]:
+    """The entries of fixtures/models/index.json (one per fixture model)."""
+    return json.loads((FIXTURES / "index.json").read_text())["fixtures"]
+
+
+def fixture_entry(name: str) -> dict:
+    for fx in fixture_index():
+        if fx["name"] == name:
+            return fx
+    raise KeyError(f"no fixture {name!r}; have {[f['name'] for f in fixture_index()]}")
+
+
+def fixture_path(name: str) -> Path:
+    return FIXTURES / fixture_entry(name)["path"]
+
+
+def fixture_io(name: str, signature: str | None = None) -> tuple[dict, dict]:
+    """(inputs, expected outputs) of a fixture, keyed by signature input/output name."""
+    fx = fixture_entry(name)
+    file = fx["expected"] if signature in (None, "serving_default") else f"{name}.{signature}.expected.npz"
+    data = np.load(FIXTURES / file)
+    ins, outs = {}, {}
+    for key in data.files:
+        kind, _, rest = key.partition(":")
+        rest = rest.split(":")[0]  # frozen graphs key by tensor name ("image:0")
+        (ins if kind == "input" else outs)[rest] = data[key]
+    return ins, outs
+
+
+def digits() -> dict:
+    """The fixed digits split: x_train, y_train, x_test, y_test."""
+    data = np.load(FIXTURES / "digits.npz")
+    return {k: data[k] for k in data.files}
+
+
+def assert_close(actual: dict, expected: dict, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """Every expected output present and allclose; the message names the output and the max error."""
+    for key, exp in expected.items():
+        assert key in actual, f"output {key!r} missing; have {sorted(actual)}"
+        got = np.asarray(actual[key])
+        assert got.shape == exp.shape, f"output {key!r}: shape {got.shape} != expected {exp.shape}"
+        err = float(np.max(np.abs(got - exp))) if got.size else 0.0
+        assert np.allclose(got, exp, rtol=rtol, atol=atol), f"output {key!r}: max abs error {err:.3g}"
+
+
+def assert_graph_matches(graph, inputs: dict, expected: dict, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """Run the IR in TensorFlow and compare with ``expected``."""
+    from graphslim.runtime import run
+
+    assert_close(run(graph, inputs), expected, rtol, atol)
+
+
+def run_saved_model(path, inputs: dict, signature: str = "serving_default") -> dict:
+    """Outputs of a SavedModel's signature via ``tf.saved_model.load`` (the reference runtime)."""
+    import tensorflow as tf
+
+    obj = tf.saved_model.load(str(path))
+    fn = obj.signatures[signature]
+    out = fn(**{k: tf.constant(v) for k, v in inputs.items()})
+    return {k: v.numpy() for k, v in out.items()}
