@@ -377,6 +377,17 @@ class Graph:
                     count += 1
         return count
 
+    def set_output(self, name: str, tensor) -> None:
+        """Bind signature output ``name`` to ``tensor`` (adding the output if it is new)."""
+        t = as_tensor(tensor)
+        if not self.has_node(t.node):
+            raise KeyError(f"no node {t.node!r} to bind output {name!r} to")
+        for o in self.outputs:
+            if o.name == name:
+                o.tensor = t
+                return
+        self.outputs.append(SignatureArg(name, t))
+
     # ------------------------------------------------------------------ weights
     def add_weight(self, name: str, value: np.ndarray, trainable: bool = True, unique: bool = False) -> Node:
         """Add a weight and the ``Weight`` node that reads it; returns the node."""
