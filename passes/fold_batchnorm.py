@@ -10,6 +10,9 @@ After a linear op ``y = x ⊛ W`` (optionally ``+ b`` through BiasAdd), a chain 
   evaluated from the weights with numpy;
 * ``BiasAdd`` by a constant.
 
+An affine chain after a channel ``ConcatV2`` folds into each branch when every branch ends in its own
+single-use linear op (optionally + BiasAdd): branch ``i`` takes its slice of the scale and shift.
+
 The kernel keeps its name; the bias becomes the existing BiasAdd's weight, or a new weight
 ``<layer>/bias`` next to the kernel. Batch-norm weights that are no longer read leave the model.
 """
@@ -54,25 +57,17 @@ def _sole_consumer(graph, tensor):
     return users[0]
 
 
-def _fold_one(graph, lin) -> dict | None:
-    kernel = graph.weight_of(lin, 1)
-    if kernel is None or graph.uses(graph.input(lin, 1)) != 1:
-        return None
-    if lin.op == "MatMul" and lin.attr("transpose_a", False):
-        return None
-    out_shape = lin.shapes[0]
-    if out_shape is None:
-        return None
-    axis = _channel_axis(graph, lin)
-    channels = out_shape[axis]
-    if channels is None:
-        return None
-    rank = len(out_shape)
+def _walk_affine(graph, start, axis: int, channels: int, rank: int, allow_bias_reuse: bool):
+    """Follow single-use per-channel affine ops from tensor ``start``.
+
+    Returns (scale, shift, folded nodes, reusable BiasAdd or None): the chain computes
+    ``start * scale + shift`` per channel."""
     scale = np.ones(channels)
     shift = np.zeros(channels)
-    bias_node = None  # an existing BiasAdd directly after the linear op, whose weight we reuse
+    bias_node = None  # a BiasAdd right after the linear op, whose weight can carry the new bias
     folded = []
-    cur = lin.output(0)
+    cur = start
+    dtype = graph.dtype(start)
     while True:
         use = _sole_consumer(graph, cur)
         if use is None:
@@ -81,20 +76,17 @@ def _fold_one(graph, lin) -> dict | None:
         if nxt.op == "BiasAdd" and port == 0:
             if nxt.attr("data_format", "NHWC").startswith("NC") != (axis == 1):
                 break
-            b = graph.weight_of(nxt, 1)
             bv = constant_value(graph, graph.input(nxt, 1))
             if bv is None:
                 break
-            if bias_node is None and not folded and b is not None and graph.uses(graph.input(nxt, 1)) == 1:
+            b = graph.weight_of(nxt, 1)
+            if allow_bias_reuse and bias_node is None and not folded and b is not None \
+                    and graph.uses(graph.input(nxt, 1)) == 1:
                 bias_node = nxt
             shift = shift + np.asarray(bv, np.float64).reshape(-1)
-            folded.append(nxt)
         elif nxt.op in ("Mul", "AddV2", "Add", "Sub"):
-            other = graph.input(nxt, 1 - port)
-            cv = constant_value(graph, other)
-            if cv is None:
-                break
-            vec = _per_channel(cv, rank, axis, channels)
+            cv = constant_value(graph, graph.input(nxt, 1 - port))
+            vec = None if cv is None else _per_channel(cv, rank, axis, channels)
             if vec is None:
                 break
             if nxt.op == "Mul":
@@ -105,7 +97,6 @@ def _fold_one(graph, lin) -> dict | None:
                 shift = shift - vec
             else:
                 shift = shift + vec
-            folded.append(nxt)
         elif nxt.op in BN_OPS and port == 0 and not nxt.attr("is_training", True):
             if nxt.attr("data_format", "NHWC").startswith("NC") != (axis == 1):
                 break
@@ -115,43 +106,119 @@ def _fold_one(graph, lin) -> dict | None:
             if any(v is None or np.asarray(v).size != channels for v in vals):
                 break
             gamma, beta, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in vals)
-            s = gamma / np.sqrt(var + nxt.attr("epsilon", 1e-3))
-            scale, shift = scale * s, (shift - mean) * s + beta
-            folded.append(nxt)
+            sc = gamma / np.sqrt(var + nxt.attr("epsilon", 1e-3))
+            scale, shift = scale * sc, (shift - mean) * sc + beta
         else:
             break
-        cur = nxt.output(0)
-        if nxt.dtypes[0] != lin.dtypes[0]:
+        if nxt.dtypes[0] != dtype:
             break
-    if not folded or all(n.op == "BiasAdd" for n in folded):
+        folded.append(nxt)
+        cur = nxt.output(0)
+    return scale, shift, folded, bias_node
+
+
+def _linear_geometry(graph, lin):
+    """(channel axis, channels, rank) of a linear op's output, or None if it cannot be folded into."""
+    if graph.weight_of(lin, 1) is None or graph.uses(graph.input(lin, 1)) != 1:
         return None
-    # Rewrite: scale the kernel per output channel, and one BiasAdd carries the shift.
+    if lin.op == "MatMul" and lin.attr("transpose_a", False):
+        return None
+    out_shape = lin.shapes[0]
+    if out_shape is None:
+        return None
+    axis = _channel_axis(graph, lin)
+    if out_shape[axis] is None or (lin.op == "Conv2D" and len(graph.shape(graph.input(lin, 1)) or ()) != 4):
+        return None
+    return axis, out_shape[axis], len(out_shape)
+
+
+def _rewrite(graph, lin, axis, scale, shift, bias_node, last):
+    """Scale ``lin``'s kernel per output channel; carry ``shift`` in ``bias_node``'s weight or a new
+    BiasAdd; make ``last``'s users read the result."""
+    kernel = graph.weight_of(lin, 1)
     w = kernel.value.astype(np.float64)
     if lin.op == "Conv2D":
-        w = w * scale.reshape(1, 1, 1, -1) if w.ndim == 4 else None
+        w = w * scale.reshape(1, 1, 1, -1)
     elif lin.op == "DepthwiseConv2dNative":
         kh, kw, cin, mult = w.shape
         w = (w.reshape(kh, kw, cin * mult) * scale).reshape(kh, kw, cin, mult)
     else:
         w = w * (scale.reshape(-1, 1) if lin.attr("transpose_b", False) else scale.reshape(1, -1))
-    if w is None:
-        return None
     dtype = kernel.value.dtype
     graph.set_weight(kernel.name, w.astype(dtype))
-    last = folded[-1]
     if bias_node is not None:
         bw = graph.weight_of(bias_node, 1)
         graph.set_weight(bw.name, shift.astype(dtype).reshape(bw.value.shape))
-        if last is not bias_node:
+        if last is not None and last is not bias_node:
             graph.replace_all_uses(last.output(0), bias_node.output(0))
-    else:
-        base = kernel.name.rsplit("/", 1)[0] if "/" in kernel.name else kernel.name
-        bnode = graph.add_weight(f"{base}/bias", shift.astype(dtype), trainable=kernel.trainable, unique=True)
-        add = graph.add_node(f"{lin.name}/folded_bias", "BiasAdd", inputs=[lin.output(0), bnode.output(0)],
-                             attrs={"T": tf.as_dtype(dtype),
-                                    "data_format": "NCHW" if axis == 1 else "NHWC"}, unique=True)
+        return bias_node
+    base = kernel.name.rsplit("/", 1)[0] if "/" in kernel.name else kernel.name
+    bnode = graph.add_weight(f"{base}/bias", shift.astype(dtype), trainable=kernel.trainable, unique=True)
+    add = graph.add_node(f"{lin.name}/folded_bias", "BiasAdd", inputs=[lin.output(0), bnode.output(0)],
+                         attrs={"T": tf.as_dtype(dtype), "data_format": "NCHW" if axis == 1 else "NHWC"},
+                         unique=True)
+    if last is not None:
         graph.replace_all_uses(last.output(0), add.output(0))
+    else:
+        graph.replace_all_uses(lin.output(0), add.output(0))
+        graph.set_input(add, 0, lin.output(0))
+    return add
+
+
+def _fold_one(graph, lin) -> dict | None:
+    geo = _linear_geometry(graph, lin)
+    if geo is None:
+        return None
+    axis, channels, rank = geo
+    scale, shift, folded, bias_node = _walk_affine(graph, lin.output(0), axis, channels, rank, True)
+    if not any(n.op != "BiasAdd" for n in folded):
+        return None
+    _rewrite(graph, lin, axis, scale, shift, bias_node, folded[-1])
     return {"layer": lin.name, "folded": [n.name for n in folded]}
+
+
+def _branch_linear(graph, tensor):
+    """The linear op feeding ``tensor`` directly or through one single-use BiasAdd, if foldable."""
+    node = graph.producer(tensor)
+    bias_node = None
+    if node.op == "BiasAdd" and graph.uses(node.output(0)) == 1:
+        bias_node, node = node, graph.input_node(node, 0)
+        if graph.uses(node.output(0)) != 1 or graph.weight_of(bias_node, 1) is None \
+                or graph.uses(graph.input(bias_node, 1)) != 1:
+            return None
+    if node.op not in LINEAR_OPS or graph.uses(node.output(0)) != 1:
+        return None
+    geo = _linear_geometry(graph, node)
+    return None if geo is None else (node, bias_node, geo)
+
+
+def _fold_through_concat(graph, concat) -> dict | None:
+    """An affine chain after a channel Concat folds into every branch's linear op, slice by slice."""
+    out_shape = concat.shapes[0]
+    n = concat.attr("N")
+    axis_val = constant_value(graph, graph.input(concat, n))
+    if out_shape is None or axis_val is None:
+        return None
+    rank = len(out_shape)
+    axis = int(axis_val) % rank
+    if axis not in (rank - 1, 1) or out_shape[axis] is None:
+        return None
+    branches = [_branch_linear(graph, graph.input(concat, i)) for i in range(n)]
+    if any(b is None or (b[2][0] % rank) != axis for b in branches):
+        return None
+    channels = out_shape[axis]
+    scale, shift, folded, _ = _walk_affine(graph, concat.output(0), axis - rank, channels, rank, False)
+    if not any(nd.op != "BiasAdd" for nd in folded):
+        return None
+    offset = 0
+    for lin, bias_node, (_, c, _) in branches:
+        sl = slice(offset, offset + c)
+        b0 = np.zeros(c) if bias_node is None else \
+            np.asarray(graph.weight_of(bias_node, 1).value, np.float64).reshape(-1)
+        _rewrite(graph, lin, axis - rank, scale[sl], b0 * scale[sl] + shift[sl], bias_node, None)
+        offset += c
+    graph.replace_all_uses(folded[-1].output(0), concat.output(0))
+    return {"layer": concat.name, "folded": [nd.name for nd in folded]}
 
 
 @register_pass("fold-batchnorm")
@@ -165,6 +232,11 @@ def fold_batchnorm(graph, options) -> PassResult:
     for lin in graph.nodes(op=LINEAR_OPS):
         if graph.has_node(lin.name):
             done = _fold_one(graph, lin)
+            if done:
+                layers.append(done)
+    for concat in graph.nodes(op="ConcatV2"):
+        if graph.has_node(concat.name):
+            done = _fold_through_concat(graph, concat)
             if done:
                 layers.append(done)
     removed = graph.remove_dead_nodes() if layers else []

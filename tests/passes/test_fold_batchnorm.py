@@ -106,3 +106,40 @@ def test_fold_leaves_shared_kernel_alone():
     g.outputs.append(SignatureArg("z", Tensor("other", 0)))
     rep = graphslim.run_pipeline(g, "fold-batchnorm")
     assert not rep.passes[0]["changed"]
+
+
+def test_fold_through_channel_concat_into_each_branch():
+    rng = np.random.RandomState(3)
+    g = Graph()
+    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": (None, 5, 5, 3)})
+    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+    conv = {"T": tf.float32, "strides": [1, 1, 1, 1], "padding": "SAME"}
+    k1 = g.add_weight("a/kernel", rng.randn(1, 1, 3, 4).astype("f"))
+    b1 = g.add_weight("a/bias", rng.randn(4).astype("f"))
+    y1 = g.add_node("a/BiasAdd", "BiasAdd", inputs=[g.add_node("a/conv", "Conv2D", inputs=["x", k1], attrs=conv), b1],
+                    attrs={"T": tf.float32})
+    k2 = g.add_weight("b/kernel", rng.randn(3, 3, 3, 2).astype("f"))
+    y2 = g.add_node("b/conv", "Conv2D", inputs=["x", k2], attrs=conv)  # no bias
+    ax = g.add_node("cat/axis", "Const", attrs={"dtype": tf.int32, "value": np.array(-1, np.int32)})
+    cat = g.add_node("cat", "ConcatV2", inputs=[y1, y2, ax], attrs={"T": tf.float32, "N": 2, "Tidx": tf.int32})
+    ws = [g.add_weight(f"bn/{n}", v.astype("f")) for n, v in
+          (("gamma", rng.rand(6) + .5), ("beta", rng.randn(6)), ("mean", rng.randn(6)), ("var", rng.rand(6) + .5))]
+    bn = g.add_node("bn", "FusedBatchNormV3", inputs=[cat] + ws, attrs={
+        "T": tf.float32, "U": tf.float32, "epsilon": 1e-3, "is_training": False})
+    g.outputs.append(SignatureArg("y", g.add_node("relu", "Relu", inputs=[bn], attrs={"T": tf.float32}).output(0)))
+    g.infer_shapes()
+    x = rng.randn(2, 5, 5, 3).astype("f")
+    before = run(g, {"x": x})
+    rep = graphslim.run_pipeline(g, "fold-batchnorm")
+    assert rep.passes[0]["stats"]["folded_layers"] == 1
+    assert not g.nodes(op="FusedBatchNormV3") and not any(w.startswith("bn/") for w in g.weights)
+    assert "b/bias" in g.weights  # the bias-less branch got a bias named after its kernel
+    assert_close(run(g, {"x": x}), before, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_after_relu_is_left_alone():
+    g = graphslim.load(fixture_path("inception_tiny"))
+    rep = graphslim.run_pipeline(g, "fold-batchnorm")
+    # the BN after the concat follows ReLUs: folding it would change results
+    assert any("batch_normalization" in w for w in g.weights)
+    assert_close(run(g, fixture_io("inception_tiny")[0]), fixture_io("inception_tiny")[1], rtol=1e-5, atol=1e-5)
