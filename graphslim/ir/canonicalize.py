@@ -1,6 +1,8 @@
 """Exact simplifications the loader applies so that passes see one shape of each pattern.
 
-* ``Identity`` nodes (function-boundary leftovers) are bypassed.
+* ``Identity`` nodes (function-boundary leftovers) are bypassed, and so is ``IdentityN`` (Keras wraps
+  swish and friends in one to attach a Python custom gradient, which cannot travel in a SavedModel; the
+  forward math lives in ordinary ops, whose registered gradients are exact).
 * ``Squeeze(Reshape(x))`` whose result has exactly ``x``'s static shape is bypassed (Keras 3 reshapes a
   conv bias to ``[1, 1, 1, C]`` and squeezes it back before ``BiasAdd``).
 
@@ -19,6 +21,14 @@ def canonicalize(graph: Graph) -> int:
         if not graph.has_node(node.name):
             continue
         src = None
+        if node.op == "IdentityN" and not graph.control_inputs_of(node):
+            for port, inp in enumerate(graph.inputs_of(node)):
+                graph.replace_all_uses(node.output(port), inp)
+            if all(graph.uses(node.output(p)) == 0 for p in range(node.num_outputs)) and \
+                    not graph.control_consumers(node):
+                graph.remove_node(node)
+                removed += 1
+            continue
         if node.op in ("Identity", "Snapshot", "StopGradient") and node.attrs.get("T") is not None and \
                 graph.inputs_of(node) and not graph.control_inputs_of(node):
             src = graph.input(node, 0)

@@ -19,7 +19,9 @@ from graphslim.ir.graph import WEIGHT_OP, Graph, Node, Tensor
 
 # Attributes that describe a node's placement or cached shapes rather than its computation; they go
 # stale under rewriting, so the loader drops them and shapes live in ``Node.shapes`` instead.
-STALE_ATTRS = ("_output_shapes", "_class", "_read_only_resource_inputs", "_has_manual_control_dependencies")
+# ``_gradient_op_type`` names a Python custom gradient that only exists in the exporting process.
+STALE_ATTRS = ("_output_shapes", "_class", "_read_only_resource_inputs", "_has_manual_control_dependencies",
+               "_gradient_op_type")
 
 
 def parse_input(text: str) -> tuple[str, int, bool]:

@@ -1,0 +1,1200 @@
+"""Channel-dependency analysis: what must shrink together when one axis of one tensor shrinks.
+
+A :class:`ChannelGroup` is everything tied to one channel axis: the weight slices that produce the
+channels (a conv's output filters: the *sources*), the per-channel weights and constants applied to
+them (bias, batch norm, ``Mul`` by a scale), the activations that carry them (coupled through residual
+``Add``, ``Concat`` with offsets, depthwise convs, ``Reshape``/``Flatten``, ``Transpose``...) and the
+weight slices that read them (the next conv's input channels: the *sinks*). Each member has an
+:class:`IndexMap`: for every group channel ``c``, the positions along that member's axis that belong to
+``c`` (one for a plain op; all spatial positions for Flatten→Dense; ``c·m … c·m+m−1`` after a depthwise
+conv with multiplier ``m``; shifted by an offset after Concat; none for a Concat input that holds other
+channels).
+
+The analysis walks the graph in both directions from a seed (tensor, axis). What each op does with an
+axis is a *rule* in a registry (``@channel_rule("Conv2D")``): given the (port, axis, index map) at which
+the walk reaches the op, it returns the other ports and axes the channels continue to. An op without a
+rule, or a rule that cannot carry the axis (a Split on the channel axis, a Reshape that splits it...),
+*blocks* the group with a reason; nothing is guessed. The same groups serve ``subset`` (seed: an
+output's class axis, keep an explicit list) and ``prune`` (seed: every conv/matmul output, keep the
+important channels).
+
+Example::
+
+    from graphslim.analysis.channels import apply_keep, channel_groups, format_groups, group_for
+    g = graphslim.load("resnet/")
+    print(format_groups(channel_groups(g)))        # one line per group: size, sources, prunable or why not
+    head = group_for(g, g.outputs[0].tensor, -1)   # the class axis of the first output
+    apply_keep(g, head, [3, 7, 1])                 # classes 3, 7, 1, in that order
+
+Static shapes must be current (the loader and every pass leave them so; else ``graph.infer_shapes()``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from graphslim.analysis.constants import constant_value
+from graphslim.errors import PassError
+from graphslim.ir.graph import WEIGHT_OP, Graph, Node, Tensor, as_tensor
+
+__all__ = ["ChannelError", "Blocked", "IndexMap", "Link", "Member", "Blocker", "ChannelGroup",
+           "CHANNEL_RULES", "channel_rule", "group_for", "channel_groups", "apply_keep", "format_groups"]
+
+
+class ChannelError(PassError):
+    """A channel group cannot be changed as asked (blocked group, bad keep list, stale group)."""
+
+
+class Blocked(Exception):
+    """Raised by a channel rule: the op cannot carry this axis. The message says why."""
+
+
+# ----------------------------------------------------------------------------------------- index maps
+class IndexMap:
+    """For each of the ``C`` group channels, the positions along one axis of one member.
+
+    Stored as an int64 array ``rows`` of shape ``[C, k]``: row ``c`` lists channel ``c``'s ``k``
+    positions in ascending order, or is all ``-1`` when channel ``c`` has no position on this axis.
+    Non-empty rows are translates of each other (``rows[c] - rows[c][0]`` is the same for every c):
+    sub-index ``j`` is the same "rest" coordinate (spatial position, anchor, multiplier slot) for all
+    channels, which is what makes reordering channels well defined.
+
+    Example: a conv with 3 output channels flattened from a 2×2 feature map into a Dense layer: the
+    Dense kernel's axis 0 has ``IndexMap([[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]])``.
+    """
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows):
+        arr = np.array(rows, dtype=np.int64)
+        if arr.ndim == 1:
+            arr = arr[:, None]
+        arr.setflags(write=False)
+        self.rows = arr
+
+    @classmethod
+    def identity(cls, n: int) -> "IndexMap":
+        return cls(np.arange(n)[:, None])
+
+    @property
+    def size(self) -> int:
+        """Number of group channels ``C``."""
+        return self.rows.shape[0]
+
+    @property
+    def width(self) -> int:
+        """Positions per (present) channel."""
+        return self.rows.shape[1]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, c: int) -> np.ndarray:
+        """The positions of group channel ``c`` (empty if it has none on this axis)."""
+        r = self.rows[c]
+        return r[r >= 0]
+
+    @property
+    def present(self) -> np.ndarray:
+        """Boolean mask: which group channels have positions on this axis."""
+        return self.rows[:, 0] >= 0
+
+    def covered(self) -> np.ndarray:
+        """All positions that belong to some group channel, ascending."""
+        return np.sort(self.rows[self.rows >= 0])
+
+    def tolist(self) -> list[list[int]]:
+        return [self[c].tolist() for c in range(self.size)]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, IndexMap) and self.rows.shape == other.rows.shape and bool(
+            np.array_equal(self.rows, other.rows))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        if self.width == 1 and np.array_equal(self.rows[:, 0], np.arange(self.size)):
+            return f"IndexMap(identity {self.size})"
+        head = ", ".join(str(r) for r in self.tolist()[:4])
+        return f"IndexMap(C={self.size}, k={self.width}: {head}{', ...' if self.size > 4 else ''})"
+
+    def positions(self, keep: Sequence[int], dim: int) -> np.ndarray:
+        """Old positions, in new order, along an axis of length ``dim`` after keeping group channels
+        ``keep`` (in that order).
+
+        Positions of no group channel stay where they are; those of removed channels go. For a sorted
+        ``keep`` this is just the surviving positions in ascending order. For a reordering, each slot
+        that held channel ``sorted(keep)[i]`` (sub-index ``j``) now holds channel ``keep[i]`` (same
+        ``j``): the layout of the axis is unchanged except for which channel sits where. Raises
+        ValueError when the order cannot be realized on this axis (e.g. it would move a channel from
+        one Concat input into another's range).
+        """
+        keep = np.asarray(keep, dtype=np.int64)
+        rows = self.rows
+        valid = rows >= 0
+        owner = np.full(dim, -1, dtype=np.int64)
+        sub = np.zeros(dim, dtype=np.int64)
+        c_idx, j_idx = np.nonzero(valid)
+        owner[rows[valid]] = c_idx
+        sub[rows[valid]] = j_idx
+        kept = np.zeros(self.size + 1, dtype=bool)  # index -1 (no owner) → last slot, kept
+        kept[keep] = True
+        kept[-1] = True
+        out = np.arange(dim)[kept[owner]]
+        skeep = np.sort(keep)
+        if np.array_equal(skeep, keep):
+            return out
+        present = self.present
+        bad = np.nonzero(present[skeep] != present[keep])[0]
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"group channel {int(keep[i])} cannot take the place of channel {int(skeep[i])}: "
+                             f"only one of them has positions on this axis (e.g. they come from different "
+                             f"Concat inputs); keep them in an order that leaves each part's channels together")
+        rank = np.zeros(self.size, dtype=np.int64)
+        rank[skeep] = np.arange(len(skeep))
+        o = owner[out]
+        m = o >= 0
+        out = out.copy()
+        out[m] = rows[keep[rank[o[m]]], sub[out[m]]]
+        return out
+
+
+def _normalize(rows, what: str = "this axis") -> IndexMap:
+    """Rows with -1 holes → an IndexMap (each row sorted, empty rows all -1); every non-empty row must
+    have the same number of positions."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim == 1:
+        rows = rows[:, None]
+    valid = rows >= 0
+    counts = valid.sum(axis=1)
+    widths = np.unique(counts[counts > 0])
+    if widths.size > 1:
+        raise Blocked(f"group channels cover different numbers of positions on {what} "
+                      f"({', '.join(str(int(w)) for w in widths)})")
+    k = int(widths[0]) if widths.size else 1
+    big = np.iinfo(np.int64).max
+    s = np.sort(np.where(valid, rows, big), axis=1)[:, :k]
+    s[s == big] = -1
+    return IndexMap(s)
+
+
+def _rows_from_labels(labels: np.ndarray, size: int, what: str) -> IndexMap:
+    """``labels[q]`` = group channel owning position q (or -1) → IndexMap."""
+    pos = np.nonzero(labels >= 0)[0]
+    lab = labels[pos]
+    counts = np.bincount(lab, minlength=size)
+    widths = np.unique(counts[counts > 0])
+    if widths.size > 1:
+        raise Blocked(f"group channels cover different numbers of positions on {what}")
+    k = int(widths[0]) if widths.size else 1
+    rows = np.full((size, k), -1, dtype=np.int64)
+    order = np.lexsort((pos, lab))
+    lab, pos = lab[order], pos[order]
+    if pos.size:
+        rows[lab, np.arange(pos.size) - np.repeat(np.cumsum(counts) - counts, counts)] = pos
+    return IndexMap(rows)
+
+
+def _check_map(imap: IndexMap, dim: int) -> None:
+    rows = imap.rows
+    pos = rows[rows >= 0]
+    if pos.size and (pos.max() >= dim):
+        raise Blocked(f"channel positions up to {int(pos.max())} on an axis of length {dim}")
+    if np.unique(pos).size != pos.size:
+        raise Blocked("two group channels share a position on this axis")
+    full = rows[imap.present]
+    if len(full) > 1:
+        rel = full - full[:, :1]
+        if not (rel == rel[0]).all():
+            raise Blocked("irregular channel layout (channels' positions are not translates of each other)")
+
+
+def _shift(imap: IndexMap, delta: int) -> IndexMap:
+    return IndexMap(np.where(imap.rows >= 0, imap.rows + delta, -1))
+
+
+def _restrict(imap: IndexMap, lo: int, hi: int, what: str) -> IndexMap:
+    r = imap.rows
+    return _normalize(np.where((r >= lo) & (r < hi), r - lo, -1), what)
+
+
+def _expand(imap: IndexMap, mult: int) -> IndexMap:
+    """Each position i → positions i·mult … i·mult+mult−1 (depthwise multiplier)."""
+    r = imap.rows
+    out = (r[:, :, None] * mult + np.arange(mult)).reshape(r.shape[0], -1)
+    return _normalize(np.where(np.repeat(r >= 0, mult, axis=1), out, -1))
+
+
+def _collapse(imap: IndexMap, mult: int) -> IndexMap:
+    """Inverse of :func:`_expand`; every channel must own whole blocks of ``mult`` positions."""
+    r = imap.rows
+    if mult == 1:
+        return imap
+    if r.shape[1] % mult:
+        raise Blocked(f"group channels split the depthwise multiplier blocks of {mult}")
+    blocks = r.reshape(r.shape[0], -1, mult)
+    base = blocks[:, :, :1]
+    ok = (blocks < 0).all(axis=2) | ((base % mult == 0) & (blocks == base + np.arange(mult))).all(axis=2)
+    if not ok.all():
+        raise Blocked(f"group channels split the depthwise multiplier blocks of {mult}")
+    return _normalize(np.where(base[:, :, 0] >= 0, base[:, :, 0] // mult, -1))
+
+
+# ----------------------------------------------------------------------------------------- rule API
+class Link(NamedTuple):
+    """One end of a channel relation at a node: input or output ``port``, ``axis`` and index map.
+
+    ``role`` marks weight positions: ``"source"`` (the slice that produces the channels, e.g. a conv
+    kernel's output axis) or ``"sink"`` (the slice that reads them, e.g. the next kernel's input axis).
+    """
+
+    io: str  # "in" | "out"
+    port: int
+    axis: int
+    imap: IndexMap
+    role: str | None = None
+
+
+def In(port: int, axis: int, imap: IndexMap, role: str | None = None) -> Link:
+    return Link("in", port, axis, imap, role)
+
+
+def Out(port: int, axis: int, imap: IndexMap, role: str | None = None) -> Link:
+    return Link("out", port, axis, imap, role)
+
+
+#: op type → rule ``(ctx, node, at: Link) -> list[Link]``; ``at`` is where the walk reached the node.
+CHANNEL_RULES: dict[str, Callable] = {}
+
+
+def channel_rule(*ops: str):
+    """Register a channel rule for op types ``ops``.
+
+    A rule gets the walk context (``ctx.graph``, ``ctx.in_shape(node, port)``, ``ctx.const(node,
+    port)``, ``ctx.shape_member(node, port)``, ``ctx.renormalizes(node)``), the node, and the
+    :class:`Link` at which the channels arrive (an input port, or an output port when walking
+    backwards). It returns the links the channels continue to (it may include ``at`` itself, e.g. to
+    give it a role), or raises :class:`Blocked` with the reason. Example::
+
+        @channel_rule("MyScale")              # y = x * s, per channel, like Mul
+        def _my_scale(ctx, node, at):
+            return [In(0, at.axis, at.imap), Out(0, at.axis, at.imap)]
+    """
+
+    def deco(fn):
+        for op in ops:
+            CHANNEL_RULES[op] = fn
+        return fn
+
+    return deco
+
+
+# ----------------------------------------------------------------------------------------- results
+class Blocker(NamedTuple):
+    node: str
+    op: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node} ({self.op}): {self.reason}"
+
+
+@dataclass
+class Member:
+    """One thing a group's change touches.
+
+    ``kind``:
+      * ``"weight"``: weight ``name`` is sliced along ``axis``;
+      * ``"const"``: Const node ``name``'s value is sliced along ``axis`` (cloned if read by nodes
+        outside the group; ``users`` lists the (node, port) pairs of the group that read it);
+      * ``"tensor"``: activation ``name`` (``"node:port"``) shrinks along ``axis`` (for reporting and
+        verification; nothing to edit, shapes re-infer);
+      * ``"reshape"``: node ``name``'s shape-vector input ``port`` (Reshape's ``shape``,
+        Conv2DBackpropInput's ``input_sizes``) is rebuilt from its new static output shape.
+    ``dim`` is the axis length before the change; ``index_map`` maps group channels to positions.
+    """
+
+    kind: str
+    name: str
+    axis: int | None = None
+    index_map: IndexMap | None = None
+    dim: int | None = None
+    role: str | None = None
+    users: tuple = ()
+    port: int | None = None
+
+    @property
+    def tensor(self) -> Tensor | None:
+        """The tensor this member is (weights: the Weight node's output)."""
+        return None if self.kind == "reshape" else Tensor.parse(self.name)
+
+    def positions(self, keep: Sequence[int]) -> np.ndarray:
+        """Old positions along ``axis`` that remain after :func:`apply_keep` with ``keep``, in order."""
+        return self.index_map.positions(keep, self.dim)
+
+    def __repr__(self) -> str:
+        if self.kind == "reshape":
+            return f"<Member reshape {self.name} port {self.port}>"
+        role = f" {self.role}" if self.role else ""
+        return f"<Member {self.kind}{role} {self.name} axis {self.axis} dim {self.dim} {self.index_map!r}>"
+
+
+@dataclass
+class ChannelGroup:
+    """Everything that shrinks with one channel axis. See the module docstring.
+
+    ``size`` is the number of group channels C (indexing ``keep``); ``seed`` the (tensor, axis) it was
+    grown from; ``touches_outputs`` / ``touches_inputs`` list (signature name, axis) pairs of signature
+    tensors inside the group; ``renormalized_by`` the Softmax-like nodes normalizing over the channels
+    (fine for subset, not for exact pruning).
+    """
+
+    seed: tuple
+    size: int
+    members: list = field(default_factory=list)
+    blockers: list = field(default_factory=list)
+    touches_outputs: list = field(default_factory=list)
+    touches_inputs: list = field(default_factory=list)
+    renormalized_by: list = field(default_factory=list)
+    id: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"g{self.id}"
+
+    @property
+    def sources(self) -> list:
+        """Weight members whose slices produce the channels (conv/matmul kernels' output axis)."""
+        return [m for m in self.members if m.kind == "weight" and m.role == "source"]
+
+    @property
+    def sinks(self) -> list:
+        """Weight members whose slices read the channels (the next kernels' input axis)."""
+        return [m for m in self.members if m.kind == "weight" and m.role == "sink"]
+
+    @property
+    def prunable(self) -> bool:
+        """Channels can be removed: no blocker, no signature input/output, no renormalization."""
+        return not (self.blockers or self.touches_outputs or self.touches_inputs or self.renormalized_by)
+
+    def why_not(self) -> str:
+        """Why the group is not prunable ("" if it is)."""
+        parts = [f"blocked at {b}" for b in self.blockers]
+        parts += [f"output {n!r} axis {a}" for n, a in self.touches_outputs]
+        parts += [f"input {n!r} axis {a}" for n, a in self.touches_inputs]
+        parts += [f"renormalized by {n}" for n in self.renormalized_by]
+        return "; ".join(parts)
+
+    def members_of(self, kind: str) -> list:
+        return [m for m in self.members if m.kind == kind]
+
+    def member(self, name: str, axis: int | None = None) -> Member:
+        """The member called ``name`` (weight, Const, ``node:port`` tensor or reshape node)."""
+        t = str(as_tensor(name)) if ":" in name else None
+        for m in self.members:
+            if (m.name == name or m.name == t) and (axis is None or m.axis == axis):
+                return m
+        raise KeyError(f"{name!r} is not a member of channel group {self.name}")
+
+    def covers(self, tensor, axis: int) -> bool:
+        t = str(as_tensor(tensor))
+        return any(m.name == t and m.axis == axis for m in self.members if m.kind in ("tensor", "weight", "const"))
+
+
+# ----------------------------------------------------------------------------------------- the walk
+def _weight_tensor_name(t: Tensor) -> str:
+    return t.node if t.port == 0 else str(t)
+
+
+class _Walk:
+    """Breadth-first closure of one group; rules see it as ``ctx``."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.maps: dict = {}  # (Tensor, axis) -> IndexMap
+        self.order: list = []
+        self.roles: dict = {}
+        self.const_users: dict = {}
+        self.shape_members: dict = {}  # node name -> port
+        self.blockers: list = []
+        self.outputs: list = []
+        self.inputs: list = []
+        self.renorm: list = []
+        self.queue: deque = deque()
+
+    # ---- for rules
+    def in_shape(self, node: Node, port: int) -> tuple:
+        s = self.graph.shape(self.graph.input(node, port))
+        if s is None:
+            raise Blocked(f"input {port} has an unknown rank")
+        return s
+
+    def out_shape(self, node: Node, port: int = 0) -> tuple:
+        s = node.shapes[port] if port < len(node.shapes) else None
+        if s is None:
+            raise Blocked(f"output {port} has an unknown rank")
+        return s
+
+    def const(self, node: Node, port: int) -> np.ndarray:
+        v = constant_value(self.graph, self.graph.input(node, port))
+        if v is None:
+            raise Blocked(f"input {port} is not a constant")
+        return np.asarray(v)
+
+    def shape_member(self, node: Node, port: int) -> None:
+        _check_shape_input(self.graph, node, port)
+        self.shape_members[node.name] = port
+
+    def renormalizes(self, node: Node) -> None:
+        if node.name not in self.renorm:
+            self.renorm.append(node.name)
+
+    # ---- engine
+    def block(self, node: Node, reason: str) -> None:
+        b = Blocker(node.name, node.op, reason)
+        if b not in self.blockers:
+            self.blockers.append(b)
+
+    def run(self, tensor: Tensor, axis: int, imap: IndexMap) -> None:
+        self.queue.append((tensor, axis, imap, None))
+        while self.queue:
+            self._visit(*self.queue.popleft())
+
+    def _visit(self, t: Tensor, axis: int, imap: IndexMap, via) -> None:
+        g = self.graph
+        node = g.node(t.node)
+        key = (t, axis)
+        if key in self.maps:
+            if self.maps[key] != imap:
+                self.block(node, f"inconsistent channel mapping at {node.name} (tensor {t}, axis {axis}): "
+                                 f"reached as {self.maps[key]!r} and as {imap!r}")
+            elif via is not None and key in self.const_users and via not in self.const_users[key]:
+                self.const_users[key].append(via)
+            return
+        shape = g.shape(t)
+        if shape is None or not 0 <= axis < len(shape) or shape[axis] is None:
+            self.block(node, f"tensor {t} has no static length on axis {axis} (shape {shape})")
+            return
+        try:
+            _check_map(imap, shape[axis])
+        except Blocked as exc:
+            self.block(node, f"{exc} (tensor {t}, axis {axis})")
+            return
+        self.maps[key] = imap
+        self.order.append(key)
+        self.outputs += [(o.name, axis) for o in g.outputs if o.tensor == t]
+        if node.op == "Const":
+            self.const_users[key] = [via] if via is not None else []
+            return  # constants are cloned per use: never couple their other readers
+        if node.op == "Placeholder":
+            names = [a.name for a in g.inputs if a.tensor == t]
+            if names:
+                self.inputs += [(n, axis) for n in names]
+            else:
+                self.block(node, "a Placeholder that is not a signature input")
+        elif node.op != WEIGHT_OP:
+            self._apply(node, Out(t.port, axis, imap))
+        for consumer, port in g.consumers(t):
+            self._apply(consumer, In(port, axis, imap))
+
+    def _apply(self, node: Node, at: Link) -> None:
+        rule = CHANNEL_RULES.get(node.op)
+        if rule is None:
+            self.block(node, f"no channel rule for op type {node.op}")
+            return
+        try:
+            links = rule(self, node, at)
+        except Blocked as exc:
+            self.block(node, str(exc))
+            return
+        for link in links:
+            if link.io == "out":
+                t, via = node.output(link.port), None
+            else:
+                t, via = self.graph.input(node, link.port), (node.name, link.port)
+            if link.role:
+                self.roles.setdefault((t, link.axis), set()).add(link.role)
+            self.queue.append((t, link.axis, link.imap, via))
+
+    def group(self, seed, size: int) -> ChannelGroup:
+        g = self.graph
+        members, index = [], {}
+        for t, axis in self.order:
+            node = g.node(t.node)
+            imap = self.maps[(t, axis)]
+            dim = g.shape(t)[axis]
+            if node.op == WEIGHT_OP:
+                m = Member("weight", node.name, axis, imap, dim)
+            elif node.op == "Const":
+                m = Member("const", node.name, axis, imap, dim, users=tuple(self.const_users[(t, axis)]))
+            else:
+                m = Member("tensor", str(t), axis, imap, dim)
+            members.append(m)
+            index[(node.name if node.op in (WEIGHT_OP, "Const") else str(t), axis)] = m
+        for (t, axis), roles in self.roles.items():
+            role = "source" if "source" in roles else "sink"
+            src = t
+            while g.node(src.node).op == "Identity":  # a kernel read through Identity is still the kernel
+                src = g.input(src.node, 0)
+            for name in {str(t), _weight_tensor_name(src), str(src)}:
+                if (name, axis) in index:
+                    index[(name, axis)].role = index[(name, axis)].role or role
+        for name, port in self.shape_members.items():
+            members.append(Member("reshape", name, port=port))
+        return ChannelGroup(seed=seed, size=size, members=members, blockers=list(self.blockers),
+                            touches_outputs=list(dict.fromkeys(self.outputs)),
+                            touches_inputs=list(dict.fromkeys(self.inputs)), renormalized_by=list(self.renorm))
+
+
+# ----------------------------------------------------------------------------------------- public API
+def _norm_axis(axis: int, rank: int) -> int:
+    if not -rank <= axis < rank:
+        raise ChannelError(f"axis {axis} is out of range for a tensor of rank {rank}")
+    return axis % rank
+
+
+def group_for(graph: Graph, tensor, axis: int) -> ChannelGroup:
+    """The group of everything that must shrink together with axis ``axis`` of ``tensor``.
+
+    ``tensor`` is a Tensor, ``"node:port"``, a node name (port 0; a weight name works too) or a Node.
+    The group's channels are the positions of that axis (``size`` = its length). Example::
+
+        grp = group_for(g, "model/dense_1/BiasAdd:0", -1)
+        [m.name for m in grp.sources]                    # ['dense_1/kernel']
+    """
+    t = as_tensor(tensor)
+    if not graph.has_node(t.node):
+        raise ChannelError(f"no node {t.node!r} in the graph")
+    shape = graph.shape(t)
+    if shape is None:
+        raise ChannelError(f"tensor {t} has an unknown rank; run graph.infer_shapes() first")
+    axis = _norm_axis(axis, len(shape))
+    dim = shape[axis]
+    if dim is None:
+        raise ChannelError(f"axis {axis} of tensor {t} has no static length (shape {shape})")
+    walk = _Walk(graph)
+    walk.run(t, axis, IndexMap.identity(dim))
+    return walk.group((t, axis), dim)
+
+
+#: op type → its output channel axis (the kernel is input 1)
+SEED_OPS = {
+    "Conv2D": lambda node: _channel_axis(node, 4),
+    "Conv2DBackpropInput": lambda node: _channel_axis(node, 4),
+    "MatMul": lambda node: 1,
+}
+
+
+def channel_groups(graph: Graph) -> list[ChannelGroup]:
+    """All groups seeded at the output channels of every Conv2D / MatMul / Conv2DBackpropInput whose
+    kernel is a weight, in graph order, each once (a residual stage is one group). A depthwise conv is
+    no seed: it follows its input. Example::
+
+        for grp in channel_groups(g):
+            if grp.prunable:
+                print(grp.name, grp.size, [s.name for s in grp.sources])
+    """
+    groups: list[ChannelGroup] = []
+    for node in graph.nodes(op=SEED_OPS):
+        if graph.weight_of(node, 1) is None or not node.shapes or node.shapes[0] is None:
+            continue
+        axis = SEED_OPS[node.op](node)
+        if node.shapes[0][axis] is None or any(grp.covers(node.output(0), axis) for grp in groups):
+            continue
+        grp = group_for(graph, node.output(0), axis)
+        grp.id = len(groups)
+        groups.append(grp)
+    return groups
+
+
+def _current_dim(graph: Graph, m: Member) -> int | None:
+    if m.kind == "weight":
+        w = graph.weights.get(m.name)
+        return None if w is None or w.value.ndim <= m.axis else w.value.shape[m.axis]
+    if not graph.has_node(m.tensor.node):
+        return None
+    s = graph.shape(m.tensor)
+    return None if s is None or len(s) <= m.axis else s[m.axis]
+
+
+def _check_keep(keep, size: int) -> np.ndarray:
+    try:
+        arr = np.asarray(list(keep))
+    except TypeError:
+        raise ChannelError(f"keep must be a sequence of channel indices, got {keep!r}") from None
+    if arr.size == 0:
+        raise ChannelError("keep is empty: at least one channel must remain")
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise ChannelError(f"keep must be a list of integer channel indices, got {list(keep)!r}")
+    bad = [int(k) for k in arr if not 0 <= k < size]
+    if bad:
+        raise ChannelError(f"keep has indices {bad} outside the group's channels 0..{size - 1}")
+    if np.unique(arr).size != arr.size:
+        dup = sorted({int(k) for k in arr if (arr == k).sum() > 1})
+        raise ChannelError(f"keep repeats channels {dup}; each channel may be kept once")
+    return arr.astype(np.int64)
+
+
+def apply_keep(graph: Graph, group: ChannelGroup, keep: Sequence[int]) -> None:
+    """Keep group channels ``keep`` (in that order) in every member of ``group``; mutate ``graph``.
+
+    Weights and Consts are sliced with :meth:`IndexMap.positions` along their axis (weights keep their
+    names), shape vectors of Reshapes are rebuilt from the new static shapes (batch dim −1), then shapes
+    re-infer and every activation member is checked to have its expected new length. Everything is
+    validated before the first edit, and a failure while editing restores the graph, so the graph is
+    never left half-changed. Raises :class:`ChannelError`. Example::
+
+        grp = group_for(g, "conv1/kernel", 3)
+        apply_keep(g, grp, [0, 2, 5])          # conv1 keeps filters 0, 2, 5; its readers follow
+    """
+    if group.blockers:
+        raise ChannelError(f"channel group {group.name} (seed {group.seed[0]} axis {group.seed[1]}) cannot be "
+                           f"changed: blocked at " + "; ".join(str(b) for b in group.blockers))
+    keep = _check_keep(keep, group.size)
+    positions: dict[int, np.ndarray] = {}
+    for i, m in enumerate(group.members):
+        if m.kind == "reshape":
+            if not graph.has_node(m.name):
+                raise ChannelError(f"channel group {group.name} is stale: node {m.name!r} is gone")
+            continue
+        if _current_dim(graph, m) != m.dim:
+            raise ChannelError(f"channel group {group.name} is stale: {m.kind} {m.name!r} axis {m.axis} has length "
+                               f"{_current_dim(graph, m)}, the group was computed for {m.dim}; recompute the group")
+        try:
+            positions[i] = m.positions(keep)
+        except ValueError as exc:
+            raise ChannelError(f"cannot keep {keep.tolist()} in {m.kind} {m.name!r}: {exc}") from None
+    new_len = {(m.name, m.axis): len(positions[i]) for i, m in enumerate(group.members) if m.kind == "tensor"}
+    undo: list[Callable] = []
+    try:
+        _slice_values(graph, group, positions, undo)
+        for m in group.members_of("reshape"):
+            node = graph.node(m.name)
+            old = node.shapes[0]
+            new = tuple(new_len.get((str(node.output(0)), a), d) for a, d in enumerate(old))
+            _rebuild_shape_input(graph, node, m.port, new, undo)
+        graph.infer_shapes()
+        for i, m in enumerate(group.members):
+            if m.kind in ("tensor", "weight"):
+                got = _current_dim(graph, m)
+                if got is not None and got != len(positions[i]):
+                    raise ChannelError(f"after keeping {len(keep)} channels, {m.kind} {m.name!r} axis {m.axis} has "
+                                       f"length {got}, expected {len(positions[i])}")
+    except Exception:
+        for fn in reversed(undo):
+            fn()
+        try:
+            graph.infer_shapes()
+        except Exception:  # the original graph inferred before: only a broken input gets here
+            pass
+        raise
+
+
+def _slice_values(graph: Graph, group: ChannelGroup, positions: dict, undo: list) -> None:
+    by_value: dict[tuple, list] = {}
+    for i, m in enumerate(group.members):
+        if m.kind in ("weight", "const"):
+            by_value.setdefault((m.kind, m.name), []).append((m, positions[i]))
+    for (kind, name), parts in by_value.items():
+        if kind == "weight":
+            old = graph.weight(name).value
+            new = old
+            for m, pos in parts:
+                new = np.take(new, pos, axis=m.axis)
+            graph.set_weight(name, new)
+            undo.append(lambda name=name, old=old: graph.set_weight(name, old))
+            continue
+        node = graph.node(name)
+        old = node.attr("value")
+        new = old
+        users = []
+        for m, pos in parts:
+            new = np.take(new, pos, axis=m.axis)
+            users += [u for u in m.users if u not in users]
+        readers = {(c.name, p) for c, p in graph.consumers(node.output(0))}
+        if readers <= set(users) and not graph.is_output(node.output(0)):
+            old_attr = node.attrs["value"]
+            node.set_attr("value", np.ascontiguousarray(new))
+            undo.append(lambda node=node, a=old_attr: node.attrs.__setitem__("value", a))
+        else:  # other readers keep the original constant
+            clone = graph.add_node(f"{name}/kept", "Const", attrs={"dtype": node.attr("dtype"),
+                                                                   "value": np.ascontiguousarray(new)}, unique=True)
+            undo.append(lambda c=clone.name: graph.remove_node(c, safe=False))
+            for user, port in users:
+                graph.set_input(user, port, clone.output(0))
+                undo.append(lambda u=user, p=port, t=node.output(0): graph.set_input(u, p, t))
+
+
+# ----------------------------------------------------------------------------------------- shape inputs
+def _check_shape_input(graph: Graph, node: Node, port: int) -> None:
+    """Raise Blocked unless :func:`_rebuild_shape_input` can rebuild input ``port`` of ``node``."""
+    out = node.shapes[0] if node.shapes else None
+    if out is None:
+        raise Blocked("unknown output rank")
+    unknown = sum(d is None for d in out)
+    if node.op == "Reshape" and unknown <= 1:
+        return
+    src = graph.input_node(node, port)
+    if src.op == "Const":
+        if unknown == 0:
+            return
+    elif src.op == "Pack" and len(graph.inputs_of(src)) == len(out):
+        return
+    raise Blocked(f"its shape input {port} ({src.op} {src.name}) cannot be rebuilt for the new channel count")
+
+
+def _rebuild_shape_input(graph: Graph, node: Node, port: int, new_shape: tuple, undo: list) -> None:
+    old_t = graph.input(node, port)
+    src = graph.producer(old_t)
+    dtype = graph.dtype(old_t)
+    if node.op == "Reshape" and sum(d is None for d in new_shape) <= 1:
+        vec = np.array([-1 if d is None else d for d in new_shape], dtype=dtype.as_numpy_dtype)
+    elif src.op == "Const":
+        vec = np.array(new_shape, dtype=dtype.as_numpy_dtype)
+    else:  # Pack of scalars (batch read from Shape): replace only the elements that change
+        old = node.shapes[0]
+        for i, (a, b) in enumerate(zip(old, new_shape)):
+            if a == b:
+                continue
+            elem_t = graph.input(src, i)
+            c = graph.add_node(f"{src.name}/{i}", "Const", attrs={"dtype": graph.dtype(elem_t),
+                                                                   "value": np.array(b, dtype=graph.dtype(elem_t).as_numpy_dtype)},
+                               unique=True)
+            undo.append(lambda n=c.name: graph.remove_node(n, safe=False))
+            graph.set_input(src, i, c.output(0))
+            undo.append(lambda s=src.name, i=i, t=elem_t: graph.set_input(s, i, t))
+        return
+    c = graph.add_node(f"{node.name}/shape", "Const", attrs={"dtype": dtype, "value": vec}, unique=True)
+    undo.append(lambda n=c.name: graph.remove_node(n, safe=False))
+    graph.set_input(node, port, c.output(0))
+    undo.append(lambda: graph.set_input(node, port, old_t))
+
+
+# ----------------------------------------------------------------------------------------- report
+def format_groups(groups: Sequence[ChannelGroup], verbose: bool = False) -> str:
+    """One line per group: id, size, sources, number of members, prunable or why not (for
+    ``graphslim inspect --groups``). With ``verbose``, every member follows its group."""
+    lines = []
+    for grp in groups:
+        srcs = ", ".join(m.name for m in grp.sources) or "-"
+        status = "prunable" if grp.prunable else f"not prunable: {grp.why_not()}"
+        lines.append(f"{grp.name:>4}  C={grp.size:<5} members={len(grp.members):<4} sources: {srcs}  [{status}]")
+        if verbose:
+            for m in grp.members:
+                lines.append(f"        {m!r}")
+    return "\n".join(lines)
+
+
+# ========================================================================================== rules
+def _channel_axis(node: Node, rank: int = 4) -> int:
+    fmt = node.attr("data_format", "NHWC") or "NHWC"
+    return 1 if str(fmt).startswith("NC") else rank - 1
+
+
+def _side(node: Node, at: Link) -> str:
+    return f"{'input' if at.io == 'in' else 'output'} {at.port}"
+
+
+def _not_channel(node: Node, at: Link) -> Blocked:
+    return Blocked(f"axis {at.axis} of {_side(node, at)} is not an axis that {node.op} carries channel-wise")
+
+
+UNARY = ("Identity", "Snapshot", "StopGradient", "PreventGradient", "CheckNumerics", "Cast",
+         "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid", "Tanh", "Softplus", "Softsign", "Erf", "Erfc",
+         "Neg", "Abs", "Square", "Sqrt", "Rsqrt", "Reciprocal", "Inv", "Exp", "Expm1", "Log", "Log1p", "Sign",
+         "Floor", "Ceil", "Round", "Rint", "Sin", "Cos", "IsNan", "IsFinite", "LogicalNot")
+BINARY = ("AddV2", "Add", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "MulNoNan", "Maximum", "Minimum",
+          "SquaredDifference", "Pow", "FloorDiv", "FloorMod", "Greater", "GreaterEqual", "Less", "LessEqual",
+          "Equal", "NotEqual", "LogicalAnd", "LogicalOr")
+
+
+@channel_rule(*UNARY, *BINARY, "AddN", "ClipByValue", "SelectV2")
+def _elementwise(ctx, node, at):
+    """Broadcasting element-wise ops: inputs that have the axis (not broadcast along it) and the output
+    share the channels (per-channel constants, coupled activations: residual Add, x·sigmoid(x)...)."""
+    out = ctx.out_shape(node)
+    ins = [ctx.in_shape(node, p) for p in range(len(ctx.graph.inputs_of(node)))]
+    R = len(out)
+    A = at.axis + R - len(ins[at.port]) if at.io == "in" else at.axis
+    if out[A] is None:
+        raise Blocked(f"output axis {A} has no static length")
+    if at.io == "in" and ins[at.port][at.axis] == 1 and out[A] != 1:
+        raise Blocked(f"input {at.port} is broadcast along axis {at.axis}")
+    links = [Out(0, A, at.imap)]
+    for p, s in enumerate(ins):
+        a = A - (R - len(s))
+        if a < 0:
+            continue
+        if s[a] == out[A]:
+            links.append(In(p, a, at.imap))
+        elif s[a] != 1:
+            raise Blocked(f"input {p} has length {s[a]} on axis {a}, the output {out[A]}")
+    return links
+
+
+@channel_rule("IdentityN")
+def _identity_n(ctx, node, at):
+    return [In(at.port, at.axis, at.imap), Out(at.port, at.axis, at.imap)]
+
+
+@channel_rule("BiasAdd", "BiasAddV1")
+def _bias_add(ctx, node, at):
+    rank = len(ctx.in_shape(node, 0))
+    ca = _channel_axis(node, rank) if node.op == "BiasAdd" else rank - 1
+    if at.io == "in" and at.port == 1:
+        return [In(0, ca, at.imap), Out(0, ca, at.imap), In(1, 0, at.imap)]
+    links = [In(0, at.axis, at.imap), Out(0, at.axis, at.imap)]
+    return links + [In(1, 0, at.imap)] if at.axis == ca else links
+
+
+@channel_rule("Conv2D")
+def _conv2d(ctx, node, at):
+    ca = _channel_axis(node)
+    x, k = ctx.in_shape(node, 0), ctx.in_shape(node, 1)
+    if x[ca] is not None and k[2] is not None and x[ca] != k[2]:
+        raise Blocked(f"grouped convolution (input has {x[ca]} channels, kernel {k[2]})")
+    m = at.imap
+    side = (at.io, at.port, at.axis)
+    if side in (("in", 0, ca), ("in", 1, 2)):
+        return [In(0, ca, m), In(1, 2, m, "sink")]
+    if side in (("out", 0, ca), ("in", 1, 3)):
+        return [Out(0, ca, m), In(1, 3, m, "source")]
+    raise _not_channel(node, at)
+
+
+@channel_rule("DepthwiseConv2dNative")
+def _depthwise(ctx, node, at):
+    """Input channel c ↔ kernel axis 2 position c ↔ output channels c·m … c·m+m−1."""
+    ca = _channel_axis(node)
+    mult = ctx.in_shape(node, 1)[3]
+    if mult is None:
+        raise Blocked("unknown depth multiplier")
+    side = (at.io, at.port, at.axis)
+    if side in (("in", 0, ca), ("in", 1, 2)):
+        m_in = at.imap
+    elif side == ("out", 0, ca):
+        m_in = _collapse(at.imap, mult)
+    else:
+        raise _not_channel(node, at)
+    return [In(0, ca, m_in), In(1, 2, m_in), Out(0, ca, _expand(m_in, mult))]
+
+
+@channel_rule("MatMul")
+def _matmul(ctx, node, at):
+    """a[M,K] · b[K,N]: a's K ↔ b's K (sink), b's N ↔ output axis 1 (source), a's M ↔ output axis 0."""
+    ka = 0 if node.attr("transpose_a", False) else 1
+    kb = 1 if node.attr("transpose_b", False) else 0
+    m = at.imap
+    side = (at.io, at.port, at.axis)
+    if side in (("in", 0, ka), ("in", 1, kb)):
+        return [In(0, ka, m), In(1, kb, m, "sink")]
+    if side in (("out", 0, 1), ("in", 1, 1 - kb)):
+        return [Out(0, 1, m), In(1, 1 - kb, m, "source")]
+    if side in (("out", 0, 0), ("in", 0, 1 - ka)):
+        return [Out(0, 0, m), In(0, 1 - ka, m)]
+    raise _not_channel(node, at)
+
+
+@channel_rule("Conv2DBackpropInput")
+def _conv_transpose(ctx, node, at):
+    """Inputs (input_sizes, filter[h,w,out,in], x[...,in]); output channels ↔ filter axis 2 (source)."""
+    ca = _channel_axis(node)
+    m = at.imap
+    side = (at.io, at.port, at.axis)
+    if side in (("out", 0, ca), ("in", 1, 2)):
+        ctx.shape_member(node, 0)
+        return [Out(0, ca, m), In(1, 2, m, "source")]
+    if side in (("in", 2, ca), ("in", 1, 3)):
+        return [In(2, ca, m), In(1, 3, m, "sink")]
+    raise _not_channel(node, at)
+
+
+@channel_rule("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+def _fused_bn(ctx, node, at):
+    """x/y channel axis ↔ scale, offset, mean, variance (and batch mean/variance outputs) axis 0."""
+    ca = _channel_axis(node)
+    m = at.imap
+    if (at.io == "in" and at.port == 0) or (at.io == "out" and at.port == 0):
+        if at.axis != ca:
+            return [In(0, at.axis, m), Out(0, at.axis, m)]
+    elif not (at.port in ((1, 2, 3, 4) if at.io == "in" else (1, 2)) and at.axis == 0):
+        raise _not_channel(node, at)
+    dim = ctx.in_shape(node, 0)[ca]
+    links = [In(0, ca, m), Out(0, ca, m)]
+    links += [In(p, 0, m) for p in (1, 2, 3, 4) if ctx.in_shape(node, p)[0] == dim]
+    links += [Out(p, 0, m) for p in (1, 2) if p < len(node.shapes) and node.shapes[p] and node.shapes[p][0] == dim]
+    return links
+
+
+def _data_port(node: Node, at: Link, port: int = 0) -> None:
+    if at.io == "in" and at.port != port:
+        raise Blocked(f"a group tensor feeds input {at.port} (not the data input)")
+
+
+@channel_rule("Pad", "PadV2", "MirrorPad")
+def _pad(ctx, node, at):
+    _data_port(node, at)
+    pads = ctx.const(node, 1)
+    if (pads[at.axis] != 0).any():
+        raise Blocked(f"pads axis {at.axis}")
+    return [In(0, at.axis, at.imap), Out(0, at.axis, at.imap)]
+
+
+@channel_rule("MaxPool", "AvgPool", "MaxPoolV2")
+def _pool(ctx, node, at):
+    _data_port(node, at)
+    ksize = node.attr("ksize") if node.op != "MaxPoolV2" else ctx.const(node, 1).tolist()
+    strides = node.attr("strides") if node.op != "MaxPoolV2" else ctx.const(node, 2).tolist()
+    if ksize[at.axis] != 1 or strides[at.axis] != 1:
+        raise Blocked(f"pools along axis {at.axis}")
+    return [In(0, at.axis, at.imap), Out(0, at.axis, at.imap)]
+
+
+@channel_rule("Mean", "Sum", "Max", "Min", "Prod", "All", "Any")
+def _reduce(ctx, node, at):
+    """Reductions over other axes pass the channels on (axis renumbered without keep_dims)."""
+    _data_port(node, at)
+    rank = len(ctx.in_shape(node, 0))
+    red = sorted({int(a) % rank for a in np.atleast_1d(ctx.const(node, 1))})
+    keep = node.attr("keep_dims", False)
+    kept_axes = list(range(rank)) if keep else [a for a in range(rank) if a not in red]
+    if at.io == "in":
+        if at.axis in red:
+            raise Blocked(f"reduces over axis {at.axis} (the channel axis)")
+        a = at.axis
+    else:
+        a = kept_axes[at.axis]
+        if a in red:
+            raise _not_channel(node, at)
+    return [In(0, a, at.imap), Out(0, kept_axes.index(a), at.imap)]
+
+
+@channel_rule("ConcatV2", "Concat")
+def _concat(ctx, node, at):
+    """On the concat axis each input's channels sit at its offset; on other axes all are coupled."""
+    n = len(ctx.graph.inputs_of(node)) - 1
+    axis_port, data = (n, list(range(n))) if node.op == "ConcatV2" else (0, list(range(1, n + 1)))
+    if at.io == "in" and at.port == axis_port:
+        raise Blocked("a group tensor is the concat axis")
+    rank = len(ctx.out_shape(node))
+    cax = int(ctx.const(node, axis_port)) % rank
+    if at.axis != cax:
+        return [In(p, at.axis, at.imap) for p in data] + [Out(0, at.axis, at.imap)]
+    dims = [ctx.in_shape(node, p)[cax] for p in data]
+    if any(d is None for d in dims):
+        raise Blocked("an input has no static length on the concat axis")
+    offsets = np.concatenate([[0], np.cumsum(dims)]).astype(int)
+    out_map = at.imap if at.io == "out" else _shift(at.imap, offsets[data.index(at.port)])
+    links = [Out(0, cax, out_map)]
+    for i, p in enumerate(data):
+        part = _restrict(out_map, offsets[i], offsets[i + 1], f"concat input {p}")
+        if part.present.any():
+            links.append(In(p, cax, part))
+    return links
+
+
+@channel_rule("Split", "SplitV")
+def _split(ctx, node, at):
+    value_port, dim_port = (1, 0) if node.op == "Split" else (0, 2)
+    _data_port(node, at, value_port)
+    rank = len(ctx.in_shape(node, value_port))
+    sax = int(ctx.const(node, dim_port)) % rank
+    if at.axis == sax:
+        raise Blocked(f"splits along axis {sax}, the channel axis")
+    return [In(value_port, at.axis, at.imap)] + [Out(i, at.axis, at.imap) for i in range(node.num_outputs)]
+
+
+def _concrete(shape: tuple, fill: int) -> list:
+    return [fill if d is None else int(d) for d in shape]
+
+
+def _reshape_map(src: tuple, src_axis: int, imap: IndexMap, dst: tuple) -> tuple[int, IndexMap]:
+    """Follow channels through a row-major reshape: the destination axis whose positions each hold one
+    group channel's elements (or none), and the map there. Checked with batch (unknown dims) 1 and 2."""
+    found = []
+    for fill in (1, 2):
+        s = _concrete(src, fill)
+        total = int(np.prod(s))
+        d = list(dst)
+        unknown = [i for i, x in enumerate(d) if x is None]
+        known = int(np.prod([x for x in d if x is not None]))
+        if len(unknown) > 1:
+            raise Blocked("more than one output dim has no static length")
+        if unknown:
+            if known == 0 or total % known:
+                raise Blocked("element counts do not match")
+            d[unknown[0]] = total // known
+        elif known != total:
+            raise Blocked("element counts do not match")
+        lab = np.full(s[src_axis], -1, dtype=np.int64)
+        valid = imap.rows >= 0
+        lab[imap.rows[valid]] = np.nonzero(valid)[0]
+        view = [1] * len(s)
+        view[src_axis] = s[src_axis]
+        labels = np.broadcast_to(lab.reshape(view), s).reshape(d)
+        cands = []
+        for b in range(len(d)):
+            if dst[b] is None or d[b] == 0:
+                continue
+            mat = np.moveaxis(labels, b, 0).reshape(d[b], -1)
+            if mat.shape[1] and (mat == mat[:, :1]).all():
+                cands.append(b)
+        if not cands:
+            raise Blocked("the channel axis is split or merged with another axis in a way that does not "
+                          "factorize (no output axis holds whole channels)")
+        same = len(dst) - len(src) + src_axis
+        b = same if same in cands else next((c for c in cands if d[c] > 1), cands[0])
+        col = np.moveaxis(labels, b, 0).reshape(d[b], -1)[:, 0]
+        found.append((b, _rows_from_labels(col, imap.size, f"output axis {b}")))
+    if found[0][0] != found[1][0] or found[0][1] != found[1][1]:
+        raise Blocked("where the channels land depends on the batch size")
+    return found[0]
+
+
+@channel_rule("Reshape")
+def _reshape(ctx, node, at):
+    """Index arithmetic: Flatten (channel c → positions p·C + c), detection heads ([N,H,W,A·(K+1)] →
+    [N,H·W·A,K+1]: class k ↔ channels a·(K+1)+k), per-class boxes ([N,4K] → [N,K,4]: class k ↔ columns
+    4k…4k+3), BN weights reshaped to [1,1,1,C]. The shape input is rebuilt (a ``reshape`` member)."""
+    _data_port(node, at)
+    src, dst = ctx.in_shape(node, 0), ctx.out_shape(node)
+    if at.io == "in":
+        b, m = _reshape_map(src, at.axis, at.imap, dst)
+        links = [In(0, at.axis, at.imap), Out(0, b, m)]
+    else:
+        a, m = _reshape_map(dst, at.axis, at.imap, src)
+        links = [In(0, a, m), Out(0, at.axis, at.imap)]
+    ctx.shape_member(node, 1)
+    return links
+
+
+@channel_rule("Transpose")
+def _transpose(ctx, node, at):
+    _data_port(node, at)
+    perm = [int(p) for p in ctx.const(node, 1)]
+    if at.io == "in":
+        return [In(0, at.axis, at.imap), Out(0, perm.index(at.axis), at.imap)]
+    return [In(0, perm[at.axis], at.imap), Out(0, at.axis, at.imap)]
+
+
+@channel_rule("Squeeze")
+def _squeeze(ctx, node, at):
+    src = ctx.in_shape(node, 0)
+    dims = {int(d) % len(src) for d in (node.attr("squeeze_dims") or [])}
+    if not dims:
+        dims = {i for i, d in enumerate(src) if d == 1}
+    kept = [i for i in range(len(src)) if i not in dims]
+    a = at.axis if at.io == "in" else kept[at.axis]
+    if a in dims:
+        raise Blocked(f"squeezes axis {a}")
+    return [In(0, a, at.imap), Out(0, kept.index(a), at.imap)]
+
+
+@channel_rule("ExpandDims")
+def _expand_dims(ctx, node, at):
+    _data_port(node, at)
+    rank = len(ctx.out_shape(node))
+    d = int(ctx.const(node, 1)) % rank
+    if at.io == "in":
+        a = at.axis
+    elif at.axis == d:
+        raise _not_channel(node, at)
+    else:
+        a = at.axis if at.axis < d else at.axis - 1
+    return [In(0, a, at.imap), Out(0, a if a < d else a + 1, at.imap)]
+
+
+@channel_rule("Softmax", "LogSoftmax")
+def _softmax(ctx, node, at):
+    """Pass-through; over the channel axis it renormalizes (right for subset, inexact for pruning)."""
+    if at.axis == len(ctx.out_shape(node)) - 1:
+        ctx.renormalizes(node)
+    return [In(0, at.axis, at.imap), Out(0, at.axis, at.imap)]
+
+
+def _slice_elements(ctx, ss: Node, rank: int) -> list[int] | None:
+    """Elements of a rank-``rank`` shape vector a constant 1-D StridedSlice reads (None if unknown)."""
+    try:
+        b, e, s = (int(np.atleast_1d(ctx.const(ss, p))[0]) for p in (1, 2, 3))
+    except Blocked:
+        return None
+    if ss.attr("ellipsis_mask", 0) or ss.attr("new_axis_mask", 0):
+        return None
+    idx = np.arange(rank)
+    if ss.attr("shrink_axis_mask", 0) & 1:
+        return [int(idx[b])] if -rank <= b < rank else None
+    return idx[slice(None if ss.attr("begin_mask", 0) & 1 else b, None if ss.attr("end_mask", 0) & 1 else e, s)].tolist()
+
+
+@channel_rule("Shape", "ShapeN")
+def _shape(ctx, node, at):
+    """Reading a group tensor's shape is fine when only other dims are used (Keras Flatten reads the
+    batch size); anything reading the channel count would silently keep the old count: block."""
+    t = node.output(at.port if node.op == "ShapeN" else 0)
+    rank = len(ctx.in_shape(node, at.port))
+    if ctx.graph.is_output(t):
+        raise Blocked("the shape of a group tensor is a signature output")
+    for user, port in ctx.graph.consumers(t):
+        elems = _slice_elements(ctx, user, rank) if user.op == "StridedSlice" and port == 0 else None
+        if elems is None or at.axis in elems:
+            raise Blocked(f"the shape of a group tensor is read by {user.name} ({user.op}), which may use "
+                          f"the length of axis {at.axis}")
+    return []
+
+
+@channel_rule("Rank")
+def _rank(ctx, node, at):
+    return []
+
+
+@channel_rule("StridedSlice")
+def _strided_slice(ctx, node, at):
+    """Pass-through when the slice takes the whole channel axis (axis renumbered for shrunk axes)."""
+    _data_port(node, at)
+    if node.attr("ellipsis_mask", 0) or node.attr("new_axis_mask", 0):
+        raise Blocked("StridedSlice with an ellipsis or new-axis mask")
+    src = ctx.in_shape(node, 0)
+    begin, end, strides = (np.atleast_1d(ctx.const(node, p)).astype(int) for p in (1, 2, 3))
+    shrink = node.attr("shrink_axis_mask", 0)
+    kept = [i for i in range(len(src)) if not (i < len(begin) and shrink >> i & 1)]
+    a = at.axis if at.io == "in" else kept[at.axis]
+    if a < len(begin):
+        full_begin = node.attr("begin_mask", 0) >> a & 1 or begin[a] == 0
+        full_end = node.attr("end_mask", 0) >> a & 1 or (src[a] is not None and end[a] >= src[a])
+        if shrink >> a & 1 or strides[a] != 1 or not (full_begin and full_end):
+            raise Blocked(f"slices axis {a} (the channel axis)")
+    return [In(0, a, at.imap), Out(0, kept.index(a), at.imap)]
+
+
+@channel_rule("Slice")
+def _slice(ctx, node, at):
+    _data_port(node, at)
+    begin, size = (np.atleast_1d(ctx.const(node, p)).astype(int) for p in (1, 2))
+    if begin[at.axis] != 0 or size[at.axis] != -1:
+        raise Blocked(f"slices axis {at.axis} (the channel axis)")
+    return [In(0, at.axis, at.imap), Out(0, at.axis, at.imap)]
+
+
+@channel_rule("GatherV2")
+def _gather(ctx, node, at):
+    """Gathering along another axis passes the channels on; along the channel axis it blocks."""
+    _data_port(node, at)
+    if node.attr("batch_dims", 0):
+        raise Blocked("GatherV2 with batch_dims")
+    rank = len(ctx.in_shape(node, 0))
+    gax = int(ctx.const(node, 2)) % rank
+    nidx = len(ctx.in_shape(node, 1))
+    if at.io == "in":
+        a = at.axis
+    elif gax <= at.axis < gax + nidx:
+        raise _not_channel(node, at)
+    else:
+        a = at.axis if at.axis < gax else at.axis - nidx + 1
+    if a == gax:
+        raise Blocked(f"gathers along axis {a} (the channel axis)")
+    return [In(0, a, at.imap), Out(0, a if a < gax else a + nidx - 1, at.imap)]

@@ -1,0 +1,780 @@
+"""The ``graphslim`` command line: ``optimize``, ``inspect``, ``passes`` and ``verify``.
+
+All user-facing output of graphslim comes from here (and the data helpers in graphslim.report):
+results on stdout, progress, warnings and errors on stderr. Errors graphslim raises for bad input
+(:class:`~graphslim.errors.GraphslimError`) print as ``error: <message>`` without a traceback and
+exit 2; an unexpected exception is an internal error (exit 3; ``GRAPHSLIM_DEBUG=1`` shows the
+traceback); Ctrl-C exits 130.
+
+Example::
+
+    graphslim optimize model/ -o model_small/ --passes "fold-batchnorm,dce" --report report.json
+    graphslim verify model/ model_small/ -n 16 --atol 1e-4
+    graphslim inspect model_small/
+    graphslim passes
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
+
+import collections
+import importlib
+import json
+import logging
+import re
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+import graphslim
+from graphslim import report as _report
+from graphslim.errors import EmitError, GraphslimError, LoadError
+from graphslim.pipeline import PassInstrument  # pure Python: importing it loads no TensorFlow
+
+__all__ = ["cli", "main"]
+
+_SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+_FORMATS_HINT = "a SavedModel directory (holding saved_model.pb and variables/) or a frozen GraphDef .pb"
+
+
+# ---------------------------------------------------------------------------------- error handling
+def _debug() -> bool:
+    return os.environ.get("GRAPHSLIM_DEBUG", "").strip() not in ("", "0", "false", "no")
+
+
+def _paragraph(exc: BaseException) -> str:
+    text = re.sub(r"\s*\n\s*", " ", str(exc).strip())
+    return text or type(exc).__name__
+
+
+class _Group(click.Group):
+    """A click group that turns exceptions into clean messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except GraphslimError as exc:
+            if _debug():
+                traceback.print_exc()
+            click.echo(f"error: {_paragraph(exc)}", err=True)
+            ctx.exit(getattr(exc, "exit_code", 2))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:
+            if _debug():
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {_paragraph(exc)} (set GRAPHSLIM_DEBUG=1 "
+                       "for the traceback; please report it)", err=True)
+            ctx.exit(3)
+
+
+def _quiet_libraries() -> None:
+    """Keep TensorFlow's and absl's Python logging and warnings out of the output."""
+    for name in ("tensorflow", "absl", "keras", "h5py"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"^(tensorflow|tf_keras|keras|absl|google|h5py)(\.|$)")
+
+
+# ---------------------------------------------------------------------------------- consoles
+def _console(stream) -> Console:
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    # Not a terminal (a pipe, a log file): wide lines instead of wrapped table cells.
+    width = None if tty or "COLUMNS" in os.environ else 160
+    return Console(file=stream, markup=False, highlight=False, emoji=False, width=width,
+                   soft_wrap=False)
+
+
+class _App:
+    """Per-invocation state: the -q flag and the stdout / stderr consoles."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.out = _console(sys.stdout)
+        self.err = _console(sys.stderr)
+
+    def warn(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(f"warning: {message}", err=True)
+
+    def steps(self) -> "_Steps":
+        return _Steps(self.err, enabled=not self.quiet)
+
+
+class _Steps:
+    """Progress on stderr: on a terminal, a spinner with the current step and a line per finished
+    step; elsewhere (a pipe, a log) one plain line as each step starts, no animation."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.console = console
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal
+        self._status = None
+        self._text: str | None = None
+        self._start = 0.0
+
+    def __enter__(self) -> "_Steps":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.fail()
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def start(self, text: str) -> None:
+        self.finish()
+        self._text, self._start = text, time.perf_counter()
+        if not self.enabled:
+            return
+        if not self.live:
+            self.console.print(f"{text} ...")
+        elif self._status is None:
+            self._status = self.console.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def finish(self, note: str = "") -> None:
+        if self._text is not None and self.live:
+            elapsed = time.perf_counter() - self._start
+            self.console.print(f"done  {self._text} ({elapsed:.2f}s{note})", style="green")
+        self._text = None
+
+    def fail(self) -> None:
+        if self._text is not None and self.live:
+            self.console.print(f"FAILED  {self._text}", style="red")
+        self._text = None
+
+
+class _ProgressInstrument(PassInstrument):
+    """Shows each pass by its text on the progress display as the pipeline runs."""
+
+    def __init__(self, steps: _Steps) -> None:
+        self.steps = steps
+        self.index, self.total = 0, 0
+
+    def run_before_pipeline(self, pipeline, graph) -> None:
+        self.index, self.total = 0, len(pipeline)
+
+    def run_before_pass(self, spec, graph) -> None:
+        self.index += 1
+        self.steps.start(f"pass {self.index}/{self.total}: {spec}")
+
+    def run_after_pass(self, spec, graph, result, seconds) -> None:
+        self.steps.finish(", changed" if result.changed else ", unchanged")
+
+    def run_on_error(self, spec, graph, exc) -> None:
+        self.steps.fail()
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _tags(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _model_dir(path: Path) -> Path:
+    """The directory of a SavedModel given as its folder or its saved_model.pb; else ``path``."""
+    return path.parent if path.is_file() and path.name in _SAVED_MODEL_FILES else path
+
+
+def _load_plugins(plugins) -> list[str]:
+    from graphslim.pipeline import load_entry_point_plugins, load_plugin
+
+    for plugin in plugins:
+        load_plugin(plugin)
+    return list(plugins) + load_entry_point_plugins()
+
+
+def _check_output_paths(model: Path, out: Path, force: bool, report_path: Path | None) -> None:
+    src, dst = _model_dir(model).resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        raise EmitError(f"-o {out} is the input model or inside it; write the optimized model somewhere "
+                        "else (the input is never modified)")
+    if dst in src.parents:
+        raise EmitError(f"the input model {model} is inside -o {out}; replacing {out} would delete the "
+                        "input; write the optimized model somewhere else")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise EmitError(f"the output {out} exists; pass --force to replace it, or choose another -o")
+    if report_path is not None:
+        if report_path.is_dir():
+            raise GraphslimError(f"--report {report_path} is a directory; give a file name like "
+                                 "report.json")
+        parent = report_path.parent
+        if not parent.is_dir():
+            raise GraphslimError(f"cannot write the report {report_path}: the directory {parent} does "
+                                 "not exist")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise GraphslimError(f"cannot write the report {path}: {exc.strerror or exc} (the model itself "
+                             "was written)") from exc
+
+
+def _table(title: str | None = None) -> Table:
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                 pad_edge=False)
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+# ---------------------------------------------------------------------------------- the group
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(graphslim.__version__, "--version", prog_name="graphslim",
+                      message="%(prog)s %(version)s")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress, warnings or summary tables; only results and errors.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool) -> None:
+    """graphslim: shape-changing rewrites of TensorFlow SavedModels.
+
+    Load a model, run a pipeline of passes (subset, prune, fold-batchnorm, dce, ...) and write a
+    smaller SavedModel; inspect models; compare two models numerically.
+    """
+    _quiet_libraries()
+    ctx.obj = _App(quiet)
+
+
+# ---------------------------------------------------------------------------------- optimize
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Directory to write the optimized SavedModel to (must not exist, unless --force).")
+@click.option("--passes", metavar="PIPELINE", default=None,
+              help='Pipeline text, e.g. "fold-batchnorm,prune{ratio=0.5},dce". Empty: round trip.')
+@click.option("--config", type=click.Path(path_type=Path), metavar="FILE.toml", default=None,
+              help="Pipeline as a TOML file ([[pass]] tables or pipeline = \"...\").")
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE_OR_FILE",
+              help="Import a module or .py file that registers passes (repeatable).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), metavar="R.json",
+              default=None, help="Write a JSON report (passes, timings, params/MACs, per layer).")
+@click.option("--signature", default="serving_default", show_default=True,
+              help="Signature to load and keep.")
+@click.option("--tags", default="serve", show_default=True,
+              help="Comma-separated tag set of the MetaGraphDef to load.")
+@click.option("--no-verify", is_flag=True, help="Skip verifying the graph after every pass.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.pass_obj
+def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path | None, plugins,
+             report_path: Path | None, signature: str, tags: str, no_verify: bool,
+             force: bool) -> None:
+    """Load MODEL, run the pipeline over it and write the result to -o OUT.
+
+    MODEL is a SavedModel directory or a frozen GraphDef .pb. Without --passes or --config the
+    model is written back unchanged (a round trip through graphslim's IR).
+    """
+    if passes is not None and config is not None:
+        raise click.UsageError("--passes and --config cannot be used together: give the pipeline "
+                               "either as text or as a TOML file")
+    _check_output_paths(model, out, force, report_path)
+    verify = not no_verify
+    tag_set = _tags(tags)
+    with app.steps() as steps:
+        steps.start("loading passes")  # the built-in passes import TensorFlow: a few seconds
+        loaded_plugins = _load_plugins(plugins)
+        from graphslim.pipeline import PassManager, load_pipeline_config, parse_pipeline
+
+        pipeline = load_pipeline_config(config) if config is not None else parse_pipeline(passes or "")
+        manager = PassManager(pipeline, verify=verify, instruments=[_ProgressInstrument(steps)])
+
+        steps.start(f"loading {model}")
+        start = time.perf_counter()
+        graph = graphslim.load(model, signature=signature, tags=tag_set)
+        load_seconds = time.perf_counter() - start
+        before = _report.layer_snapshot(graph)
+        size_before = _report.dir_size(_model_dir(model))
+
+        if verify:
+            steps.start("verifying the input graph")
+        else:
+            steps.finish()
+        pipeline_report = manager.run(graph)
+        steps.finish()
+        if not verify:
+            try:  # shapes for the cost table; verification would have re-inferred them
+                graph.infer_shapes()
+            except GraphslimError:
+                pass
+        after = _report.layer_snapshot(graph)
+
+        def make_report(size_after: int | None, save_seconds: float) -> dict:
+            return _report.optimize_report(
+                version=graphslim.__version__, input_path=model, output_path=out,
+                signature=signature, tags=tag_set, pipeline_report=pipeline_report, verify=verify,
+                before=before, after=after, size_before=size_before, size_after=size_after,
+                load_seconds=load_seconds, save_seconds=save_seconds, plugins=loaded_plugins)
+
+        # Build (and serialize) the report once before writing: a report that cannot be made must
+        # fail the run while nothing has been written yet.
+        json.dumps(make_report(None, 0.0), allow_nan=False)
+
+        steps.start(f"writing {out}")
+        start = time.perf_counter()
+        written = graphslim.save(graph, out, force=force)
+        save_seconds = time.perf_counter() - start
+        steps.finish()
+    data = make_report(_report.dir_size(written or out), save_seconds)
+    if report_path is not None:
+        _write_json(report_path, data)
+    if not app.quiet:
+        _print_optimize_summary(app, data, report_path)
+
+
+def _print_optimize_summary(app: _App, data: dict, report_path: Path | None) -> None:
+    console = app.out
+    pipeline = data["pipeline"] or "(empty: round trip)"
+    console.print(f"{data['input']} -> {data['output']}   pipeline: {pipeline}")
+
+    table = _table()
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("ratio", justify="right")
+    for label, key, fmt in (("params", "params", _count), ("MACs", "macs", _count),
+                            ("size on disk", "size_bytes", _report.human_bytes)):
+        row = data[key]
+        table.add_row(label, fmt(row["before"]), fmt(row["after"]),
+                      _report.ratio_text(row["after"], row["before"]))
+    console.print(table)
+
+    if data["passes"]:
+        passes = _table()
+        passes.add_column("#", justify="right")
+        passes.add_column("pass", overflow="fold")
+        passes.add_column("time", justify="right")
+        passes.add_column("changed")
+        passes.add_column("stats", overflow="fold")
+        for i, record in enumerate(data["passes"], start=1):
+            passes.add_row(str(i), record["text"], f"{record['seconds']:.3f}s",
+                           "yes" if record["changed"] else "no",
+                           _report.compact_stats(record["stats"]))
+        console.print()
+        console.print(passes)
+    seconds = data["seconds"]
+    console.print(f"time: load {seconds['load']:.2f}s, passes {seconds['passes']:.2f}s "
+                  f"(+{seconds['input_verify'] or 0.0:.2f}s input check), write {seconds['save']:.2f}s")
+    console.print(f"wrote {data['output']}" + (f", report {report_path}" if report_path else ""))
+
+
+# ---------------------------------------------------------------------------------- inspect
+def _channels_module():
+    try:
+        module = importlib.import_module("graphslim.analysis.channels")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("graphslim.analysis.channels", "graphslim.analysis"):
+            raise GraphslimError("--groups needs the channel-group analysis "
+                                 "(graphslim.analysis.channels), which this graphslim installation "
+                                 "does not have yet; run inspect without --groups") from None
+        raise
+    missing = [f for f in ("channel_groups", "format_groups") if not hasattr(module, f)]
+    if missing:
+        raise GraphslimError(f"--groups needs graphslim.analysis.channels.{' and '.join(missing)}, "
+                             "which this graphslim installation does not provide yet; run inspect "
+                             "without --groups")
+    return module
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--signature", default="serving_default", show_default=True,
+              help="Signature whose graph is analysed (all signatures are listed).")
+@click.option("--tags", default="serve", show_default=True,
+              help="Comma-separated tag set of the MetaGraphDef.")
+@click.option("--groups", is_flag=True, help="Also print the channel-dependency groups.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.pass_obj
+def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_json: bool) -> None:
+    """Show MODEL's signatures, op histogram, params, MACs and layers.
+
+    MODEL is a SavedModel directory or a frozen GraphDef .pb. Nothing is executed.
+    """
+    channels = _channels_module() if groups else None
+    tag_set = _tags(tags)
+    from graphslim.io.loader import describe
+
+    with app.steps() as steps:
+        steps.start(f"loading {model}")
+        graph = graphslim.load(model, signature=signature, tags=tag_set)
+        info = describe(model, tags=tag_set)
+        snapshot = _report.layer_snapshot(graph)
+        groups_text = None
+        if channels is not None:
+            steps.start("analysing channel groups")
+            groups_text = channels.format_groups(channels.channel_groups(graph))
+    ops = collections.Counter(n.op for n in graph.nodes())
+    histogram = dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
+    layers = [{"name": l.name, "op": l.op, "shape": l.shape, "params": l.params, "macs": l.macs}
+              for l in snapshot.layers.values()]
+    signatures = {
+        name: {kind: {key: {"dtype": dtype, "shape": shape} for key, (dtype, shape) in args.items()}
+               for kind, args in sig.items()}
+        for name, sig in info["signatures"].items()}
+    if as_json:
+        data = {"path": str(model), "format": info.get("format"), "tags": info.get("tags"),
+                "tf_version": info.get("tf_version"), "signatures": signatures,
+                "signature": graph.signature_name, "nodes": len(graph), "weights": len(graph.weights),
+                "ops": histogram, "params": snapshot.params, "macs": snapshot.macs, "layers": layers}
+        if groups_text is not None:
+            data["groups"] = groups_text
+        click.echo(json.dumps(_report.jsonable(data), indent=2, allow_nan=False))
+        return
+
+    console = app.out
+    header = f"{model}: {info.get('format')}"
+    if info.get("tags"):
+        header += f", tags {','.join(info['tags'])}"
+    if info.get("tf_version"):
+        header += f", written by TensorFlow {info['tf_version']}"
+    console.print(header)
+
+    sigs = _table("signatures")
+    for column in ("signature", "", "name", "dtype", "shape"):
+        sigs.add_column(column, overflow="fold")
+    for name, sig in signatures.items():
+        label = f"{name} (inspected)" if name == graph.signature_name else name
+        for kind in ("inputs", "outputs"):
+            for key, arg in sig[kind].items():
+                sigs.add_row(label, kind[:-1], key, arg["dtype"], _report.shape_text(arg["shape"]))
+                label = ""
+    console.print(sigs)
+
+    console.print()
+    console.print(f"{len(graph)} nodes, {len(graph.weights)} weights, params {_count(snapshot.params)}, "
+                  f"MACs {_count(snapshot.macs)} per example")
+    hist = _table("ops")
+    hist.add_column("op")
+    hist.add_column("count", justify="right")
+    for op, n in histogram.items():
+        hist.add_row(op, str(n))
+    console.print(hist)
+
+    console.print()
+    table = _table("layers (nodes with params or MACs)")
+    table.add_column("name", overflow="fold")
+    table.add_column("op")
+    table.add_column("output shape")
+    table.add_column("params", justify="right")
+    table.add_column("MACs", justify="right")
+    for layer in layers:
+        table.add_row(layer["name"], layer["op"], _report.shape_text(layer["shape"]),
+                      _count(layer["params"]), _count(layer["macs"]))
+    console.print(table)
+    if groups_text is not None:
+        console.print()
+        console.print("channel groups:")
+        console.print(groups_text)
+
+
+# ---------------------------------------------------------------------------------- passes
+@cli.command("passes")
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE_OR_FILE",
+              help="Import a module or .py file that registers passes (repeatable).")
+def passes_command(plugins) -> None:
+    """List every registered pass with its help and options."""
+    from graphslim.pipeline import BUILTIN_PASS_PACKAGE, registered_passes
+
+    _load_plugins(plugins)
+    lines = []
+    for name, info in registered_passes().items():
+        module = getattr(info.fn, "__module__", "") or ""
+        origin = "" if module.startswith(BUILTIN_PASS_PACKAGE + ".") else f"  [from {module}]"
+        lines.append(f"{name}{origin}")
+        lines.append(f"    {info.help or '(no description)'}")
+        if info.options:
+            lines.append("    options:")
+            lines.extend(f"      {opt.describe()}" for opt in info.options)
+        else:
+            lines.append("    options: none")
+        lines.append("")
+    if not lines:
+        lines = ["no passes are registered"]
+    click.echo("\n".join(lines).rstrip("\n"))
+
+
+# ---------------------------------------------------------------------------------- verify
+def _saved_model_path(path: Path) -> Path:
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or directory. verify compares two SavedModel "
+                        "directories (the folders holding saved_model.pb and variables/).")
+    if path.is_file():
+        if path.name in _SAVED_MODEL_FILES:
+            return path.parent
+        raise LoadError(f"{path} is a file, not a SavedModel directory; verify runs SavedModels only. "
+                        f"A frozen GraphDef can be converted first: graphslim optimize {path} -o DIR")
+    if not any((path / f).exists() for f in _SAVED_MODEL_FILES):
+        raise LoadError(f"{path}: not a SavedModel directory: it has no saved_model.pb. verify "
+                        "compares two SavedModel directories.")
+    return path
+
+
+def _tf_load(tf, path: Path, label: str):
+    try:
+        return tf.saved_model.load(str(path))
+    except Exception as exc:  # TensorFlow raises many types for unreadable models
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise LoadError(f"{label} {path}: tf.saved_model.load cannot load it ({type(exc).__name__}: "
+                        f"{message}). graphslim optimize can still read many such models; verify "
+                        "compares what TensorFlow itself runs.") from exc
+
+
+def _signature(loaded, path: Path, name: str):
+    signatures = getattr(loaded, "signatures", {}) or {}
+    if name not in signatures:
+        available = ", ".join(f"'{n}'" for n in sorted(signatures)) or "none"
+        raise LoadError(f"{path}: no signature named '{name}'; it has {available}. Pass one of those "
+                        "with --signature.")
+    fn = signatures[name]
+    args, kwargs = fn.structured_input_signature
+    specs = dict(kwargs)
+    for i, spec in enumerate(args):
+        specs.setdefault(getattr(spec, "name", None) or f"arg_{i}", spec)
+    return fn, specs
+
+
+def _random_input(app: _App, rng, name: str, spec, batch: int):
+    import numpy as np
+
+    dims = spec.shape.as_list() if spec.shape.rank is not None else None
+    if dims is None:
+        app.warn(f"input '{name}' has unknown rank; using shape [{batch}]")
+        dims = [None]
+    shape = []
+    for axis, dim in enumerate(dims):
+        if dim is None:
+            if axis == 0:
+                dim = batch
+            else:
+                app.warn(f"input '{name}' has unknown dimension {axis}; using 1")
+                dim = 1
+        shape.append(dim)
+    dtype = spec.dtype
+    if dtype.is_floating:
+        return rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
+    if dtype.is_bool:
+        return rng.random(shape) < 0.5
+    if dtype.is_integer:
+        return rng.integers(0, 10, size=shape).astype(dtype.as_numpy_dtype)
+    raise GraphslimError(f"cannot make random values for input '{name}' of type {dtype.name}; give "
+                         "the inputs with --inputs data.npz")
+
+
+def _read_inputs(path: Path, specs: dict) -> dict:
+    import numpy as np
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise GraphslimError(f"--inputs {path}: no such file") from None
+    except Exception as exc:
+        raise GraphslimError(f"--inputs {path}: cannot read it as a .npz file ({exc})") from exc
+    with data:
+        keys = list(data.keys())
+        values = {}
+        for name in specs:
+            for key in (name, f"input:{name}"):
+                if key in keys:
+                    values[name] = data[key]
+                    break
+            else:
+                raise GraphslimError(f"--inputs {path} has no array for input '{name}'; it has "
+                                     f"{', '.join(repr(k) for k in keys) or 'nothing'}. Key the "
+                                     f"arrays by the signature's input names: "
+                                     f"{', '.join(sorted(specs))}")
+    return values
+
+
+def _call(tf, fn, specs: dict, inputs: dict, label: str) -> dict:
+    import numpy as np
+
+    feed = {}
+    for name, spec in specs.items():
+        value = np.asarray(inputs[name])
+        if not spec.shape.is_compatible_with(value.shape):
+            expected = spec.shape.as_list() if spec.shape.rank is not None else None
+            raise GraphslimError(f"input '{name}' has shape {list(value.shape)} but {label} expects "
+                                 f"{_report.shape_text(expected)}")
+        if value.dtype != spec.dtype.as_numpy_dtype:
+            value = value.astype(spec.dtype.as_numpy_dtype)
+        feed[name] = tf.constant(value, dtype=spec.dtype)
+    try:
+        outputs = fn(**feed)
+    except Exception as exc:
+        raise GraphslimError(f"running {label} on the inputs failed: {type(exc).__name__}: "
+                             f"{_paragraph(exc)[:500]}") from exc
+    if not isinstance(outputs, dict):
+        outputs = {"output_0": outputs}
+    return {name: np.asarray(t.numpy() if hasattr(t, "numpy") else t) for name, t in outputs.items()}
+
+
+def _compare(name: str, a, b, rtol: float, atol: float) -> dict:
+    import numpy as np
+
+    row = {"name": name,
+           "shape_a": None if a is None else list(a.shape),
+           "shape_b": None if b is None else list(b.shape),
+           "dtype_a": None if a is None else str(a.dtype),
+           "dtype_b": None if b is None else str(b.dtype),
+           "compared": False, "ok": None, "max_abs_error": None, "max_rel_error": None,
+           "top1_agreement": None}
+    if a is None or b is None:
+        row["status"] = "only in B" if a is None else "only in A"
+        return row
+    if a.shape != b.shape:
+        row["status"] = "shape differs"
+        return row
+    row["compared"] = True
+    numeric = all(np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_ for x in (a, b))
+    if not numeric:
+        row["ok"] = bool(np.array_equal(a, b))
+    else:
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        diff = np.abs(a64 - b64)
+        if diff.size:
+            row["max_abs_error"] = float(np.max(diff))
+            ref = np.abs(a64)
+            nonzero = ref > 0
+            rel = diff[nonzero] / ref[nonzero]
+            row["max_rel_error"] = float(np.max(rel)) if rel.size else (
+                0.0 if row["max_abs_error"] == 0 else float("inf"))
+        else:
+            row["max_abs_error"] = row["max_rel_error"] = 0.0
+        row["ok"] = bool(np.allclose(b64, a64, rtol=rtol, atol=atol, equal_nan=True))
+        if a.ndim >= 2 and a.shape[-1] > 1 and a.size:
+            row["top1_agreement"] = float(np.mean(np.argmax(a64, axis=-1) == np.argmax(b64, axis=-1)))
+    row["status"] = "ok" if row["ok"] else "MISMATCH"
+    return row
+
+
+def _err_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+@cli.command()
+@click.argument("model_a", metavar="A", type=click.Path(path_type=Path))
+@click.argument("model_b", metavar="B", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), metavar="DATA.npz",
+              default=None, help="Inputs as a .npz keyed by signature input name (default: random).")
+@click.option("-n", "batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Batch size of the random inputs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--signature", default="serving_default", show_default=True,
+              help="Signature to call in both models.")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance.")
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.pass_obj
+def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, batch: int, seed: int,
+           signature: str, rtol: float, atol: float, as_json: bool) -> None:
+    """Run SavedModels A and B on the same inputs and compare their outputs.
+
+    This executes both models (with tf.saved_model.load). For every output: shapes, max abs and
+    rel error, top-1 agreement. Outputs only one model has, or whose shapes differ, are listed but
+    not compared. Exit status 1 when a compared output is not within tolerance
+    (|B - A| <= atol + rtol * |A|) or nothing could be compared, else 0.
+    """
+    import numpy as np
+
+    path_a, path_b = _saved_model_path(model_a), _saved_model_path(model_b)
+    if inputs_path is not None and not inputs_path.is_file():
+        raise GraphslimError(f"--inputs {inputs_path}: no such file")
+    with app.steps() as steps:
+        steps.start(f"loading A {model_a}")
+        import tensorflow as tf
+
+        loaded_a = _tf_load(tf, path_a, "A")
+        fn_a, specs_a = _signature(loaded_a, path_a, signature)
+        steps.start(f"loading B {model_b}")
+        loaded_b = _tf_load(tf, path_b, "B")
+        fn_b, specs_b = _signature(loaded_b, path_b, signature)
+        specs = {**specs_b, **specs_a}
+        if inputs_path is not None:
+            inputs = _read_inputs(inputs_path, specs)
+            source = str(inputs_path)
+        else:
+            rng = np.random.default_rng(seed)
+            inputs = {name: _random_input(app, rng, name, specs[name], batch) for name in sorted(specs)}
+            source = f"random (seed {seed}, batch {batch})"
+        steps.start("running A")
+        out_a = _call(tf, fn_a, specs_a, inputs, f"A ({model_a})")
+        steps.start("running B")
+        out_b = _call(tf, fn_b, specs_b, inputs, f"B ({model_b})")
+    names = list(out_a) + [n for n in sorted(out_b) if n not in out_a]
+    rows = [_compare(n, out_a.get(n), out_b.get(n), rtol, atol) for n in names]
+    compared = [r for r in rows if r["compared"]]
+    ok = bool(compared) and all(r["ok"] for r in compared)
+
+    if as_json:
+        data = {"a": str(model_a), "b": str(model_b), "signature": signature, "inputs": source,
+                "input_shapes": {k: list(np.shape(v)) for k, v in inputs.items()},
+                "rtol": rtol, "atol": atol, "outputs": rows, "compared": len(compared), "ok": ok}
+        click.echo(json.dumps(_report.jsonable(data), indent=2, allow_nan=False))
+    else:
+        console = app.out
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in inputs.items())
+        console.print(f"A: {model_a}\nB: {model_b}\nsignature {signature}, inputs {source}: {shapes}")
+        table = _table()
+        for column, justify in (("output", "left"), ("shape A", "left"), ("shape B", "left"),
+                                ("max abs err", "right"), ("max rel err", "right"),
+                                ("top-1 agree", "right"), ("result", "left")):
+            table.add_column(column, justify=justify, overflow="fold")
+        for r in rows:
+            top1 = "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.1f}%"
+            style = {"ok": "green", "MISMATCH": "red"}.get(r["status"], "yellow")
+            shape_a = "-" if r["shape_a"] is None else _report.shape_text(r["shape_a"])
+            shape_b = "-" if r["shape_b"] is None else _report.shape_text(r["shape_b"])
+            table.add_row(r["name"], shape_a, shape_b,
+                          _err_text(r["max_abs_error"]), _err_text(r["max_rel_error"]), top1,
+                          r["status"], style=style)
+        console.print(table)
+        if not compared:
+            verdict = "FAIL: no output could be compared (no output has the same name and shape in both)"
+        elif ok:
+            verdict = f"OK: {len(compared)} output(s) within rtol={rtol:g} atol={atol:g}"
+        else:
+            bad = [r["name"] for r in compared if not r["ok"]]
+            verdict = f"FAIL: {', '.join(bad)} not within rtol={rtol:g} atol={atol:g}"
+        console.print(verdict)
+    if not ok:
+        raise click.exceptions.Exit(1)
+
+
+# ---------------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``graphslim = graphslim.cli:main``)."""
+    try:
+        cli.main(args=argv, prog_name="graphslim")
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
