@@ -14,9 +14,12 @@ The analysis walks the graph in both directions from a seed (tensor, axis). What
 axis is a *rule* in a registry (``@channel_rule("Conv2D")``): given the (port, axis, index map) at which
 the walk reaches the op, it returns the other ports and axes the channels continue to. An op without a
 rule, or a rule that cannot carry the axis (a Split on the channel axis, a Reshape that splits it...),
-*blocks* the group with a reason; nothing is guessed. The same groups serve ``subset`` (seed: an
-output's class axis, keep an explicit list) and ``prune`` (seed: every conv/matmul output, keep the
-important channels).
+*blocks* the group with a reason; nothing is guessed. A map may be partial (the group seeded on one
+Concat input knows only its own positions of the Concat output); maps reaching the same (tensor, axis)
+by different paths merge, and a contradiction (one position claimed by two channels) blocks as an
+"inconsistent channel mapping". The same groups serve ``subset`` (seed: an output's class axis, keep an
+explicit list) and ``prune`` (seed: every conv/matmul output, keep the important channels; all groups
+in one :func:`apply_keeps`).
 
 Example::
 
@@ -41,8 +44,9 @@ from graphslim.analysis.constants import constant_value
 from graphslim.errors import PassError
 from graphslim.ir.graph import WEIGHT_OP, Graph, Node, Tensor, as_tensor
 
-__all__ = ["ChannelError", "Blocked", "IndexMap", "Link", "Member", "Blocker", "ChannelGroup",
-           "CHANNEL_RULES", "channel_rule", "group_for", "channel_groups", "apply_keep", "format_groups"]
+__all__ = ["ChannelError", "Blocked", "IndexMap", "Link", "In", "Out", "Member", "Blocker", "ChannelGroup",
+           "CHANNEL_RULES", "channel_rule", "group_for", "channel_groups", "apply_keep", "apply_keeps",
+           "combined_positions", "format_groups"]
 
 
 class ChannelError(PassError):
@@ -133,35 +137,47 @@ class IndexMap:
         ValueError when the order cannot be realized on this axis (e.g. it would move a channel from
         one Concat input into another's range).
         """
-        keep = np.asarray(keep, dtype=np.int64)
-        rows = self.rows
+        return combined_positions(dim, [(self, keep)])
+
+
+def combined_positions(dim: int, parts: Sequence[tuple]) -> np.ndarray:
+    """Old positions, in new order, along an axis of length ``dim`` shared by several groups: ``parts``
+    is a list of ``(IndexMap, keep)``, one per group, owning disjoint positions (e.g. the branches of a
+    Concat). Positions no group owns stay in place. See :meth:`IndexMap.positions`."""
+    owner = np.full(dim, -1, dtype=np.int64)  # part index
+    chan = np.full(dim, -1, dtype=np.int64)
+    sub = np.zeros(dim, dtype=np.int64)
+    kept = np.ones(dim, dtype=bool)
+    for i, (imap, keep) in enumerate(parts):
+        rows = imap.rows
         valid = rows >= 0
-        owner = np.full(dim, -1, dtype=np.int64)
-        sub = np.zeros(dim, dtype=np.int64)
+        pos = rows[valid]
+        if (owner[pos] >= 0).any():
+            raise ValueError("two groups own the same position on this axis")
         c_idx, j_idx = np.nonzero(valid)
-        owner[rows[valid]] = c_idx
-        sub[rows[valid]] = j_idx
-        kept = np.zeros(self.size + 1, dtype=bool)  # index -1 (no owner) → last slot, kept
-        kept[keep] = True
-        kept[-1] = True
-        out = np.arange(dim)[kept[owner]]
+        owner[pos], chan[pos], sub[pos] = i, c_idx, j_idx
+        keep_mask = np.zeros(imap.size, dtype=bool)
+        keep_mask[np.asarray(keep, dtype=np.int64)] = True
+        kept[pos] = keep_mask[c_idx]
+    out = np.arange(dim)[kept]
+    for i, (imap, keep) in enumerate(parts):
+        keep = np.asarray(keep, dtype=np.int64)
         skeep = np.sort(keep)
         if np.array_equal(skeep, keep):
-            return out
-        present = self.present
+            continue
+        present = imap.present
         bad = np.nonzero(present[skeep] != present[keep])[0]
         if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"group channel {int(keep[i])} cannot take the place of channel {int(skeep[i])}: "
+            j = int(bad[0])
+            raise ValueError(f"group channel {int(keep[j])} cannot take the place of channel {int(skeep[j])}: "
                              f"only one of them has positions on this axis (e.g. they come from different "
                              f"Concat inputs); keep them in an order that leaves each part's channels together")
-        rank = np.zeros(self.size, dtype=np.int64)
+        rank = np.zeros(imap.size, dtype=np.int64)
         rank[skeep] = np.arange(len(skeep))
-        o = owner[out]
-        m = o >= 0
-        out = out.copy()
-        out[m] = rows[keep[rank[o[m]]], sub[out[m]]]
-        return out
+        mine = owner[out] == i
+        q = out[mine]
+        out[mine] = imap.rows[keep[rank[chan[q]]], sub[q]]
+    return out
 
 
 def _normalize(rows, what: str = "this axis") -> IndexMap:
@@ -212,6 +228,16 @@ def _check_map(imap: IndexMap, dim: int) -> None:
         rel = full - full[:, :1]
         if not (rel == rel[0]).all():
             raise Blocked("irregular channel layout (channels' positions are not translates of each other)")
+
+
+def _merge(a: IndexMap, b: IndexMap) -> IndexMap:
+    """Union of two maps of the same group channels (each channel's positions from both)."""
+    if a.size != b.size:
+        raise Blocked(f"maps of {a.size} and {b.size} channels")
+    both = np.sort(np.concatenate([a.rows, b.rows], axis=1), axis=1)
+    dup = np.zeros_like(both, dtype=bool)
+    dup[:, 1:] = both[:, 1:] == both[:, :-1]
+    return _normalize(np.where(dup, -1, both))
 
 
 def _shift(imap: IndexMap, delta: int) -> IndexMap:
@@ -362,6 +388,7 @@ class ChannelGroup:
     touches_inputs: list = field(default_factory=list)
     renormalized_by: list = field(default_factory=list)
     id: int = 0
+    _keys: frozenset = field(default=frozenset(), repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -402,15 +429,11 @@ class ChannelGroup:
         raise KeyError(f"{name!r} is not a member of channel group {self.name}")
 
     def covers(self, tensor, axis: int) -> bool:
-        t = str(as_tensor(tensor))
-        return any(m.name == t and m.axis == axis for m in self.members if m.kind in ("tensor", "weight", "const"))
+        """Whether axis ``axis`` of ``tensor`` (or some of its positions) belongs to the group."""
+        return (as_tensor(tensor), axis) in self._keys
 
 
 # ----------------------------------------------------------------------------------------- the walk
-def _weight_tensor_name(t: Tensor) -> str:
-    return t.node if t.port == 0 else str(t)
-
-
 class _Walk:
     """Breadth-first closure of one group; rules see it as ``ctx``."""
 
@@ -469,35 +492,46 @@ class _Walk:
         g = self.graph
         node = g.node(t.node)
         key = (t, axis)
-        if key in self.maps:
-            if self.maps[key] != imap:
+        old = self.maps.get(key)
+        if key in self.const_users and via is not None and via not in self.const_users[key]:
+            self.const_users[key].append(via)
+        if old is not None:
+            if old == imap:
+                return
+            # A map may be partial (one Concat input knows only its own channels): maps of the same
+            # (tensor, axis) merge, and the merged map propagates again. Positions claimed by two
+            # channels, or channels of different widths, are a contradiction.
+            try:
+                imap = _merge(old, imap)
+                _check_map(imap, g.shape(t)[axis])
+            except Blocked as exc:
                 self.block(node, f"inconsistent channel mapping at {node.name} (tensor {t}, axis {axis}): "
-                                 f"reached as {self.maps[key]!r} and as {imap!r}")
-            elif via is not None and key in self.const_users and via not in self.const_users[key]:
-                self.const_users[key].append(via)
-            return
-        shape = g.shape(t)
-        if shape is None or not 0 <= axis < len(shape) or shape[axis] is None:
-            self.block(node, f"tensor {t} has no static length on axis {axis} (shape {shape})")
-            return
-        try:
-            _check_map(imap, shape[axis])
-        except Blocked as exc:
-            self.block(node, f"{exc} (tensor {t}, axis {axis})")
-            return
-        self.maps[key] = imap
-        self.order.append(key)
-        self.outputs += [(o.name, axis) for o in g.outputs if o.tensor == t]
-        if node.op == "Const":
-            self.const_users[key] = [via] if via is not None else []
-            return  # constants are cloned per use: never couple their other readers
-        if node.op == "Placeholder":
-            names = [a.name for a in g.inputs if a.tensor == t]
-            if names:
+                                 f"{exc}; reached as {old!r} and as {imap!r}")
+                return
+            if imap == old:
+                return
+        else:
+            shape = g.shape(t)
+            if shape is None or not 0 <= axis < len(shape) or shape[axis] is None:
+                self.block(node, f"tensor {t} has no static length on axis {axis} (shape {shape})")
+                return
+            try:
+                _check_map(imap, shape[axis])
+            except Blocked as exc:
+                self.block(node, f"{exc} (tensor {t}, axis {axis})")
+                return
+            self.order.append(key)
+            self.outputs += [(o.name, axis) for o in g.outputs if o.tensor == t]
+            if node.op == "Placeholder":
+                names = [a.name for a in g.inputs if a.tensor == t]
                 self.inputs += [(n, axis) for n in names]
-            else:
-                self.block(node, "a Placeholder that is not a signature input")
-        elif node.op != WEIGHT_OP:
+                if not names:
+                    self.block(node, "a Placeholder that is not a signature input")
+        self.maps[key] = imap
+        if node.op == "Const":
+            self.const_users.setdefault(key, [via] if via is not None else [])
+            return  # constants are cloned per use: never couple their other readers
+        if node.op not in (WEIGHT_OP, "Placeholder"):
             self._apply(node, Out(t.port, axis, imap))
         for consumer, port in g.consumers(t):
             self._apply(consumer, In(port, axis, imap))
@@ -535,20 +569,22 @@ class _Walk:
             else:
                 m = Member("tensor", str(t), axis, imap, dim)
             members.append(m)
-            index[(node.name if node.op in (WEIGHT_OP, "Const") else str(t), axis)] = m
+            index[(t, axis)] = m
         for (t, axis), roles in self.roles.items():
             role = "source" if "source" in roles else "sink"
-            src = t
-            while g.node(src.node).op == "Identity":  # a kernel read through Identity is still the kernel
-                src = g.input(src.node, 0)
-            for name in {str(t), _weight_tensor_name(src), str(src)}:
-                if (name, axis) in index:
-                    index[(name, axis)].role = index[(name, axis)].role or role
+            while True:  # a kernel read through Identity is still the kernel
+                m = index.get((t, axis))
+                if m is not None and m.role is None:
+                    m.role = role
+                if g.node(t.node).op != "Identity":
+                    break
+                t = g.input(t.node, 0)
         for name, port in self.shape_members.items():
             members.append(Member("reshape", name, port=port))
         return ChannelGroup(seed=seed, size=size, members=members, blockers=list(self.blockers),
                             touches_outputs=list(dict.fromkeys(self.outputs)),
-                            touches_inputs=list(dict.fromkeys(self.inputs)), renormalized_by=list(self.renorm))
+                            touches_inputs=list(dict.fromkeys(self.inputs)), renormalized_by=list(self.renorm),
+                            _keys=frozenset(self.maps))
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -587,13 +623,14 @@ SEED_OPS = {
     "Conv2D": lambda node: _channel_axis(node, 4),
     "Conv2DBackpropInput": lambda node: _channel_axis(node, 4),
     "MatMul": lambda node: 1,
+    "BatchMatMulV2": lambda node: len(node.shapes[0]) - 1,
 }
 
 
 def channel_groups(graph: Graph) -> list[ChannelGroup]:
-    """All groups seeded at the output channels of every Conv2D / MatMul / Conv2DBackpropInput whose
-    kernel is a weight, in graph order, each once (a residual stage is one group). A depthwise conv is
-    no seed: it follows its input. Example::
+    """All groups seeded at the output channels of every Conv2D / MatMul / BatchMatMulV2 /
+    Conv2DBackpropInput whose kernel (input 1) is a weight, in graph order, each once (a residual stage
+    is one group). A depthwise conv is no seed: it follows its input. Example::
 
         for grp in channel_groups(g):
             if grp.prunable:
@@ -643,79 +680,119 @@ def _check_keep(keep, size: int) -> np.ndarray:
 def apply_keep(graph: Graph, group: ChannelGroup, keep: Sequence[int]) -> None:
     """Keep group channels ``keep`` (in that order) in every member of ``group``; mutate ``graph``.
 
-    Weights and Consts are sliced with :meth:`IndexMap.positions` along their axis (weights keep their
-    names), shape vectors of Reshapes are rebuilt from the new static shapes (batch dim −1), then shapes
-    re-infer and every activation member is checked to have its expected new length. Everything is
-    validated before the first edit, and a failure while editing restores the graph, so the graph is
-    never left half-changed. Raises :class:`ChannelError`. Example::
+    Weights and Consts are sliced with :meth:`Member.positions` along their axis (weights keep their
+    names; a Const also read outside the group is cloned), shape vectors of Reshapes are rebuilt from
+    the new static shapes (batch dim −1), then shapes re-infer and every weight and activation member
+    is checked to have its expected new length. Everything is validated before the first edit, and a
+    failure while editing restores the graph: it is never left half-changed. Raises
+    :class:`ChannelError`. Example::
 
         grp = group_for(g, "conv1/kernel", 3)
         apply_keep(g, grp, [0, 2, 5])          # conv1 keeps filters 0, 2, 5; its readers follow
     """
-    if group.blockers:
-        raise ChannelError(f"channel group {group.name} (seed {group.seed[0]} axis {group.seed[1]}) cannot be "
-                           f"changed: blocked at " + "; ".join(str(b) for b in group.blockers))
-    keep = _check_keep(keep, group.size)
-    positions: dict[int, np.ndarray] = {}
-    for i, m in enumerate(group.members):
-        if m.kind == "reshape":
-            if not graph.has_node(m.name):
-                raise ChannelError(f"channel group {group.name} is stale: node {m.name!r} is gone")
-            continue
-        if _current_dim(graph, m) != m.dim:
-            raise ChannelError(f"channel group {group.name} is stale: {m.kind} {m.name!r} axis {m.axis} has length "
-                               f"{_current_dim(graph, m)}, the group was computed for {m.dim}; recompute the group")
+    apply_keeps(graph, [(group, keep)])
+
+
+def apply_keeps(graph: Graph, changes: Sequence[tuple]) -> None:
+    """:func:`apply_keep` for several groups at once: ``changes`` is a list of ``(group, keep)``, all
+    computed on the current graph (one shape inference; groups sharing a member, like the branches of
+    a Concat, are combined on it). This is how ``prune`` changes every group in one step. Example::
+
+        groups = [grp for grp in channel_groups(g) if grp.prunable]
+        apply_keeps(g, [(grp, range(grp.size // 2)) for grp in groups])
+    """
+    entries: dict[tuple, dict] = {}
+    reshapes: dict[str, int] = {}
+    seen: set[int] = set()
+    for group, keep in changes:
+        if id(group) in seen:
+            raise ChannelError(f"channel group {group.name} is given twice")
+        seen.add(id(group))
+        if group.blockers:
+            raise ChannelError(f"channel group {group.name} (seed {group.seed[0]} axis {group.seed[1]}) cannot be "
+                               f"changed: blocked at " + "; ".join(str(b) for b in group.blockers))
+        keep = _check_keep(keep, group.size)
+        for m in group.members:
+            if m.kind == "reshape":
+                if not graph.has_node(m.name):
+                    raise ChannelError(f"channel group {group.name} is stale: node {m.name!r} is gone")
+                reshapes[m.name] = m.port
+                continue
+            cur = _current_dim(graph, m)
+            if cur != m.dim:
+                raise ChannelError(f"channel group {group.name} is stale: {m.kind} {m.name!r} axis {m.axis} has "
+                                   f"length {cur}, the group was computed for {m.dim}; recompute the group")
+            e = entries.setdefault((m.kind, m.name, m.axis), {"member": m, "parts": [], "users": []})
+            e["parts"].append((m.index_map, keep))
+            e["users"] += [u for u in m.users if u not in e["users"]]
+    for (kind, name, axis), e in entries.items():
         try:
-            positions[i] = m.positions(keep)
+            e["positions"] = combined_positions(e["member"].dim, e["parts"])
         except ValueError as exc:
-            raise ChannelError(f"cannot keep {keep.tolist()} in {m.kind} {m.name!r}: {exc}") from None
-    new_len = {(m.name, m.axis): len(positions[i]) for i, m in enumerate(group.members) if m.kind == "tensor"}
+            raise ChannelError(f"cannot apply the keep lists to {kind} {name!r} axis {axis}: {exc}") from None
     undo: list[Callable] = []
+    replaced: list[Tensor] = []  # shape vectors no longer read: removed once all went well
     try:
-        _slice_values(graph, group, positions, undo)
-        for m in group.members_of("reshape"):
-            node = graph.node(m.name)
-            old = node.shapes[0]
-            new = tuple(new_len.get((str(node.output(0)), a), d) for a, d in enumerate(old))
-            _rebuild_shape_input(graph, node, m.port, new, undo)
+        _slice_values(graph, entries, undo)
+        for name, port in reshapes.items():
+            node = graph.node(name)
+            out = str(node.output(0))
+            new = tuple(len(entries[("tensor", out, a)]["positions"]) if ("tensor", out, a) in entries else d
+                        for a, d in enumerate(node.shapes[0]))
+            replaced += _rebuild_shape_input(graph, node, port, new, undo)
         graph.infer_shapes()
-        for i, m in enumerate(group.members):
-            if m.kind in ("tensor", "weight"):
-                got = _current_dim(graph, m)
-                if got is not None and got != len(positions[i]):
-                    raise ChannelError(f"after keeping {len(keep)} channels, {m.kind} {m.name!r} axis {m.axis} has "
-                                       f"length {got}, expected {len(positions[i])}")
+        for (kind, name, axis), e in entries.items():
+            got = _current_dim(graph, e["member"]) if kind in ("tensor", "weight") else None
+            if got is not None and got != len(e["positions"]):
+                raise ChannelError(f"after the change, {kind} {name!r} axis {axis} has length {got}, expected "
+                                   f"{len(e['positions'])}")
     except Exception:
         for fn in reversed(undo):
             fn()
         try:
             graph.infer_shapes()
-        except Exception:  # the original graph inferred before: only a broken input gets here
+        except Exception:  # the graph inferred before: only a broken input gets here
             pass
         raise
+    _remove_orphans(graph, [t.node for t in replaced])
 
 
-def _slice_values(graph: Graph, group: ChannelGroup, positions: dict, undo: list) -> None:
+def _remove_orphans(graph: Graph, names: list) -> None:
+    """Remove nodes nothing reads any more (the old shape vectors: Pack ← StridedSlice ← Shape), and
+    then their inputs that became unread. Weights and Placeholders stay."""
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if not graph.has_node(name):
+            continue
+        node = graph.node(name)
+        if node.op in (WEIGHT_OP, "Placeholder") or graph.consumers(node) or graph.control_consumers(node) \
+                or any(o.tensor.node == name for o in graph.outputs):
+            continue
+        todo += [t.node for t in graph.inputs_of(node)] + graph.control_inputs_of(node)
+        graph.remove_node(name)
+
+
+def _slice_values(graph: Graph, entries: dict, undo: list) -> None:
     by_value: dict[tuple, list] = {}
-    for i, m in enumerate(group.members):
-        if m.kind in ("weight", "const"):
-            by_value.setdefault((m.kind, m.name), []).append((m, positions[i]))
-    for (kind, name), parts in by_value.items():
+    for (kind, name, axis), e in entries.items():
+        if kind in ("weight", "const"):
+            by_value.setdefault((kind, name), []).append(e)
+    for (kind, name), es in by_value.items():
         if kind == "weight":
             old = graph.weight(name).value
             new = old
-            for m, pos in parts:
-                new = np.take(new, pos, axis=m.axis)
+            for e in es:
+                new = np.take(new, e["positions"], axis=e["member"].axis)
             graph.set_weight(name, new)
             undo.append(lambda name=name, old=old: graph.set_weight(name, old))
             continue
         node = graph.node(name)
-        old = node.attr("value")
-        new = old
+        new = node.attr("value")
         users = []
-        for m, pos in parts:
-            new = np.take(new, pos, axis=m.axis)
-            users += [u for u in m.users if u not in users]
+        for e in es:
+            new = np.take(new, e["positions"], axis=e["member"].axis)
+            users += [u for u in e["users"] if u not in users]
         readers = {(c.name, p) for c, p in graph.consumers(node.output(0))}
         if readers <= set(users) and not graph.is_output(node.output(0)):
             old_attr = node.attrs["value"]
@@ -748,10 +825,13 @@ def _check_shape_input(graph: Graph, node: Node, port: int) -> None:
     raise Blocked(f"its shape input {port} ({src.op} {src.name}) cannot be rebuilt for the new channel count")
 
 
-def _rebuild_shape_input(graph: Graph, node: Node, port: int, new_shape: tuple, undo: list) -> None:
+def _rebuild_shape_input(graph: Graph, node: Node, port: int, new_shape: tuple, undo: list) -> list:
+    """Point input ``port`` of ``node`` at a shape vector for ``new_shape``; returns the tensors it no
+    longer reads."""
     old_t = graph.input(node, port)
     src = graph.producer(old_t)
     dtype = graph.dtype(old_t)
+    replaced = []
     if node.op == "Reshape" and sum(d is None for d in new_shape) <= 1:
         vec = np.array([-1 if d is None else d for d in new_shape], dtype=dtype.as_numpy_dtype)
     elif src.op == "Const":
@@ -762,17 +842,19 @@ def _rebuild_shape_input(graph: Graph, node: Node, port: int, new_shape: tuple, 
             if a == b:
                 continue
             elem_t = graph.input(src, i)
-            c = graph.add_node(f"{src.name}/{i}", "Const", attrs={"dtype": graph.dtype(elem_t),
-                                                                   "value": np.array(b, dtype=graph.dtype(elem_t).as_numpy_dtype)},
-                               unique=True)
+            et = graph.dtype(elem_t)
+            c = graph.add_node(f"{src.name}/{i}", "Const", unique=True,
+                               attrs={"dtype": et, "value": np.array(b, dtype=et.as_numpy_dtype)})
             undo.append(lambda n=c.name: graph.remove_node(n, safe=False))
             graph.set_input(src, i, c.output(0))
             undo.append(lambda s=src.name, i=i, t=elem_t: graph.set_input(s, i, t))
-        return
+            replaced.append(elem_t)
+        return replaced
     c = graph.add_node(f"{node.name}/shape", "Const", attrs={"dtype": dtype, "value": vec}, unique=True)
     undo.append(lambda n=c.name: graph.remove_node(n, safe=False))
     graph.set_input(node, port, c.output(0))
     undo.append(lambda: graph.set_input(node, port, old_t))
+    return [old_t]
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -898,6 +980,35 @@ def _matmul(ctx, node, at):
     if side in (("out", 0, 0), ("in", 0, 1 - ka)):
         return [Out(0, 0, m), In(0, 1 - ka, m)]
     raise _not_channel(node, at)
+
+
+@channel_rule("BatchMatMulV2", "BatchMatMulV3", "BatchMatMul")
+def _batch_matmul(ctx, node, at):
+    """x[..., M, K] · y[..., K, N] (adj_x / adj_y transpose the last two axes of x / y); batch axes
+    broadcast and couple like element-wise ops."""
+    rx, ry, ro = len(ctx.in_shape(node, 0)), len(ctx.in_shape(node, 1)), len(ctx.out_shape(node))
+    kx = rx - 2 if node.attr("adj_x", False) else rx - 1
+    ky = ry - 1 if node.attr("adj_y", False) else ry - 2
+    mx, ny = (2 * rx - 3) - kx, (2 * ry - 3) - ky
+    m = at.imap
+    side = (at.io, at.port, at.axis)
+    if side in (("in", 0, kx), ("in", 1, ky)):
+        return [In(0, kx, m), In(1, ky, m, "sink")]
+    if side in (("out", 0, ro - 1), ("in", 1, ny)):
+        return [Out(0, ro - 1, m), In(1, ny, m, "source")]
+    if side in (("out", 0, ro - 2), ("in", 0, mx)):
+        return [Out(0, ro - 2, m), In(0, mx, m)]
+    rank = {0: rx, 1: ry}.get(at.port) if at.io == "in" else ro
+    b = at.axis + ro - rank  # a batch axis, aligned from the end
+    if b < 0 or b >= ro - 2:
+        raise _not_channel(node, at)
+    out = ctx.out_shape(node)
+    links = [Out(0, b, m)]
+    for p, r in ((0, rx), (1, ry)):
+        a = b - (ro - r)
+        if a >= 0 and ctx.in_shape(node, p)[a] == out[b]:
+            links.append(In(p, a, m))
+    return links
 
 
 @channel_rule("Conv2DBackpropInput")
@@ -1128,7 +1239,9 @@ def _slice_elements(ctx, ss: Node, rank: int) -> list[int] | None:
     idx = np.arange(rank)
     if ss.attr("shrink_axis_mask", 0) & 1:
         return [int(idx[b])] if -rank <= b < rank else None
-    return idx[slice(None if ss.attr("begin_mask", 0) & 1 else b, None if ss.attr("end_mask", 0) & 1 else e, s)].tolist()
+    lo = None if ss.attr("begin_mask", 0) & 1 else b
+    hi = None if ss.attr("end_mask", 0) & 1 else e
+    return idx[slice(lo, hi, s)].tolist()
 
 
 @channel_rule("Shape", "ShapeN")
@@ -1150,6 +1263,11 @@ def _shape(ctx, node, at):
 @channel_rule("Rank")
 def _rank(ctx, node, at):
     return []
+
+
+@channel_rule("Size")
+def _size(ctx, node, at):
+    raise Blocked("reads the element count of a group tensor, which changes with the channel count")
 
 
 @channel_rule("StridedSlice")
