@@ -46,7 +46,7 @@ from graphslim.ir.graph import WEIGHT_OP, Graph, Node, Tensor, as_tensor
 
 __all__ = ["ChannelError", "Blocked", "IndexMap", "Link", "In", "Out", "Member", "Blocker", "ChannelGroup",
            "CHANNEL_RULES", "channel_rule", "group_for", "channel_groups", "apply_keep", "apply_keeps",
-           "combined_positions", "format_groups"]
+           "combined_positions", "format_groups", "apply_grow"]
 
 
 class ChannelError(PassError):
@@ -805,6 +805,119 @@ def _slice_values(graph: Graph, entries: dict, undo: list) -> None:
             for user, port in users:
                 graph.set_input(user, port, clone.output(0))
                 undo.append(lambda u=user, p=port, t=node.output(0): graph.set_input(u, p, t))
+
+
+def _grow_layout(imap: IndexMap, dim: int) -> str | None:
+    """How channels sit on an axis that can grow: ``"interleaved"`` (position ``c + C·j``: plain
+    channels, Flatten, the detection reshape) or ``"blocked"`` (``c·k + j``: depthwise multiplier,
+    [N, 4K] per-class boxes); None when the axis is not wholly the group's."""
+    rows = imap.rows
+    size, k = rows.shape
+    if (rows < 0).any() or dim != size * k:
+        return None
+    c, j = np.arange(size)[:, None], np.arange(k)[None, :]
+    if np.array_equal(rows, c + size * j):
+        return "interleaved"
+    if np.array_equal(rows, c * k + j):
+        return "blocked"
+    return None
+
+
+def _grow_value(value: np.ndarray, axis: int, layout: str, size: int, k: int, new: np.ndarray) -> np.ndarray:
+    v = np.moveaxis(value, axis, 0)
+    rest = v.shape[1:]
+    if layout == "interleaved":  # [k, C, ...] → [k, C+n, ...]
+        v = v.reshape(k, size, *rest)
+        v = np.concatenate([v, np.swapaxes(new, 0, 1)], axis=1).reshape(-1, *rest)
+    else:  # [C, k, ...] → [C+n, k, ...]
+        v = np.concatenate([v.reshape(size, k, *rest), new], axis=0).reshape(-1, *rest)
+    return np.ascontiguousarray(np.moveaxis(v, 0, axis))
+
+
+def _channel_blocks(value: np.ndarray, axis: int, layout: str, size: int, k: int) -> np.ndarray:
+    """The existing channels' slices as ``[C, k, ...rest]`` (channel first)."""
+    v = np.moveaxis(value, axis, 0)
+    rest = v.shape[1:]
+    if layout == "interleaved":
+        return np.swapaxes(v.reshape(k, size, *rest), 0, 1)
+    return v.reshape(size, k, *rest)
+
+
+def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable) -> None:
+    """Add ``n`` channels after the group's ``C`` (the inverse of :func:`apply_keep`): every weight and
+    Const member grows along its axis, activations and Reshape targets follow, old channels keep
+    their values exactly. ``init(member, existing)`` gets the member and its existing channels as an
+    array ``[C, k, ...]`` and returns the new ones ``[n, k, ...]``. Only axes the group covers wholly
+    in a regular layout can grow (plain channels, Flatten, detection reshapes, depthwise multipliers);
+    otherwise :class:`ChannelError` names the member. Validated first, undone on failure. Example::
+
+        head = group_for(g, g.outputs[0].tensor, -1)
+        apply_grow(g, head, 2, lambda m, old: np.zeros((2,) + old.shape[1:], old.dtype))
+    """
+    if n < 1:
+        raise ChannelError(f"the number of channels to add must be at least 1, got {n}")
+    if group.blockers:
+        raise ChannelError(f"channel group {group.name} (seed {group.seed[0]} axis {group.seed[1]}) cannot be "
+                           f"changed: blocked at " + "; ".join(str(b) for b in group.blockers))
+    plan, reshapes = [], {}
+    for m in group.members:
+        if m.kind == "reshape":
+            reshapes[m.name] = m.port
+            continue
+        if _current_dim(graph, m) != m.dim:
+            raise ChannelError(f"channel group {group.name} is stale: {m.kind} {m.name!r} changed; recompute it")
+        layout = _grow_layout(m.index_map, m.dim)
+        if layout is None:
+            raise ChannelError(f"cannot add channels to {m.kind} {m.name!r} axis {m.axis}: the group's channels "
+                               f"do not fill that axis in a regular layout (e.g. it is one input of a Concat)")
+        plan.append((m, layout))
+    undo: list[Callable] = []
+    replaced: list[Tensor] = []
+    size = group.size
+    try:
+        for m, layout in plan:
+            if m.kind not in ("weight", "const"):
+                continue
+            k = m.index_map.width
+            old = graph.weight(m.name).value if m.kind == "weight" else graph.node(m.name).attr("value")
+            blocks = _channel_blocks(old, m.axis, layout, size, k)
+            new = np.asarray(init(m, blocks), dtype=old.dtype)
+            if new.shape != (n,) + blocks.shape[1:]:
+                raise ChannelError(f"init for {m.kind} {m.name!r} returned shape {new.shape}, expected "
+                                   f"{(n,) + blocks.shape[1:]}")
+            grown = _grow_value(old, m.axis, layout, size, k, new)
+            if m.kind == "weight":
+                graph.set_weight(m.name, grown)
+                undo.append(lambda name=m.name, old=old: graph.set_weight(name, old))
+            else:
+                node = graph.node(m.name)
+                clone = graph.add_node(f"{m.name}/grown", "Const", unique=True,
+                                       attrs={"dtype": node.attr("dtype"), "value": grown})
+                undo.append(lambda c=clone.name: graph.remove_node(c, safe=False))
+                for user, port in m.users:
+                    graph.set_input(user, port, clone.output(0))
+                    undo.append(lambda u=user, p=port, t=node.output(0): graph.set_input(u, p, t))
+        lengths = {(m.name, m.axis): m.dim // size * (size + n) for m, _ in plan if m.kind == "tensor"}
+        for name, port in reshapes.items():
+            node = graph.node(name)
+            out = str(node.output(0))
+            new_shape = tuple(lengths.get((out, a), d) for a, d in enumerate(node.shapes[0]))
+            replaced += _rebuild_shape_input(graph, node, port, new_shape, undo)
+        graph.infer_shapes()
+        for m, _ in plan:
+            got = _current_dim(graph, m) if m.kind in ("tensor", "weight") else None
+            want = m.dim // size * (size + n)
+            if got is not None and got != want:
+                raise ChannelError(f"after growing, {m.kind} {m.name!r} axis {m.axis} has length {got}, expected {want}")
+    except Exception:
+        for fn in reversed(undo):
+            fn()
+        try:
+            graph.infer_shapes()
+        except Exception:  # noqa: BLE001 - the graph inferred before: only a broken input gets here
+            pass
+        raise
+    _remove_orphans(graph, [t.node for t in replaced])
 
 
 # ----------------------------------------------------------------------------------------- shape inputs

@@ -1,0 +1,213 @@
+"""Class heads: which signature output holds class scores, its labels, and the outputs that carry one
+slice per class (per-class box regression ``[N, K, 4]`` or ``[N, 4K]``). Shared by ``subset`` and
+``extend``.
+
+Example::
+
+    head = find_class_head(g, output=None, background=False, labels_file=None)
+    head.output, head.size, head.labels
+    for pc in per_class_outputs(g, head, ("auto",)): ...
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+from graphslim.analysis.channels import group_for
+from graphslim.errors import PassError
+from graphslim.ir.graph import Graph
+
+SCORE_OPS = ("Softmax", "Sigmoid", "LogSoftmax")
+
+
+@dataclass
+class ClassHead:
+    output: str  # signature output name
+    size: int  # classes on the class axis (including a background class if any)
+    labels: list | None  # one name per class, or None
+    labels_asset: str | None  # asset file the labels came from (rewritten by the pass)
+    background: bool
+
+
+@dataclass
+class PerClassOutput:
+    output: str
+    axis: int
+    width: int  # positions per class on that axis (4 for a flat [N, 4K] box output)
+    offset: int  # 1 when this output has no background class but the head does
+
+
+def _describe_outputs(graph: Graph) -> str:
+    return ", ".join(f"{o.name} {list(graph.shape(o.tensor) or [])}" for o in graph.outputs)
+
+
+def _read_labels(text: bytes, where: str) -> list:
+    try:
+        lines = text.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise PassError(f"labels file {where} is not UTF-8 text with one class name per line.") from None
+    return [ln.strip() for ln in lines if ln.strip()]
+
+
+def _labels(graph: Graph, size: int | None, labels_file: str | None):
+    """(labels, asset name) from ``labels_file`` (a path or an asset name) or the model's assets."""
+    if labels_file:
+        if labels_file in graph.assets:
+            return _read_labels(graph.assets[labels_file], labels_file), labels_file
+        path = Path(labels_file)
+        if not path.is_file():
+            raise PassError(f"labels_file {labels_file!r} is neither a file nor one of the model's assets "
+                            f"({', '.join(sorted(graph.assets)) or 'none'}).")
+        return _read_labels(path.read_bytes(), labels_file), None
+    for name, data in sorted(graph.assets.items()):
+        if "label" in name.lower() or name.endswith(".txt"):
+            labels = _read_labels(data, name)
+            if size is None or len(labels) == size:
+                return labels, name
+    return None, None
+
+
+def find_class_head(graph: Graph, output: str | None, background: bool, labels_file: str | None,
+                    pass_name: str) -> ClassHead:
+    """The output whose last axis is the class axis: ``output=`` if given; else the only output of
+    rank ≥ 2 with more than one position on its last axis, preferring one produced by Softmax /
+    Sigmoid and then one whose class count matches the labels file."""
+    names = [o.name for o in graph.outputs]
+    if output is not None:
+        if output not in names:
+            raise PassError(f"{pass_name}: the signature has no output {output!r}; its outputs are "
+                            f"{_describe_outputs(graph)}.")
+        chosen = output
+    else:
+        cands = [o for o in graph.outputs if (graph.shape(o.tensor) or ()) and len(graph.shape(o.tensor)) >= 2
+                 and (graph.shape(o.tensor)[-1] or 0) > 1]
+        scored = [o for o in cands if graph.producer(o.tensor).op in SCORE_OPS]
+        pool = scored or cands
+        if len(pool) > 1:
+            labels, _ = _labels(graph, None, labels_file)
+            if labels:
+                pool = [o for o in pool if graph.shape(o.tensor)[-1] == len(labels)] or pool
+        if len(pool) != 1:
+            raise PassError(f"{pass_name}: cannot tell which output holds the class scores "
+                            f"({'none has' if not pool else 'several have'} a class axis last): outputs are "
+                            f"{_describe_outputs(graph)}. Pass output=NAME.")
+        chosen = pool[0].name
+    t = next(o.tensor for o in graph.outputs if o.name == chosen)
+    shape = graph.shape(t)
+    if not shape or shape[-1] is None:
+        raise PassError(f"{pass_name}: output {chosen!r} has no static class axis (shape {shape}).")
+    labels, asset = _labels(graph, shape[-1], labels_file)
+    if labels is not None and len(labels) != shape[-1]:
+        raise PassError(f"{pass_name}: the labels file {labels_file or asset} has {len(labels)} names but output "
+                        f"{chosen!r} has {shape[-1]} classes.")
+    return ClassHead(chosen, shape[-1], labels, asset, background)
+
+
+def class_indices(head: ClassHead, keep=(), labels=(), pass_name: str = "subset") -> list[int]:
+    """Validated class indices from ``keep=`` indices or ``labels=`` names (background first if asked)."""
+    if bool(keep) == bool(labels):
+        raise PassError(f"{pass_name}: give the classes either as keep=INDICES or as labels=NAMES (exactly one).")
+    if labels:
+        if head.labels is None:
+            raise PassError(f"{pass_name}: labels= needs a labels file: the model has no labels asset; pass "
+                            f"labels_file=PATH (one class name per line) or use keep=INDICES.")
+        idx = []
+        for name in labels:
+            if name not in head.labels:
+                close = difflib.get_close_matches(name, head.labels, n=3)
+                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise PassError(f"{pass_name}: no class labelled {name!r} in output {head.output!r}.{hint}")
+            idx.append(head.labels.index(name))
+    else:
+        idx = [int(k) for k in keep]
+    bad = [k for k in idx if not 0 <= k < head.size]
+    if bad:
+        raise PassError(f"{pass_name}: class indices {bad} are out of range: output {head.output!r} has classes "
+                        f"0..{head.size - 1}.")
+    dup = sorted({k for k in idx if idx.count(k) > 1})
+    if dup:
+        raise PassError(f"{pass_name}: class indices {dup} are given twice.")
+    if head.background:
+        idx = [0] + [k for k in idx if k != 0]
+    return idx
+
+
+def per_class_outputs(graph: Graph, head: ClassHead, spec: tuple, pass_name: str) -> list[PerClassOutput]:
+    """Outputs with one slice per class besides the head. ``spec``: ``("auto",)`` finds outputs with
+    exactly one axis of length K (or K−1 without the background class, or 4K / 4(K−1) on a last axis
+    of a rank-2 output); ``("none",)`` none; else ``"name:axis"`` entries."""
+    size, bg = head.size, head.background
+    found = []
+    if spec in ((), ("none",)):
+        return found
+    if spec == ("auto",):
+        for o in graph.outputs:
+            if o.name == head.output:
+                continue
+            shape = graph.shape(o.tensor) or ()
+            hits = []
+            for a in range(1, len(shape)):
+                d = shape[a]
+                if d == size:
+                    hits.append(PerClassOutput(o.name, a, 1, 0))
+                elif bg and d == size - 1:
+                    hits.append(PerClassOutput(o.name, a, 1, 1))
+                elif len(shape) == 2 and a == 1 and d == 4 * size:
+                    hits.append(PerClassOutput(o.name, a, 4, 0))
+                elif len(shape) == 2 and a == 1 and bg and d == 4 * (size - 1):
+                    hits.append(PerClassOutput(o.name, a, 4, 1))
+            if len(hits) == 1:
+                found.append(hits[0])
+        return found
+    for entry in spec:
+        name, _, ax = entry.rpartition(":")
+        if not name or not ax.lstrip("-").isdigit():
+            raise PassError(f"{pass_name}: per_class entries look like OUTPUT:AXIS (e.g. class_boxes:1), got {entry!r}.")
+        outs = {o.name: o for o in graph.outputs}
+        if name not in outs:
+            raise PassError(f"{pass_name}: per_class names output {name!r}, but the outputs are {_describe_outputs(graph)}.")
+        shape = graph.shape(outs[name].tensor)
+        a = int(ax) % len(shape)
+        d = shape[a]
+        for width in (1, 4):
+            for offset in ((0, 1) if bg else (0,)):
+                if d == width * (size - offset):
+                    found.append(PerClassOutput(name, a, width, offset))
+                    break
+            else:
+                continue
+            break
+        else:
+            raise PassError(f"{pass_name}: axis {a} of output {name!r} has length {d}, which matches neither "
+                            f"{size} classes nor 4 positions per class.")
+    return found
+
+
+def drop_outputs(graph, names, pass_name: str) -> list:
+    have = [o.name for o in graph.outputs]
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise PassError(f"{pass_name}: drop_outputs names {missing}, but the outputs are {have}.")
+    if set(names) >= set(have):
+        raise PassError(f"{pass_name}: drop_outputs would remove every output; keep at least one.")
+    graph.outputs = [o for o in graph.outputs if o.name not in names]
+    return list(names)
+
+
+def class_group(graph, tensor, axis, where: str, pass_name: str):
+    group = group_for(graph, tensor, axis)
+    if group.blockers:
+        raise PassError(f"{pass_name}: the class axis of {where} cannot be changed: blocked at "
+                        + "; ".join(str(b) for b in group.blockers)
+                        + ". graphslim has no channel rule for that op; remove it from the head, or open an "
+                          "issue naming the op.")
+    if group.touches_inputs:
+        raise PassError(f"{pass_name}: the class axis of {where} reaches signature input "
+                        f"{group.touches_inputs[0][0]!r}; it cannot be changed without changing the input.")
+    return group
+
+
+def output_tensor(graph, name):
+    return next(o.tensor for o in graph.outputs if o.name == name)

@@ -1,0 +1,80 @@
+"""extend: old classes' logits identical; new classes present and trainable."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphslim
+from graphslim.errors import PipelineError
+from graphslim.runtime import run
+from graphslim.testing import fixture_io, fixture_path
+
+
+def logits_tensor(g):
+    node = g.producer(g.outputs[0].tensor)
+    return str(g.input(node, 0)) if node.op == "Softmax" else str(g.outputs[0].tensor)
+
+
+@pytest.mark.parametrize("name", ["vgg_digits", "resnet_digits", "fcn_tiny", "mobilenet_tiny", "tf_module"])
+@pytest.mark.parametrize("init", ["zeros", "normal", "mean"])
+def test_extend_keeps_old_logits(name, init):
+    g = graphslim.load(fixture_path(name))
+    inputs, _ = fixture_io(name)
+    lt = logits_tensor(g)
+    before = run(g, inputs, fetch=[lt])[lt]
+    graphslim.run_pipeline(g, f"extend{{classes=2 init={init}}}")
+    after = run(g, inputs, fetch=[lt])[lt]
+    assert after.shape[-1] == before.shape[-1] + 2
+    np.testing.assert_allclose(after[..., :-2], before, rtol=1e-6, atol=1e-6)
+    if init == "zeros":
+        np.testing.assert_array_equal(after[..., -2:], 0)
+    else:
+        assert np.abs(after[..., -2:]).max() > 0
+
+
+def test_extend_labels_grow_and_fine_tuning_changes_new_columns(tmp_path):
+    g = graphslim.load(fixture_path("vgg_digits"))
+    rep = graphslim.run_pipeline(g, "extend{labels=ten,eleven init=zeros}")
+    assert rep.passes[0]["stats"]["grown_weights"] == ["dense_1/bias", "dense_1/kernel"]
+    out = graphslim.save(g, tmp_path / "out")
+    assert (out / "assets" / "labels.txt").read_text().split()[-3:] == ["nine", "ten", "eleven"]
+    model = tf.saved_model.load(str(out))
+    kernel = next(v for v in model.trainable_variables if v.name.startswith("dense_1/kernel"))
+    before = kernel.numpy().copy()
+    x = tf.constant(fixture_io("vgg_digits")[0]["image"])
+    y = tf.constant([10, 11, 10, 11])
+    with tf.GradientTape() as tape:
+        probs = model.serve(x)["output_0"]
+        loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, probs))
+    grads = tape.gradient(loss, model.trainable_variables)
+    for v, gr in zip(model.trainable_variables, grads):
+        if gr is not None:
+            v.assign_sub(0.5 * gr)
+    after = kernel.numpy()
+    assert after.shape == (32, 12)
+    assert np.abs(after[:, 10:] - before[:, 10:]).max() > 0, "new columns must learn"
+
+
+def test_extend_detection_with_per_class_boxes():
+    g = graphslim.load(fixture_path("ssd_tiny"))
+    inputs, expected = fixture_io("ssd_tiny")
+    scores = next(o.tensor for o in g.outputs if o.name == "class_scores")
+    lt = str(g.input(g.producer(scores), 0))
+    before = run(g, inputs, fetch=[lt])[lt]
+    graphslim.run_pipeline(g, "extend{classes=2 output=class_scores background=true}")
+    got = run(g, inputs)
+    after = run(g, inputs, fetch=[lt])[lt]
+    np.testing.assert_allclose(after[..., :7], before, rtol=1e-6, atol=1e-6)
+    assert got["class_boxes"].shape == (4, 8, 4)
+    np.testing.assert_allclose(got["class_boxes"][:, :6], expected["class_boxes"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["boxes"], expected["boxes"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("pipeline,message", [
+    ("extend{classes=2 labels=a}", "exactly one"),
+    ("extend{labels=three}", r"classes \['three'\] already exist"),
+])
+def test_extend_errors(pipeline, message):
+    g = graphslim.load(fixture_path("vgg_digits"))
+    with pytest.raises(PipelineError, match=message):
+        graphslim.run_pipeline(g, pipeline)

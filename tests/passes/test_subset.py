@@ -1,0 +1,165 @@
+"""subset: kept logits identical to the original's kept logits; softmax renormalized over the kept classes."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphslim
+from graphslim.errors import PipelineError
+from graphslim.ir.graph import Graph, SignatureArg, Tensor
+from graphslim.runtime import run
+from graphslim.testing import digits, fixture_io, fixture_path, run_saved_model
+
+# fixture, options, class-score output
+CLASSIFIERS = [
+    ("vgg_digits", "", "output_0"), ("resnet_digits", "", "output_0"), ("mobilenet_tiny", "", "output_0"),
+    ("inception_tiny", "", "output_0"), ("fcn_tiny", "", "output_0"), ("multi_io", " output=classes", "classes"),
+    ("tf_module", "", "logits"), ("tf1_model", "", "scores"), ("frozen_vgg", "", "Identity"),
+    ("legacy_slots", "", "output_0"),
+]
+
+
+def logits_tensor(g, output):
+    t = next(o.tensor for o in g.outputs if o.name == output)
+    node = g.producer(t)
+    return str(g.input(node, 0)) if node.op == "Softmax" else str(t)
+
+
+def renormalized(p, keep):
+    q = p[..., keep]
+    return q / q.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("name,extra,output", CLASSIFIERS)
+def test_subset_keeps_logits_exactly(name, extra, output):
+    g = graphslim.load(fixture_path(name))
+    inputs, expected = fixture_io(name)
+    n = g.shape(next(o.tensor for o in g.outputs if o.name == output))[-1]
+    keep = [n - 1, 0, n // 2][: min(3, n - 1)]
+    lt = logits_tensor(g, output)
+    before = run(g, inputs, fetch=[lt])[lt]
+    cost0 = g.cost()
+    rep = graphslim.run_pipeline(g, f"subset{{keep={','.join(map(str, keep))}{extra}}}")
+    stats = rep.passes[0]["stats"]
+    after = run(g, inputs)
+    got_logits = run(g, inputs, fetch=[lt])[lt]
+    np.testing.assert_allclose(got_logits, before[..., keep], rtol=1e-6, atol=1e-6)
+    if lt != str(next(o.tensor for o in g.outputs if o.name == output)):  # softmax output
+        np.testing.assert_allclose(after[output], renormalized(expected[output], keep), rtol=1e-5, atol=1e-6)
+    for other in set(expected) - {output}:  # other outputs untouched
+        np.testing.assert_allclose(after[other], expected[other], rtol=1e-5, atol=1e-6)
+    cost1 = g.cost()
+    assert cost1.params < cost0.params and cost1.macs < cost0.macs
+    assert stats["params"] == [cost0.params, cost1.params]
+    assert stats["index_map"] == {k: i for i, k in enumerate(keep)}
+
+
+def test_subset_labels_and_asset(tmp_path):
+    g = graphslim.load(fixture_path("vgg_digits"))
+    rep = graphslim.run_pipeline(g, "subset{labels=seven,two}")
+    assert rep.passes[0]["stats"]["index_map"] == {7: 0, 2: 1}
+    out = graphslim.save(g, tmp_path / "out")
+    assert (out / "assets" / "labels.txt").read_text().split() == ["seven", "two"]
+    inputs, expected = fixture_io("vgg_digits")
+    np.testing.assert_allclose(run_saved_model(out, inputs)["output_0"], renormalized(expected["output_0"], [7, 2]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_subset_detection_head_consistent():
+    g = graphslim.load(fixture_path("ssd_tiny"))
+    inputs, expected = fixture_io("ssd_tiny")
+    lt = logits_tensor(g, "class_scores")
+    before = run(g, inputs, fetch=[lt])[lt]
+    keep = [4, 2]  # background 0 is kept first
+    rep = graphslim.run_pipeline(g, "subset{keep=4,2 background=true output=class_scores}")
+    assert rep.passes[0]["stats"]["sliced_outputs"] == {"class_scores": -1, "class_boxes": 1}
+    got = run(g, inputs)
+    full = [0] + keep
+    np.testing.assert_allclose(run(g, inputs, fetch=[lt])[lt], before[..., full], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["class_scores"], renormalized(expected["class_scores"], full), rtol=1e-5, atol=1e-6)
+    # per-class boxes have no background row: class k is row k-1
+    np.testing.assert_allclose(got["class_boxes"], expected["class_boxes"][:, [k - 1 for k in keep], :], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["boxes"], expected["boxes"], rtol=1e-6, atol=1e-6)
+
+
+def test_subset_drop_outputs_removes_head():
+    g = graphslim.load(fixture_path("ssd_tiny"))
+    n_weights = len(g.weights)
+    graphslim.run_pipeline(g, "subset{keep=1 background=true output=class_scores drop_outputs=boxes,class_boxes}")
+    assert [o.name for o in g.outputs] == ["class_scores"]
+    assert len(g.weights) < n_weights - 2  # box conv and per-class dense are gone with their biases
+
+
+def test_subset_digits_accuracy_not_worse():
+    d = digits()
+    keep = [1, 3, 5, 7, 8]
+    mask = np.isin(d["y_test"], keep)
+    x, y = d["x_test"][mask], d["y_test"][mask]
+    g = graphslim.load(fixture_path("vgg_digits"))
+    orig = run(g, {"image": x})["output_0"].argmax(-1)
+    graphslim.run_pipeline(g, f"subset{{keep={','.join(map(str, keep))}}}")
+    sub = np.array(keep)[run(g, {"image": x})["output_0"].argmax(-1)]
+    acc_orig, acc_sub = float((orig == y).mean()), float((sub == y).mean())
+    assert acc_sub >= acc_orig, (acc_sub, acc_orig)
+
+
+def _blocked_head():
+    g = Graph()
+    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": (None, 4)})
+    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+    k = g.add_weight("head/kernel", np.ones((4, 6), np.float32))
+    mm = g.add_node("head/MatMul", "MatMul", inputs=["x", k], attrs={"T": tf.float32})
+    ax = g.add_node("cum/axis", "Const", attrs={"dtype": tf.int32, "value": np.array(-1, np.int32)})
+    cs = g.add_node("cum", "Cumsum", inputs=[mm, ax], attrs={"T": tf.float32, "Tidx": tf.int32})
+    g.outputs.append(SignatureArg("scores", cs.output(0)))
+    g.infer_shapes()
+    return g
+
+
+def test_op_without_rule_in_class_group_is_named():
+    g = _blocked_head()
+    with pytest.raises(PipelineError, match=r"blocked at cum \(Cumsum\): no channel rule"):
+        graphslim.run_pipeline(g, "subset{keep=1,2}")
+    assert g.weights["head/kernel"].value.shape == (4, 6)  # untouched
+
+
+@pytest.mark.parametrize("pipeline,message", [
+    ("subset{keep=3,10}", r"class indices \[10\] are out of range: output 'output_0' has classes 0..9"),
+    ("subset{labels=seven,sevn}", r"no class labelled 'sevn'.*Did you mean 'seven'"),
+    ("subset{keep=1,1}", r"given twice"),
+    ("subset{keep=1 labels=one}", r"exactly one"),
+    ("subset{keep=1 output=nope}", r"no output 'nope'"),
+])
+def test_bad_class_selection(pipeline, message):
+    g = graphslim.load(fixture_path("vgg_digits"))
+    with pytest.raises(PipelineError, match=message):
+        graphslim.run_pipeline(g, pipeline)
+
+
+@pytest.fixture(scope="module")
+def keras_models(tmp_path_factory):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    out = {}
+    for arch, shape in (("MobileNetV2", (64, 64, 3)), ("ResNet50", (64, 64, 3))):
+        model = getattr(keras.applications, arch)(weights=None, input_shape=shape)
+        path = tmp_path_factory.mktemp("zoo") / arch
+        model.export(str(path), verbose=False)
+        out[arch] = path
+    return out
+
+
+@pytest.mark.parametrize("arch", ["MobileNetV2", "ResNet50"])
+def test_subset_keras_applications(keras_models, arch):
+    g = graphslim.load(keras_models[arch])
+    x = {g.inputs[0].name: np.random.RandomState(0).rand(2, 64, 64, 3).astype("float32")}
+    lt = logits_tensor(g, "output_0")
+    before = run(g, x, fetch=[lt])[lt]
+    keep = [954, 1, 430, 999, 0]
+    cost0 = g.cost()
+    graphslim.run_pipeline(g, "subset{keep=954,1,430,999,0}")
+    np.testing.assert_allclose(run(g, x, fetch=[lt])[lt], before[..., keep], rtol=1e-6, atol=1e-6)
+    cost1 = g.cost()
+    head_in = g.shape(g.input(g.nodes(op="MatMul")[0], 0))[-1]
+    assert cost0.params - cost1.params == (1000 - 5) * (head_in + 1)
