@@ -29,11 +29,14 @@ def __getattr__(name):
     raise AttributeError(f"module 'graphslim' has no attribute {name!r}")
 
 
-def load(path, signature: str = "serving_default", tags=("serve",)):
-    """Read a SavedModel directory or frozen GraphDef into a :class:`Graph` (see graphslim.io.loader)."""
+def load(path, signature: str = "serving_default", tags=("serve",), *, scan: bool = True, allow_ops=()):
+    """Read a SavedModel directory or frozen GraphDef into a :class:`Graph` (see graphslim.io.loader).
+
+    The safety scan refuses models with ops that touch files, network, processes or Python unless
+    named in ``allow_ops`` (see graphslim.io.scan)."""
     from graphslim.io.loader import load as _load
 
-    return _load(path, signature=signature, tags=tags)
+    return _load(path, signature=signature, tags=tags, scan=scan, allow_ops=allow_ops)
 
 
 def save(graph, out_dir, *, force: bool = False):

@@ -1,10 +1,12 @@
-"""The ``graphslim`` command line: ``optimize``, ``inspect``, ``passes`` and ``verify``.
+"""The ``graphslim`` command line: ``optimize``, ``inspect``, ``scan``, ``passes`` and ``verify``.
 
 All user-facing output of graphslim comes from here (and the data helpers in graphslim.report):
 results on stdout, progress, warnings and errors on stderr. Errors graphslim raises for bad input
 (:class:`~graphslim.errors.GraphslimError`) print as ``error: <message>`` without a traceback and
 exit 2; an unexpected exception is an internal error (exit 3; ``GRAPHSLIM_DEBUG=1`` shows the
-traceback); Ctrl-C exits 130.
+traceback); Ctrl-C exits 130, SIGTERM 143 (SIGHUP 129), after the same cleanup as any failure: a
+model being written is removed, never left half written. Models are scanned for dangerous ops before
+anything else (``graphslim scan``; ``--allow-ops`` accepts named ops knowingly).
 
 Example::
 
@@ -25,6 +27,7 @@ import importlib
 import json
 import logging
 import re
+import signal
 import sys
 import time
 import traceback
@@ -71,15 +74,59 @@ class _Group(click.Group):
                 traceback.print_exc()
             click.echo(f"error: {_paragraph(exc)}", err=True)
             ctx.exit(getattr(exc, "exit_code", 2))
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:
+            click.echo(_interrupted_text(exc), err=True)
+            ctx.exit(getattr(exc, "exit_code", 130))
         except Exception as exc:
             if _debug():
                 raise
             click.echo(f"internal error: {type(exc).__name__}: {_paragraph(exc)} (set GRAPHSLIM_DEBUG=1 "
                        "for the traceback; please report it)", err=True)
             ctx.exit(3)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt so that the same
+    cleanup runs (the emitter removes its temporary directory); exit status 128 + signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def _interrupted_text(exc: BaseException) -> str:
+    if isinstance(exc, Terminated):
+        return f"terminated ({signal.Signals(exc.signum).name}); nothing was left half written"
+    return "interrupted"
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM/SIGHUP become :class:`Terminated` (a clean abort instead of dying mid-write); SIGXFSZ
+    is ignored so that a file size limit makes writes fail with EFBIG (a clean EmitError) instead of
+    killing the process."""
+    def terminate(signum, frame):
+        raise Terminated(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, terminate)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def _allow_ops_option(f):
+    return click.option(
+        "--allow-ops", "allow_ops", multiple=True, metavar="OP[,OP...]",
+        help="Accept these op types knowingly although the safety scan refuses them (e.g. "
+             "PyFunc, ReadFile); repeatable or comma-separated. See `graphslim scan`.")(f)
+
+
+def _load(model: Path, signature: str, tags, allow_ops):
+    from graphslim.io.loader import load
+
+    return load(model, signature=signature, tags=tags, scan=True, allow_ops=allow_ops)
 
 
 def _quiet_libraries() -> None:
@@ -282,10 +329,11 @@ def cli(ctx: click.Context, quiet: bool) -> None:
               help="Comma-separated tag set of the MetaGraphDef to load.")
 @click.option("--no-verify", is_flag=True, help="Skip verifying the graph after every pass.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@_allow_ops_option
 @click.pass_obj
 def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path | None, plugins,
              report_path: Path | None, signature: str, tags: str, no_verify: bool,
-             force: bool) -> None:
+             force: bool, allow_ops) -> None:
     """Load MODEL, run the pipeline over it and write the result to -o OUT.
 
     MODEL is a SavedModel directory or a frozen GraphDef .pb. Without --passes or --config the
@@ -307,7 +355,7 @@ def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path
 
         steps.start(f"loading {model}")
         start = time.perf_counter()
-        graph = graphslim.load(model, signature=signature, tags=tag_set)
+        graph = _load(model, signature, tag_set, allow_ops)
         load_seconds = time.perf_counter() - start
         before = _report.layer_snapshot(graph)
         size_before = _report.dir_size(_model_dir(model))
@@ -410,8 +458,10 @@ def _channels_module():
               help="Comma-separated tag set of the MetaGraphDef.")
 @click.option("--groups", is_flag=True, help="Also print the channel-dependency groups.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@_allow_ops_option
 @click.pass_obj
-def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_json: bool) -> None:
+def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_json: bool,
+            allow_ops) -> None:
     """Show MODEL's signatures, op histogram, params, MACs and layers.
 
     MODEL is a SavedModel directory or a frozen GraphDef .pb. Nothing is executed.
@@ -422,7 +472,7 @@ def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_
 
     with app.steps() as steps:
         steps.start(f"loading {model}")
-        graph = graphslim.load(model, signature=signature, tags=tag_set)
+        graph = _load(model, signature, tag_set, allow_ops)
         info = describe(model, tags=tag_set)
         snapshot = _report.layer_snapshot(graph)
         groups_text = None
@@ -491,6 +541,58 @@ def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_
         console.print()
         console.print("channel groups:")
         console.print(groups_text)
+
+
+# ---------------------------------------------------------------------------------- scan
+@cli.command("scan")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--tags", default=None, metavar="TAGS",
+              help="Only the MetaGraphDef with this comma-separated tag set (default: all of them).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@_allow_ops_option
+@click.pass_obj
+def scan_command(app: _App, model: Path, tags: str | None, as_json: bool, allow_ops) -> None:
+    """Check MODEL for ops that touch files, the network, processes or Python.
+
+    Walks the graph and every function of its library (reachable or not), and checks that variables
+    and assets stay inside the model directory. Checkpoint ops (SaveV2, RestoreV2, ...) are accepted
+    only inside the checkpoint machinery (the saver's own functions and nodes). Nothing is executed.
+    Exit status 0 when nothing is found (or everything found is accepted with --allow-ops), 1 when
+    something is refused, 2 when the model cannot be read.
+    """
+    from graphslim.io.scan import scan_report
+
+    report = scan_report(model, tags=_tags(tags) if tags is not None else None, allow_ops=allow_ops)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        console = app.out
+        where = f"{report['meta_graphs']} MetaGraphDef(s), " if report["format"] == "saved_model" else ""
+        console.print(f"{model}: scanned {where}{report['nodes']:,} graph nodes, {report['functions']:,} "
+                      f"functions ({report['function_nodes']:,} function nodes)")
+        rows = [(f, "REFUSED") for f in report["findings"]] + [(f, "allowed") for f in report["allowed"]]
+        if rows:
+            table = _table()
+            for column in ("op", "node", "function", "why", "result"):
+                table.add_column(column, overflow="fold")
+            for f, verdict in rows:
+                if f["op"] == "<path>":
+                    table.add_row("(file)", f["node"], "-", f["category"], verdict)
+                else:
+                    table.add_row(f["op"], f["node"], f["function"] or "(graph)",
+                                  f["category"] + f["detail"], verdict,
+                                  style="red" if verdict == "REFUSED" else "yellow")
+            console.print(table)
+        if report["safe"]:
+            console.print("OK: nothing dangerous found" + (f" ({len(report['allowed'])} finding(s) "
+                                                           "accepted with --allow-ops)"
+                                                           if report["allowed"] else ""))
+        else:
+            ops = sorted({f["op"] for f in report["findings"] if f["op"] != "<path>"})
+            hint = f"; accept knowingly with --allow-ops {','.join(ops)}" if ops else ""
+            console.print(f"REFUSED: {len(report['findings'])} finding(s){hint}")
+    if not report["safe"]:
+        raise click.exceptions.Exit(1)
 
 
 # ---------------------------------------------------------------------------------- passes
@@ -769,11 +871,12 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
 # ---------------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``graphslim = graphslim.cli:main``)."""
+    _install_signal_handlers()
     try:
         cli.main(args=argv, prog_name="graphslim")
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        click.echo(_interrupted_text(exc), err=True)
+        sys.exit(getattr(exc, "exit_code", 130))
 
 
 if __name__ == "__main__":

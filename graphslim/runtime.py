@@ -20,7 +20,12 @@ from graphslim.ir.tfconv import graph_to_graph_def
 class Runner:
     """Imports the graph once; call :meth:`run` many times (e.g. calibration batches)."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, allow_ops=None):
+        from graphslim.io.scan import check_safe
+
+        # Running a model executes it: refuse dangerous ops here, whatever the caller (calibration,
+        # data-driven passes, checks). Ops the user accepted at load time stay accepted.
+        check_safe(graph, allow_ops=graph.meta.get("allowed_ops", ()) if allow_ops is None else allow_ops)
         self.graph = graph
         gd = graph_to_graph_def(graph)
         self._tfg = tf.Graph()

@@ -30,11 +30,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pathlib
 import re
 import shutil
+import signal
 import tempfile
+import threading
 
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
@@ -64,24 +68,81 @@ def save(graph: Graph, out_dir, *, force: bool = False) -> pathlib.Path:
     if _exists(out) and not force:
         raise EmitError(f"cannot write the SavedModel to {out}: it exists; pass force=True / --force "
                         "to replace it")
-    created_parents = _make_parents(out)
     tmp = None
+    created_parents: list = []
     try:
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.graphslim-tmp-", dir=out.parent))
+        # Interrupts (SIGINT, SIGTERM turned into an exception by the CLI) are held back while a
+        # directory is created or renamed and during the cleanup, so that neither leaks half done;
+        # they are raised as soon as that step is over, and the cleanup below runs.
+        with _deferred_signals():
+            created_parents = _make_parents(out)
+            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.graphslim-tmp-", dir=out.parent))
         model_dir = tmp / "model"
         with tf.name_scope(""):  # a caller's name scope would prefix the variable names
             _write(graph, model_dir, tmp / "assets_src")
-        _move_into_place(model_dir, out, force)
+        with _deferred_signals():
+            _move_into_place(model_dir, out, force)
     except BaseException as exc:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for d in reversed(created_parents):
-            _rmdir_quietly(d)
+        with _deferred_signals():
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for d in reversed(created_parents):
+                _rmdir_quietly(d)
         if not isinstance(exc, Exception) or isinstance(exc, EmitError):
             raise
-        raise EmitError(f"cannot write the SavedModel to {out}: {_describe(exc)}") from exc
-    shutil.rmtree(tmp, ignore_errors=True)
+        raise EmitError(f"cannot write the SavedModel to {out}: {_describe(exc)}{_disk_hint(exc)}") from exc
+    with _deferred_signals():
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+_DEFERRED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _deferred_signals():
+    """Hold SIGINT/SIGTERM/SIGHUP back for the duration of a short critical step, then deliver them.
+
+    Only the main thread can swap Python signal handlers; elsewhere this does nothing (the caller's
+    thread is not the one a signal's exception would be raised in anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {}
+    try:
+        for sig in _DEFERRED:
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, lambda signum, frame: pending.append(signum))
+    except (ValueError, OSError):  # not allowed here (an embedded interpreter): run unshielded
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for signum in pending[:1]:
+            signal.raise_signal(signum)  # the restored handler runs now (raises, or exits)
+
+
+def _disk_hint(exc: BaseException) -> str:
+    """A hint when the failure looks like a full disk or a file size limit."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            break
+        text = str(exc)
+        if "No space left" in text or "File too large" in text or "Disk quota" in text:
+            break
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    else:
+        return ""
+    if exc is None:
+        return ""
+    return " (the disk is full or a file size limit was reached; nothing was written)"
 
 
 # ---------------------------------------------------------------------------------------------- build

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
 from google.protobuf import message as _pb_message
 from google.protobuf import text_format
 
-from graphslim.errors import LoadError, VerificationError
+from graphslim.errors import GraphslimError, LoadError, VerificationError
 from graphslim.ir.graph import WEIGHT_OP, Graph, SignatureArg, Tensor
 from graphslim.ir import attrs as _attrs
 from graphslim.ir.tfconv import graph_from_node_defs, parse_input
@@ -43,6 +44,10 @@ CALL_OPS = {"PartitionedCall", "StatefulPartitionedCall"}
 VARIABLE_OPS = {"VarHandleOp", "VariableV2", "Variable"}
 # ops that only exist to read or describe variables, dropped once reads become Weight edges
 _MAX_INLINE_DEPTH = 64
+_MAX_INLINED_NODES = 200_000  # at least; scaled with the file's own node count (see _flatten)
+_MAX_PROTO_BYTES = 2**31
+_MAX_RANK = 254  # TensorShape's limit
+_MIN_CONST_BYTES_LIMIT = 256 * 2**20  # a constant may declare this many bytes, or 2x the model file
 
 
 def _tf():
@@ -52,46 +57,117 @@ def _tf():
 
 
 # --------------------------------------------------------------------------------------- entry point
-def load(path, signature: str = "serving_default", tags=("serve",)) -> Graph:
+def load(path, signature: str = "serving_default", tags=("serve",), *, scan: bool = True,
+         allow_ops=()) -> Graph:
     """Read a SavedModel directory (or a frozen GraphDef ``.pb`` file) into a :class:`Graph`.
 
     ``signature`` picks the SignatureDef; ``tags`` the MetaGraphDef. Raises :class:`LoadError` with a
     one-paragraph message naming the file and what to do when the model cannot be read.
+
+    With ``scan`` (the default) the model is first checked by :mod:`graphslim.io.scan`: a graph or
+    function library holding ops that touch files, the network, processes or Python, or variables /
+    assets leading outside the model directory, raises
+    :class:`~graphslim.io.scan.UnsafeModelError`; ``allow_ops`` names op types accepted knowingly.
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        return _load(path, signature, tags, scan, allow_ops)
+    except GraphslimError:
+        raise
+    except RecursionError:
+        raise LoadError(f"{path}: the model nests too deeply to read (RecursionError); it is malformed "
+                        f"or hostile.") from None
+    except MemoryError:
+        raise LoadError(f"{path}: reading the model ran out of memory; it claims tensors larger than "
+                        f"this machine can hold, or it is malformed.") from None
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a clean error, not a traceback
+        err = LoadError(f"{path}: graphslim cannot read this model ({type(exc).__name__}: "
+                        f"{_first_line(exc)[:300]}). The SavedModel looks malformed; if TensorFlow itself "
+                        f"loads it, this is a graphslim bug: please report it (GRAPHSLIM_DEBUG=1 shows "
+                        f"the traceback).")
+        err.unexpected = True  # the fuzz harnesses count these as bugs to fix
+        raise err from exc
+
+
+def _load(path: Path, signature, tags, scan, allow_ops) -> Graph:
+    if not (path.exists() or path.is_symlink()):
         raise LoadError(f"{path}: no such file or directory. Pass a SavedModel directory (the folder "
                         f"holding saved_model.pb and variables/) or a frozen GraphDef .pb file.")
     if path.is_file():
         if path.name in ("saved_model.pb", "saved_model.pbtxt"):
             path = path.parent
         else:
-            return _load_frozen(path)
+            return _load_frozen(path, scan=scan, allow_ops=allow_ops)
+    elif not path.is_dir():
+        raise LoadError(f"{path}: not a regular file or directory (a FIFO, socket, device or broken link); "
+                        f"pass a SavedModel directory or a frozen GraphDef .pb file.")
+    sm = _parse_saved_model(_saved_model_file(path))
+    meta = _pick_meta_graph(sm, tags, path)
+    if scan:
+        from graphslim.io import scan as _scan
+
+        err = _scan.refusal(_scan.check_paths(path, meta) + _scan.scan_meta_graph(meta), path, allow_ops)
+        if err is not None:
+            raise err
+    loader = _SavedModelReader(path, meta)
+    g = loader.build(signature)
+    g.meta["scanned"] = bool(scan)
+    g.meta["allowed_ops"] = sorted(_allowed(allow_ops))
+    return g
+
+
+def _allowed(allow_ops):
+    from graphslim.io.scan import parse_allow_ops
+
+    return parse_allow_ops(allow_ops)
+
+
+def _saved_model_file(path: Path) -> Path:
+    """The saved_model.pb (or .pbtxt) of a SavedModel directory; LoadError when there is none."""
     pb, pbtxt = path / "saved_model.pb", path / "saved_model.pbtxt"
     if not pb.exists() and not pbtxt.exists():
-        found = sorted(p.name for p in path.iterdir())[:10]
+        try:
+            found = sorted(p.name for p in path.iterdir())[:10]
+        except OSError:
+            found = []
         raise LoadError(f"{path}: not a SavedModel directory: it has no saved_model.pb (it holds: "
                         f"{', '.join(found) or 'nothing'}). Point graphslim at the folder that contains "
                         f"saved_model.pb and variables/, or at a frozen GraphDef .pb file.")
-    sm = _parse_saved_model(pb if pb.exists() else pbtxt)
-    meta = _pick_meta_graph(sm, tags, path)
-    loader = _SavedModelReader(path, meta)
-    return loader.build(signature)
+    return pb if pb.exists() else pbtxt
+
+
+def _read_model_file(file: Path) -> bytes:
+    """The bytes of a model file; refuses FIFOs and devices (reading one would hang or never end)."""
+    try:
+        st = file.stat()
+    except OSError as exc:
+        raise LoadError(f"{file}: cannot be read ({exc.strerror or exc}).") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LoadError(f"{file}: not a regular file (a FIFO, socket or device); refusing to read it.")
+    if st.st_size >= _MAX_PROTO_BYTES:
+        raise LoadError(f"{file}: {st.st_size:,} bytes; a protocol buffer cannot exceed 2 GiB, so this is "
+                        f"not a valid model file.")
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise LoadError(f"{file}: cannot be read ({exc.strerror or exc}).") from None
 
 
 def _parse_saved_model(file: Path):
     from tensorflow.core.protobuf import saved_model_pb2
 
     sm = saved_model_pb2.SavedModel()
+    data = _read_model_file(file)
     try:
-        data = file.read_bytes()
         if file.suffix == ".pbtxt":
             text_format.Parse(data.decode("utf-8"), sm)
         else:
             sm.ParseFromString(data)
-    except (_pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeError) as exc:
+    except (_pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeError,
+            ValueError, TypeError) as exc:
         raise LoadError(f"{file}: corrupt SavedModel: the file cannot be parsed as a SavedModel protocol "
-                        f"buffer ({exc}). Re-export the model, or check that the copy is complete.") from None
+                        f"buffer ({_first_line(exc)[:200]}). Re-export the model, or check that the copy "
+                        f"is complete.") from None
     if not sm.meta_graphs:
         raise LoadError(f"{file}: corrupt SavedModel: it contains no MetaGraphDef. Re-export the model, "
                         f"or check that the copy is complete.")
@@ -128,6 +204,11 @@ class _SavedModelReader:
             self.nodes[nd.name] = nd
         self._fn_cache: dict = {}
         self._reader = None
+        self._ckpt_specs = None
+        self._bytes_read = 0
+        self._const_limit = _const_limit(path)
+        self._node_budget = max(_MAX_INLINED_NODES, 20 * (len(meta.graph_def.node) + sum(
+            len(f.node_def) for f in meta.graph_def.library.function)))
 
     # ------------------------------------------------------------------ top level
     def build(self, signature: str) -> Graph:
@@ -148,12 +229,19 @@ class _SavedModelReader:
                     raise LoadError(f"{self.path}: signature {signature!r} {kind} {key!r} names tensor "
                                     f"{node!r}, which is not in the graph. The SavedModel is inconsistent; "
                                     f"re-export it.")
-        for key in sig.inputs:
-            if key not in inputs:
-                raise LoadError(f"{self.path}: signature {signature!r} input {key!r} is not a dense tensor "
-                                f"(sparse and ragged inputs are not supported).")
+        for kind, table, dense in (("input", sig.inputs, inputs), ("output", sig.outputs, outputs)):
+            for key in table:
+                if key not in dense:
+                    raise LoadError(f"{self.path}: signature {signature!r} {kind} {key!r} is not a dense "
+                                    f"tensor (sparse and ragged {kind}s are not supported).")
+        for kind, table in (("input", sig.inputs), ("output", sig.outputs)):
+            for key, info in table.items():
+                where = f"{self.path}: signature {signature!r} {kind} {key!r}"
+                _check_shape_proto(info.tensor_shape, where)
+                _dtype_size(info.dtype, where)
         # Only the part of the graph the outputs need.
         needed = self._ancestors([n for n, _ in outputs.values()])
+        self._check_inline_size(needed)
         var_info = self._variable_info(needed)
         nodes, aliases = self._flatten(needed)
         g = self._to_ir(nodes, aliases, var_info, inputs, outputs, sig)
@@ -163,6 +251,7 @@ class _SavedModelReader:
                   "tags": sorted(self.meta.meta_info_def.tags),
                   "tf_version": self.meta.meta_info_def.tensorflow_version}
         _finish(g, self.path)
+        _check_signature_dtypes(g, sig, signature, self.path)
         del tf
         return g
 
@@ -202,14 +291,67 @@ class _SavedModelReader:
                                 f"another model; copy the whole SavedModel directory again.") from None
         return self._reader
 
-    def _read_tensor(self, key: str, what: str):
+    def _checkpoint_specs(self):
+        """(key → shape list, key → tf.DType, bytes of the variables data files), read from the index
+        only: what the checkpoint *claims*, checked before any tensor is read."""
+        if self._ckpt_specs is None:
+            reader = self._checkpoint()
+            try:
+                shapes = reader.get_variable_to_shape_map()
+                dtypes = reader.get_variable_to_dtype_map()
+            except Exception as exc:  # noqa: BLE001
+                raise LoadError(f"{self.path}: cannot read the variables index: {_first_line(exc)}. The "
+                                f"variables files are corrupt; copy the whole SavedModel directory "
+                                f"again.") from None
+            data = 0
+            for f in (self.path / "variables").glob("variables.data-*"):
+                try:
+                    data += f.stat().st_size
+                except OSError:
+                    pass
+            self._ckpt_specs = (shapes, dtypes, data)
+        return self._ckpt_specs
+
+    def _read_tensor(self, key: str, what: str, node=None):
+        """The checkpoint value of ``key``. Its recorded dtype and shape are checked against the
+        variable ``node`` (when given) and its size against the data files *before* reading, so a
+        forged index cannot make the reader allocate blindly."""
         reader = self._checkpoint()
+        shapes, dtypes, data_bytes = self._checkpoint_specs()
+        if key not in shapes or key not in dtypes:
+            raise LoadError(f"{self.path}: variable {what!r} (checkpoint key {key!r}) is not in the "
+                            f"checkpoint. The variables files do not belong to this saved_model.pb; copy "
+                            f"the whole SavedModel directory again.")
+        shape, dtype = list(shapes[key]), dtypes[key]
+        _check_var_spec(self.path, what, node, dtype, shape)
+        numel = 1
+        for d in shape:
+            if d < 0:
+                raise LoadError(f"{self.path}: the checkpoint records variable {what!r} with shape {shape}; "
+                                f"the variables index is corrupt.")
+            numel *= d
         try:
-            return reader.get_tensor(key)
+            itemsize = max(1, dtype.size)
+        except (TypeError, ValueError, AttributeError):
+            itemsize = 1  # strings: at least one byte each
+        nbytes = numel * itemsize
+        self._bytes_read += nbytes
+        if nbytes > data_bytes + 4096 or self._bytes_read > data_bytes + 4096 * max(1, len(shapes)):
+            raise LoadError(f"{self.path}: the checkpoint claims variable {what!r} (key {key!r}) is "
+                            f"{dtype.name} of shape {shape} ({nbytes:,} bytes), but the variables data "
+                            f"files hold only {data_bytes:,} bytes: the variables index is corrupt or "
+                            f"forged; copy the whole SavedModel directory again.")
+        try:
+            value = reader.get_tensor(key)
         except Exception as exc:  # noqa: BLE001
             raise LoadError(f"{self.path}: cannot read variable {what!r} (checkpoint key {key!r}) from "
                             f"variables/: {_first_line(exc)}. The variables files are truncated or do not "
                             f"belong to this saved_model.pb; copy the whole SavedModel directory again.") from None
+        if list(np.shape(value)) != shape:
+            raise LoadError(f"{self.path}: variable {what!r} (checkpoint key {key!r}) has shape "
+                            f"{list(np.shape(value))} in the data files but {shape} in the index; the "
+                            f"variables files are corrupt.")
+        return value
 
     def _variable_info(self, needed) -> dict:
         """Outer variable node name → (weight name, checkpoint key, trainable)."""
@@ -233,7 +375,7 @@ class _SavedModelReader:
                 captured = data_inputs[len(data_inputs) - len(bound):] if bound else []
                 for text, node_id in zip(captured, bound):
                     src = parse_input(text)[0]
-                    obj = og.nodes[node_id] if node_id < len(og.nodes) else None
+                    obj = og.nodes[node_id] if 0 <= node_id < len(og.nodes) else None
                     if obj is None or obj.WhichOneof("kind") != "variable" or src in info:
                         continue
                     key, full_name = ckpt_of.get(node_id, (None, None))
@@ -246,10 +388,9 @@ class _SavedModelReader:
             if name in info:
                 continue
             nd = self.nodes[name]
-            shared = nd.attr["shared_name"].s.decode() if "shared_name" in nd.attr else ""
-            reader = self._checkpoint()
+            shared = nd.attr["shared_name"].s.decode("utf-8", "replace") if "shared_name" in nd.attr else ""
             for key in (name, shared):
-                if key and reader.has_tensor(key):
+                if key and key in self._checkpoint_specs()[0]:
                     info[name] = (key, key, trainable.get(key, True) if trainable else True)
                     break
             else:
@@ -263,11 +404,18 @@ class _SavedModelReader:
         """SavedObjectGraph node id → (checkpoint key, full_name), matching both graphs by child path."""
         from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+        if "_CHECKPOINTABLE_OBJECT_GRAPH" not in self._checkpoint_specs()[0]:
+            raise LoadError(f"{self.path}: the variables checkpoint has no object graph "
+                            f"(_CHECKPOINTABLE_OBJECT_GRAPH), but saved_model.pb is a TF2 SavedModel; the "
+                            f"variables files do not belong to it. Copy the whole SavedModel directory again.")
         raw = self._read_tensor("_CHECKPOINTABLE_OBJECT_GRAPH", "object graph")
         tog = trackable_object_graph_pb2.TrackableObjectGraph()
         try:
+            if not isinstance(raw, (bytes, np.ndarray, np.bytes_)) or (
+                    isinstance(raw, np.ndarray) and raw.shape != ()):
+                raise _pb_message.DecodeError("not a scalar string")
             tog.ParseFromString(bytes(raw.item() if hasattr(raw, "item") else raw))
-        except _pb_message.DecodeError:
+        except (_pb_message.DecodeError, TypeError, ValueError):
             raise LoadError(f"{self.path}: the checkpoint's object graph is corrupt; copy the whole "
                             f"SavedModel directory again.") from None
         og = self.meta.object_graph_def
@@ -316,17 +464,70 @@ class _SavedModelReader:
             self._fn_cache[fname] = _flatten_function_def(fdef, self.library, self.path)
         return self._fn_cache[fname]
 
+    def _callee(self, nd) -> str | None:
+        if nd.op in CALL_OPS:
+            return nd.attr["f"].func.name if "f" in nd.attr else ""
+        return nd.op if nd.op in self.library else None
+
+    def _check_inline_size(self, needed) -> None:
+        """Before inlining anything: refuse recursive functions (naming the cycle), nesting deeper
+        than the limit, and call patterns whose inlined size explodes (f calls g twice, g calls h
+        twice, ...), by computing every function's inlined node count once (memoized)."""
+        memo: dict = {}
+        budget = self._node_budget
+
+        def size(fname: str, chain: tuple) -> int:
+            if fname in memo:
+                return memo[fname]
+            if fname in chain:
+                loop = " -> ".join(chain[chain.index(fname):] + (fname,))
+                raise LoadError(f"{self.path}: function {fname!r} calls itself ({loop}); TensorFlow "
+                                f"functions cannot recurse, so the model is malformed and cannot be "
+                                f"flattened.")
+            if len(chain) >= _MAX_INLINE_DEPTH:
+                raise LoadError(f"{self.path}: function calls nest deeper than {_MAX_INLINE_DEPTH} "
+                                f"levels ({' -> '.join(chain[:3])} -> ... -> {fname}); cannot flatten "
+                                f"the graph.")
+            fdef = self.library.get(fname)
+            total = 0
+            for nd in (fdef.node_def if fdef is not None else ()):
+                callee = self._callee(nd)
+                total += 1 + (size(callee, chain + (fname,)) if callee else 0)
+                if total > budget:
+                    raise LoadError(f"{self.path}: inlining function {fname!r} would produce more than "
+                                    f"{budget:,} nodes; its functions call each other in an exploding "
+                                    f"pattern. The model is malformed or hostile.")
+            memo[fname] = total
+            return total
+
+        total = 0
+        for name in needed:
+            callee = self._callee(self.nodes[name])
+            total += 1 + (size(callee, ()) if callee else 0)
+            if total > budget:
+                raise LoadError(f"{self.path}: inlining the signature's function calls would produce "
+                                f"more than {budget:,} nodes; the functions call each other in an "
+                                f"exploding pattern. The model is malformed or hostile.")
+
     def _flatten(self, needed):
         """Inline every call. Returns (ordered NodeDefs, aliases "call:i" → "inner:j")."""
         from tensorflow.core.framework import node_def_pb2
 
         out: dict[str, object] = {}
         aliases: dict[str, str] = {}
-        work = [(self.nodes[n], "", {}, 0) for n in needed]
-        # (node_def, name prefix, arg name -> outer tensor, depth)
+        work = [(self.nodes[n], "", {}, ()) for n in needed]
+        # (node_def, name prefix, arg name -> outer tensor, call chain of function names)
+        pb = self.path / "saved_model.pb"
+        produced = 0
         while work:
-            nd, prefix, argmap, depth = work.pop(0)
+            nd, prefix, argmap, chain = work.pop(0)
             name = prefix + nd.name
+            produced += 1
+            if produced > self._node_budget:
+                raise LoadError(f"{self.path}: inlining the signature's function calls produces more than "
+                                f"{self._node_budget:,} nodes (at {name!r}); the functions call each other "
+                                f"in an exploding pattern. The model is malformed or hostile.")
+            depth = len(chain)
 
             def remap(text, prefix=prefix, argmap=argmap):
                 src, port, control = parse_input(text)
@@ -343,6 +544,11 @@ class _SavedModelReader:
             elif nd.op in self.library:
                 fname = nd.op
             if fname is not None:
+                if fname in chain:
+                    loop = " -> ".join(chain[chain.index(fname):] + (fname,))
+                    raise LoadError(f"{self.path}: function {fname!r} calls itself ({loop}, at node "
+                                    f"{name!r}); TensorFlow functions cannot recurse, so the model is "
+                                    f"malformed and cannot be flattened.")
                 if depth >= _MAX_INLINE_DEPTH:
                     raise LoadError(f"{self.path}: function calls nest deeper than {_MAX_INLINE_DEPTH} "
                                     f"levels at {name!r} (recursive functions?); cannot flatten the graph.")
@@ -358,8 +564,13 @@ class _SavedModelReader:
                     target = inner_args[rsrc] if rsrc in inner_args else f"{inner_prefix}{rsrc}:{rport}"
                     aliases[f"{name}:{i}"] = target
                 arg_set = set(arg_names)
-                work[:0] = [(b, inner_prefix, inner_args, depth + 1) for b in body if b.name not in arg_set]
+                work[:0] = [(b, inner_prefix, inner_args, chain + (fname,)) for b in body
+                            if b.name not in arg_set]
                 continue
+            if name in out:
+                raise LoadError(f"{self.path}: corrupt graph: two nodes are named {name!r} after "
+                                f"inlining; re-export the model.")
+            _check_node_def(nd, pb, self._const_limit, chain[-1] if chain else None)
             new = node_def_pb2.NodeDef()
             new.CopyFrom(nd)
             new.name = name
@@ -400,8 +611,8 @@ class _SavedModelReader:
         taken = set(nodes)
         handle_to_weight = {}
         for vname, (wname, key, trainable) in var_info.items():
-            value = self._read_tensor(key, wname)
             nd_var = nodes.get(vname)
+            value = self._read_tensor(key, wname, nd_var)
             _check_var_value(self.path, vname, nd_var, value)
             base = wname = _valid_node_name(wname)
             if base in weights or (base in taken and base != vname):
@@ -428,6 +639,10 @@ class _SavedModelReader:
                 if wname != vname:
                     redirect[f"{vname}:0"] = f"{wname}:0"
         for name, nd in nodes.items():
+            if nd.op in ("ReadVariableOp", "ResourceGather") and len(nd.input) < (
+                    1 if nd.op == "ReadVariableOp" else 2):
+                raise LoadError(f"{self.path}: node {name!r} ({nd.op}) has {len(nd.input)} inputs; the "
+                                f"model is corrupt.")
             if nd.op == "ReadVariableOp":
                 w = handle_source(nd.input[0])
                 if w is None:
@@ -511,22 +726,39 @@ class _SavedModelReader:
         out = {}
         adir = self.path / "assets"
         if adir.is_dir():
-            root = adir.resolve()
-            for p in sorted(adir.rglob("*")):
-                if p.is_file():
-                    if not p.resolve().is_relative_to(root):
-                        raise LoadError(f"{self.path}: asset {p} points outside the model directory; "
-                                        f"refusing to read it.")
+            root = self.path.resolve()
+            if not adir.resolve().is_relative_to(root):
+                raise LoadError(f"{self.path}: assets/ points outside the model directory; refusing to "
+                                f"read it.")
+            files = []
+            for dirpath, dirnames, filenames in os.walk(adir, followlinks=False):
+                files.extend(Path(dirpath) / f for f in filenames)
+                if len(files) > 100_000:
+                    raise LoadError(f"{self.path}: assets/ holds more than 100,000 files; refusing to "
+                                    f"read them.")
+            for p in sorted(files):
+                if not p.resolve().is_relative_to(root):
+                    raise LoadError(f"{self.path}: asset {p} points outside the model directory; "
+                                    f"refusing to read it.")
+                if p.is_file():  # regular files only: a FIFO would block the read forever
                     out[str(p.relative_to(adir))] = p.read_bytes()
         return out
 
 
+_MAX_OUTPUT_ARGS = 100_000
+
+
 def _num_args(arg_def, nd) -> int:
     if arg_def.number_attr:
-        return nd.attr[arg_def.number_attr].i
-    if arg_def.type_list_attr:
-        return len(nd.attr[arg_def.type_list_attr].list.type)
-    return 1
+        n = nd.attr[arg_def.number_attr].i if arg_def.number_attr in nd.attr else 0
+    elif arg_def.type_list_attr:
+        n = len(nd.attr[arg_def.type_list_attr].list.type) if arg_def.type_list_attr in nd.attr else 0
+    else:
+        n = 1
+    if not 0 <= n <= _MAX_OUTPUT_ARGS:
+        raise LoadError(f"node {nd.name!r} ({nd.op}) declares {n} values for its {arg_def.name!r} "
+                        f"argument; the model is corrupt.")
+    return n
 
 
 def _flatten_function_def(fdef, library, where):
@@ -537,6 +769,15 @@ def _flatten_function_def(fdef, library, where):
     from tensorflow.python.framework import op_def_registry
 
     arg_names = [a.name for a in fdef.signature.input_arg]
+    names = set(arg_names)
+    if len(names) != len(arg_names):
+        raise LoadError(f"{where}: function {fdef.signature.name!r} has two arguments with the same "
+                        f"name; the model is corrupt.")
+    for nd in fdef.node_def:
+        if nd.name in names:
+            raise LoadError(f"{where}: function {fdef.signature.name!r} has two nodes (or a node and an "
+                            f"argument) named {nd.name!r}; the model is corrupt.")
+        names.add(nd.name)
     flat = {}
     for a in arg_names:
         flat[a] = f"{a}:0"
@@ -551,7 +792,10 @@ def _flatten_function_def(fdef, library, where):
                                 f"custom op library; graphslim cannot read it.")
         port = 0
         for out in op_def.output_arg:
-            n = _num_args(out, nd)
+            try:
+                n = _num_args(out, nd)
+            except LoadError as exc:
+                raise LoadError(f"{where}: function {fdef.signature.name!r}: {exc}") from None
             for i in range(n):
                 flat[f"{nd.name}:{out.name}:{i}"] = f"{nd.name}:{port + i}"
             port += n
@@ -582,6 +826,105 @@ def _flatten_function_def(fdef, library, where):
     return body, arg_names, rets
 
 
+def _const_limit(file: Path) -> int:
+    """How many bytes one constant may declare: 256 MiB, or twice the model file (a frozen graph's
+    constants are in the file; a splat constant declaring far more than that would be materialized by
+    shape inference and constant evaluation)."""
+    try:
+        size = file.stat().st_size if file.is_file() else (_saved_model_file(file)).stat().st_size
+    except (OSError, GraphslimError):
+        size = 0
+    return max(_MIN_CONST_BYTES_LIMIT, 2 * size)
+
+
+def _dtype_size(enum: int, where: str) -> int:
+    tf = _tf()
+    try:
+        dt = tf.as_dtype(enum)
+    except TypeError:
+        raise LoadError(f"{where} has an invalid dtype (enum {enum}); the model is corrupt.") from None
+    try:
+        return max(1, dt.size)
+    except (TypeError, ValueError, AttributeError):  # string, resource, variant
+        return 1
+
+
+def _attrs_dt_string() -> int:
+    return 7  # DT_STRING: variable-length elements, no fixed content size
+
+
+def _check_shape_proto(shape, where: str) -> None:
+    if shape.unknown_rank:
+        return
+    if len(shape.dim) > _MAX_RANK:
+        raise LoadError(f"{where} has rank {len(shape.dim)}; TensorFlow allows at most {_MAX_RANK}. "
+                        f"The model is corrupt.")
+    for d in shape.dim:
+        if d.size < -1:
+            raise LoadError(f"{where} has a dimension of size {d.size}; sizes must be >= 0 (or -1 for "
+                            f"unknown). The model is corrupt.")
+
+
+def _dtype_label(enum: int) -> str:
+    try:
+        return _tf().as_dtype(enum).name
+    except TypeError:
+        return f"invalid dtype (enum {enum})"
+
+
+def _check_tensor_proto(t, where: str, limit: int) -> None:
+    _check_shape_proto(t.tensor_shape, where)
+    if t.tensor_shape.unknown_rank:
+        raise LoadError(f"{where} is a constant of unknown rank; the model is corrupt.")
+    n = 1
+    for d in t.tensor_shape.dim:
+        if d.size < 0:
+            raise LoadError(f"{where} is a constant with a dimension of size {d.size}; the model is "
+                            f"corrupt.")
+        n *= d.size
+    itemsize = _dtype_size(t.dtype, where)
+    nbytes = n * itemsize
+    if t.tensor_content and t.dtype not in (_attrs_dt_string(),) and len(t.tensor_content) != nbytes:
+        raise LoadError(f"{where} is a constant of shape {[d.size for d in t.tensor_shape.dim]} whose "
+                        f"content has {len(t.tensor_content):,} bytes instead of {nbytes:,}; the model is "
+                        f"corrupt.")
+    if nbytes > limit:
+        raise LoadError(f"{where} declares a constant of shape {[d.size for d in t.tensor_shape.dim]} "
+                        f"({nbytes:,} bytes), more than the {limit:,} bytes graphslim accepts for one "
+                        f"constant of this model (the file is far smaller): the model is corrupt or "
+                        f"hostile.")
+
+
+def _check_node_def(nd, file, limit: int, function: str | None = None) -> None:
+    """Refuse attribute values that would make shape inference or constant evaluation allocate
+    without bound, or that TensorFlow would reject with a crash rather than an error: constants
+    declaring huge shapes, negative or overlong shapes, invalid dtypes."""
+    place = f" in function {function!r}" if function else ""
+    where = f"{file}: node {nd.name!r} ({nd.op}){place}"
+    if nd.op in ("Const", "HostConst") and "value" in nd.attr and "dtype" in nd.attr:
+        # TensorFlow's shape functions trust a constant's dtype attr and read its value as that type:
+        # a mismatch aborts the process (a CHECK failure in tensor.cc), so it is refused here.
+        declared, actual = nd.attr["dtype"].type, nd.attr["value"].tensor.dtype
+        if declared != actual:
+            raise LoadError(f"{where} declares dtype {_dtype_label(declared)} but its value is "
+                            f"{_dtype_label(actual)}; the model is corrupt.")
+    for key, v in nd.attr.items():
+        kind = v.WhichOneof("value")
+        if kind == "tensor":
+            _check_tensor_proto(v.tensor, f"{where} attribute {key!r}", limit)
+        elif kind == "shape":
+            _check_shape_proto(v.shape, f"{where} attribute {key!r}")
+        elif kind == "type":
+            _dtype_size(v.type, f"{where} attribute {key!r}")
+        elif kind == "list":
+            for t in v.list.tensor:
+                _check_tensor_proto(t, f"{where} attribute {key!r}", limit)
+            for sh in v.list.shape:
+                _check_shape_proto(sh, f"{where} attribute {key!r}")
+            for ty in v.list.type:
+                _dtype_size(ty, f"{where} attribute {key!r}")
+
+
 _INVALID_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-/>]")
 
 
@@ -599,15 +942,33 @@ def _weight(name, value, trainable):
     return Weight(name, np.asarray(value), bool(trainable))
 
 
+def _check_var_spec(path, vname, nd, dtype, shape) -> None:
+    """The checkpoint's recorded dtype and shape against the variable node's, before reading."""
+    if nd is None:
+        return
+
+    class _Spec:
+        pass
+
+    spec = _Spec()
+    spec.dtype, spec.shape, spec.ndim = dtype, tuple(shape), len(shape)
+    _check_var_value(path, vname, nd, spec)
+
+
 def _check_var_value(path, vname, nd, value):
     if nd is None:
         return
     tf = _tf()
     if "dtype" in nd.attr and nd.attr["dtype"].type:
-        want = tf.as_dtype(nd.attr["dtype"].type).base_dtype
-        if want != tf.as_dtype(value.dtype):
+        try:
+            want = tf.as_dtype(nd.attr["dtype"].type).base_dtype
+            have = tf.as_dtype(value.dtype)
+        except TypeError:
+            raise LoadError(f"{path}: variable {vname!r} has an invalid dtype (enum "
+                            f"{nd.attr['dtype'].type}) in the graph; the model is corrupt.") from None
+        if want != have:
             raise LoadError(f"{path}: variable {vname!r} is {want.name} in the graph but "
-                            f"{value.dtype} in the checkpoint; the variables files do not belong to this "
+                            f"{have.name} in the checkpoint; the variables files do not belong to this "
                             f"saved_model.pb.")
     if "shape" in nd.attr and not nd.attr["shape"].shape.unknown_rank:
         want = _attrs.shape_from_proto(nd.attr["shape"].shape)
@@ -665,10 +1026,47 @@ def _finish(g: Graph, where) -> None:
 
     try:
         g.infer_shapes()
+        _check_ports(g)
         canonicalize(g)
         g.verify()
     except VerificationError as exc:
         raise LoadError(f"{where}: the model's graph is not valid: {exc}") from None
+
+
+def _check_ports(g: Graph) -> None:
+    """Every edge and signature tensor names an output port its producer has (checked before the
+    canonicalization, whose rewrites assume it; ``verify`` repeats the edge check after)."""
+    for src, dst, d in g._g.edges(data=True):
+        if not d.get("control") and d["src_port"] >= g.node(src).num_outputs:
+            raise VerificationError(f"node {dst!r} reads output {d['src_port']} of {src!r} "
+                                    f"({g.node(src).op}), which has only {g.node(src).num_outputs} outputs")
+    for kind, args in (("input", g.inputs), ("output", g.outputs)):
+        for arg in args:
+            if not g.has_node(arg.tensor.node):
+                raise VerificationError(f"signature {kind} {arg.name!r} is bound to {arg.tensor}, which "
+                                        f"nothing produces (a function call returning fewer values than "
+                                        f"the signature reads?)")
+            n = g.node(arg.tensor.node)
+            if arg.tensor.port >= n.num_outputs:
+                raise VerificationError(f"signature {kind} {arg.name!r} is bound to {arg.tensor}, but "
+                                        f"{n.name!r} ({n.op}) has only {n.num_outputs} outputs")
+
+
+def _check_signature_dtypes(g: Graph, sig, signature: str, where) -> None:
+    """The SignatureDef's declared dtypes must be those of the tensors it names (a model whose
+    signature says int32 for a float Placeholder would be emitted with a silently different API)."""
+    tf = _tf()
+    for kind, args, table in (("input", g.inputs, sig.inputs), ("output", g.outputs, sig.outputs)):
+        for arg in args:
+            info = table.get(arg.name)
+            if info is None or not info.dtype:
+                continue
+            declared = tf.as_dtype(info.dtype)  # validated by _dtype_size at the start of build()
+            actual = g.dtype(arg.tensor)
+            if actual is not None and declared.base_dtype != actual.base_dtype:
+                raise LoadError(f"{where}: signature {signature!r} {kind} {arg.name!r} is declared "
+                                f"{declared.name} but its tensor {arg.tensor} is {actual.name}; the "
+                                f"SavedModel is inconsistent. Re-export it.")
 
 
 def _first_line(exc) -> str:
@@ -677,24 +1075,42 @@ def _first_line(exc) -> str:
 
 
 # --------------------------------------------------------------------------------------- frozen
-def _load_frozen(file: Path) -> Graph:
-    """A frozen GraphDef: Placeholders are the inputs, nodes nobody reads are the outputs."""
-    tf = _tf()
+def _parse_graph_def(file: Path):
     from tensorflow.core.framework import graph_pb2
 
     gd = graph_pb2.GraphDef()
+    data = _read_model_file(file)
     try:
-        data = file.read_bytes()
         if file.suffix == ".pbtxt":
             text_format.Parse(data.decode("utf-8"), gd)
         else:
             gd.ParseFromString(data)
-    except (_pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeError) as exc:
-        raise LoadError(f"{file}: cannot be parsed as a frozen GraphDef ({exc}). Pass a SavedModel "
-                        f"directory or a binary GraphDef .pb file.") from None
+    except (_pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeError,
+            ValueError, TypeError) as exc:
+        raise LoadError(f"{file}: cannot be parsed as a frozen GraphDef ({_first_line(exc)[:200]}). Pass a "
+                        f"SavedModel directory or a binary GraphDef .pb file.") from None
+    return gd
+
+
+def _load_frozen(file: Path, scan: bool = True, allow_ops=()) -> Graph:
+    """A frozen GraphDef: Placeholders are the inputs, nodes nobody reads are the outputs."""
+    tf = _tf()
+    gd = _parse_graph_def(file)
     if not gd.node:
         raise LoadError(f"{file}: the GraphDef has no nodes (or the file is not a GraphDef). Pass a "
                         f"SavedModel directory or a frozen GraphDef .pb file.")
+    if scan:
+        from graphslim.io import scan as _scan
+
+        err = _scan.refusal(_scan.scan_graph_def(gd), file, allow_ops)
+        if err is not None:
+            raise err
+    limit = _const_limit(file)
+    for nd in gd.node:
+        _check_node_def(nd, file, limit)
+    for f in gd.library.function:
+        for nd in f.node_def:
+            _check_node_def(nd, file, limit, f.signature.name)
     names = [nd.name for nd in gd.node]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -713,8 +1129,9 @@ def _load_frozen(file: Path) -> Graph:
         raise LoadError(f"{file}: the graph has no output nodes.")
     try:
         g = graph_from_node_defs(nodes)
+        g.topo_order()  # a cycle: VerificationError naming it
     except VerificationError as exc:
-        raise LoadError(f"{file}: {exc}") from None
+        raise LoadError(f"{file}: the model's graph is not valid: {exc}") from None
     g.functions = {f.signature.name: f for f in gd.library.function} if library else {}
     for node in g.nodes(op="Placeholder"):
         g.inputs.append(SignatureArg(node.name, Tensor(node.name, 0)))
@@ -722,7 +1139,11 @@ def _load_frozen(file: Path) -> Graph:
         g.outputs.append(SignatureArg(nd.name, Tensor(nd.name, 0)))
     # Float constants of rank >= 1 are the trained weights.
     for node in g.nodes(op="Const"):
-        value = node.attr("value")
+        try:
+            value = node.attr("value")
+        except (TypeError, ValueError, KeyError) as exc:
+            raise LoadError(f"{file}: constant {node.name!r} cannot be decoded ({_first_line(exc)}); the "
+                            f"model is corrupt.") from None
         if isinstance(value, np.ndarray) and value.ndim >= 1 and value.dtype.kind == "f":
             consumers = g.consumers(node.output(0))
             name = node.name
@@ -730,7 +1151,8 @@ def _load_frozen(file: Path) -> Graph:
             g.add_weight(name, value, trainable=True)
             for c, port in consumers:
                 g._g.add_edge(name, c.name, src_port=0, dst_port=port)
-    g.meta = {"source": str(file), "format": "frozen_graphdef", "signature": "serving_default"}
+    g.meta = {"source": str(file), "format": "frozen_graphdef", "signature": "serving_default",
+              "scanned": bool(scan), "allowed_ops": sorted(_allowed(allow_ops))}
     _finish(g, file)
     del tf
     return g
@@ -740,9 +1162,30 @@ def describe(path, tags=("serve",)) -> dict:
     """What a model offers without loading it: ``{"format", "tags", "signatures": {name: {"inputs":
     {key: (dtype name, shape)}, "outputs": {...}}}}``. Frozen GraphDefs have one pseudo-signature."""
     path = Path(path)
-    tf = _tf()
+    try:
+        return _describe(path, tags)
+    except GraphslimError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as in load(): a clean error, never a traceback
+        err = LoadError(f"{path}: graphslim cannot describe this model ({type(exc).__name__}: "
+                        f"{_first_line(exc)[:300]}). The SavedModel looks malformed.")
+        err.unexpected = True
+        raise err from exc
+
+
+def _dtype_name(enum) -> str:
+    if not enum:
+        return "?"
+    try:
+        return _tf().as_dtype(enum).name
+    except TypeError:
+        return f"invalid dtype {enum}"
+
+
+def _describe(path, tags) -> dict:
+    path = Path(path)
     if path.is_file() and path.name not in ("saved_model.pb", "saved_model.pbtxt"):
-        g = _load_frozen(path)
+        g = _load_frozen(path, scan=False)  # describe reads; load() (which inspect runs first) scans
         sig = {"inputs": {a.name: (g.dtype(a.tensor).name, g.shape(a.tensor)) for a in g.inputs},
                "outputs": {a.name: (g.dtype(a.tensor).name, g.shape(a.tensor)) for a in g.outputs}}
         return {"format": "frozen_graphdef", "tags": [], "signatures": {"serving_default": sig}}
@@ -750,15 +1193,12 @@ def describe(path, tags=("serve",)) -> dict:
         path = path.parent
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory.")
-    pb = path / "saved_model.pb"
-    if not pb.exists() and not (path / "saved_model.pbtxt").exists():
-        raise LoadError(f"{path}: not a SavedModel directory: it has no saved_model.pb.")
-    sm = _parse_saved_model(pb if pb.exists() else path / "saved_model.pbtxt")
+    sm = _parse_saved_model(_saved_model_file(path))
     meta = _pick_meta_graph(sm, tags, path)
     sigs = {}
     for name in _sig_names(meta):
         sd = meta.signature_def[name]
-        sigs[name] = {kind: {k: (tf.as_dtype(v.dtype).name if v.dtype else "?",
+        sigs[name] = {kind: {k: (_dtype_name(v.dtype),
                                  _attrs.shape_from_proto(v.tensor_shape)) for k, v in sorted(table.items())}
                       for kind, table in (("inputs", sd.inputs), ("outputs", sd.outputs))}
     return {"format": "saved_model", "tags": sorted(meta.meta_info_def.tags), "signatures": sigs,

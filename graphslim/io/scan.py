@@ -1,0 +1,595 @@
+"""Safety scan: refuse models that contain ops touching the file system, the network, processes or
+Python, before anything could run them.
+
+TensorFlow's own security guidance says a SavedModel is a program. graphslim never executes a model
+on load (it parses ``saved_model.pb`` and reads the checkpoint), but calibration and ``verify`` do run
+graphs, and a model that carries, say, a ``PyFunc`` or a ``WriteFile`` is not one to pass on
+silently. The scan runs by default in :func:`graphslim.io.loader.load`; ``graphslim scan MODEL`` runs
+it alone, and :func:`check_safe` is the hook code that is about to *run* a graph (calibration, prune
+with data) calls first.
+
+What is walked: the MetaGraphDef's ``graph_def`` **and every function of its library**, reachable from
+the signature or not (a model that merely *contains* a dangerous function is refused: the
+conservative choice, since other tools, e.g. ``tf.saved_model.load``, would revive and could run it).
+
+The checkpoint machinery is the one legitimate home of ``SaveV2``/``RestoreV2``/``MergeV2Checkpoints``
+(and the TF1 ``Save``/``Restore`` family). Those ops are accepted only where they are provably
+machinery: in the outer graph, a node that is an ancestor of ``saver_def``'s save tensor or restore op
+and *not* an ancestor of any signature tensor or init op; in the library, a function reachable from
+those saver nodes or from the object graph's saveable-object save/restore functions, and reachable
+from nothing else (no signature, no other function). Anywhere else they are refused like the rest.
+
+Path checks (a model directory): ``variables/`` and ``assets/`` and every file below them must
+resolve inside the model directory (no symlink leading out), be regular files (a FIFO would hang the
+reader), and the asset file names the MetaGraphDef records must be plain relative names (no ``..``,
+no absolute paths).
+
+Example::
+
+    from graphslim.io.scan import check_safe, scan_path
+
+    for f in scan_path("model/"):                 # list of Finding, empty when clean
+        print(f.describe())
+    check_safe("model/")                          # UnsafeModelError when something is found
+    check_safe(graph, allow_ops=("PrintV2",))     # an IR graph about to be run (calibration)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from graphslim.errors import LoadError
+
+__all__ = ["Finding", "UnsafeModelError", "check_safe", "dangerous_ops", "scan_graph_def",
+           "scan_ir", "scan_meta_graph", "scan_path", "scan_report", "check_paths", "parse_allow_ops"]
+
+
+class UnsafeModelError(LoadError):
+    """The model contains ops that touch the file system, network, processes or Python (or files
+    that lead outside the model directory). ``findings`` lists them."""
+
+    def __init__(self, message: str, findings=()):
+        super().__init__(message)
+        self.findings = list(findings)
+
+
+# ------------------------------------------------------------------------------------ op categories
+FILES = "reads or writes files"
+NETWORK = "talks to other processes, devices or hosts"
+PYTHON = "runs Python or native code from the model"
+DATASET = "is a tf.data dataset/iterator op (reads files, runs functions, can block)"
+BLOCKING = "can block forever when run"
+CHECKPOINT = "reads or writes checkpoint files outside the checkpoint machinery"
+
+CHECKPOINT_OPS = frozenset({"Save", "SaveV2", "SaveSlices", "Restore", "RestoreV2", "RestoreSlice",
+                            "MergeV2Checkpoints"})
+
+_FILE_OPS = {
+    "ReadFile", "WriteFile", "MatchingFiles", "ImmutableConst", "DTensorRestoreV2", "LoadAndRemapMatrix",
+    "GenerateVocabRemapping", "InitializeTableFromTextFile", "InitializeTableFromTextFileV2",
+    "FileSystemSetConfiguration", "CalibrationStatisticsSaver", "DistributedSave",
+    "CreateSummaryFileWriter", "CreateSummaryDbWriter", "SummaryWriter", "FlushSummaryWriter",
+    "CloseSummaryWriter", "ImportEvent", "WriteSummary", "WriteScalarSummary", "WriteImageSummary",
+    "WriteHistogramSummary", "WriteAudioSummary", "WriteGraphSummary", "WriteRawProtoSummary",
+    "StatsAggregatorSetSummaryWriter",
+    "DebugIdentity", "DebugIdentityV2", "DebugIdentityV3", "DebugNanCount", "DebugNumericSummary",
+    "DebugNumericSummaryV2",
+}
+_NETWORK_OPS = {
+    "RpcCall", "RpcCheckStatus", "RpcClient", "RpcGetValue", "RpcServer", "RpcServerRegister",
+    "RpcServerStart", "DeleteRpcFutureResource", "Send", "Recv", "_Send", "_Recv", "_HostSend",
+    "_HostRecv", "RemoteCall", "XlaSend", "XlaRecv", "XlaSendToHost", "XlaRecvFromHost",
+    "_XlaSendFromHost", "_XlaSendFromHostV2", "_XlaRecvAtHost", "_XlaRecvAtHostV2", "XlaHostCompute",
+    "_XlaHostComputeMlir", "ConfigureDistributedTPU", "ConfigureAndInitializeGlobalTPU",
+    "ShutdownDistributedTPU", "ShutdownTPUSystem", "_ConfigureDistributedTPU",
+    "_ShutdownDistributedTPU", "_InitializeHostForDistributedTPU", "_WaitForDistributedTPU",
+    "_DisconnectHostFromDistributedTPUSystem", "ConnectTPUEmbeddingHosts",
+}
+_PYTHON_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc", "XlaCustomCall", "XlaCustomCallV2",
+               "XlaCallModule"}
+_BLOCKING_OPS = {
+    "QueueDequeue", "QueueDequeueV2", "QueueDequeueMany", "QueueDequeueManyV2", "QueueDequeueUpTo",
+    "QueueDequeueUpToV2", "BarrierTakeMany", "AccumulatorTakeGradient", "ResourceAccumulatorTakeGradient",
+    "SparseAccumulatorTakeGradient", "Unstage", "StagePeek", "MapUnstage", "MapUnstageNoKey", "MapPeek",
+    "OrderedMapUnstage", "OrderedMapUnstageNoKey", "OrderedMapPeek", "InfeedDequeue",
+    "InfeedDequeueTuple", "OutfeedDequeue", "OutfeedDequeueTuple", "OutfeedDequeueV2",
+    "OutfeedDequeueTupleV2",
+}
+_NETWORK_PATTERN = re.compile(r"^_?(Collective|Nccl)|^(Infeed|Outfeed)Enqueue")
+_DATASET_PATTERN = re.compile(r"Dataset|Iterator")
+_READER_PATTERN = re.compile(r"Reader")  # WholeFileReader, TFRecordReaderV2, ReaderReadV2, ...
+_PRINT_STREAMS = {"stderr", "stdout", "log(info)", "log(warning)", "log(error)"}
+
+
+_ATTR_DEPENDENT = frozenset({"PrintV2", "Copy", "CopyHost", "DecodeProtoV2", "EncodeProto"})
+_CATEGORY_CACHE: dict = {}
+
+
+def _category(op: str, attrs) -> tuple[str, str] | None:
+    """(category, detail) if a node of type ``op`` with ``attrs`` (an AttrValue map) is dangerous."""
+    if op in _ATTR_DEPENDENT:
+        return _category_uncached(op, attrs)
+    try:
+        return _CATEGORY_CACHE[op]
+    except KeyError:
+        cat = _CATEGORY_CACHE[op] = _category_uncached(op, attrs)
+        return cat
+
+
+def _category_uncached(op: str, attrs) -> tuple[str, str] | None:
+    if op in CHECKPOINT_OPS:
+        return CHECKPOINT, ""
+    if op in _PYTHON_OPS:
+        return PYTHON, ""
+    if op in _FILE_OPS or _READER_PATTERN.search(op):
+        return FILES, ""
+    if op in _NETWORK_OPS or _NETWORK_PATTERN.search(op):
+        return NETWORK, ""
+    if _DATASET_PATTERN.search(op):
+        return DATASET, ""
+    if op in _BLOCKING_OPS:
+        return BLOCKING, ""
+    if op == "PrintV2":
+        stream = _attr_s(attrs, "output_stream") or "stderr"
+        if stream not in _PRINT_STREAMS:
+            return FILES, f" (output_stream {stream!r})"
+    if op in ("Copy", "CopyHost"):
+        specs = _attr_list_s(attrs, "debug_ops_spec")
+        if specs:
+            return FILES, f" (debug_ops_spec {specs[0]!r})"
+    if op in ("DecodeProtoV2", "EncodeProto"):
+        source = _attr_s(attrs, "descriptor_source")
+        if source and source != "local://":
+            return FILES, f" (descriptor_source {source!r})"
+    return None
+
+
+def dangerous_ops() -> dict[str, str]:
+    """Every op type the scan refuses unconditionally (by name), with its category; plus, by pattern,
+    ``*Dataset*``, ``*Iterator*``, ``*Reader*``, ``Collective*``, ``Nccl*``; and ``PrintV2`` to a
+    file, ``Copy``/``CopyHost`` with debug specs, ``DecodeProtoV2``/``EncodeProto`` reading a
+    descriptor file."""
+    out = {op: CHECKPOINT for op in CHECKPOINT_OPS}
+    for ops, cat in ((_FILE_OPS, FILES), (_NETWORK_OPS, NETWORK), (_PYTHON_OPS, PYTHON),
+                     (_BLOCKING_OPS, BLOCKING)):
+        out.update({op: cat for op in ops})
+    return dict(sorted(out.items()))
+
+
+def _attr_s(attrs, key: str) -> str:
+    try:
+        if key in attrs:
+            return attrs[key].s.decode("utf-8", "replace")
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return ""
+
+
+def _attr_list_s(attrs, key: str) -> list[str]:
+    try:
+        if key in attrs:
+            return [s.decode("utf-8", "replace") for s in attrs[key].list.s]
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return []
+
+
+# ------------------------------------------------------------------------------------ findings
+@dataclass(frozen=True)
+class Finding:
+    """One dangerous op (``node`` of type ``op``, in ``function`` or the outer graph when None) or one
+    path leading outside the model (``op`` is ``"<path>"``)."""
+
+    op: str
+    node: str
+    function: str | None
+    category: str
+    detail: str = ""
+    where: str = ""  # meta graph tags, for models with several
+
+    def describe(self) -> str:
+        if self.op == "<path>":
+            return f"{self.node}: {self.category}"
+        place = f"in function {self.function!r}" if self.function else "in the graph"
+        tags = f" of MetaGraphDef {self.where}" if self.where else ""
+        return f"op {self.op} (node {self.node!r} {place}{tags}) {self.category}{self.detail}"
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "node": self.node, "function": self.function, "category": self.category,
+                "detail": self.detail, "meta_graph": self.where}
+
+
+def parse_allow_ops(values) -> frozenset[str]:
+    """``("ReadFile", "PyFunc,EagerPyFunc")`` → the set of op names (comma- or space-separated)."""
+    if isinstance(values, str):
+        values = [values]
+    out = set()
+    for v in values or ():
+        out.update(x for x in re.split(r"[,\s]+", str(v)) if x)
+    return frozenset(out)
+
+
+def _refs(attr_map, library: set) -> set[str]:
+    """Library functions an AttrValue map refers to (``func`` and ``list.func`` attrs, nested)."""
+    out, stack = set(), list(attr_map.values())
+    seen = 0
+    while stack:
+        v = stack.pop()
+        seen += 1
+        if seen > 100_000:  # a pathological attr nest: stop, the scan of every function still runs
+            break
+        kind = v.WhichOneof("value")
+        if kind == "func":
+            if v.func.name in library:
+                out.add(v.func.name)
+            stack.extend(v.func.attr.values())
+        elif kind == "list":
+            for f in v.list.func:
+                if f.name in library:
+                    out.add(f.name)
+                stack.extend(f.attr.values())
+    return out
+
+
+_FUNC_ATTRS: dict = {}
+
+
+def _func_attr_names(op: str):
+    """Names of the attrs of ``op`` whose type is ``func`` or ``list(func)`` per its OpDef; None for an
+    op TensorFlow does not know (then every attr is walked)."""
+    try:
+        return _FUNC_ATTRS[op]
+    except KeyError:
+        pass
+    from tensorflow.python.framework import op_def_registry
+
+    op_def = op_def_registry.get(op)
+    names = None if op_def is None else tuple(a.name for a in op_def.attr if a.type in ("func", "list(func)"))
+    _FUNC_ATTRS[op] = names
+    return names
+
+
+def _node_refs(nd, library: set) -> set[str]:
+    """Library functions a node calls: its op type, or its func attrs. Only attrs the op declares can
+    be called by TensorFlow; for unknown op types every attr is walked."""
+    if nd.op in library:
+        out = _refs(nd.attr, library)
+        out.add(nd.op)
+        return out
+    names = _func_attr_names(nd.op)
+    if names is None:
+        return _refs(nd.attr, library)
+    if not names:
+        return set()
+    return _refs({k: nd.attr[k] for k in names if k in nd.attr}, library)
+
+
+def _closure(roots, calls: dict) -> set[str]:
+    seen, stack = set(), list(roots)
+    while stack:
+        f = stack.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        stack.extend(calls.get(f, ()))
+    return seen
+
+
+def _node_name(text: str) -> str:
+    name = text[1:] if text.startswith("^") else text
+    base, sep, port = name.rpartition(":")
+    return base if sep and port.isdigit() else name
+
+
+def _outer_ancestors(nodes: dict, roots) -> set[str]:
+    seen, stack = set(), [r for r in roots if r in nodes]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for text in nodes[n].input:
+            src = _node_name(text)
+            if src in nodes and src not in seen:
+                stack.append(src)
+    return seen
+
+
+def _saver_functions(meta, library: set) -> set[str]:
+    """Function names of the object graph's saveable-object save/restore functions."""
+    og = meta.object_graph_def
+    out = set()
+    n = len(og.nodes)
+    for obj in og.nodes:
+        for so in obj.saveable_objects.values():
+            for nid in (so.save_function, so.restore_function):
+                if 0 <= nid < n:
+                    target = og.nodes[nid]
+                    kind = target.WhichOneof("kind")
+                    if kind == "function":
+                        out.update(f for f in target.function.concrete_functions if f in library)
+                    elif kind == "bare_concrete_function":
+                        name = target.bare_concrete_function.concrete_function_name
+                        if name in library:
+                            out.add(name)
+    return out
+
+
+def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functions=(),
+                   where: str = "") -> list[Finding]:
+    """Findings in a GraphDef and every function of its library.
+
+    ``saver_roots`` are outer node names of the checkpoint machinery (saver_def's save tensor and
+    restore op), ``serving_roots`` those of the signatures and init ops, ``saver_functions`` extra
+    library functions that are checkpoint machinery (object-graph saveable functions). Without saver
+    roots nothing is exempt.
+    """
+    library = {f.signature.name for f in graph_def.library.function}
+    nodes, outer_hits, outer_refs = {}, [], {}
+    for nd in graph_def.node:
+        name, op = nd.name, nd.op
+        nodes.setdefault(name, nd)
+        cat = _category(op, nd.attr)
+        if cat is not None:
+            outer_hits.append((nd, cat))
+        refs = _node_refs(nd, library)
+        if refs:
+            outer_refs.setdefault(name, set()).update(refs)
+    calls, fn_hits = {}, []
+    for f in graph_def.library.function:
+        fname = f.signature.name
+        out = calls.setdefault(fname, set())
+        for nd in f.node_def:
+            cat = _category(nd.op, nd.attr)
+            if cat is not None:
+                fn_hits.append((fname, nd, cat))
+            out |= _node_refs(nd, library)
+
+    needs_exemption = any(cat[0] == CHECKPOINT for _, cat in outer_hits) or any(
+        cat[0] == CHECKPOINT for _, _, cat in fn_hits)
+    ckpt_outer, machinery = set(), set()
+    if needs_exemption and (saver_roots or saver_functions):
+        ckpt_outer = _outer_ancestors(nodes, saver_roots) if saver_roots else set()
+        ckpt_outer -= _outer_ancestors(nodes, serving_roots)
+        ckpt_fn_roots, other_fn_roots = set(saver_functions), set()
+        for name, refs in outer_refs.items():
+            (ckpt_fn_roots if name in ckpt_outer else other_fn_roots).update(refs)
+        ckpt_funcs = _closure(ckpt_fn_roots, calls)
+        # Every function that is not checkpoint machinery is a root of "other" code, reachable or not.
+        other_fn_roots |= library - ckpt_funcs
+        machinery = ckpt_funcs - _closure(other_fn_roots, calls)
+
+    findings = []
+    for nd, cat in outer_hits:
+        if cat[0] == CHECKPOINT and nd.name in ckpt_outer:
+            continue
+        findings.append(Finding(nd.op, nd.name, None, cat[0], cat[1], where))
+    for fname, nd, cat in fn_hits:
+        if cat[0] == CHECKPOINT and fname in machinery:
+            continue
+        findings.append(Finding(nd.op, nd.name, fname, cat[0], cat[1], where))
+    return findings
+
+
+def scan_meta_graph(meta, where: str = "") -> list[Finding]:
+    """Findings in one MetaGraphDef (its graph, its whole function library), with the checkpoint
+    machinery recognised from ``saver_def`` and the object graph."""
+    saver = meta.saver_def
+    saver_roots = [_node_name(t) for t in (saver.save_tensor_name, saver.restore_op_name) if t]
+    serving_roots = []
+    for sig in meta.signature_def.values():
+        for table in (sig.inputs, sig.outputs):
+            for info in table.values():
+                for t in (info.name, info.coo_sparse.values_tensor_name,
+                          info.coo_sparse.indices_tensor_name, info.coo_sparse.dense_shape_tensor_name):
+                    if t:
+                        serving_roots.append(_node_name(t))
+    for key, col in meta.collection_def.items():
+        if key in ("variables", "trainable_variables"):
+            continue  # VariableDefs, serialized protos, not node names
+        for text in col.node_list.value:
+            serving_roots.append(_node_name(text))
+    library = {f.signature.name for f in meta.graph_def.library.function}
+    return scan_graph_def(meta.graph_def, saver_roots=saver_roots, serving_roots=serving_roots,
+                          saver_functions=_saver_functions(meta, library), where=where)
+
+
+def scan_ir(graph) -> list[Finding]:
+    """Findings in an IR graph (what :mod:`graphslim.runtime` would run): its nodes and the
+    FunctionDefs it keeps (``graph.functions``, nested ones included). Nothing is exempt."""
+    findings = []
+    for node in graph.nodes():
+        cat = _category(node.op, node.attrs)
+        if cat is not None:
+            findings.append(Finding(node.op, node.name, None, cat[0], cat[1]))
+    for fname, fdef in (graph.functions or {}).items():
+        for nd in fdef.node_def:
+            cat = _category(nd.op, nd.attr)
+            if cat is not None:
+                findings.append(Finding(nd.op, nd.name, fname, cat[0], cat[1]))
+    return findings
+
+
+# ------------------------------------------------------------------------------------ paths
+def _inside(p: Path, root: Path) -> bool:
+    try:
+        return p.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def check_paths(model_dir, meta=None) -> list[Finding]:
+    """Findings for files of a SavedModel directory that lead outside it or are not regular files:
+    ``variables/``, ``assets/`` (walked without following links) and the asset file names recorded in
+    ``meta`` (``asset_file_def``)."""
+    model_dir = Path(model_dir)
+    root = model_dir.resolve()
+    findings = []
+
+    def bad(path, why):
+        findings.append(Finding("<path>", str(path), None, why))
+
+    for sub in ("saved_model.pb", "saved_model.pbtxt"):
+        top = model_dir / sub
+        # saved_model.pb is what the user points graphslim at: it may be a link (e.g. into a download
+        # cache), but it must be a regular file (a FIFO would hang the reader).
+        if (top.exists() or top.is_symlink()) and not _regular(top):
+            bad(top, "is not a regular file; refusing to read it")
+    for sub in ("variables", "assets"):
+        top = model_dir / sub
+        if not (top.exists() or top.is_symlink()):
+            continue
+        if not _inside(top, root):
+            bad(top, f"leads outside the model directory (to {_target(top)}); refusing to read it")
+            continue
+        if not top.is_dir():
+            if not _regular(top):
+                bad(top, "is not a regular file or directory; refusing to read it")
+            continue  # a plain file: the loader reports the model as incomplete
+        count = 0
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+            for name in list(dirnames) + filenames:
+                count += 1
+                if count > 100_000:
+                    bad(top, "holds more than 100,000 files; refusing to walk it")
+                    return findings
+                p = Path(dirpath) / name
+                if p.is_symlink() and not _inside(p, root):
+                    bad(p, f"leads outside the model directory (to {_target(p)}); refusing to read it")
+                elif name in filenames and not _regular(p) and not p.is_symlink():
+                    bad(p, "is not a regular file (a FIFO, socket or device); refusing to read it")
+                elif name in filenames and p.is_symlink() and not _regular(p):
+                    bad(p, "is a link to something that is not a regular file; refusing to read it")
+    if meta is not None:
+        for a in meta.asset_file_def:
+            name = a.filename
+            parts = Path(name).parts
+            if not name or os.path.isabs(name) or ".." in parts or "\x00" in name:
+                bad(model_dir / "assets" / name,
+                    f"the model records asset file name {name!r}, which is not a plain name inside "
+                    "assets/; refusing to use it")
+    return findings
+
+
+def _regular(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(p.stat().st_mode)
+    except OSError:
+        return False
+
+
+def _target(p: Path) -> str:
+    try:
+        return str(p.resolve())
+    except (OSError, RuntimeError):
+        return "a symlink loop"
+
+
+# ------------------------------------------------------------------------------------ entry points
+def scan_path(path, tags=None) -> list[Finding]:
+    """Findings of a model on disk: a SavedModel directory (every MetaGraphDef, or only the one whose
+    tag set is ``tags``) or a frozen GraphDef file. Raises LoadError when it cannot be read."""
+    from graphslim.io import loader
+
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        raise LoadError(f"{path}: no such file or directory. Pass a SavedModel directory or a frozen "
+                        f"GraphDef .pb file.")
+    if path.is_file() and path.name not in ("saved_model.pb", "saved_model.pbtxt"):
+        gd = loader._parse_graph_def(path)
+        return scan_graph_def(gd)
+    if path.is_file():
+        path = path.parent
+    sm = loader._parse_saved_model(loader._saved_model_file(path))
+    metas = list(sm.meta_graphs)
+    if tags is not None:
+        metas = [loader._pick_meta_graph(sm, tags, path)]
+    findings = []
+    for m in metas:
+        where = ",".join(sorted(m.meta_info_def.tags)) if len(sm.meta_graphs) > 1 else ""
+        findings.extend(check_paths(path, m))
+        findings.extend(scan_meta_graph(m, where=where))
+    return _dedupe(findings)
+
+
+def scan_report(path, tags=None, allow_ops=()) -> dict:
+    """What ``graphslim scan`` prints: ``{"path", "format", "meta_graphs", "nodes", "functions",
+    "function_nodes", "findings": [dict], "allowed": [dict], "safe": bool}``. ``findings`` are those
+    not covered by ``allow_ops``; ``allowed`` those accepted by it."""
+    from graphslim.io import loader
+
+    path = Path(path)
+    findings = scan_path(path, tags=tags)
+    if path.is_file() and path.name not in ("saved_model.pb", "saved_model.pbtxt"):
+        gd = loader._parse_graph_def(path)
+        graphs, fmt, metas = [gd], "frozen_graphdef", 0
+    else:
+        model_dir = path.parent if path.is_file() else path
+        sm = loader._parse_saved_model(loader._saved_model_file(model_dir))
+        chosen = [loader._pick_meta_graph(sm, tags, model_dir)] if tags is not None else list(sm.meta_graphs)
+        graphs, fmt, metas = [m.graph_def for m in chosen], "saved_model", len(chosen)
+    allowed_names = parse_allow_ops(allow_ops)
+    refused = [f for f in findings if f.op == "<path>" or f.op not in allowed_names]
+    accepted = [f for f in findings if f not in refused]
+    return {"path": str(path), "format": fmt, "meta_graphs": metas,
+            "nodes": sum(len(g.node) for g in graphs),
+            "functions": sum(len(g.library.function) for g in graphs),
+            "function_nodes": sum(len(f.node_def) for g in graphs for f in g.library.function),
+            "findings": [f.to_dict() for f in refused], "allowed": [f.to_dict() for f in accepted],
+            "safe": not refused}
+
+
+def _dedupe(findings):
+    seen, out = set(), []
+    for f in findings:
+        if f not in seen:
+            seen.add(f)
+            out.append(f)
+    return out
+
+
+def refusal(findings, where, allow_ops=()) -> UnsafeModelError | None:
+    """The UnsafeModelError for ``findings`` not covered by ``allow_ops`` (None when all are)."""
+    allowed = parse_allow_ops(allow_ops)
+    left = [f for f in findings if f.op == "<path>" or f.op not in allowed]
+    if not left:
+        return None
+    paths = [f for f in left if f.op == "<path>"]
+    ops = [f for f in left if f.op != "<path>"]
+    shown = left[:3]
+    text = "; ".join(f.describe() for f in shown)
+    more = f"; and {len(left) - len(shown)} more" if len(left) > len(shown) else ""
+    hint = ""
+    if ops:
+        names = ",".join(sorted({f.op for f in ops}))
+        hint = (f" If you trust this model, accept these ops knowingly with --allow-ops {names} "
+                f"(allow_ops= in Python); `graphslim scan` lists every finding.")
+    elif paths:
+        hint = " Copy the model's files into its directory instead of linking to them."
+    return UnsafeModelError(f"{where}: refusing the model: {text}{more}. A SavedModel is a program; "
+                            f"graphslim does not handle one that can touch the host when run.{hint}",
+                            left)
+
+
+def check_safe(graph_or_path, allow_ops=(), tags=None) -> None:
+    """Raise :class:`UnsafeModelError` unless the model has no dangerous op outside ``allow_ops``.
+
+    ``graph_or_path`` is an IR :class:`~graphslim.ir.graph.Graph` (what would be run: every node and
+    every FunctionDef it keeps is checked, nothing exempt) or a model path (see :func:`scan_path`).
+    Call it before running a graph (calibration, data-driven passes)::
+
+        check_safe(graph, allow_ops=options.allow_ops)
+    """
+    if isinstance(graph_or_path, (str, os.PathLike)):
+        findings = scan_path(graph_or_path, tags=tags)
+        where = str(graph_or_path)
+    else:
+        findings = scan_ir(graph_or_path)
+        where = (getattr(graph_or_path, "meta", None) or {}).get("source") or "the graph"
+    err = refusal(findings, where, allow_ops)
+    if err is not None:
+        raise err
