@@ -1,0 +1,270 @@
+"""``lowrank``: replace a dense layer or 1×1 convolution ``W [in, out]`` by two through rank r (truncated
+SVD, √S split between the factors), without retraining (Denton et al. 2014).
+
+* ``MatMul`` whose input 1 is a weight (Keras Dense, tf.Module, TF1 dense layers): ``x @ W`` becomes
+  ``(x @ U) @ V``. ``transpose_b`` kernels keep their layout (``U`` stored ``[r, in]``, ``V``
+  ``[out, r]``); ``transpose_a`` stays on the first MatMul.
+* 1×1 ``Conv2D``: a 1×1 conv to r channels (with the original strides and padding), then a 1×1 conv
+  to ``out``. With ``spatial=true`` also K×K convs, by ``W`` reshaped ``[K·K·in, out]``: a K×K conv to r
+  channels, then a 1×1 conv (Zhang et al. 2015 style channel decomposition); by default K×K convs are
+  reported and left to ``separable``.
+
+Exact at r = min(in, out). Per output position it costs r·(in + out) MACs against in·out, so it pays
+when r < in·out / (in + out). Options as for ``separable``: ``rank=`` / ``energy=`` / ``max_error=``
+(per layer; none: ``energy=0.9``) or ``macs=`` (a budget over the model), ``layers=`` / ``exclude=``,
+``min_macs_saving=``, ``cost=macs|latency``, ``calib=``.
+
+Data-aware (``calib=``): with the input second moments Σ on the calibration data (feature vectors of a
+dense layer, patch vectors of a conv: the full (K·K·in)² matrix, so only for patch vectors of at most
+``FULL_PATCH_LIMIT`` entries), the rank-r factorization minimizing the output error is the SVD of
+``Σ^½ W`` mapped back by ``Σ^-½`` (larger patch vectors: from the weights). Layers are handled in
+topological order, Σ taken on the model as already rewritten upstream; then the second factor (and
+the bias, when a BiasAdd follows) is refit by least squares so that the layer reproduces the
+*original* model's output. The report gives the relative weight error and the relative output error
+on the calibration data (before and after the refit).
+
+Emitted structure: the original MatMul/Conv2D node keeps its name and computes the second factor (so
+its BiasAdd and consumers are untouched); a new node ``<scope>/<op name>_u`` computes the first.
+Weights ``<layer>/kernel`` → ``<layer>/kernel_u`` and ``<layer>/kernel_v`` (names not ending in
+``kernel`` get ``_u`` / ``_v``), trainable like the original.
+
+Example: ``--passes "lowrank{energy=0.95 layers=dense*},dce"``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from graphslim.analysis.calibration import ConvGeometry, FeatureMoments, PatchMoments, Regression
+from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, bias_after,
+                                          drop_unused, factorize_graph, kept_energy, lowrank_factors,
+                                          refit, relative_error, shift_bias, sibling_name, sole_weight,
+                                          whitening)
+from graphslim.ir.graph import Graph, SignatureArg, Tensor
+from graphslim.pipeline import PassResult, register_pass
+
+FULL_PATCH_LIMIT = 2304  # largest K·K·in whose (K·K·in)² second-moment matrix calibration accumulates
+RIDGE = 1e-3  # relative ridge of the refit of the second factor, pulling towards the closed form
+
+
+@dataclass(frozen=True)
+class LowrankOptions(FactorizeOptions):
+    """Options of ``lowrank`` (see :class:`graphslim.analysis.factorize.FactorizeOptions`)."""
+
+    spatial: bool = field(default=False, metadata={
+        "help": "also factorize K×K convs (K×K conv to r channels, then 1×1); default: 1×1 convs and dense only"})
+
+
+def _uv_names(kernel_name: str) -> tuple[str, str]:
+    return kernel_name + "_u", kernel_name + "_v"
+
+
+class _Lowrank(Method):
+    name = "lowrank"
+
+    def __init__(self, opts: LowrankOptions):
+        self.opts = opts
+
+    # ------------------------------------------------------------------ candidates
+    def candidates(self, graph):
+        out = []
+        for node in graph.nodes(op=("MatMul", "Conv2D")):
+            c = Candidate(node, record={"layer": node.name, "op": node.op})
+            out.append(c)
+            kshape = graph.shape(graph.input(node, 1))
+            if kshape is None or None in kshape:
+                c.skip("kernel shape unknown")
+                continue
+            c.record["kernel_shape"] = list(kshape)
+            named = graph.weight_of(node, 1)
+            if named is not None:
+                c.record["kernel"] = named.name
+            if not node.dtypes or not node.dtypes[0].is_floating:
+                c.skip(f"dtype {node.dtypes[0].name if node.dtypes else '?'} is not floating point")
+                continue
+            if node.op == "Conv2D" and not self._conv_ok(graph, node, kshape, c):
+                continue
+            kernel, why = sole_weight(graph, node, 1)
+            if kernel is None:
+                c.skip(why)
+                continue
+            c.kernel = kernel
+            w = np.asarray(kernel.value, np.float64)
+            if node.op == "MatMul":
+                w2 = w.T if node.attr("transpose_b", False) else w
+                c.data.update(w2=w2, positions=1, positions_known=True)
+            else:
+                oshape = node.shapes[0] if node.shapes else None
+                nchw = node.attr("data_format", "NHWC").startswith("NC")
+                hw = None if oshape is None else ((oshape[2], oshape[3]) if nchw else (oshape[1], oshape[2]))
+                known = hw is not None and None not in hw
+                c.data.update(w2=w.reshape(-1, w.shape[-1]), positions=hw[0] * hw[1] if known else 1,
+                              positions_known=known, geo=ConvGeometry.of(graph, node), nchw=nchw)
+            c.data["bias_node"], c.data["bias"] = bias_after(graph, node)
+        return out
+
+    def _conv_ok(self, graph, node, kshape, c) -> bool:
+        nchw = node.attr("data_format", "NHWC").startswith("NC")
+        xshape = graph.shape(graph.input(node, 0))
+        xc = None if xshape is None or len(xshape) != 4 else xshape[1 if nchw else 3]
+        if xc is not None and xc != kshape[2]:
+            c.skip(f"grouped conv ({xc} input channels, kernel takes {kshape[2]} per group)")
+            return False
+        if kshape[0] * kshape[1] > 1 and not self.opts.spatial:
+            c.skip(f"kernel {kshape[0]}×{kshape[1]} is spatial (use separable, or lowrank{{spatial=true}})")
+            return False
+        return True
+
+    # ------------------------------------------------------------------ math
+    def statistics(self, graph, cand, opts):
+        node = cand.node
+        if node.op == "MatMul":
+            axis = 0 if node.attr("transpose_a", False) else -1
+            return graph.input(node, 0), FeatureMoments(axis=axis)
+        size = cand.data["w2"].shape[0]
+        if size > FULL_PATCH_LIMIT:
+            cand.record["calibration_note"] = (f"patch vector of {size} > {FULL_PATCH_LIMIT} entries: "
+                                               "factorized from the weights alone")
+            return None
+        return graph.input(node, 0), PatchMoments(cand.data["geo"], positions=opts.calib_positions, full=True)
+
+    def decompose(self, cand, opts, stats):
+        w2 = cand.data["w2"]
+        whiten = None
+        if stats is not None and stats.count:
+            sigma = stats.second_moment
+            if cand.data["bias"] is not None:  # the bias absorbs the mean: weight by the covariance
+                sigma = sigma - np.outer(stats.mean, stats.mean)
+            whiten = whitening(sigma)
+            cand.record["calibrated"] = True
+        cand.data["whiten"] = whiten
+        cand.data["svd"] = np.linalg.svd(w2 if whiten is None else whiten[0] @ w2, full_matrices=False)
+        kept = kept_energy(cand.data["svd"][1])
+        cand.data["kept"] = kept
+        return kept
+
+    def macs(self, cand, r):
+        n_in, n_out = cand.data["w2"].shape
+        pos = cand.data["positions"]
+        return pos * n_in * n_out, pos * r * (n_in + n_out)
+
+    def factor(self, cand, r):
+        w2 = cand.data["w2"]
+        u, v = lowrank_factors(w2, r, cand.data["whiten"], cand.data.pop("svd"))
+        cand.data.update(u=u, v=v, rank=r, bias_shift=None)
+        if cand.data["whiten"] is None:  # Eckart–Young: the discarded singular values
+            cand.record["weight_error"] = float(np.sqrt(max(1.0 - cand.data["kept"][r], 0.0)))
+        else:
+            cand.record["weight_error"] = relative_error(w2, u @ v)
+        cand.record["new_weights"] = list(_uv_names(cand.kernel.name))
+
+    def refinement(self, graph, cand, opts):
+        node, w2, u = cand.node, cand.data["w2"], cand.data["u"]
+        intercept = cand.data["bias"] is not None
+
+        def features(rows):
+            z = rows @ u
+            return np.concatenate([z, np.ones((len(z), 1))], 1) if intercept else z
+
+        if node.op == "MatMul":
+            acc = Regression(features, lambda rows: rows @ w2, axis=0 if node.attr("transpose_a", False) else -1)
+        else:
+            acc = Regression(features, lambda rows: rows @ w2, cand.data["geo"], positions=opts.calib_positions, seed=1)
+        return graph.input(node, 0), acc
+
+    def refine(self, cand, acc):
+        if acc is None:
+            return
+        v, shift, err0, err = refit(acc, cand.data["v"], cand.data["bias"] is not None, RIDGE)
+        if err0 is None:
+            return
+        if cand.data["rank"] >= cand.record["full_rank"]:
+            cand.record["output_error"] = err0
+            return
+        cand.data.update(v=v, bias_shift=shift)
+        cand.record.update(output_error=err, output_error_before_refit=err0,
+                           weight_error=relative_error(cand.data["w2"], cand.data["u"] @ v))
+
+    # ------------------------------------------------------------------ emission
+    def _emit(self, g, cand, x, node_name: str, reuse=None):
+        node, kernel = cand.node, cand.kernel
+        dtype = kernel.value.dtype
+        u, v = cand.data["u"], cand.data["v"]
+        r = u.shape[1]
+        t = node.attr("T", tf.float32)
+        nu, nv = _uv_names(kernel.name)
+        first_name = sibling_name(g, node_name, node_name.rsplit("/", 1)[-1] + "_u")
+        if node.op == "MatMul":
+            tb = bool(node.attr("transpose_b", False))
+            ku = g.add_weight(nu, (u.T if tb else u).astype(dtype), trainable=kernel.trainable, unique=True)
+            kv = g.add_weight(nv, (v.T if tb else v).astype(dtype), trainable=kernel.trainable, unique=True)
+            first = g.add_node(first_name, "MatMul", [x, ku], attrs={
+                "T": t, "transpose_a": bool(node.attr("transpose_a", False)), "transpose_b": tb})
+            if reuse is None:
+                return g.add_node(node_name, "MatMul", [first, kv],
+                                  attrs={"T": t, "transpose_a": False, "transpose_b": tb})
+            g.set_inputs(reuse, [first, kv])
+            reuse.set_attr("transpose_a", False)
+            return reuse
+        kh, kw, cin, cout = kernel.value.shape
+        ku = g.add_weight(nu, u.reshape(kh, kw, cin, r).astype(dtype), trainable=kernel.trainable, unique=True)
+        kv = g.add_weight(nv, v.reshape(1, 1, r, cout).astype(dtype), trainable=kernel.trainable, unique=True)
+        first = g.add_node(first_name, "Conv2D", [x, ku], attrs=dict(node.attrs))
+        ones = [1, 1, 1, 1]
+        if reuse is None:
+            return g.add_node(node_name, "Conv2D", [first, kv], attrs={
+                "T": t, "strides": ones, "padding": "VALID", "dilations": ones,
+                "data_format": node.attr("data_format", "NHWC")})
+        g.set_inputs(reuse, [first, kv])
+        reuse.set_attr("strides", ones)
+        reuse.set_attr("padding", "VALID")
+        reuse.set_attr("dilations", ones)
+        reuse.attrs.pop("explicit_paddings", None)
+        return reuse
+
+    def rewrite(self, graph, cand):
+        node = cand.node
+        old_kernel = graph.input(node, 1)
+        self._emit(graph, cand, graph.input(node, 0), node.name, reuse=node)
+        drop_unused(graph, old_kernel)
+        if cand.data.get("bias_shift") is not None:
+            shift_bias(graph, cand.data["bias"], cand.data["bias_shift"])
+
+    def timing_graphs(self, graph, cand):
+        node = cand.node
+        if node.op == "Conv2D" and cand.data["nchw"]:
+            return "NCHW convolutions do not run on this CPU"
+        xshape = graph.shape(graph.input(node, 0))
+        if xshape is None:
+            return "input shape unknown"
+        batch_axis = 1 if node.op == "MatMul" and node.attr("transpose_a", False) else 0
+        shape = [1 if i == batch_axis else d for i, d in enumerate(xshape)]
+        if any(d is None for d in shape):
+            return "input shape unknown"
+        minis = []
+        for factorized in (False, True):
+            g = Graph()
+            g.add_node("x", "Placeholder", attrs={"dtype": graph.dtype(graph.input(node, 0)), "shape": tuple(shape)})
+            g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+            if factorized:
+                out = self._emit(g, cand, "x", "layer")
+            else:
+                k = g.add_weight("kernel", cand.kernel.value)
+                out = g.add_node("layer", node.op, ["x", k], attrs=dict(node.attrs))
+            g.outputs.append(SignatureArg("y", out.output(0)))
+            g.infer_shapes()
+            minis.append(g)
+        return tuple(minis)
+
+
+@register_pass("lowrank", options=LowrankOptions)
+def lowrank(graph, opts: LowrankOptions) -> PassResult:
+    """Replace dense layers and 1×1 convs ``W [in, out]`` by two through rank r (truncated SVD).
+
+    Example: ``--passes "lowrank{energy=0.95},dce"`` or ``lowrank{rank=16 layers=dense_1 calib=calib.npz}``
+    """
+    changed, stats = factorize_graph(graph, opts, _Lowrank(opts))
+    return PassResult(changed=changed, stats=stats)
