@@ -1,0 +1,321 @@
+"""Least-squares reconstruction of the layers that read pruned channels (He et al. 2017; Zhang et al.
+2015), and their output error against the original model.
+
+After ``prune`` removes channels, each *sink* layer (a Conv2D or MatMul whose input channels shrank)
+computes its output from fewer inputs. On calibration data, :func:`fit_layers` compares, at sampled
+output positions, the layer's output in the **pruned** model with the **original** model's output of the
+same layer (restricted to the output channels that remain), and with ``refit=True`` solves
+
+    min ‖[P, 1]·[W; b] − Y_orig‖² + λ‖[W; b] − [W₀; b₀]‖²
+
+in float64 (``P``: the pruned model's input patches of the layer, im2col at sampled positions; ``W₀``:
+the sliced weights; λ = ``ridge`` × mean diagonal of the normal matrix, which keeps directions the data
+does not see at the sliced weights). Layers are fitted in waves from input to output: a layer is
+fitted once every fitted layer it depends on has its new weights, so its inputs are those of the final
+pruned model. Memory is bounded: only the normal equations (D² for D inputs per output) and one batch of
+activations are held (:func:`graphslim.analysis.calibration.collect`).
+
+A layer without a bias gets one when the fitted intercept is not zero: a new ``BiasAdd`` reading a new
+weight ``<kernel scope>/bias`` (trainable).
+
+Example::
+
+    original = g.copy()
+    kept = kept_positions(changes)                   # before apply_keeps
+    apply_keeps(g, changes)
+    fits = fit_layers(g, original, sink_layers(g, changes), data, kept, refit=True)
+    for f in fits.values():
+        print(f.layer, f.error_before, f.error_after)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphslim.analysis.calibration import ConvGeometry, collect, extract_patches, patch_index
+from graphslim.analysis.channels import combined_positions
+from graphslim.ir.graph import Graph
+
+__all__ = ["LayerFit", "fit_layers", "kept_positions", "sink_layers", "ridge_solve", "MAX_FEATURES"]
+
+MAX_FEATURES = 8192  #: inputs per output above which a layer is measured but not refit (D² normal matrix)
+
+
+@dataclass
+class LayerFit:
+    """One sink layer: relative output error on the calibration data with the sliced weights
+    (``error_before``) and after the refit (``error_after``, None when not refit), rows used, and why a
+    layer was not refit."""
+
+    layer: str
+    kernel: str
+    error_before: float | None = None
+    error_after: float | None = None
+    rows: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        d = {"layer": self.layer, "kernel": self.kernel, "error_before": self.error_before,
+             "error_after": self.error_after, "rows": self.rows}
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+def kept_positions(changes) -> dict:
+    """``{(weight name, axis): old positions kept, in order}`` for every weight member of the
+    ``(group, keep)`` changes (groups sharing a member, like Concat branches, combined). Compute it
+    before :func:`~graphslim.analysis.channels.apply_keeps`."""
+    parts: dict = {}
+    dims: dict = {}
+    for group, keep in changes:
+        for m in group.members_of("weight"):
+            parts.setdefault((m.name, m.axis), []).append((m.index_map, list(keep)))
+            dims[(m.name, m.axis)] = m.dim
+    return {k: combined_positions(dims[k], p) for k, p in parts.items()}
+
+
+def sink_layers(graph: Graph, changes) -> list[str]:
+    """Names of the Conv2D / MatMul nodes reading a sink kernel of the changed groups, in topological
+    order (other sink ops, e.g. BatchMatMul, are not refit)."""
+    from graphslim.analysis.importance import sink_ops
+
+    names = set()
+    for group, keep in changes:
+        if len(keep) == group.size:
+            continue
+        for m, node, _ in sink_ops(graph, group):
+            if node.op in ("Conv2D", "MatMul"):
+                names.add(node.name)
+    return [n.name for n in graph.nodes() if n.name in names]
+
+
+def ridge_solve(ff: np.ndarray, ft: np.ndarray, b0: np.ndarray, ridge: float) -> np.ndarray:
+    """``argmin ‖T − F·B‖² + λ‖B − B0‖²`` from the normal equations ``FᵀF``, ``FᵀT`` (float64),
+    λ = ``ridge`` × mean diagonal of ``FᵀF``."""
+    d = ff.shape[0]
+    lam = ridge * float(np.trace(ff)) / max(d, 1) + 1e-12
+    a = ff + lam * np.eye(d)
+    rhs = ft + lam * b0
+    try:
+        return np.linalg.solve(a, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a, rhs, rcond=None)[0]
+
+
+# ------------------------------------------------------------------------------------------ layers
+class _Layer:
+    """Weights and geometry of one sink layer in the pruned and the original graph."""
+
+    def __init__(self, pruned: Graph, original: Graph, name: str, kept: dict):
+        self.name = name
+        node = pruned.node(name)
+        self.op = node.op
+        self.kernel = pruned.weight_of(node, 1)
+        if self.kernel is None:
+            raise ValueError("its kernel is not a weight")
+        onode = original.node(name)
+        okernel = original.weight_of(onode, 1)
+        if okernel is None or okernel.name != self.kernel.name:
+            raise ValueError("its kernel differs from the original's")
+        self.bias_node, self.bias = _bias_after(pruned, node)
+        _, obias = _bias_after(original, onode)
+        if self.op == "Conv2D":
+            if node.attr("data_format", "NHWC").startswith("NC"):
+                raise ValueError("NCHW convolution")
+            self.geo = ConvGeometry.of(pruned, node)
+            self.out_axis = 3
+            k = self.kernel.value
+            self.w0 = k.reshape(-1, k.shape[3]).astype(np.float64)
+            ko = okernel.value
+            w_orig = ko.reshape(-1, ko.shape[3]).astype(np.float64)
+        elif self.op == "MatMul":
+            if node.attr("transpose_a", False):
+                raise ValueError("MatMul with transpose_a")
+            self.geo = None
+            self.tb = bool(node.attr("transpose_b", False))
+            self.out_axis = 0 if self.tb else 1
+            self.w0 = (self.kernel.value.T if self.tb else self.kernel.value).astype(np.float64)
+            w_orig = (okernel.value.T if self.tb else okernel.value).astype(np.float64)
+        else:
+            raise ValueError(f"op {self.op} is not refit")
+        cols = kept.get((self.kernel.name, self.out_axis))
+        if cols is None:
+            cols = np.arange(w_orig.shape[1])
+        if len(cols) != self.w0.shape[1]:
+            raise ValueError("its output channels do not match the pruned layer")
+        self.w_orig = w_orig[:, cols]
+        self.b_orig = None if obias is None else np.asarray(obias.value, np.float64)[cols]
+        self.b0 = None if self.bias is None else np.asarray(self.bias.value, np.float64)
+        self.x = pruned.input(node, 0)
+        self.x_orig = original.input(onode, 0)
+
+    @property
+    def features(self) -> int:
+        return self.w0.shape[0] + 1
+
+
+class _Fit:
+    """Accumulator: per batch, rows of the pruned layer input and the original layer output at the same
+    sampled positions; running squared error of the sliced weights and (optionally) normal equations."""
+
+    def __init__(self, layer: _Layer, positions: int, rng: np.random.Generator, normal: bool):
+        self.layer, self.positions, self.rng, self.normal = layer, positions, rng, normal
+        d = layer.w0.shape[0] + 1
+        self.b0 = np.concatenate([layer.w0, (layer.b0 if layer.b0 is not None else
+                                             np.zeros(layer.w0.shape[1]))[None]], axis=0)
+        self.ff = np.zeros((d, d)) if normal else None
+        self.ft = np.zeros((d, layer.w0.shape[1])) if normal else None
+        self.tt = 0.0
+        self.err0 = 0.0
+        self.count = 0
+
+    def _rows(self, x, index):
+        if self.layer.geo is not None:
+            p = extract_patches(x, self.layer.geo, index=index)
+            return p.reshape(p.shape[0], -1).astype(np.float64)
+        return x.reshape(-1, x.shape[-1]).astype(np.float64)
+
+    def update(self, value, reference) -> None:
+        value, reference = np.asarray(value), np.asarray(reference)
+        index = None
+        if self.layer.geo is not None:
+            index = patch_index(value.shape, self.layer.geo, self.positions, self.rng)
+        f = self._rows(value, index)
+        r = self._rows(reference, index)
+        t = r @ self.layer.w_orig
+        if self.layer.b_orig is not None:
+            t += self.layer.b_orig
+        f = np.concatenate([f, np.ones((f.shape[0], 1))], axis=1)
+        self.err0 += float(np.square(t - f @ self.b0).sum())
+        self.tt += float(np.square(t).sum())
+        self.count += f.shape[0]
+        if self.normal:
+            self.ff += f.T @ f
+            self.ft += f.T @ t
+
+    def residual(self, b) -> float:
+        err = self.tt - 2.0 * float(np.sum(b * self.ft)) + float(np.sum(b * (self.ff @ b)))
+        return max(err, 0.0)
+
+
+def _bias_after(graph: Graph, node):
+    """The BiasAdd right after ``node`` (its only reader) and its bias weight, or (None, None)."""
+    users = graph.consumers(node.output(0))
+    if len(users) == 1 and users[0][0].op == "BiasAdd" and users[0][1] == 0:
+        ba = users[0][0]
+        w = graph.weight_of(ba, 1)
+        if w is not None and len(_weight_users(graph, w.name)) == 1:
+            return ba, w
+    return None, None
+
+
+def _weight_users(graph: Graph, name: str) -> list:
+    out, todo = [], [name]
+    while todo:
+        for n, p in graph.consumers(todo.pop()):
+            if n.op == "Identity":
+                todo.append(n.name)
+            else:
+                out.append((n, p))
+    return out
+
+
+def _depends(graph: Graph, names: list[str]) -> dict:
+    """For each layer, the other layers among ``names`` it depends on."""
+    s = set(names)
+    return {n: (graph.ancestors([n]) - {n}) & s for n in names}
+
+
+def _write(graph: Graph, layer: _Layer, b: np.ndarray) -> str:
+    """Write the refit weights (and bias) into ``graph``; returns a note when a bias was added."""
+    w, bias = b[:-1], b[-1]
+    k = layer.kernel
+    dtype = k.value.dtype
+    if layer.op == "Conv2D":
+        new = w.reshape(k.value.shape)
+    else:
+        new = w.T if layer.tb else w
+    graph.set_weight(k.name, np.ascontiguousarray(new.astype(dtype)))
+    if layer.bias is not None:
+        graph.set_weight(layer.bias.name, bias.astype(layer.bias.value.dtype))
+        return ""
+    if not np.any(bias):
+        return ""
+    node = graph.node(layer.name)
+    scope = k.name.rsplit("/", 1)[0] if "/" in k.name else k.name
+    wnode = graph.add_weight(f"{scope}/bias", bias.astype(dtype), unique=True)
+    consumers = graph.consumers(node.output(0))
+    outputs = [o for o in graph.outputs if o.tensor == node.output(0)]
+    ba = graph.add_node(f"{layer.name}/bias_add", "BiasAdd", [node.output(0), wnode.output(0)],
+                        attrs={"T": node.attr("T")}, unique=True)
+    for user, port in consumers:
+        graph.set_input(user, port, ba.output(0))
+    for o in outputs:
+        o.tensor = ba.output(0)
+    return f"added bias {wnode.name}"
+
+
+def fit_layers(pruned: Graph, original: Graph, layers: list[str], data: dict, kept: dict, *,
+               refit: bool = True, ridge: float = 1e-3, positions: int = 64, batch_size: int = 32,
+               seed: int = 0, max_bytes: int = 256 << 20) -> dict:
+    """Measure (and with ``refit`` reconstruct) the sink ``layers`` of ``pruned`` against ``original``
+    on calibration ``data``; ``kept`` from :func:`kept_positions`. Mutates ``pruned``'s weights when
+    refitting. Returns ``{layer: LayerFit}``. Relative errors are ‖Y − Y_orig‖ / ‖Y_orig‖ over the
+    sampled outputs (in-sample for the refit). A refit that does not lower the error is not applied."""
+    fits: dict = {}
+    todo = []
+    for name in layers:
+        try:
+            layer = _Layer(pruned, original, name, kept)
+        except ValueError as exc:
+            k = pruned.weight_of(pruned.node(name), 1)
+            fits[name] = LayerFit(name, k.name if k else "", note=f"not measured: {exc}")
+            continue
+        todo.append(layer)
+    if not todo:
+        return fits
+    waves: list[list[_Layer]] = []
+    if refit:
+        deps = _depends(pruned, [l.name for l in todo])
+        done: set = set()
+        left = list(todo)
+        while left:
+            wave = [l for l in left if not (deps[l.name] - done - {x.name for x in fits})]
+            if not wave:  # cannot happen in a DAG; be safe
+                wave = left[:1]
+            waves.append(wave)
+            done |= {l.name for l in wave}
+            left = [l for l in left if l.name not in done]
+    else:
+        waves = [todo]
+    for wi, wave in enumerate(waves):
+        accs = {}
+        for li, layer in enumerate(wave):
+            normal = refit and layer.features <= MAX_FEATURES
+            accs[layer.name] = (layer.x, layer.x_orig,
+                                _Fit(layer, positions, np.random.default_rng([seed, wi, li]), normal))
+        got = collect(pruned, data, accs, reference=original, batch_size=batch_size, max_bytes=max_bytes)
+        for layer in wave:
+            acc = got[layer.name]
+            f = LayerFit(layer.name, layer.kernel.name, rows=acc.count)
+            power = acc.tt
+            f.error_before = float(np.sqrt(acc.err0 / power)) if power > 0 else 0.0
+            if refit and acc.normal and power > 0:
+                b = ridge_solve(acc.ff, acc.ft, acc.b0, ridge)  # a layer without bias: intercept pulled to 0
+                err = float(np.sqrt(acc.residual(b) / power))
+                if err < f.error_before:
+                    f.error_after = err
+                    f.note = _write(pruned, layer, b)
+                else:
+                    f.error_after = f.error_before
+                    f.note = "refit did not lower the error: kept the sliced weights"
+            elif refit:
+                f.note = (f"{layer.features - 1} inputs per output (> {MAX_FEATURES}): measured, not refit"
+                          if power > 0 else "zero output on the calibration data: not refit")
+            fits[layer.name] = f
+        if refit:
+            pruned.infer_shapes()
+    return fits

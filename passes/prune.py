@@ -1,0 +1,738 @@
+"""``prune``: remove the least important channels of every prunable channel group; shapes shrink.
+
+Each channel group (:mod:`graphslim.analysis.channels`) shrinks as one: the Add-coupled convs of a
+residual stage keep the same channels, a Concat maps offsets, a depthwise conv follows its input, a conv
+before Flatten→Dense removes the matching Dense rows. Only groups that touch no signature input or output
+and have no blocker are pruned; the others are listed in the stats with the reason. Variables keep their
+names (``conv1/kernel`` stays ``conv1/kernel``, now with fewer filters) and stay trainable.
+
+Targets (one of ``ratio=``, ``macs=``, ``threshold=``, and/or ``layer=``):
+
+* ``ratio=0.3``: remove 30% of the channels of every prunable group;
+* ``macs=0.5``: keep 50% of the model's MACs; removal is distributed over the groups (``allocation=global``:
+  greedily remove the channel blocks with the least importance per MAC saved, importance normalized per
+  group so that removing a whole group costs 1; ``allocation=uniform``: one ratio for all groups, solved to
+  hit the target; ``allocation=sensitivity``, with calibration data: each group is pruned alone to a few
+  keep fractions (and reconstructed with ``reconstruct=true``), the change of the model's outputs on
+  calibration data is measured (KL divergence for a Softmax output, relative L2 otherwise), and the same
+  greedy runs on those measured costs). The achieved
+  fraction is in the stats;
+* ``threshold=0``: remove the channels whose score is at most this (``threshold=0`` with ``l1``: exactly
+  the all-zero filters);
+* ``layer=conv1:20`` (keep 20 channels) or ``layer="conv1:keep=0,3,5"`` (keep these): a layer is a node name
+  as ``graphslim inspect`` prints it, a kernel weight name (``conv2d/kernel``), or a Keras layer name; its
+  group is the one of the kernel's output channels. With other targets, the named groups are fixed and
+  the rest follow the target; alone, only the named groups change.
+
+``exclude=`` (same names; glob patterns allowed) leaves groups alone; ``min_channels=`` and ``round_to=``
+(keep counts multiples of N, e.g. 8 for fast kernels) bound the keep counts.
+
+Criteria (:mod:`graphslim.analysis.importance`, user-extensible): ``l1``, ``l2``, ``bn``, and with
+calibration data (``calib=data.npz`` or a directory of ``<input>.npy``) ``activation``, ``apoz``,
+``thinet``. With calibration data the stats give, per pruned layer, the relative output error against the
+original model; ``reconstruct=true`` refits those layers' weights (and bias) by least squares, layer by
+layer from input to output (:mod:`graphslim.analysis.reconstruct`).
+
+Example: ``--passes "prune{macs=0.5 criterion=thinet calib=calib.npz reconstruct=true},dce"``
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from graphslim.analysis.channels import ChannelGroup, channel_groups
+from graphslim.errors import PassError
+from graphslim.ir.graph import Tensor
+from graphslim.pipeline import PassResult, register_pass
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Options of ``prune`` (see the module docstring): a target, names, bounds, criterion, calibration."""
+
+    ratio: float | None = field(default=None, metadata={
+        "help": "fraction of the channels removed from every prunable group (0..1)"})
+    macs: float | None = field(default=None, metadata={
+        "help": "fraction of the model's MACs to keep (0..1]; removal distributed over groups by importance"})
+    threshold: float | None = field(default=None, metadata={
+        "help": "remove the channels whose criterion score is at most this (0 with l1: all-zero filters)"})
+    layer: tuple[str, ...] = field(default=(), metadata={
+        "help": "explicit keeps: NAME:COUNT or \"NAME:keep=I,J,...\" (node, kernel or Keras layer name)"})
+    exclude: tuple[str, ...] = field(default=(), metadata={
+        "help": "layers whose groups are not pruned (node, kernel or Keras layer names; glob patterns)"})
+    min_channels: int = field(default=1, metadata={"help": "keep at least this many channels per group"})
+    round_to: int = field(default=1, metadata={
+        "help": "keep counts are multiples of this (groups smaller than it stay whole)"})
+    criterion: str = field(default="l1", metadata={
+        "help": "importance criterion: l1, l2, bn; with calib: activation, apoz, thinet, lsq; or a registered one"})
+    allocation: Literal["global", "uniform", "sensitivity"] = field(default="global", metadata={
+        "help": "with macs=: global (least importance per MAC first), uniform (one ratio, solved), or "
+                "sensitivity (measured model-output error per MAC; needs calib)"})
+    sensitivity_levels: int = field(default=8, metadata={
+        "help": "allocation=sensitivity: keep fractions tried per group (1/N ... (N-1)/N)"})
+    sensitivity_samples: int = field(default=128, metadata={
+        "help": "allocation=sensitivity: calibration examples used to measure the output error"})
+    calib: str | None = field(default=None, metadata={
+        "help": "calibration inputs (.npz or dir of .npy keyed by input name): data criteria, errors, reconstruct"})
+    calib_samples: int = field(default=512, metadata={"help": "calibration examples used at most"})
+    calib_batch: int = field(default=32, metadata={"help": "calibration batch size"})
+    calib_positions: int = field(default=64, metadata={
+        "help": "spatial positions sampled per example and layer for calibration statistics"})
+    reconstruct: bool = field(default=False, metadata={
+        "help": "refit the layers reading pruned channels by least squares on the calibration data"})
+    ridge: float = field(default=1e-3, metadata={"help": "relative ridge of the reconstruction"})
+    seed: int = field(default=0, metadata={"help": "seed of the calibration sampling"})
+    allow_ops: tuple[str, ...] = field(default=(), metadata={
+        "help": "ops the safety check accepts before calibration runs the model"})
+
+    def __post_init__(self):
+        given = [k for k in ("ratio", "macs", "threshold") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError("give at most one of ratio=, macs=, threshold= (got "
+                             + " and ".join(f"{k}=" for k in given) + ")")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.macs is not None and not 0 < self.macs <= 1:
+            raise ValueError(f"macs must be in (0, 1], got {self.macs}")
+        for k in ("min_channels", "round_to", "calib_samples", "calib_batch", "calib_positions",
+                  "sensitivity_levels", "sensitivity_samples"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if self.reconstruct and not self.calib:
+            raise ValueError("reconstruct=true needs calibration data: add calib=data.npz")
+        if self.allocation == "sensitivity" and not self.calib:
+            raise ValueError("allocation=sensitivity measures the model's output error: add calib=data.npz")
+
+
+# ----------------------------------------------------------------------------------------- layer names
+#: op → its kernel's output-channel axis (kernel = input 1)
+def _kernel_out_axis(node) -> int | None:
+    if node.op == "Conv2D":
+        return 3
+    if node.op == "DepthwiseConv2dNative":
+        return 2  # the depthwise conv's channels are its input's
+    if node.op == "Conv2DBackpropInput":
+        return 2
+    if node.op == "MatMul":
+        return 0 if node.attr("transpose_b", False) else 1
+    if node.op in ("BatchMatMulV2", "BatchMatMulV3", "BatchMatMul"):
+        return -2 if node.attr("adj_y", False) else -1
+    return None
+
+
+def _kernel_nodes(graph) -> list:
+    """(node, kernel weight, output axis) for every op reading a kernel weight at input 1."""
+    out = []
+    for node in graph.nodes():
+        axis = _kernel_out_axis(node)
+        if axis is None:
+            continue
+        w = graph.weight_of(node, 1)
+        if w is not None:
+            out.append((node, w, axis % w.value.ndim))
+    return out
+
+
+class _Names:
+    """Resolves layer names to (weight or tensor, axis) keys and to groups."""
+
+    def __init__(self, graph, groups):
+        self.graph, self.groups = graph, groups
+        self.kernels = _kernel_nodes(graph)
+        self.by_weight = {}
+        for node, w, axis in self.kernels:
+            self.by_weight.setdefault(w.name, (node, w, axis))
+
+    def _labels(self):
+        """Names a user may write for each kernel: Keras layer, kernel weight, node."""
+        for node, w, axis in self.kernels:
+            keras = w.name.rsplit("/", 1)[0] if "/" in w.name else w.name
+            yield (keras, w.name, node.name), (Tensor(w.name, 0), axis)
+
+    def keys(self, text: str) -> list:
+        """(tensor, axis) keys named by ``text`` (several for a glob pattern); [] when none."""
+        g = self.graph
+        if any(ch in text for ch in "*?["):
+            found = {}
+            for names, key in self._labels():
+                if any(fnmatch.fnmatchcase(n, text) for n in names):
+                    found[key] = None
+            return list(found)
+        if text in self.by_weight:
+            _, w, axis = self.by_weight[text]
+            return [(Tensor(w.name, 0), axis)]
+        if text in g.weights:
+            v = g.weights[text].value
+            return [(Tensor(text, 0), 0)] if v.ndim == 1 else []
+        if g.has_node(text):
+            node = g.node(text)
+            axis = _kernel_out_axis(node)
+            w = g.weight_of(node, 1) if axis is not None else None
+            if w is not None:
+                return [(Tensor(w.name, 0), axis % w.value.ndim)]
+            shape = node.shapes[0] if node.shapes else None
+            if not shape:
+                return []
+            fmt = node.attr("data_format", "NHWC") or "NHWC"
+            return [(node.output(0), 1 if str(fmt).startswith("NC") and len(shape) > 2 else len(shape) - 1)]
+        for suffix in ("kernel", "depthwise_kernel", "weights", "W"):
+            if f"{text}/{suffix}" in self.by_weight:
+                return self.keys(f"{text}/{suffix}")
+        scoped = {(Tensor(w.name, 0), axis) for node, w, axis in self.kernels
+                  if text in node.name.split("/")[:-1]}
+        if len(scoped) == 1:
+            return list(scoped)
+        if len(scoped) > 1:
+            raise PassError(f"prune: layer name {text!r} is ambiguous: it is a scope of the ops reading "
+                            + ", ".join(sorted(k[0].node for k in scoped)) + "; name the kernel instead")
+        return []
+
+    def group_of(self, key) -> ChannelGroup | None:
+        t, axis = key
+        for grp in self.groups:
+            if grp.covers(t, axis):
+                return grp
+        return None
+
+    def unknown(self, text: str, what: str) -> PassError:
+        import difflib
+
+        names = sorted({n for names, _ in self._labels() for n in names[:2]})
+        close = difflib.get_close_matches(text, names, n=5, cutoff=0.5)
+        hint = f" Similar: {', '.join(close)}." if close else \
+            " Run 'graphslim inspect MODEL' to see node names; kernels are named like 'conv2d/kernel'."
+        return PassError(f"prune: {what} {text!r} names no layer, node or kernel weight of the model.{hint}")
+
+
+_LAYER_RE = re.compile(r"^(?P<name>.+?):(?:keep=(?P<keep>[\d,\s]*)|(?P<count>\d+))$")
+
+
+def _parse_layers(entries) -> list:
+    """``NAME:COUNT`` / ``NAME:keep=I,J`` → [(text, name, count or None, keep list or None)]. Bare
+    integers following a ``keep=`` entry (a list split on commas) belong to it."""
+    merged: list[str] = []
+    for e in entries:
+        e = e.strip()
+        if e.isdigit() and merged and ":keep=" in merged[-1]:
+            merged[-1] += "," + e
+        else:
+            merged.append(e)
+    out = []
+    for e in merged:
+        m = _LAYER_RE.match(e)
+        if not m:
+            raise PassError(f"prune: layer entry {e!r} is not NAME:COUNT or NAME:keep=I,J,... (quote it in a "
+                            f"pipeline: layer=\"conv1:keep=0,3,5\")")
+        if m.group("count") is not None:
+            out.append((e, m.group("name"), int(m.group("count")), None))
+        else:
+            keep = [int(x) for x in re.split(r"[,\s]+", m.group("keep").strip()) if x]
+            if not keep:
+                raise PassError(f"prune: layer entry {e!r} keeps no channel")
+            out.append((e, m.group("name"), None, keep))
+    return out
+
+
+def _member_channels(group: ChannelGroup, key, positions: list, text: str) -> list:
+    """Positions along a layer's axis → group channels (each position must belong to one channel)."""
+    t, axis = key
+    m = next((m for m in group.members if m.kind != "reshape" and m.tensor == t and m.axis == axis), None)
+    if m is None:
+        raise PassError(f"prune: {text}: the layer's axis is not in its channel group")
+    owner = {}
+    for c in range(group.size):
+        for p in m.index_map[c]:
+            owner[int(p)] = c
+    out = []
+    for p in positions:
+        if p not in owner:
+            raise PassError(f"prune: {text}: channel {p} is out of range (the layer has {m.dim} channels)")
+        c = owner[p]
+        if c not in out:
+            out.append(c)
+    if sum(len(m.index_map[c]) for c in out) != len(set(positions)):
+        raise PassError(f"prune: {text}: the kept channels must cover whole group channels (each group "
+                        f"channel spans {m.index_map.width} positions of this layer)")
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------------------- keep counts
+def _allowed_counts(size: int, min_channels: int, round_to: int) -> list[int]:
+    """Keep counts a group may take, descending from ``size``."""
+    lo = min(size, max(1, min_channels))
+    if round_to <= 1 or size <= round_to:
+        return list(range(size, lo - 1, -1))
+    lo = max(lo, round_to)
+    lo = -(-lo // round_to) * round_to
+    counts = [size] + [k for k in range((size - 1) // round_to * round_to, lo - 1, -round_to)]
+    return [k for k in counts if k >= 1]
+
+
+def _snap(counts: list[int], k: float) -> int:
+    """The allowed count nearest to ``k`` (ties: the larger)."""
+    return min(counts, key=lambda c: (abs(c - k), -c))
+
+
+class _MacModel:
+    """MACs of the kernel ops as a function of how many channels each group removes (in its removal
+    order): a conv's MACs scale with its kernel's input × output lengths, a depthwise conv's with its
+    channels, a MatMul's with K × N. Ops without a kernel weight keep their MACs."""
+
+    AXES = {"Conv2D": (2, 3), "Conv2DBackpropInput": (2, 3), "DepthwiseConv2dNative": (2,), "MatMul": (0, 1)}
+
+    def __init__(self, graph, groups, orders: dict):
+        cost = graph.cost()
+        self.total0 = cost.macs
+        self.fixed = 0
+        self.nodes = []  # (macs0, [keys])
+        dims = {}
+        for c in cost.nodes:
+            if not c.macs:
+                continue
+            node = graph.node(c.name)
+            w = graph.weight_of(node, 1)
+            axes = self.AXES.get(node.op)
+            if node.op.startswith("BatchMatMul"):
+                axes = (-2, -1)
+            if w is None or axes is None:
+                self.fixed += c.macs
+                continue
+            keys = [(w.name, a % w.value.ndim) for a in axes]
+            for k in keys:
+                dims[k] = w.value.shape[k[1]]
+            self.nodes.append((c.macs, keys))
+        self.dims = dims
+        self.cum: dict = {}  # key → {gid: cumulative positions removed by the first r channels}
+        self.node_groups: dict = {}
+        for grp in groups:
+            order = orders[grp.id]
+            for m in grp.members_of("weight"):
+                k = (m.name, m.axis)
+                if k not in dims:
+                    continue
+                widths = (m.index_map.rows >= 0).sum(axis=1)[order]
+                self.cum.setdefault(k, {})[grp.id] = np.concatenate([[0], np.cumsum(widths)])
+        for i, (_, keys) in enumerate(self.nodes):
+            for k in keys:
+                for gid in self.cum.get(k, {}):
+                    self.node_groups.setdefault(gid, set()).add(i)
+
+    def node_macs(self, i: int, removed: dict) -> float:
+        macs, keys = self.nodes[i]
+        f = float(macs)
+        for k in keys:
+            d = self.dims[k]
+            gone = sum(int(cum[removed.get(gid, 0)]) for gid, cum in self.cum.get(k, {}).items())
+            f *= max(d - gone, 0) / d
+        return f
+
+    def total(self, removed: dict) -> float:
+        return self.fixed + sum(self.node_macs(i, removed) for i in range(len(self.nodes)))
+
+    def saving(self, gid: int, removed: dict, new_r: int) -> float:
+        nodes = self.node_groups.get(gid, ())
+        before = sum(self.node_macs(i, removed) for i in nodes)
+        trial = dict(removed)
+        trial[gid] = new_r
+        return before - sum(self.node_macs(i, trial) for i in nodes)
+
+
+def _group_costs(scores: np.ndarray, order: np.ndarray, cumulative: bool) -> np.ndarray:
+    """Normalized cost of removing the first r channels of the order, r = 0..C (removing all costs 1
+    for additive criteria; cumulative criteria give it directly)."""
+    s = np.maximum(scores[order], 0.0)
+    if cumulative:
+        return np.concatenate([[0.0], s])
+    total = s.sum()
+    c = np.concatenate([[0.0], np.cumsum(s)])
+    return c / total if total > 0 else c
+
+
+def _global_allocation(model: _MacModel, free: list, fixed_removed: dict, counts: dict, costs: dict,
+                       target: float) -> dict:
+    """Greedy: repeatedly take the group step (to its next allowed keep count) with the least cost per
+    MAC saved, until the modelled MACs reach ``target``. Returns ``{gid: channels removed}``."""
+    removed = dict(fixed_removed)
+    step = {g.id: 0 for g in free}
+    for g in free:
+        removed[g.id] = 0
+    size = {g.id: g.size for g in free}
+    cur = model.total(removed)
+
+    def entry(gid):
+        i = step[gid]
+        if i + 1 >= len(counts[gid]):
+            return None
+        new_r = size[gid] - counts[gid][i + 1]
+        sav = model.saving(gid, removed, new_r)
+        cost = costs[gid][new_r] - costs[gid][removed[gid]]
+        if sav <= 0:
+            return (np.inf, gid, new_r, sav)
+        return (max(cost, 0.0) / sav, gid, new_r, sav)
+
+    heap = [e for e in (entry(g.id) for g in free) if e is not None]
+    heapq.heapify(heap)
+    while heap and cur > target:
+        ratio, gid, new_r, sav = heapq.heappop(heap)
+        fresh = entry(gid)
+        if fresh is None:
+            continue
+        if fresh[:3] != (ratio, gid, new_r) and heap and fresh[0] > heap[0][0]:
+            heapq.heappush(heap, fresh)  # stale: another group's step changed this one's saving
+            continue
+        ratio, gid, new_r, sav = fresh
+        if not np.isfinite(ratio):
+            continue
+        if cur - sav < target and (target - (cur - sav)) > (cur - target):
+            break  # the step would overshoot more than stopping short
+        removed[gid] = new_r
+        step[gid] += 1
+        cur -= sav
+        nxt = entry(gid)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    return removed
+
+
+def _uniform_allocation(model: _MacModel, free: list, fixed_removed: dict, counts: dict, target: float) -> dict:
+    def removal(r):
+        out = dict(fixed_removed)
+        for g in free:
+            out[g.id] = g.size - _snap(counts[g.id], g.size - round(r * g.size))
+        return out
+
+    lo, hi = 0.0, 1.0
+    best = removal(0.0)
+    best_err = abs(model.total(best) - target)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        rem = removal(mid)
+        macs = model.total(rem)
+        if abs(macs - target) < best_err:
+            best, best_err = rem, abs(macs - target)
+        if macs > target:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def _output_measures(graph) -> list:
+    """What the sensitivity measures per floating-point signature output: ``(tensor, "kl")`` for a
+    Softmax output (mean KL divergence from the original's probabilities: insensitive to logit shifts
+    that change no prediction), else ``(tensor, "l2")`` (squared relative L2 error)."""
+    out = []
+    for o in graph.outputs:
+        if not graph.dtype(o.tensor).is_floating:
+            continue
+        kind = "kl" if graph.producer(o.tensor).op == "Softmax" else "l2"
+        out.append((str(o.tensor), kind))
+    return out
+
+
+def _output_error(ref: dict, got: dict, measures: list) -> float:
+    total = 0.0
+    for t, kind in measures:
+        a, b = ref[t].astype(np.float64), got[t].astype(np.float64)
+        if kind == "kl":
+            a, b = np.clip(a, 1e-12, 1.0), np.clip(b, 1e-12, 1.0)
+            total += float((a * (np.log(a) - np.log(b))).sum(axis=-1).mean())
+        else:
+            total += float(np.square(b - a).sum()) / (float(np.square(a).sum()) or 1.0)
+    return total
+
+
+def _sensitivity_costs(graph, free: list, orders: dict, counts: dict, data: dict, opts) -> tuple[dict, list]:
+    """Per group, the error of the model's outputs (:func:`_output_error`) when only that group is pruned
+    to a few keep counts (reconstructed when ``opts.reconstruct``), interpolated to every removal count."""
+    from graphslim.analysis.channels import apply_keeps
+    from graphslim.analysis.reconstruct import fit_layers, kept_positions, sink_layers
+    from graphslim.runtime import Runner
+
+    n = min(opts.sensitivity_samples, len(next(iter(data.values()))))
+    sub = {k: v[:n] for k, v in data.items()}
+    measures = _output_measures(graph)
+    fetch = [t for t, _ in measures]
+    if not fetch:
+        raise PassError("prune: allocation=sensitivity needs a floating-point signature output to measure")
+    ref_runner = Runner(graph)
+    try:
+        ref = ref_runner.run(sub, fetch=fetch)
+    finally:
+        ref_runner.close()
+    costs, rows = {}, []
+    levels = opts.sensitivity_levels
+    for g in free:
+        allowed = counts[g.id]
+        grid = sorted({_snap(allowed, g.size * i / levels) for i in range(1, levels)} - {g.size}, reverse=True)
+        measured = {0: 0.0}
+        for k in grid:
+            keep = np.sort(orders[g.id][g.size - k:]).tolist()
+            h = graph.copy()
+            apply_keeps(h, [(g, keep)])
+            if opts.reconstruct:
+                fit_layers(h, graph, sink_layers(graph, [(g, keep)]), sub, kept_positions([(g, keep)]), refit=True,
+                           ridge=opts.ridge, positions=opts.calib_positions, batch_size=opts.calib_batch,
+                           seed=opts.seed)
+            r = Runner(h)
+            try:
+                got = r.run(sub, fetch=fetch)
+            finally:
+                r.close()
+            measured[g.size - k] = _output_error(ref, got, measures)
+        xs = np.array(sorted(measured))
+        ys = np.maximum.accumulate(np.array([measured[x] for x in xs]))
+        # beyond the last measured level: extrapolate linearly to removing everything
+        full = np.arange(g.size + 1)
+        c = np.interp(full, xs, ys)
+        if xs[-1] < g.size and len(xs) > 1:
+            slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1)
+            c[full > xs[-1]] = ys[-1] + slope * (full[full > xs[-1]] - xs[-1])
+        costs[g.id] = c
+        rows.append({"group": g.name, "keep": [g.size - int(x) for x in xs], "output_error": [float(y) for y in ys]})
+    return costs, rows
+
+
+# ----------------------------------------------------------------------------------------- stats
+def _layer_rows(before_graph, after_graph, fits: dict) -> list:
+    cb, ca = before_graph.cost().by_node(), after_graph.cost().by_node()
+    rows = []
+    for node, w, out_axis in _kernel_nodes(before_graph):
+        if not after_graph.has_node(node.name):
+            continue
+        w_after = after_graph.weight_of(after_graph.node(node.name), 1)
+        if w_after is None or w_after.value.shape == w.value.shape:
+            continue
+        shape_b, shape_a = w.value.shape, w_after.value.shape
+        if node.op == "MatMul":
+            in_axis = 1 - out_axis
+        elif node.op == "Conv2DBackpropInput":
+            in_axis = 3
+        else:
+            in_axis = 2
+        row = {"layer": node.name, "op": node.op, "kernel": w.name,
+               "in_channels": [int(shape_b[in_axis]), int(shape_a[in_axis])],
+               "out_channels": [int(shape_b[out_axis] * (shape_b[3] if node.op == "DepthwiseConv2dNative" else 1)),
+                                int(shape_a[out_axis] * (shape_a[3] if node.op == "DepthwiseConv2dNative" else 1))],
+               "params": [int(cb[node.name].params) if node.name in cb else 0,
+                          int(ca[node.name].params) if node.name in ca else 0],
+               "macs": [int(cb[node.name].macs) if node.name in cb else 0,
+                        int(ca[node.name].macs) if node.name in ca else 0]}
+        f = fits.get(node.name)
+        if f is not None:
+            row["error_before"] = f.error_before
+            row["error_after"] = f.error_after
+            if f.note:
+                row["note"] = f.note
+        rows.append(row)
+    return rows
+
+
+def _check_safe(graph, allow_ops) -> None:
+    try:
+        from graphslim.io.scan import check_safe
+    except ImportError:  # the safety scan is optional in older checkouts
+        return
+    check_safe(graph, allow_ops=allow_ops)
+
+
+# ----------------------------------------------------------------------------------------- the pass
+@register_pass("prune", options=PruneOptions)
+def prune(graph, opts: PruneOptions) -> PassResult:
+    """Remove the least important channels of every prunable channel group (shapes shrink, names stay).
+
+    Example: ``--passes "prune{ratio=0.3 criterion=l1 round_to=8},dce"``
+    """
+    from graphslim.analysis.importance import get_criterion, score_groups
+
+    if opts.ratio is None and opts.macs is None and opts.threshold is None and not opts.layer:
+        raise PassError("prune: give a target: ratio= (fraction of channels removed per group), macs= (fraction "
+                        "of MACs kept), threshold= (score), or layer=NAME:COUNT; e.g. prune{ratio=0.3}")
+    seconds = {}
+    t0 = time.perf_counter()
+    crit = get_criterion(opts.criterion)
+    if crit.needs_data and not opts.calib:
+        raise PassError(f"prune: criterion {crit.name!r} needs calibration data: add calib=data.npz (a .npz or a "
+                        f"directory of .npy arrays keyed by signature input name)")
+    groups = channel_groups(graph)
+    names = _Names(graph, groups)
+    not_prunable = [{"group": g.name, "sources": [m.name for m in g.sources], "channels": g.size,
+                     "reason": g.why_not()} for g in groups if not g.prunable]
+
+    excluded: dict[int, list] = {}
+    for text in opts.exclude:
+        keys = names.keys(text)
+        if not keys:
+            raise names.unknown(text, "exclude entry")
+        for key in keys:
+            grp = names.group_of(key)
+            if grp is not None:
+                excluded.setdefault(grp.id, []).append(text)
+
+    explicit: dict[int, tuple] = {}  # gid -> (text, count or None, group channels kept or None)
+    for text, name, count, keep in _parse_layers(opts.layer):
+        keys = names.keys(name)
+        if not keys:
+            raise names.unknown(name, "layer")
+        for key in keys:
+            grp = names.group_of(key)
+            if grp is None:
+                raise PassError(f"prune: layer {name!r} ({key[0]} axis {key[1]}) belongs to no channel group")
+            if not grp.prunable:
+                raise PassError(f"prune: layer {name!r} cannot be pruned: its channel group {grp.name} "
+                                f"(sources {', '.join(m.name for m in grp.sources) or '-'}) is not prunable: "
+                                f"{grp.why_not()}")
+            if grp.id in excluded:
+                raise PassError(f"prune: layer {name!r} is both given explicitly and excluded "
+                                f"(by {', '.join(excluded[grp.id])})")
+            chans = _member_channels(grp, key, keep, text) if keep is not None else None
+            if count is not None and not 1 <= count <= grp.size:
+                raise PassError(f"prune: {text}: keep count {count} is outside 1..{grp.size} (the layer's "
+                                f"channel group has {grp.size} channels)")
+            entry = (text, count, chans)
+            if grp.id in explicit and explicit[grp.id][1:] != entry[1:]:
+                raise PassError(f"prune: {text} and {explicit[grp.id][0]} name the same channel group "
+                                f"{grp.name} with different keeps")
+            explicit[grp.id] = entry
+
+    has_target = any(getattr(opts, k) is not None for k in ("ratio", "macs", "threshold"))
+    candidates = [g for g in groups if g.prunable and g.id not in excluded and (has_target or g.id in explicit)]
+    seconds["analysis"] = time.perf_counter() - t0
+
+    data = None
+    if opts.calib:
+        t = time.perf_counter()
+        from graphslim.analysis.calibration import load_calibration
+
+        _check_safe(graph, opts.allow_ops)
+        data = load_calibration(opts.calib, graph, max_examples=opts.calib_samples)
+        seconds["calibration_load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    to_score = [g for g in candidates if not (g.id in explicit and explicit[g.id][2] is not None)]
+    scores, notes = score_groups(graph, to_score, crit, data=data if crit.needs_data else None, seed=opts.seed,
+                                 positions=opts.calib_positions, batch_size=opts.calib_batch) \
+        if to_score else ({}, [])
+    notes = list(notes)
+    seconds["scoring"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    orders, counts, removed_n = {}, {}, {}
+    for g in candidates:
+        if g.id in explicit and explicit[g.id][2] is not None:
+            kept = explicit[g.id][2]
+            gone = [c for c in range(g.size) if c not in set(kept)]
+            orders[g.id] = np.array(gone + list(kept), dtype=np.int64)
+            removed_n[g.id] = len(gone)
+            continue
+        orders[g.id] = np.argsort(scores[g.id], kind="stable")
+        counts[g.id] = _allowed_counts(g.size, opts.min_channels, opts.round_to)
+        if g.id in explicit:
+            removed_n[g.id] = g.size - explicit[g.id][1]
+    free = [g for g in candidates if g.id not in explicit]
+    target_stats: dict = {}
+    model = None
+    if opts.ratio is not None:
+        for g in free:
+            removed_n[g.id] = g.size - _snap(counts[g.id], g.size - round(opts.ratio * g.size))
+        target_stats["ratio"] = opts.ratio
+    elif opts.threshold is not None:
+        for g in free:
+            above = int((scores[g.id] > opts.threshold).sum())
+            ok = [k for k in counts[g.id] if k >= above]
+            removed_n[g.id] = g.size - (min(ok) if ok else g.size)
+        target_stats["threshold"] = opts.threshold
+    elif opts.macs is not None:
+        model = _MacModel(graph, candidates, orders)
+        fixed = {gid: removed_n[gid] for gid in removed_n}
+        target = opts.macs * model.total0
+        if opts.allocation == "uniform":
+            removal = _uniform_allocation(model, free, fixed, counts, target)
+        else:
+            if opts.allocation == "sensitivity":
+                t_s = time.perf_counter()
+                costs, sens_rows = _sensitivity_costs(graph, free, orders, counts, data, opts)
+                target_stats["sensitivity"] = sens_rows
+                seconds["sensitivity"] = time.perf_counter() - t_s
+            else:
+                costs = {g.id: _group_costs(scores[g.id], orders[g.id], crit.cumulative) for g in free}
+            removal = _global_allocation(model, free, fixed, counts, costs, target)
+        removed_n.update(removal)
+        target_stats.update({"macs": opts.macs, "allocation": opts.allocation})
+
+    changes = []
+    group_rows = []
+    for g in candidates:
+        r = removed_n.get(g.id, 0)
+        if r <= 0:
+            continue
+        keep = np.sort(orders[g.id][r:])
+        changes.append((g, keep.tolist()))
+        group_rows.append({"group": g.name, "sources": [m.name for m in g.sources],
+                           "channels": [g.size, int(len(keep))],
+                           "removed": np.sort(orders[g.id][:r]).tolist()})
+    seconds["allocation"] = time.perf_counter() - t
+
+    original = graph.copy() if (changes and data is not None) else None
+    before_cost = graph.cost() if changes else None
+    fits = {}
+    if changes:
+        from graphslim.analysis.channels import apply_keeps
+
+        t = time.perf_counter()
+        kept = None
+        if data is not None:
+            from graphslim.analysis.reconstruct import kept_positions, sink_layers
+
+            kept = kept_positions(changes)
+            layers = sink_layers(graph, changes)
+        before_graph = original if original is not None else graph.copy()
+        apply_keeps(graph, changes)
+        seconds["apply"] = time.perf_counter() - t
+        if data is not None:
+            from graphslim.analysis.reconstruct import fit_layers
+
+            t = time.perf_counter()
+            fits = fit_layers(graph, original, layers, data, kept, refit=opts.reconstruct, ridge=opts.ridge,
+                              positions=opts.calib_positions, batch_size=opts.calib_batch, seed=opts.seed)
+            seconds["reconstruct" if opts.reconstruct else "errors"] = time.perf_counter() - t
+        layer_rows = _layer_rows(before_graph, graph, fits)
+    else:
+        layer_rows = []
+    after_cost = graph.cost()
+    b_macs = before_cost.macs if before_cost else after_cost.macs
+    b_params = before_cost.params if before_cost else after_cost.params
+    if opts.macs is not None:
+        target_stats["achieved"] = after_cost.macs / b_macs if b_macs else 1.0
+        if target_stats["achieved"] > opts.macs + 0.02:
+            notes.append(f"macs={opts.macs} is not reachable within min_channels={opts.min_channels}, "
+                         f"round_to={opts.round_to}, the excluded and the not prunable groups: kept "
+                         f"{target_stats['achieved']:.3f} of the MACs")
+    stats = {
+        "criterion": crit.name,
+        "target": target_stats or {"layers": [e[0] for e in explicit.values()]},
+        "macs": {"before": int(b_macs), "after": int(after_cost.macs),
+                 "ratio": after_cost.macs / b_macs if b_macs else 1.0},
+        "params": {"before": int(b_params), "after": int(after_cost.params),
+                   "ratio": after_cost.params / b_params if b_params else 1.0},
+        "pruned_groups": len(changes),
+        "channels": {"before": int(sum(g.size for g, _ in changes)), "after": int(sum(len(k) for _, k in changes))},
+        "groups": group_rows,
+        "layers": layer_rows,
+        "not_prunable": not_prunable,
+        "excluded": [{"group": f"g{gid}", "by": by} for gid, by in excluded.items()],
+        "notes": list(dict.fromkeys(notes)),
+        "calibrated": data is not None,
+        "reconstructed": bool(opts.reconstruct and fits),
+        "seconds": seconds,
+    }
+    return PassResult(changed=bool(changes), stats=stats)
