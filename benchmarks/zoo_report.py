@@ -143,7 +143,12 @@ def main() -> int:
         return 0
     archs = args.only.split(",") if args.only else architectures()
     rows: dict = {}
-    for arch in archs:
+    store = Path(args.out).with_suffix(".json")
+    if args.only and store.exists():  # a partial re-run updates the full report
+        for r in json.loads(store.read_text()):
+            rows[(r["arch"], r["pass"])] = r
+        archs = sorted({a for a, _ in rows} | set(archs))
+    for arch in (args.only.split(",") if args.only else archs):
         t = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, __file__, "--child", arch], capture_output=True, text=True,
@@ -161,6 +166,7 @@ def main() -> int:
         print(f"{arch:24s} {time.perf_counter() - t:6.0f}s  " +
               "  ".join(f"{p}={rows[(arch, p)]['status']}" for p in PIPELINES), flush=True)
         Path(args.out).write_text(render(rows, archs))
+        store.write_text(json.dumps([dict(r, arch=a, **{"pass": p}) for (a, p), r in sorted(rows.items())], indent=1))
     return 0
 
 

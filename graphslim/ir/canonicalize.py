@@ -6,17 +6,80 @@
 * ``Squeeze(Reshape(x))`` whose result has exactly ``x``'s static shape is bypassed (Keras 3 reshapes a
   conv bias to ``[1, 1, 1, C]`` and squeezes it back before ``BiasAdd``).
 
-Both rewrites leave every computed value bit-identical.
+* Grouped ``Conv2D`` (Keras ``Conv2D(groups=G)``, e.g. ConvNeXt's depthwise convs) runs on TensorFlow's
+  CPU kernels only under XLA, which the export requests on a function call that inlining removes. It
+  becomes ``DepthwiseConv2dNative`` over a Reshape of the same kernel when every group is one input
+  channel, else ``Split`` → one Conv2D per group → ``ConcatV2``. The kernel weight keeps its name and
+  shape.
+
+All rewrites compute the same values.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import tensorflow as tf
+
 from graphslim.ir.graph import Graph
+
+
+def _const(graph: Graph, name: str, value) -> str:
+    value = np.asarray(value)
+    return graph.add_node(name, "Const", attrs={"dtype": tf.as_dtype(value.dtype), "value": value},
+                          unique=True).name
+
+
+def ungroup_convs(graph: Graph) -> int:
+    """Rewrite grouped Conv2D nodes (see the module docstring); returns how many."""
+    count = 0
+    for node in graph.nodes(op="Conv2D"):
+        x, w = graph.input(node, 0), graph.input(node, 1)
+        xs, ws = graph.shape(x), graph.shape(w)
+        fmt = node.attr("data_format", "NHWC")
+        cax = 1 if fmt.startswith("NC") else 3
+        if not xs or not ws or xs[cax] is None or None in ws or xs[cax] == ws[2]:
+            continue
+        cin, (kh, kw, fin, cout) = xs[cax], ws
+        if cin % fin or cout % (cin // fin):
+            continue
+        groups = cin // fin
+        name, attrs, dtype = node.name, dict(node.attrs), node.attr("T")
+        users = graph.consumers(node.output(0))
+        outs = [o.name for o in graph.outputs if o.tensor == node.output(0)]
+        strides = node.attr("strides")
+        graph.remove_node(node, safe=False)
+        if fin == 1 and fmt == "NHWC" and strides[1] == strides[2]:
+            shape = _const(graph, f"{name}/depthwise_shape", np.array([kh, kw, cin, cout // cin], np.int32))
+            r = graph.add_node(f"{name}/depthwise_kernel", "Reshape", inputs=[w, shape],
+                               attrs={"T": dtype, "Tshape": tf.int32}, unique=True)
+            keep = {k: v for k, v in attrs.items() if k in ("T", "strides", "padding", "explicit_paddings",
+                                                             "data_format", "dilations")}
+            new = graph.add_node(name, "DepthwiseConv2dNative", inputs=[x, r], attrs=keep)
+        else:
+            ax = _const(graph, f"{name}/group_axis", np.array(cax, np.int32))
+            wax = _const(graph, f"{name}/group_kernel_axis", np.array(3, np.int32))
+            xsplit = graph.add_node(f"{name}/groups", "Split", inputs=[ax, x],
+                                    attrs={"T": dtype, "num_split": groups}, unique=True)
+            wsplit = graph.add_node(f"{name}/group_kernels", "Split", inputs=[wax, w],
+                                    attrs={"T": dtype, "num_split": groups}, unique=True)
+            convs = [graph.add_node(f"{name}/group_{i}", "Conv2D", inputs=[xsplit.output(i), wsplit.output(i)],
+                                    attrs=attrs, unique=True).output(0) for i in range(groups)]
+            cat_ax = _const(graph, f"{name}/concat_axis", np.array(cax, np.int32))
+            new = graph.add_node(name, "ConcatV2", inputs=convs + [cat_ax],
+                                 attrs={"T": dtype, "N": groups, "Tidx": tf.int32})
+        for user, port in users:
+            graph.set_input(user, port, new.output(0))
+        for o in outs:
+            graph.set_output(o, new.output(0))
+        count += 1
+    return count
 
 
 def canonicalize(graph: Graph) -> int:
     """Apply the simplifications in place; returns how many nodes were bypassed and removed."""
     removed = 0
+    if ungroup_convs(graph):
+        graph.infer_shapes()
     for node in graph.nodes():
         if not graph.has_node(node.name):
             continue
