@@ -60,7 +60,7 @@ def child(arch: str) -> None:
     model = getattr(keras.applications, arch)(weights=None)
     src = tmp / "orig"
     model.export(str(src), verbose=False)
-    shape = tuple(model.input_shape[1:])
+    shape = tuple(d or 224 for d in model.input_shape[1:])  # MobileNetV3: dynamic spatial dims
     del model
     ref_obj = tf.saved_model.load(str(src))
     fn = ref_obj.signatures["serving_default"]
