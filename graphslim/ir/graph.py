@@ -501,6 +501,11 @@ class Graph:
             if node.op == WEIGHT_OP and tuple(self.weights[name].value.shape) != tuple(node.shapes[0]):
                 raise VerificationError(f"weight {name!r} has shape {self.weights[name].value.shape} "
                                         f"but its node says {node.shapes[0]}")
+        for arg in self.inputs + self.outputs:
+            n = self.node(arg.tensor.node)
+            if arg.tensor.port >= n.num_outputs:
+                raise VerificationError(f"signature tensor {arg.name!r} is {arg.tensor}, but {n.name!r} ({n.op}) "
+                                        f"has only {n.num_outputs} outputs")
         names = [a.name for a in self.outputs]
         if len(set(names)) != len(names):
             raise VerificationError(f"signature output names are not unique: {names}")

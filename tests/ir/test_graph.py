@@ -86,3 +86,10 @@ def test_dead_nodes_removed_with_their_weights():
     dead = g.remove_dead_nodes()
     assert set(dead) == {"unused/kernel", "unused/Neg"} and "unused/kernel" not in g.weights
     g.verify()
+
+
+def test_signature_output_port_out_of_range_detected():
+    g = conv_graph()
+    g.set_output("y", Tensor("conv/Relu", 2))
+    with pytest.raises(VerificationError, match=r"signature tensor 'y' is conv/Relu:2"):
+        g.verify()
