@@ -39,3 +39,15 @@ def test_custom_pass_example(tmp_path):
     np.testing.assert_allclose(soft, expected["output_0"], rtol=1e-5, atol=1e-6)
     assert not np.allclose(logits, expected["output_0"])
     assert not graphslim.load(out).nodes(op="Softmax")
+
+
+def test_pipelines_in_the_pass_table_parse():
+    from graphslim.pipeline import parse_pipeline
+
+    table = README.split("### Built-in passes", 1)[1].split("\n\n", 1)[0]
+    examples = [e for e in re.findall(r"`([a-z-]+(?:\{[^`]*\})?)`", table)
+                if e.split("{")[0] in ("dce", "fold-batchnorm", "subset", "extend", "truncate", "prune",
+                                        "separable", "lowrank")]
+    assert len(examples) >= 10
+    for text in examples:
+        assert str(parse_pipeline(text)) == text
