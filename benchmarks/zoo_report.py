@@ -126,7 +126,7 @@ def render(rows: dict, archs: list[str]) -> str:
         for p in PIPELINES:
             r = rows.get((arch, p))
             if r is None:
-                cells.append("not run")
+                cells.append("not run yet")
                 continue
             if r["status"] == "ok":
                 counts[p] += 1
@@ -146,6 +146,7 @@ def main() -> int:
     ap.add_argument("--only", default="")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--child", default="")
+    ap.add_argument("--render", action="store_true", help="only rebuild the table from the stored results")
     args = ap.parse_args()
     if args.child:
         child(args.child)
@@ -156,7 +157,12 @@ def main() -> int:
     if args.only and store.exists():  # a partial re-run updates the full report
         for r in json.loads(store.read_text()):
             rows[(r["arch"], r["pass"])] = r
-        archs = sorted({a for a, _ in rows} | set(archs))
+        archs = architectures()  # the table always lists every architecture
+    if args.render:
+        for r in json.loads(store.read_text()):
+            rows[(r["arch"], r["pass"])] = r
+        Path(args.out).write_text(render(rows, architectures()))
+        return 0
     for arch in (args.only.split(",") if args.only else archs):
         t = time.perf_counter()
         try:
