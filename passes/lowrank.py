@@ -39,9 +39,9 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.calibration import ConvGeometry, FeatureMoments, PatchMoments, Regression
-from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, bias_after,
-                                          drop_unused, factorize_graph, kept_energy, lowrank_factors,
-                                          refit, relative_error, shift_bias, sibling_name, sole_weight,
+from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, bias_after, pointwise_conv,
+                                          factorize_graph, kept_energy, lowrank_factors,
+                                          refit, relative_error, sibling_name, sole_weight,
                                           whitening)
 from graphslim.ir.graph import Graph, SignatureArg, Tensor
 from graphslim.pipeline import PassResult, register_pass
@@ -213,25 +213,7 @@ class _Lowrank(Method):
         ku = g.add_weight(nu, u.reshape(kh, kw, cin, r).astype(dtype), trainable=kernel.trainable, unique=True)
         kv = g.add_weight(nv, v.reshape(1, 1, r, cout).astype(dtype), trainable=kernel.trainable, unique=True)
         first = g.add_node(first_name, "Conv2D", [x, ku], attrs=dict(node.attrs))
-        ones = [1, 1, 1, 1]
-        if reuse is None:
-            return g.add_node(node_name, "Conv2D", [first, kv], attrs={
-                "T": t, "strides": ones, "padding": "VALID", "dilations": ones,
-                "data_format": node.attr("data_format", "NHWC")})
-        g.set_inputs(reuse, [first, kv])
-        reuse.set_attr("strides", ones)
-        reuse.set_attr("padding", "VALID")
-        reuse.set_attr("dilations", ones)
-        reuse.attrs.pop("explicit_paddings", None)
-        return reuse
-
-    def rewrite(self, graph, cand):
-        node = cand.node
-        old_kernel = graph.input(node, 1)
-        self._emit(graph, cand, graph.input(node, 0), node.name, reuse=node)
-        drop_unused(graph, old_kernel)
-        if cand.data.get("bias_shift") is not None:
-            shift_bias(graph, cand.data["bias"], cand.data["bias_shift"])
+        return pointwise_conv(g, node_name, [first, kv], reuse, t, [1, 1, 1, 1], node.attr("data_format", "NHWC"))
 
     def timing_graphs(self, graph, cand):
         node = cand.node

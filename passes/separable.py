@@ -53,10 +53,10 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.calibration import ConvGeometry, PatchMoments, Regression
-from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, bias_after,
-                                          channel_svd, compose_separable, derived_name, drop_unused,
+from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, bias_after, pointwise_conv,
+                                          channel_svd, compose_separable, derived_name,
                                           factorize_graph, kept_energy, refit, relative_error,
-                                          separable_factors, shift_bias, sibling_name, sole_weight,
+                                          separable_factors, sibling_name, sole_weight,
                                           whitening)
 from graphslim.ir.graph import Graph, SignatureArg, Tensor
 from graphslim.pipeline import PassResult, register_pass
@@ -250,23 +250,7 @@ class _Separable(Method):
                     attrs.update(padding="EXPLICIT", explicit_paddings=[0, 0, pt, pb, pl, pr, 0, 0])
                 y = g.add_node(dw_name, "DepthwiseConv2dNative", [x, dwk], attrs=attrs).output(0)
             pw_strides = [1, geo.strides[0], geo.strides[1], 1]
-        if reuse is None:
-            return g.add_node(node_name, "Conv2D", [y, pwk], attrs={
-                "T": t, "strides": pw_strides, "padding": "VALID", "data_format": fmt, "dilations": ones})
-        g.set_inputs(reuse, [y, pwk])
-        reuse.set_attr("strides", pw_strides)
-        reuse.set_attr("padding", "VALID")
-        reuse.set_attr("dilations", ones)
-        reuse.attrs.pop("explicit_paddings", None)
-        return reuse
-
-    def rewrite(self, graph, cand):
-        node = cand.node
-        old_kernel = graph.input(node, 1)
-        self._emit(graph, cand, graph.input(node, 0), node.name, reuse=node)
-        drop_unused(graph, old_kernel)
-        if cand.data.get("bias_shift") is not None:
-            shift_bias(graph, cand.data["bias"], cand.data["bias_shift"])
+        return pointwise_conv(g, node_name, [y, pwk], reuse, t, pw_strides, fmt)
 
     def timing_graphs(self, graph, cand):
         if cand.data["nchw"]:

@@ -349,7 +349,29 @@ class Method:
         raise NotImplementedError
 
     def rewrite(self, graph, cand: Candidate) -> None:
-        raise NotImplementedError
+        """Replace the candidate in place: its node becomes the last factor (keeping its name, so the
+        BiasAdd after it is untouched), the old kernel goes if unread, the bias takes the refit shift."""
+        node = cand.node
+        old_kernel = graph.input(node, 1)
+        self._emit(graph, cand, graph.input(node, 0), node.name, reuse=node)
+        drop_unused(graph, old_kernel)
+        if cand.data.get("bias_shift") is not None:
+            shift_bias(graph, cand.data["bias"], cand.data["bias_shift"])
+
+
+def pointwise_conv(g, name: str, inputs, reuse, dtype, strides, data_format: str):
+    """The trailing 1x1 Conv2D of a factorization: a new node ``name``, or ``reuse`` (the original
+    conv) turned into it."""
+    ones = [1, 1, 1, 1]
+    if reuse is None:
+        return g.add_node(name, "Conv2D", inputs, attrs={
+            "T": dtype, "strides": strides, "padding": "VALID", "dilations": ones, "data_format": data_format})
+    g.set_inputs(reuse, inputs)
+    reuse.set_attr("strides", strides)
+    reuse.set_attr("padding", "VALID")
+    reuse.set_attr("dilations", ones)
+    reuse.attrs.pop("explicit_paddings", None)
+    return reuse
 
 
 def layer_names(node, kernel) -> list[str]:
