@@ -342,8 +342,9 @@ def _move_into_place(model_dir: pathlib.Path, out: pathlib.Path, force: bool) ->
     if not force:
         raise _Stage("it appeared while the model was being written; pass force=True / --force to "
                      "replace it")
-    # Old model aside, new one in, old one deleted: at every moment out_dir holds a complete model,
-    # except between the two renames, and a failure there puts the old one back.
+    # Old model aside, new one in, old one deleted: out_dir holds a complete model at every moment
+    # except the instant between the two renames (rename(2) cannot swap directories atomically), and
+    # a failure there puts the old one back.
     aside = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.graphslim-old-", dir=out.parent))
     old = aside / "old"
     try:

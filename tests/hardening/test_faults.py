@@ -162,8 +162,16 @@ def test_force_replaces_only_once_the_new_model_is_complete(wide_model, tmp_path
     worker = threading.Thread(target=lambda: _save(g, out, errors))
     worker.start()
     while worker.is_alive():
-        if list(out.parent.glob(f".{out.name}.graphslim-tmp-*/model")):
-            seen_writing.append(snapshot(out) == old)
+        # only while the new model is being written: once the swap begins (the old model is moved
+        # aside, then the new one in) a snapshot could fall between the two renames
+        swapping = lambda: list(out.parent.glob(f".{out.name}.graphslim-old-*"))  # noqa: E731
+        if list(out.parent.glob(f".{out.name}.graphslim-tmp-*/model")) and not swapping():
+            try:
+                same = snapshot(out) == old
+            except FileNotFoundError:  # the swap began during the snapshot
+                continue
+            if not swapping():
+                seen_writing.append(same)
         time.sleep(0.005)
     worker.join()
     assert not errors, errors
