@@ -153,21 +153,27 @@ def _read_model_file(file: Path) -> bytes:
         raise LoadError(f"{file}: cannot be read ({exc.strerror or exc}).") from None
 
 
-def _parse_saved_model(file: Path):
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    sm = saved_model_pb2.SavedModel()
+def _parse_proto(file: Path, message, error: str):
+    """Fill ``message`` from ``file`` (binary, or text for ``.pbtxt``); a parse failure raises
+    LoadError with ``error`` formatted with ``file`` and ``why``."""
     data = _read_model_file(file)
     try:
         if file.suffix == ".pbtxt":
-            text_format.Parse(data.decode("utf-8"), sm)
+            text_format.Parse(data.decode("utf-8"), message)
         else:
-            sm.ParseFromString(data)
+            message.ParseFromString(data)
     except (_pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeError,
             ValueError, TypeError) as exc:
-        raise LoadError(f"{file}: corrupt SavedModel: the file cannot be parsed as a SavedModel protocol "
-                        f"buffer ({_first_line(exc)[:200]}). Re-export the model, or check that the copy "
-                        f"is complete.") from None
+        raise LoadError(error.format(file=file, why=_first_line(exc)[:200])) from None
+    return message
+
+
+def _parse_saved_model(file: Path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = _parse_proto(file, saved_model_pb2.SavedModel(),
+                      "{file}: corrupt SavedModel: the file cannot be parsed as a SavedModel protocol buffer "
+                      "({why}). Re-export the model, or check that the copy is complete.")
     if not sm.meta_graphs:
         raise LoadError(f"{file}: corrupt SavedModel: it contains no MetaGraphDef. Re-export the model, "
                         f"or check that the copy is complete.")
@@ -1078,18 +1084,9 @@ def _first_line(exc) -> str:
 def _parse_graph_def(file: Path):
     from tensorflow.core.framework import graph_pb2
 
-    gd = graph_pb2.GraphDef()
-    data = _read_model_file(file)
-    try:
-        if file.suffix == ".pbtxt":
-            text_format.Parse(data.decode("utf-8"), gd)
-        else:
-            gd.ParseFromString(data)
-    except (_pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeError,
-            ValueError, TypeError) as exc:
-        raise LoadError(f"{file}: cannot be parsed as a frozen GraphDef ({_first_line(exc)[:200]}). Pass a "
-                        f"SavedModel directory or a binary GraphDef .pb file.") from None
-    return gd
+    return _parse_proto(file, graph_pb2.GraphDef(),
+                        "{file}: cannot be parsed as a frozen GraphDef ({why}). Pass a SavedModel directory "
+                        "or a binary GraphDef .pb file.")
 
 
 def _load_frozen(file: Path, scan: bool = True, allow_ops=()) -> Graph:
