@@ -93,7 +93,7 @@ def zoo(archs) -> int:
             (name, spec), = fn.structured_input_signature[1].items()
             x = np.random.RandomState(0).rand(2, *spec.shape[1:]).astype("float32")
             ref = {k: v.numpy() for k, v in fn(**{name: tf.constant(x)}).items()}
-            for pipeline in ("", "dce", "fold-batchnorm,dce"):
+            for pipeline in ("", "dce", "fold-batchnorm,dce", "fuse-batchnorm"):
                 dst = tmp / f"{arch}_out"
                 g = graphslim.load(src)
                 graphslim.run_pipeline(g, pipeline)

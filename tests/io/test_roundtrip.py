@@ -9,7 +9,7 @@ from graphslim.testing import assert_close, fixture_index, fixture_io, fixture_p
 ALL = [fx["name"] for fx in fixture_index()]
 
 
-@pytest.mark.parametrize("pipeline", ["", "dce", "fold-batchnorm,dce"])
+@pytest.mark.parametrize("pipeline", ["", "dce", "fold-batchnorm,dce", "fuse-batchnorm"])
 @pytest.mark.parametrize("name", ALL)
 def test_roundtrip_exact(tmp_path, name, pipeline):
     g = graphslim.load(fixture_path(name))
@@ -49,7 +49,7 @@ def mobilenet_v2(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("pipeline", ["", "dce", "fold-batchnorm,dce"])
+@pytest.mark.parametrize("pipeline", ["", "dce", "fold-batchnorm,dce", "fuse-batchnorm"])
 def test_keras_applications_mobilenet_v2(tmp_path, mobilenet_v2, pipeline):
     g = graphslim.load(mobilenet_v2)
     name = g.inputs[0].name
@@ -60,5 +60,8 @@ def test_keras_applications_mobilenet_v2(tmp_path, mobilenet_v2, pipeline):
         if "fold" in pipeline:
             assert rep.passes[0]["stats"]["folded_layers"] == 52
             assert not g.nodes(op="Rsqrt")
+        if "fuse" in pipeline:
+            assert rep.passes[0]["stats"]["fused"] == 52
+            assert not g.nodes(op="Rsqrt") and len(g.nodes(op="FusedBatchNormV3")) == 52
     out = graphslim.save(g, tmp_path / "out")
     assert_close(run_saved_model(out, x), expected, rtol=1e-5, atol=1e-5)
