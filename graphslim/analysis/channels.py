@@ -1237,24 +1237,42 @@ def _concrete(shape: tuple, fill: int) -> list:
     return [fill if d is None else int(d) for d in shape]
 
 
+def _complete(known_side: list, other: tuple) -> list | None:
+    """``other`` with its one unknown dim solved so that both sides hold the same element count."""
+    total = int(np.prod(known_side))
+    d = list(other)
+    unknown = [i for i, x in enumerate(d) if x is None]
+    known = int(np.prod([x for x in d if x is not None]))
+    if len(unknown) > 1:
+        return None
+    if unknown:
+        if known == 0 or total % known:
+            return None
+        d[unknown[0]] = total // known
+    elif known != total:
+        return None
+    return d
+
+
+def _concretize(src: tuple, dst: tuple, fill: int) -> tuple[list, list]:
+    """Concrete ``(src, dst)`` shapes of a reshape: the unknown dims of one side set to ``fill`` and the
+    other side's one unknown dim solved (``[N,H,W,C] → [N·H·W, C]`` works from either side)."""
+    for a, b, flip in ((src, dst, False), (dst, src, True)):
+        x = _concrete(a, fill)
+        y = _complete(x, b)
+        if y is not None:
+            return (y, x) if flip else (x, y)
+    if sum(d is None for d in src) > 1 and sum(d is None for d in dst) > 1:
+        raise Blocked("more than one dim has no static length on both sides")
+    raise Blocked("element counts do not match")
+
+
 def _reshape_map(src: tuple, src_axis: int, imap: IndexMap, dst: tuple) -> tuple[int, IndexMap]:
     """Follow channels through a row-major reshape: the destination axis whose positions each hold one
     group channel's elements (or none), and the map there. Checked with batch (unknown dims) 1 and 2."""
     found = []
     for fill in (1, 2):
-        s = _concrete(src, fill)
-        total = int(np.prod(s))
-        d = list(dst)
-        unknown = [i for i, x in enumerate(d) if x is None]
-        known = int(np.prod([x for x in d if x is not None]))
-        if len(unknown) > 1:
-            raise Blocked("more than one output dim has no static length")
-        if unknown:
-            if known == 0 or total % known:
-                raise Blocked("element counts do not match")
-            d[unknown[0]] = total // known
-        elif known != total:
-            raise Blocked("element counts do not match")
+        s, d = _concretize(src, dst, fill)
         lab = np.full(s[src_axis], -1, dtype=np.int64)
         valid = imap.rows >= 0
         lab[imap.rows[valid]] = np.nonzero(valid)[0]

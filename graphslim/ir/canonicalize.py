@@ -12,6 +12,13 @@
   channel, else ``Split`` → one Conv2D per group → ``ConcatV2``. The kernel weight keeps its name and
   shape.
 
+* A ``Reshape`` whose target shape is computed at run time from ``Shape`` (``ConcatV2`` / ``Pack`` of
+  ``Shape``, ``GatherV2``-of-``Shape``, ``Prod`` and constants: ``tf.tensordot``, which Keras 3's ``Dense``
+  uses on a 4-D input, writes two) gets a constant target when every dimension but one is static (that
+  one becomes ``-1``), so that shape inference and the channel analysis see through it; a ``Transpose``
+  whose computed permutation is constant gets it as a constant, and is bypassed when it is the identity
+  (``tf.tensordot`` writes one).
+
 All rewrites compute the same values.
 """
 
@@ -75,10 +82,102 @@ def ungroup_convs(graph: Graph) -> int:
     return count
 
 
+_SHAPE_OPS = ("Shape", "GatherV2", "Prod", "Pack", "ConcatV2", "Const", "StridedSlice", "Cast")
+
+
+def _static_value(graph: Graph, tensor, depth: int = 0):
+    """The value of a shape-computing int tensor as a list (vector) or int (scalar), with None for the
+    dimensions that are not static; None when it is not such a computation."""
+    node = graph.producer(tensor)
+    if depth > 8:
+        return None
+    if node.op == "Const":
+        v = graph.constant_value(tensor)
+        if v is None or v.dtype.kind not in "iu" or v.ndim > 1:
+            return None
+        return [int(x) for x in v] if v.ndim else int(v)
+    if node.op == "Shape":
+        shape = graph.shape(graph.input(node, 0))
+        return None if shape is None else [None if d is None else int(d) for d in shape]
+    if node.op == "GatherV2":
+        params = _static_value(graph, graph.input(node, 0), depth + 1)
+        idx = _static_value(graph, graph.input(node, 1), depth + 1)
+        axis = _static_value(graph, graph.input(node, 2), depth + 1)
+        if not isinstance(params, list) or axis != 0 or idx is None or node.attr("batch_dims", 0):
+            return None
+        if isinstance(idx, int):
+            return params[idx] if -len(params) <= idx < len(params) else None
+        if any(i is None or not -len(params) <= i < len(params) for i in idx):
+            return None
+        return [params[i] for i in idx]
+    if node.op == "Prod":
+        v = _static_value(graph, graph.input(node, 0), depth + 1)
+        axis = _static_value(graph, graph.input(node, 1), depth + 1)
+        if not isinstance(v, list) or axis not in (0, [0]) or node.attr("keep_dims", False):
+            return None
+        return None if any(d is None for d in v) else int(np.prod(v, dtype=np.int64))
+    if node.op == "Pack" and node.attr("axis", 0) == 0:
+        parts = [_static_value(graph, t, depth + 1) for t in graph.inputs_of(node)]
+        if any(isinstance(p, list) for p in parts):
+            return None
+        return parts  # None for a non-static element
+    if node.op == "ConcatV2":
+        ins = graph.inputs_of(node)
+        if _static_value(graph, ins[-1], depth + 1) not in (0, -1):
+            return None
+        out = []
+        for t in ins[:-1]:
+            p = _static_value(graph, t, depth + 1)
+            if not isinstance(p, list):
+                return None
+            out += p
+        return out
+    return None
+
+
+def static_reshape_shapes(graph: Graph) -> int:
+    """Give a constant target to each Reshape whose run-time computed target has at most one
+    non-static dimension; returns how many were rewritten."""
+    count = 0
+    for node in graph.nodes(op=("Reshape", "Transpose")):
+        t = graph.input(node, 1)
+        src = graph.producer(t)
+        if src.op == "Const" or src.op not in _SHAPE_OPS:
+            continue
+        value = _static_value(graph, t)
+        if not isinstance(value, list) or sum(d is None for d in value) > (1 if node.op == "Reshape" else 0):
+            continue
+        if any(d is not None and d < 0 for d in value):
+            continue
+        if node.op == "Transpose" and value == list(range(len(value))) and not graph.control_inputs_of(node) \
+                and graph.dtype(graph.input(node, 0)) == node.dtypes[0]:
+            graph.replace_all_uses(node.output(0), graph.input(node, 0))  # identity permutation
+            graph.remove_node(node)
+        else:
+            vec = np.array([-1 if d is None else d for d in value], dtype=graph.dtype(t).as_numpy_dtype)
+            graph.set_input(node, 1, f"{_const(graph, f'{node.name}/static_shape', vec)}:0")
+        count += 1
+        todo = [src]
+        while todo:  # the shape computation, once nothing reads it
+            n = todo.pop()
+            if not graph.has_node(n.name) or n.op not in _SHAPE_OPS or any(
+                    graph.uses(n.output(p)) for p in range(n.num_outputs)) or graph.control_consumers(n) \
+                    or any(a.tensor.node == n.name for a in graph.inputs):
+                continue
+            ins = [graph.producer(x) for x in graph.inputs_of(n)]
+            graph.remove_node(n)
+            todo += ins
+    return count
+
+
 def canonicalize(graph: Graph) -> int:
     """Apply the simplifications in place; returns how many nodes were bypassed and removed."""
     removed = 0
     if ungroup_convs(graph):
+        graph.infer_shapes()
+    for _ in range(16):  # a rewrite can make the shapes downstream static: repeat until none is left
+        if not static_reshape_shapes(graph):
+            break
         graph.infer_shapes()
     for node in graph.nodes():
         if not graph.has_node(node.name):

@@ -41,3 +41,67 @@ def test_grouped_conv_rewritten_exactly(cin, fin, cout, stride, op):
     x = np.random.RandomState(1).randn(2, 7, 7, cin).astype("f")
     want = reference(x, g.weights["conv/kernel"].value, cin // fin, stride)
     np.testing.assert_allclose(run(g, {"x": x})["y"], want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- tensordot (Keras Dense on 4-D)
+@pytest.fixture(scope="module")
+def dense4d(tmp_path_factory):
+    """Keras 3 Dense layers on a 4-D activation (ConvNeXt's pointwise convs): tf.tensordot, whose
+    reshape targets and transpose permutation are computed from Shape at run time. Two exports: static
+    spatial size, and dynamic (None, None)."""
+    import keras
+
+    paths = {}
+    for size in (6, None):
+        keras.utils.set_random_seed(0)
+        x = inp = keras.Input((size, size, 3), name="image")
+        x = keras.layers.Conv2D(8, 3, padding="same")(x)
+        x = keras.layers.Dense(16, activation="gelu", name="expand")(x)
+        x = keras.layers.Dense(8, name="project")(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        out = keras.layers.Dense(4, name="head")(x)
+        path = tmp_path_factory.mktemp("dense4d") / f"size_{size}"
+        keras.Model(inp, out).export(str(path), verbose=False)
+        paths[size] = path
+    return paths
+
+
+def test_tensordot_shapes_become_static_and_prunable(dense4d, tmp_path):
+    import graphslim
+    from graphslim.testing import assert_close, run_saved_model
+
+    g = graphslim.load(dense4d[6])
+    assert not g.nodes(op=("Shape", "GatherV2", "Prod", "Transpose")), "the shape computation must be gone"
+    reshapes = g.nodes(op="Reshape")
+    assert reshapes and all(g.producer(g.input(r, 1)).op == "Const" for r in reshapes)
+    x = {"image": np.random.RandomState(0).rand(3, 6, 6, 3).astype("f")}
+    expected = run_saved_model(dense4d[6], x)
+    assert_close(run_saved_model(graphslim.save(g, tmp_path / "rt"), x), expected, rtol=1e-6, atol=1e-6)
+    # the hidden units between the two Dense layers are now one prunable group; zero units prune exactly
+    k, b = g.weights["expand/kernel"].value.copy(), g.weights["expand/bias"].value.copy()
+    k[:, [1, 5, 6, 12]] = 0
+    b[[1, 5, 6, 12]] = 0
+    g.set_weight("expand/kernel", k)
+    g.set_weight("expand/bias", b)
+    before = run(g, x)
+    rep = graphslim.run_pipeline(g, "prune{threshold=0}")
+    assert g.weights["expand/kernel"].value.shape == (8, 12)
+    assert g.weights["project/kernel"].value.shape == (12, 8)
+    assert rep.passes[0]["stats"]["pruned_groups"] >= 1
+    assert_close(run(g, x), before, rtol=1e-5, atol=1e-5)
+    assert_close(run_saved_model(graphslim.save(g, tmp_path / "pruned"), x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_tensordot_with_dynamic_spatial_dims_is_left_dynamic(dense4d, tmp_path):
+    import graphslim
+    from graphslim.testing import assert_close, run_saved_model
+
+    g = graphslim.load(dense4d[None])
+    assert g.nodes(op="Shape"), "a target with unknown height and width must stay computed"
+    for size in (5, 9):
+        x = {"image": np.random.RandomState(size).rand(2, size, size, 3).astype("f")}
+        assert_close(run_saved_model(graphslim.save(g, tmp_path / f"rt{size}", force=True), x),
+                     run_saved_model(dense4d[None], x), rtol=1e-6, atol=1e-6)
+    rep = graphslim.run_pipeline(g, "prune{ratio=0.5}")
+    reasons = " ".join(n["reason"] for n in rep.passes[0]["stats"]["not_prunable"])
+    assert "Reshape" in reasons or "Shape" in reasons
