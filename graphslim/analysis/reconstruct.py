@@ -41,6 +41,7 @@ from graphslim.ir.graph import Graph
 __all__ = ["LayerFit", "fit_layers", "kept_positions", "sink_layers", "ridge_solve", "MAX_FEATURES"]
 
 MAX_FEATURES = 8192  #: inputs per output above which a layer is measured but not refit (D² normal matrix)
+MAX_HEAD_BYTES = 128 << 20  #: rows a softmax head keeps for its KL refit
 
 
 @dataclass
@@ -151,6 +152,12 @@ class _Layer:
         self.b0 = None if self.bias is None else np.asarray(self.bias.value, np.float64)
         self.x = pruned.input(node, 0)
         self.x_orig = original.input(onode, 0)
+        # a classifier head: MatMul (+ BiasAdd) → Softmax, all classes kept
+        self.softmax = None
+        if self.op == "MatMul" and len(cols) == w_orig.shape[1]:
+            users = pruned.consumers((self.bias_node or node).output(0))
+            if len(users) == 1 and users[0][0].op == "Softmax":
+                self.softmax = users[0][0].name
 
     @property
     def features(self) -> int:
@@ -171,6 +178,11 @@ class _Fit:
         self.tt = 0.0
         self.err0 = 0.0
         self.count = 0
+        # a softmax head keeps its rows (bounded) for the KL refit
+        self.keep_rows = normal and layer.softmax is not None
+        self.max_rows = max(1, MAX_HEAD_BYTES // (8 * (d + layer.w0.shape[1])))
+        self.rows_f: list = []
+        self.rows_t: list = []
 
     def _rows(self, x, index):
         if self.layer.geo is not None:
@@ -195,10 +207,90 @@ class _Fit:
         if self.normal:
             self.ff += f.T @ f
             self.ft += f.T @ t
+        room = self.max_rows - sum(len(r) for r in self.rows_f)
+        if self.keep_rows and room > 0:
+            self.rows_f.append(f[:room])
+            self.rows_t.append(t[:room])
 
     def residual(self, b) -> float:
         err = self.tt - 2.0 * float(np.sum(b * self.ft)) + float(np.sum(b * (self.ff @ b)))
         return max(err, 0.0)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def softmax_kl(f: np.ndarray, p: np.ndarray, b: np.ndarray) -> float:
+    """Mean KL(p ‖ softmax(f·b)) over the rows (p: the original's probabilities)."""
+    lq = _log_softmax(f @ b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lp = np.where(p > 0, np.log(np.where(p > 0, p, 1.0)), 0.0)
+    return float(np.mean(np.sum(p * (lp - lq), axis=1)))
+
+
+def softmax_refit(f: np.ndarray, p: np.ndarray, b_init: np.ndarray, b0: np.ndarray, ridge: float,
+                  iterations: int = 200, memory: int = 10) -> np.ndarray:
+    """``argmin_B mean KL(p ‖ softmax(F·B)) + ρ/2·‖B − B0‖²`` by L-BFGS from ``b_init`` (the
+    least-squares solution), ρ = ``ridge`` × mean diagonal of FᵀF/N / 4 (the curvature scale of the
+    softmax loss). Convex: a multinomial logistic regression on soft targets — the classifier head's
+    reconstruction when the model's output is a softmax, where matching logits in L2 wastes the fit on
+    shifts and on classes the softmax ignores."""
+    n, d = f.shape
+    rho = ridge * float(np.einsum("ij,ij->", f, f)) / (n * d) / 4.0 + 1e-12
+
+    def value_grad(b):
+        lq = _log_softmax(f @ b)
+        q = np.exp(lq)
+        loss = -float(np.mean(np.sum(p * lq, axis=1))) + 0.5 * rho * float(np.sum((b - b0) ** 2))
+        grad = f.T @ ((q - p) / n) + rho * (b - b0)
+        return loss, grad
+
+    b = b_init.copy()
+    loss, g = value_grad(b)
+    hist: list = []
+    for _ in range(iterations):
+        # two-loop recursion
+        q_vec = g.copy()
+        alphas = []
+        for s_k, y_k, r_k in reversed(hist):
+            a = r_k * float(np.sum(s_k * q_vec))
+            alphas.append(a)
+            q_vec -= a * y_k
+        if hist:
+            s_k, y_k, _ = hist[-1]
+            q_vec *= float(np.sum(s_k * y_k)) / max(float(np.sum(y_k * y_k)), 1e-300)
+        else:
+            q_vec /= max(float(np.linalg.norm(g)), 1e-12)
+        for (s_k, y_k, r_k), a in zip(hist, reversed(alphas)):
+            beta = r_k * float(np.sum(y_k * q_vec))
+            q_vec += (a - beta) * s_k
+        direction = -q_vec
+        slope = float(np.sum(g * direction))
+        if slope >= 0:  # not a descent direction: restart from the gradient
+            hist.clear()
+            direction, slope = -g, -float(np.sum(g * g))
+        step = 1.0
+        while True:  # Armijo backtracking
+            nb = b + step * direction
+            nloss, ng = value_grad(nb)
+            if nloss <= loss + 1e-4 * step * slope or step < 1e-10:
+                break
+            step *= 0.5
+        if step < 1e-10:
+            break
+        s_k, y_k = nb - b, ng - g
+        sy = float(np.sum(s_k * y_k))
+        if sy > 1e-12:
+            hist.append((s_k, y_k, 1.0 / sy))
+            if len(hist) > memory:
+                hist.pop(0)
+        converged = abs(loss - nloss) <= 1e-10 * max(1.0, abs(loss))
+        b, loss, g = nb, nloss, ng
+        if converged or float(np.max(np.abs(g))) < 1e-8:
+            break
+    return b
 
 
 def _bias_after(graph: Graph, node):
@@ -260,11 +352,15 @@ def _write(graph: Graph, layer: _Layer, b: np.ndarray) -> str:
 
 def fit_layers(pruned: Graph, original: Graph, layers: list[str], data: dict, kept: dict, *,
                refit: bool = True, ridge: float = 1e-3, positions: int = 64, batch_size: int = 32,
-               seed: int = 0, max_bytes: int = 256 << 20) -> dict:
+               seed: int = 0, max_bytes: int = 256 << 20, softmax_heads: bool = True) -> dict:
     """Measure (and with ``refit`` reconstruct) the sink ``layers`` of ``pruned`` against ``original``
     on calibration ``data``; ``kept`` from :func:`kept_positions`. Mutates ``pruned``'s weights when
     refitting. Returns ``{layer: LayerFit}``. Relative errors are ‖Y − Y_orig‖ / ‖Y_orig‖ over the
-    sampled outputs (in-sample for the refit). A refit that does not lower the error is not applied."""
+    sampled outputs (in-sample for the refit). A refit that does not lower the error is not applied.
+
+    With ``softmax_heads`` a MatMul (+ BiasAdd) read only by a Softmax — a classifier head — is refit
+    in two steps: least squares on the logits, then :func:`softmax_refit` on the KL divergence to the
+    original's probabilities (its errors are then those of the probabilities)."""
     fits: dict = {}
     todo = []
     for name in layers:
@@ -274,6 +370,8 @@ def fit_layers(pruned: Graph, original: Graph, layers: list[str], data: dict, ke
             k = pruned.weight_of(pruned.node(name), 1)
             fits[name] = LayerFit(name, k.name if k else "", note=f"not measured: {exc}")
             continue
+        if not softmax_heads:
+            layer.softmax = None
         todo.append(layer)
     if not todo:
         return fits
@@ -303,7 +401,27 @@ def fit_layers(pruned: Graph, original: Graph, layers: list[str], data: dict, ke
             f = LayerFit(layer.name, layer.kernel.name, rows=acc.count)
             power = acc.tt
             f.error_before = float(np.sqrt(acc.err0 / power)) if power > 0 else 0.0
-            if refit and acc.normal and power > 0:
+            if refit and acc.normal and power > 0 and acc.keep_rows and acc.rows_f:
+                # softmax head: least squares, then the KL to the original's probabilities
+                rf, rt = np.concatenate(acc.rows_f), np.concatenate(acc.rows_t)
+                p = np.exp(_log_softmax(rt))
+                b_ls = ridge_solve(acc.ff, acc.ft, acc.b0, ridge)
+                b = softmax_refit(rf, p, b_ls, acc.b0, ridge)
+                kl0, kl_ls, kl1 = (softmax_kl(rf, p, x) for x in (acc.b0, b_ls, b))
+                if kl_ls < kl1:
+                    b, kl1 = b_ls, kl_ls
+                pn = float(np.linalg.norm(p))
+                f.error_before = float(np.linalg.norm(np.exp(_log_softmax(rf @ acc.b0)) - p) / pn)
+                if kl1 < kl0:
+                    f.error_after = float(np.linalg.norm(np.exp(_log_softmax(rf @ b)) - p) / pn)
+                    f.note = f"softmax head: fitted to the original's probabilities, KL {kl0:.3g} → {kl1:.3g}"
+                    note = _write(pruned, layer, b)
+                    if note:
+                        f.note += f"; {note}"
+                else:
+                    f.error_after = f.error_before
+                    f.note = "refit did not lower the error: kept the sliced weights"
+            elif refit and acc.normal and power > 0:
                 b = ridge_solve(acc.ff, acc.ft, acc.b0, ridge)  # a layer without bias: intercept pulled to 0
                 err = float(np.sqrt(acc.residual(b) / power))
                 if err < f.error_before:

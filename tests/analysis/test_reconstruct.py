@@ -182,3 +182,43 @@ def test_bounded_rows_with_position_sampling():
     original, h, changes, kept, layers = _prune(g, [("c1/Conv2D:0", 3, [0, 1, 4])])
     f = fit_layers(h, original, layers, n.data(40), kept, refit=True, positions=5, batch_size=16)["c2/Conv2D"]
     assert f.rows == 40 * 5
+
+
+def test_softmax_refit_recovers_a_softmax_layer():
+    rng = np.random.RandomState(0)
+    f = np.concatenate([rng.randn(300, 6), np.ones((300, 1))], axis=1)
+    b_true = rng.randn(7, 4)
+    p = np.exp(rec._log_softmax(f @ b_true))
+    b = rec.softmax_refit(f, p, np.zeros((7, 4)), np.zeros((7, 4)), ridge=0.0, iterations=500)
+    assert rec.softmax_kl(f, p, b) < 1e-7
+    # softmax is shift invariant per row: the recovered logits equal the true ones up to a constant
+    z, zt = f @ b, f @ b_true
+    np.testing.assert_allclose(z - z.mean(1, keepdims=True), zt - zt.mean(1, keepdims=True), atol=1e-3)
+
+
+def test_softmax_head_is_fitted_to_the_probabilities():
+    """d1 → relu → d2 → softmax; d1's units pruned: d2 (the head) is refit on the KL to the original's
+    probabilities, which lowers the KL below the least-squares refit's."""
+    n = Net((None, 8))
+    y = n.op("r1", "Relu", n.op("d1/BiasAdd", "BiasAdd", n.op("d1/MatMul", "MatMul", n.x, n.w("d1/kernel", (8, 12))),
+                                n.w("d1/bias", (12,), 0.3)))
+    logits = n.op("d2/BiasAdd", "BiasAdd", n.op("d2/MatMul", "MatMul", y, n.w("d2/kernel", (12, 5), 2.0)),
+                  n.w("d2/bias", (5,), 0.3))
+    g = n.done(n.op("softmax", "Softmax", logits))
+    data = n.data(400)
+    original, h, changes, kept, layers = _prune(g, [("d1/MatMul:0", 1, [0, 2, 3, 7, 9])])
+    h_ls = h.copy()
+    fits = fit_layers(h, original, layers, data, kept, refit=True)
+    f = fits["d2/MatMul"]
+    assert "softmax head" in f.note and f.error_after < f.error_before
+    ref = run(original, data)["y0"]
+
+    def kl(q):
+        q = np.maximum(q.astype(np.float64), 1e-30)
+        r = np.maximum(ref.astype(np.float64), 1e-30)
+        return float(np.mean(np.sum(r * (np.log(r) - np.log(q)), axis=1)))
+
+    # the least-squares refit alone (the head as a plain layer)
+    fits_ls = fit_layers(h_ls, original, layers, data, kept, refit=True, softmax_heads=False)
+    assert "softmax" not in fits_ls["d2/MatMul"].note
+    assert kl(run(h, data)["y0"]) < 0.8 * kl(run(h_ls, data)["y0"])
