@@ -31,7 +31,8 @@ Criteria (:mod:`graphslim.analysis.importance`, user-extensible): ``l1``, ``l2``
 calibration data (``calib=data.npz`` or a directory of ``<input>.npy``) ``activation``, ``apoz``,
 ``thinet``. With calibration data the stats give, per pruned layer, the relative output error against the
 original model; ``reconstruct=true`` refits those layers' weights (and bias) by least squares, layer by
-layer from input to output (:mod:`graphslim.analysis.reconstruct`).
+layer from input to output, and a classifier head read by a Softmax on the KL divergence to the original's
+probabilities (:mod:`graphslim.analysis.reconstruct`).
 
 Example: ``--passes "prune{macs=0.5 criterion=thinet calib=calib.npz reconstruct=true},dce"``
 """
