@@ -1267,9 +1267,24 @@ def _concretize(src: tuple, dst: tuple, fill: int) -> tuple[list, list]:
     raise Blocked("element counts do not match")
 
 
+def _unsqueeze_axis(src: tuple, src_axis: int, dst: tuple) -> int | None:
+    """The destination axis of ``src_axis`` when the reshape only adds or drops size-1 dims (batch-norm
+    parameters ``[C] → [1, 1, 1, C]``, ``[N, C] → [N, 1, 1, C]``), else None (take the general path)."""
+    if src[src_axis] == 1 or sum(d is None for d in src) > 1 or sum(d is None for d in dst) > 1:
+        return None
+    s_keep = [i for i, d in enumerate(src) if d != 1]
+    d_keep = [i for i, d in enumerate(dst) if d != 1]
+    if [src[i] for i in s_keep] != [dst[i] for i in d_keep]:
+        return None
+    return d_keep[s_keep.index(src_axis)]
+
+
 def _reshape_map(src: tuple, src_axis: int, imap: IndexMap, dst: tuple) -> tuple[int, IndexMap]:
     """Follow channels through a row-major reshape: the destination axis whose positions each hold one
     group channel's elements (or none), and the map there. Checked with batch (unknown dims) 1 and 2."""
+    fast = _unsqueeze_axis(tuple(src), src_axis, tuple(dst))
+    if fast is not None:
+        return fast, imap
     found = []
     for fill in (1, 2):
         s, d = _concretize(src, dst, fill)
