@@ -8,7 +8,7 @@ compare with the original:
   roundtrip  (empty pipeline)              must match (1e-5)
   subset     subset{keep=0,1,2,3,4}        kept logits must equal the original's (1e-5); output has 5 classes
   prune      prune{ratio=0.3}              must load and run with the original output shape
-  separable  separable{rank=1000 ...}      full rank: must match (1e-4 relative to the logits' scale)
+  separable  separable{rank=1000 ...}      full rank: the logits must match (1e-4 relative to their scale)
 A cell says ok with the measured max abs error, 'refused: <reason>' (a clear graphslim error), or
 FAIL (anything else: a crash, a wrong result, a model that does not load).
 """
@@ -82,19 +82,26 @@ def child(arch: str) -> None:
             got = {k: v.numpy() for k, v in got_obj.signatures["serving_default"](**{name: tf.constant(x)}).items()}
             (k, r), = ref.items()
             y = got[k]
-            if label == "subset":
-                # compare pre-softmax logits (random-weight models saturate their softmax, so
-                # renormalized probabilities can be 0/0); the emitted model must run and have 5 classes
+            if label in ("subset", "separable"):
+                # compare pre-softmax logits: random-weight models saturate their softmax (logits in the
+                # thousands), so a 1e-7 relative change of two near-tied logits flips a one-hot output
+                # (and renormalized probabilities can be 0/0); the emitted model must run as well
                 from graphslim.runtime import run
 
                 g0 = graphslim.load(src)
                 sm = g0.producer(g0.outputs[0].tensor)
                 lt = str(g0.input(sm, 0)) if sm.op == "Softmax" else str(g0.outputs[0].tensor)
-                want = run(g0, {name: x}, fetch=[lt])[lt][..., :5]
+                want = run(g0, {name: x}, fetch=[lt])[lt]
                 got_l = run(g, {name: x}, fetch=[lt])[lt]
+                scale = max(1.0, float(np.abs(want).max()))
+                if label == "subset":
+                    want = want[..., :5]
+                    ok = (y.shape[-1] == 5 and bool(np.isfinite(y).all()) and got_l.shape == want.shape
+                          and bool(np.allclose(got_l, want, rtol=1e-5, atol=1e-5 * scale)))
+                else:
+                    ok = (y.shape == r.shape and bool(np.isfinite(y).all()) and got_l.shape == want.shape
+                          and float(np.abs(got_l - want).max()) <= 1e-4 * scale)
                 err = float(np.abs(got_l - want).max())
-                ok = (y.shape[-1] == 5 and bool(np.isfinite(y).all()) and got_l.shape == want.shape
-                      and bool(np.allclose(got_l, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))))
             elif label == "prune":
                 err = float(np.abs(y - r).max())
                 ok = y.shape == r.shape and bool(np.isfinite(y).all())
@@ -117,7 +124,8 @@ def render(rows: dict, archs: list[str]) -> str:
     lines = ["# Model zoo", "",
              "Every Keras Applications architecture (`weights=None`, default input size, batch 1, seeded "
              "input) through graphslim; produced by `benchmarks/zoo_report.py` (see its docstring for the "
-             "criteria). Cells: status and max abs output error against the original SavedModel.", ""]
+             "criteria). Cells: status and max abs output error against the original SavedModel (of the "
+             "pre-softmax logits for subset and separable: random-weight models saturate their softmax).", ""]
     header = "| architecture | " + " | ".join(PIPELINES) + " |"
     lines += [header, "|" + "---|" * (len(PIPELINES) + 1)]
     counts = {p: 0 for p in PIPELINES}
