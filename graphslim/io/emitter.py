@@ -17,7 +17,8 @@ What :func:`save` produces:
 Writing is atomic: everything goes into a temporary directory beside ``out_dir`` that is renamed into
 place at the end. On failure nothing is left behind and :class:`~graphslim.errors.EmitError` says
 why. An existing ``out_dir`` is replaced only with ``force=True``, and only once the new model is
-complete.
+complete, by one atomic exchange of the two directories on Linux (``renameat2``), so that ``out_dir``
+always holds a whole model (elsewhere: two renames, with an instant between them).
 
 Example::
 
@@ -37,6 +38,7 @@ import pathlib
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 
@@ -335,6 +337,29 @@ def _rmdir_quietly(d: pathlib.Path) -> None:
         pass
 
 
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Swap two directories atomically with Linux ``renameat2(RENAME_EXCHANGE)``; False when the system
+    or file system cannot (then the caller falls back to two renames)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _move_into_place(model_dir: pathlib.Path, out: pathlib.Path, force: bool) -> None:
     if not _exists(out):
         os.rename(model_dir, out)
@@ -342,9 +367,13 @@ def _move_into_place(model_dir: pathlib.Path, out: pathlib.Path, force: bool) ->
     if not force:
         raise _Stage("it appeared while the model was being written; pass force=True / --force to "
                      "replace it")
-    # Old model aside, new one in, old one deleted: out_dir holds a complete model at every moment
-    # except the instant between the two renames (rename(2) cannot swap directories atomically), and
-    # a failure there puts the old one back.
+    # One atomic swap where Linux offers it: out_dir holds the old model, then the new one, and is
+    # never missing; the old one (now in model_dir) is deleted afterwards.
+    if _exchange(model_dir, out):
+        shutil.rmtree(model_dir, ignore_errors=True)
+        return
+    # Elsewhere: old model aside, new one in, old one deleted: out_dir holds a complete model at every
+    # moment except the instant between the two renames, and a failure there puts the old one back.
     aside = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.graphslim-old-", dir=out.parent))
     old = aside / "old"
     try:

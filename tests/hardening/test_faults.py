@@ -153,32 +153,73 @@ def test_full_disk_with_force_keeps_the_old_output(wide_model, tmp_path, small_d
 
 
 def test_force_replaces_only_once_the_new_model_is_complete(wide_model, tmp_path):
-    """While the new model is being written the old one stays in place, whole; then it is replaced."""
+    """Whenever one looks, the output holds one whole model: the old one while the new one is being
+    written, then the new one (each snapshot walks one directory inode, so it cannot mix the two)."""
     out = tmp_path / "out"
     shutil.copytree(fixture_path("vgg_digits"), out)
     old = snapshot(out)
     g = graphslim.load(wide_model)
-    errors, seen_writing = [], []
+    errors, seen = [], []
     worker = threading.Thread(target=lambda: _save(g, out, errors))
     worker.start()
     while worker.is_alive():
-        # only while the new model is being written: once the swap begins (the old model is moved
-        # aside, then the new one in) a snapshot could fall between the two renames
-        swapping = lambda: list(out.parent.glob(f".{out.name}.graphslim-old-*"))  # noqa: E731
-        if list(out.parent.glob(f".{out.name}.graphslim-tmp-*/model")) and not swapping():
-            try:
-                same = snapshot(out) == old
-            except FileNotFoundError:  # the swap began during the snapshot
-                continue
-            if not swapping():
-                seen_writing.append(same)
+        try:
+            seen.append(stable_snapshot(out))
+        except FileNotFoundError:  # the old tree was deleted under the walk, after the swap
+            pass
         time.sleep(0.005)
     worker.join()
     assert not errors, errors
-    assert seen_writing and all(seen_writing)
+    new = snapshot(out)
+    assert seen and all(s == old or s == new for s in seen)
+    assert any(s == old for s in seen)  # the old model was in place while the new one was written
     assert leftovers(out) == [str(out)]
     assert not (out / "assets" / "labels.txt").exists()  # the old model's files went with it
     assert set(graphslim.load(out).weights) == {"dense_0/kernel", "dense_1/kernel", "dense_2/kernel"}
+
+
+def stable_snapshot(path: Path) -> dict:
+    """:func:`snapshot` of the directory ``path`` names now, read through a descriptor of its inode."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return snapshot(Path(f"/proc/self/fd/{fd}"))
+    finally:
+        os.close(fd)
+
+
+def test_force_swap_never_leaves_the_output_missing(wide_model, tmp_path):
+    """On Linux the old and new models are exchanged in one renameat2(RENAME_EXCHANGE): the output path
+    holds a complete model at every moment, and no aside directory is ever made."""
+    out = tmp_path / "out"
+    shutil.copytree(fixture_path("vgg_digits"), out)
+    g = graphslim.load(wide_model)
+    errors, missing, aside = [], [], []
+    worker = threading.Thread(target=lambda: _save(g, out, errors))
+    worker.start()
+    while worker.is_alive():
+        if not (out / "saved_model.pb").exists():
+            missing.append(time.perf_counter())
+        if list(out.parent.glob(f".{out.name}.graphslim-old-*")):
+            aside.append(True)
+    worker.join()
+    assert not errors, errors
+    assert not missing and not aside
+    assert leftovers(out) == [str(out)]
+    assert set(graphslim.load(out).weights) == {"dense_0/kernel", "dense_1/kernel", "dense_2/kernel"}
+
+
+def test_exchange_swaps_two_directories(tmp_path):
+    from graphslim.io.emitter import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("new")
+    (b / "y").write_text("old")
+    assert _exchange(a, b)
+    assert sorted(os.listdir(a)) == ["y"] and sorted(os.listdir(b)) == ["x"]
+    with pytest.raises(OSError):
+        _exchange(a, tmp_path / "nonexistent")
 
 
 def _save(g, out, errors):
