@@ -782,3 +782,31 @@ def test_keras_applications(keras_app):
     ref = run(z, x)
     apply_keep(z, biggest, keep)
     assert_close(run(z, x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("src,axis,dst,want", [
+    ((8,), 0, (1, 1, 1, 8), 3),             # batch-norm parameter broadcast to NHWC
+    ((None, 8), 1, (None, 1, 1, 8), 3),
+    ((1, 1, 1, 8), 3, (8,), 0),
+    ((None, 6, 6, 8), 3, (None, 8), None),  # merges axes: the general path decides
+    ((1,), 0, (1, 1), None),                # a size-1 channel axis is ambiguous
+])
+def test_unsqueeze_fast_path(src, axis, dst, want, monkeypatch):
+    import graphslim.analysis.channels as ch
+
+    assert ch._unsqueeze_axis(src, axis, dst) == want
+    if want is not None:  # the general path (fast path off) agrees
+        monkeypatch.setattr(ch, "_unsqueeze_axis", lambda *a: None)
+        b, m = ch._reshape_map(src, axis, IndexMap.identity(src[axis]), dst)
+        assert b == want and m == IndexMap.identity(src[axis])
+
+
+def test_reshape_map_solves_the_unknown_dim_from_either_side():
+    """tf.tensordot: [N, H, W, C] → [N·H·W, C] → [N, H, W, C']: the batch-like dim is unknown on both
+    sides, and only one side can be filled (the other is solved)."""
+    from graphslim.analysis.channels import _concretize
+
+    assert _concretize((None, 4, 4, 8), (None, 8), 2) == ([2, 4, 4, 8], [32, 8])
+    assert _concretize((None, 8), (None, 4, 4, 8), 2) == ([32, 8], [2, 4, 4, 8])
+    with pytest.raises(Exception, match="no static length on both sides"):
+        _concretize((None, None, 8), (None, None, 8), 2)
