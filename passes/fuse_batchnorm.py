@@ -56,7 +56,7 @@ def _match(graph, out):
             continue
         for x, inv in (graph.inputs_of(mul), graph.inputs_of(mul)[::-1]):
             xs = graph.shape(x)
-            if xs is None or len(xs) != 4 or xs[3] is None:
+            if xs is None or len(xs) != 4 or xs[3] is None or graph.dtype(x) != np.float32:
                 continue
             c = int(xs[3])
             inv_node = graph.producer(inv)
