@@ -12,10 +12,16 @@ runtime cannot fuse into the convolution. ``FusedBatchNormV3(x, gamma, beta, mov
 moving_variance, epsilon, is_training=false)`` computes the same function (equal up to float rounding)
 and the grappler remapper turns ``Conv2D → FusedBatchNormV3 → Relu`` into one ``_FusedConv2D`` on CPU.
 
-Unlike ``fold-batchnorm``, nothing is folded: the four batch-norm variables stay, with their names and
-trainable flags, so the emitted model fine-tunes like the original (the batch norm stays in inference
-mode, as in the original serving function). Matched only for NHWC 4-D activations with per-channel
-``[C]`` float32 parameters; anything else is left as it is and counted in the stats.
+When the batch norm follows ``Conv2D → BiasAdd`` (Keras convs with ``use_bias=True``, as in ResNet50),
+the bias moves into the mean — ``x + b − μ = x − (μ − b)``, the mean input becomes ``Sub(μ, b)`` — so
+that the Conv2D meets the batch norm directly; otherwise the runtime fuses Conv2D with the BiasAdd and
+runs the batch norm alone, which is slower than the element-wise form. Parameters reshaped to
+``[1, 1, 1, C]`` (Keras with an explicit ``axis=3``) are read at their ``[C]`` source.
+
+Unlike ``fold-batchnorm``, nothing is folded: the batch-norm variables (and a conv bias) stay, with
+their names and trainable flags, so the emitted model fine-tunes like the original (the batch norm stays
+in inference mode, as in the original serving function). Matched only for NHWC 4-D float32
+activations with per-channel float32 parameters; anything else is left as it is.
 
 Example: ``graphslim optimize model/ -o out/ --passes fuse-batchnorm``
 """
@@ -29,13 +35,19 @@ from graphslim.ir.canonicalize import _const
 from graphslim.pipeline import PassResult, register_pass
 
 
-def _vector(graph, tensor, channels: int) -> bool:
-    """``tensor`` is a weight or constant of shape [channels] (float32)."""
+def _vector(graph, tensor, channels: int):
+    """The ``[channels]`` float32 weight or constant behind ``tensor``: itself, or the source of a
+    Reshape to ``[1, 1, 1, channels]`` (Keras reshapes the parameters when ``axis=3`` is explicit, as in
+    ResNet50); else None."""
     node = graph.producer(tensor)
+    if node.op == "Reshape" and graph.shape(tensor) == (1, 1, 1, channels):
+        tensor = graph.input(node, 0)
+        node = graph.producer(tensor)
     if node.op not in ("Weight", "Const"):
-        return False
-    shape = graph.shape(tensor)
-    return shape == (channels,) and graph.dtype(tensor) == np.float32
+        return None
+    if graph.shape(tensor) != (channels,) or graph.dtype(tensor) != np.float32:
+        return None
+    return tensor
 
 
 def _other(graph, node, tensor):
@@ -71,7 +83,8 @@ def _match(graph, out):
                     rs, gamma = graph.producer(b), a
                 else:
                     continue
-                if not _vector(graph, gamma, c):
+                gamma = _vector(graph, gamma, c)
+                if gamma is None:
                     continue
             if rs.op != "Rsqrt":
                 continue
@@ -83,12 +96,14 @@ def _match(graph, out):
             var = a
             if eps is None and graph.producer(a).op == "Const":
                 eps, var = graph.constant_value(a), b
-            if eps is None or np.size(eps) != 1 or not _vector(graph, var, c):
+            var = _vector(graph, var, c) if eps is not None and np.size(eps) == 1 else None
+            if var is None:
                 continue
             # shift = beta - mean * inv   or   -(mean * inv)
             if shift.op == "Sub":
                 beta, m2t = graph.inputs_of(shift)
-                if not _vector(graph, beta, c):
+                beta = _vector(graph, beta, c)
+                if beta is None:
                     continue
             else:
                 beta, m2t = None, graph.input(shift, 0)
@@ -96,7 +111,8 @@ def _match(graph, out):
             if m2.op != "Mul":
                 continue
             mean = _other(graph, m2, inv)
-            if mean is None or not _vector(graph, mean, c):
+            mean = None if mean is None else _vector(graph, mean, c)
+            if mean is None:
                 continue
             inner = [mul, shift, m2] + ([inv_node] if inv_node is not rs else []) + [rs, add]  # users first
             return x, gamma, beta, mean, var, float(np.reshape(eps, -1)[0]), inner
@@ -124,6 +140,17 @@ def fuse_batchnorm(graph, options) -> PassResult:
             skipped += 1
             continue
         c = int(graph.shape(x)[3])
+        # Conv2D → BiasAdd → batch norm: the bias moves into the mean (x + b − μ = x − (μ − b)), so that
+        # the runtime can fuse Conv2D with the batch norm; the bias stays a variable, read by a Sub
+        ba = graph.producer(x)
+        if ba.op == "BiasAdd" and ba.attr("data_format", "NHWC") == "NHWC" and \
+                graph.uses(ba.output(0)) == 1 and not graph.is_output(ba.output(0)):
+            bias = _vector(graph, graph.input(ba, 1), c)
+            if bias is not None and graph.producer(graph.input(ba, 0)).op == "Conv2D":
+                sub = graph.add_node(f"{out.name}/mean_minus_bias", "Sub", [mean, bias],
+                                     attrs={"T": tf.float32}, unique=True)
+                x, mean = graph.input(ba, 0), sub.output(0)
+                inner.append(ba)
         if gamma is None:
             gamma = f"{_const(graph, f'{out.name}/ones', np.ones(c, np.float32))}:0"
         if beta is None:
@@ -135,10 +162,14 @@ def fuse_batchnorm(graph, options) -> PassResult:
                                    "is_training": False}, unique=True)
         graph.replace_all_uses(out.output(0), bn.output(0))
         fused.append(bn.name)
-        for n in [out] + inner:  # the element-wise nodes, when nothing else reads them
+        todo = [out] + inner  # the element-wise nodes (users first), when nothing else reads them,
+        while todo:           # then the parameter reshapes and constants they leave unread
+            n = todo.pop(0)
             if graph.has_node(n.name) and not graph.consumers(n.output(0)) and not graph.is_output(n.output(0)):
+                feeds = [graph.producer(t) for t in graph.inputs_of(n)]
                 graph.remove_node(n)
                 removed += 1
+                todo += [f for f in feeds if f.op in ("Reshape", "Const")]
     if fused:
         graph.infer_shapes()
     return PassResult(changed=bool(fused), stats={"fused": len(fused), "skipped": skipped,
