@@ -105,9 +105,10 @@ def _static_value(graph: Graph, tensor, depth: int = 0):
         axis = _static_value(graph, graph.input(node, 2), depth + 1)
         if not isinstance(params, list) or axis != 0 or idx is None or node.attr("batch_dims", 0):
             return None
+        # (GatherV2 on CPU rejects negative or out-of-range indices at run time: keep such a graph as is)
         if isinstance(idx, int):
-            return params[idx] if -len(params) <= idx < len(params) else None
-        if any(i is None or not -len(params) <= i < len(params) for i in idx):
+            return params[idx] if 0 <= idx < len(params) else None
+        if any(i is None or not 0 <= i < len(params) for i in idx):
             return None
         return [params[i] for i in idx]
     if node.op == "Prod":

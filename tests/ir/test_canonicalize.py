@@ -105,3 +105,54 @@ def test_tensordot_with_dynamic_spatial_dims_is_left_dynamic(dense4d, tmp_path):
     rep = graphslim.run_pipeline(g, "prune{ratio=0.5}")
     reasons = " ".join(n["reason"] for n in rep.passes[0]["stats"]["not_prunable"])
     assert "Reshape" in reasons or "Shape" in reasons
+
+
+def _shape_graph(parts_fn):
+    """x [None, 4, 4, 6] → Reshape(x, <computed target>) → y; ``parts_fn(g, shape_tensor)`` builds the
+    target from Shape(x)."""
+    g = Graph()
+    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": (None, 4, 4, 6)})
+    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+    shp = g.add_node("shape", "Shape", inputs=["x"], attrs={"T": tf.float32, "out_type": tf.int32})
+    target = parts_fn(g, shp.output(0))
+    r = g.add_node("r", "Reshape", inputs=["x", target], attrs={"T": tf.float32, "Tshape": tf.int32})
+    g.outputs.append(SignatureArg("y", r.output(0)))
+    g.infer_shapes()
+    return g
+
+
+def _c(g, name, value):
+    return g.add_node(name, "Const", attrs={"dtype": tf.int32, "value": np.array(value, np.int32)}).output(0)
+
+
+def _gather_concat(idx, tail, axis=0):
+    def build(g, shp):
+        gat = g.add_node("gather", "GatherV2", inputs=[shp, _c(g, "idx", idx), _c(g, "gaxis", 0)],
+                         attrs={"Tparams": tf.int32, "Tindices": tf.int32, "Taxis": tf.int32})
+        return g.add_node("concat", "ConcatV2", inputs=[gat, _c(g, "tail", tail), _c(g, "caxis", axis)],
+                          attrs={"T": tf.int32, "N": 2, "Tidx": tf.int32}).output(0)
+    return build
+
+
+@pytest.mark.parametrize("build,static", [
+    (_gather_concat([0, 1], [24]), True),       # [N, 4, 24]: made constant [-1, 4, 24]
+    (_gather_concat([0], [4, 4, 6]), True),
+    (_gather_concat([-3, 1], [24]), False),     # a negative index fails at run time: left alone
+    (_gather_concat([0, 7], [24]), False),      # out of range
+])
+def test_computed_reshape_targets(build, static):
+    g = _shape_graph(build)
+    x = np.random.RandomState(0).randn(2, 4, 4, 6).astype("f")
+    try:
+        before = run(g, {"x": x})
+    except Exception:  # noqa: BLE001 - TensorFlow refuses the graph: it must stay refused
+        before = None
+    canonicalize(g)
+    r = g.node("r")
+    assert (g.producer(g.input(r, 1)).op == "Const") == static
+    assert bool(g.nodes(op="Shape")) != static  # the shape computation goes with the rewrite
+    if before is not None:
+        np.testing.assert_array_equal(run(g, {"x": x})["y"], before["y"])
+    else:
+        with pytest.raises(Exception):
+            run(g, {"x": x})
