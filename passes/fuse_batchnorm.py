@@ -135,8 +135,10 @@ def fuse_batchnorm(graph, options) -> PassResult:
         if m is None:
             continue
         x, gamma, beta, mean, var, eps, inner = m
-        # the intermediate values must not be used elsewhere (else the rewrite would duplicate work)
-        if any(graph.is_output(n.output(0)) for n in inner):
+        # x * inv (a pass over the activation) must have no other reader, else the rewrite would keep it
+        # and add a batch norm beside it; the small parameter ops may be shared
+        mul = inner[0]
+        if graph.uses(mul.output(0)) != 1 or any(graph.is_output(n.output(0)) for n in inner):
             skipped += 1
             continue
         c = int(graph.shape(x)[3])
