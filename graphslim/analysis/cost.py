@@ -65,6 +65,24 @@ def _deconv(graph: Graph, node: Node) -> int:
     return x * f[0] * f[1] * f[2]
 
 
+def _rows_per_example(graph: Graph, node: Node) -> int:
+    """Rows of a 2-D MatMul's input per example: 1, or ``H·W`` when the input is a Reshape of
+    ``[N, H, W, K]`` to ``[N·H·W, K]`` (``tf.tensordot``: Keras Dense on a 4-D input), whose leading
+    dim is not the batch."""
+    try:
+        t = graph.input(node, 0)
+    except (KeyError, IndexError):
+        return 1
+    src = graph.producer(t)
+    out = graph.shape(t)
+    if src.op != "Reshape" or out is None or len(out) != 2 or out[0] is not None or out[1] is None:
+        return 1
+    per = _per_example(_in_shape(graph, src, 0))
+    if per is None or per % out[1]:
+        return 1
+    return per // out[1]
+
+
 @mac_rule("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
 def _matmul(graph: Graph, node: Node) -> int:
     out = _per_example(node.shapes[0]) if node.shapes else None
@@ -73,7 +91,8 @@ def _matmul(graph: Graph, node: Node) -> int:
         return 0
     adj = node.attr("transpose_a", False) or node.attr("adj_x", False)
     k = a[-2] if adj else a[-1]
-    return 0 if k is None else out * k
+    rows = _rows_per_example(graph, node) if node.op == "MatMul" and not adj else 1
+    return 0 if k is None else out * k * rows
 
 
 def _weights_read(graph: Graph, node: Node) -> int:

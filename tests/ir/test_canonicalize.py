@@ -156,3 +156,15 @@ def test_computed_reshape_targets(build, static):
     else:
         with pytest.raises(Exception):
             run(g, {"x": x})
+
+
+def test_tensordot_macs_count_every_position(dense4d):
+    """Dense on [N, 6, 6, 8] is 36 positions × 8 × 16 MACs per example, not 8 × 16."""
+    import graphslim
+
+    g = graphslim.load(dense4d[6])
+    cost = {c.name: c.macs for c in g.cost().nodes}
+    expand = next(n.name for n in g.nodes(op="MatMul") if g.weight_of(n, 1).name == "expand/kernel")
+    head = next(n.name for n in g.nodes(op="MatMul") if g.weight_of(n, 1).name == "head/kernel")
+    assert cost[expand] == 6 * 6 * 8 * 16
+    assert cost[head] == 8 * 4  # after pooling: one row per example
