@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,16 @@ def architectures() -> list[str]:
 
 
 def child(arch: str) -> None:
-    """Runs in a subprocess: prints one JSON line per pipeline."""
+    """Runs in a subprocess: prints one JSON line per pipeline. Its temporary models (several GB for
+    the large architectures) are deleted as it goes and at the end."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"zoo_{arch}_"))
+    try:
+        _child(arch, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _child(arch: str, tmp: Path) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import numpy as np
@@ -55,7 +65,6 @@ def child(arch: str) -> None:
     from graphslim.pipeline import registered_passes, load_builtin_passes
 
     load_builtin_passes()
-    tmp = Path(tempfile.mkdtemp(prefix=f"zoo_{arch}_"))
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, arch)(weights=None)
     src = tmp / "orig"
@@ -117,6 +126,7 @@ def child(arch: str) -> None:
             row.update(status="refused", detail=str(exc).splitlines()[0][:300])
         except Exception as exc:  # noqa: BLE001 - the report records every failure
             row.update(status="FAIL", detail=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        shutil.rmtree(tmp / label, ignore_errors=True)
         print(json.dumps(row), flush=True)
 
 
@@ -179,6 +189,8 @@ def main() -> int:
             out, code = proc.stdout, proc.returncode
         except subprocess.TimeoutExpired as exc:
             out, code = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), "timeout"
+        for left in Path(tempfile.gettempdir()).glob(f"zoo_{arch}_*"):  # a killed child cannot clean up
+            shutil.rmtree(left, ignore_errors=True)
         for line in out.splitlines():
             if line.startswith("{"):
                 r = json.loads(line)
