@@ -888,6 +888,12 @@ def _check_tensor_proto(t, where: str, limit: int) -> None:
             raise LoadError(f"{where} is a constant with a dimension of size {d.size}; the model is "
                             f"corrupt.")
         n *= d.size
+    values = max(len(t.float_val), len(t.double_val), len(t.int_val), len(t.int64_val), len(t.string_val),
+                 len(t.bool_val), len(t.half_val), len(t.uint32_val), len(t.uint64_val),
+                 len(t.scomplex_val) // 2, len(t.dcomplex_val) // 2, len(getattr(t, "float8_val", b"")))
+    if values > n:  # TensorFlow refuses these; numpy would fail decoding them
+        raise LoadError(f"{where} is a constant of shape {[d.size for d in t.tensor_shape.dim]} with "
+                        f"{values:,} values, more than its {n:,} elements; the model is corrupt.")
     itemsize = _dtype_size(t.dtype, where)
     nbytes = n * itemsize
     if t.tensor_content and t.dtype not in (_attrs_dt_string(),) and len(t.tensor_content) != nbytes:

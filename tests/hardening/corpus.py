@@ -237,6 +237,16 @@ def _huge_const(meta):
     serving_body(meta).node_def.append(node_def("huge_splat", "Const", dtype=attr(type=1), value=attr(tensor=t)))
 
 
+def _overfull_const(meta):
+    import numpy as np
+    import tensorflow as tf
+
+    t = tf.make_tensor_proto(np.array([1, 2], np.int32))
+    t.ClearField("tensor_content")
+    t.int_val.extend([1, 2, 3, 4, 5])  # five values for two elements (found by the fuzzer)
+    serving_body(meta).node_def.append(node_def("overfull", "Const", dtype=attr(type=3), value=attr(tensor=t)))
+
+
 def _served_variable(meta):
     """The VarHandleOp of the first variable the serving signature's call captures."""
     call = next(n for n in meta.graph_def.node if n.name == "StatefulPartitionedCall_1")
@@ -460,6 +470,7 @@ BAD_INPUTS = [
     Case("rank_300", edit(VGG, _signature_shape([1] * 300)), ("rank 300",)),
     Case("huge_placeholder_2_40", edit(VGG, _signature_shape([2**40, 8, 8, 1])), (), may_load=True),
     Case("huge_const_splat", edit(VGG, _huge_const), ("huge_splat", "declares a constant")),
+    Case("const_more_values_than_elements", edit(VGG, _overfull_const), ("overfull", "5 values")),
     Case("variable_shape_2_40", edit(VGG, _variable_shape_huge), ("1099511627776",)),
     Case("variable_dtype_mismatch", edit(VGG, _variable_dtype), ("float64",)),
     Case("forged_huge_checkpoint", _forged_huge_checkpoint, ("dense_1/bias", "claims")),
