@@ -29,9 +29,13 @@ def parse_input(text: str) -> tuple[str, int, bool]:
     if text.startswith("^"):
         return text[1:], 0, True
     name, sep, port = text.rpartition(":")
-    if sep and port.isdigit():
+    if sep and port.isascii() and port.isdigit():
         return name, int(port), False
     return text, 0, False
+
+
+#: output indices above this are refused (TensorFlow's importer crashes on one that overflows int32)
+MAX_OUTPUT_INDEX = 1 << 24
 
 
 def graph_from_node_defs(node_defs, graph: Graph | None = None) -> Graph:
@@ -54,6 +58,9 @@ def graph_from_node_defs(node_defs, graph: Graph | None = None) -> Graph:
             if not g.has_node(src):
                 raise VerificationError(
                     f"node {nd.name!r} ({nd.op}) reads {text!r}, but no node {src!r} exists")
+            if src_port >= MAX_OUTPUT_INDEX:
+                raise VerificationError(
+                    f"node {nd.name!r} ({nd.op}) reads {text!r}: output index {src_port} is out of range")
             if control:
                 g.add_control_input(nd.name, src)
             else:

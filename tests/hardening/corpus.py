@@ -428,6 +428,12 @@ def _frozen_dangling(gd):
     next(n for n in gd.node if n.op == "Conv2D").input[0] = "nowhere"
 
 
+def _frozen_port_overflow(gd):
+    # an output index past int32 makes TensorFlow's importer crash the process (found by the fuzzer)
+    conv = next(n for n in gd.node if n.op == "Conv2D")
+    conv.input[0] = conv.input[0].split(":")[0] + ":2147483648"
+
+
 def _frozen_duplicate(gd):
     gd.node.append(gd.node[-1])
 
@@ -493,6 +499,7 @@ BAD_INPUTS = [
     Case("tf1_checkpoint_in_tf2_model", _tf1_checkpoint_in_tf2, ("variables",)),
     Case("variables_symlink_loop", _variables_symlink_loop, ("variables",)),
     Case("frozen_cycle", _frozen_edit(_frozen_cycle), ("cycle",)),
+    Case("frozen_output_index_overflow", _frozen_edit(_frozen_port_overflow), ("2147483648", "out of range")),
     Case("frozen_dangling", _frozen_edit(_frozen_dangling), ("nowhere",)),
     Case("frozen_duplicate", _frozen_edit(_frozen_duplicate), ("two nodes",)),
     Case("frozen_huge_const", _frozen_edit(_frozen_huge_const), ("splat", "declares a constant")),
