@@ -8,7 +8,13 @@ compare with the original:
   roundtrip  (empty pipeline)              must match (1e-5)
   subset     subset{keep=0,1,2,3,4}        kept logits must equal the original's (1e-5); output has 5 classes
   prune      prune{ratio=0.3}              must load and run with the original output shape
-  separable  separable{rank=1000 ...}      full rank: the logits must match (1e-4 relative to their scale)
+  separable  separable{rank=1000 ...}      full rank: the logits must match to 1e-4 of their scale, or
+                                           to twice the model's own float32 noise when that is larger
+
+The noise is how much the original's logits move when the input moves by a relative 1e-6: some
+random-weight models are chaotic (EfficientNetV2M's activations reach 1e6, and a 1e-6 input change
+moves its logits by 70%), so any exact rewrite that reorders float32 arithmetic (fold-batchnorm too)
+changes them by as much; such a cell says "at noise".
 A cell says ok with the measured max abs error, 'refused: <reason>' (a clear graphslim error), or
 FAIL (anything else: a crash, a wrong result, a model that does not load).
 """
@@ -76,6 +82,7 @@ def _child(arch: str, tmp: Path) -> None:
     (name, _), = fn.structured_input_signature[1].items()
     x = np.random.RandomState(0).rand(1, *shape).astype("float32") * 255.0
     ref = {k: v.numpy() for k, v in fn(**{name: tf.constant(x)}).items()}
+    noise = None  # the original's logit change under a relative 1e-6 input change (computed once)
     for label, pipeline in PIPELINES.items():
         row = {"arch": arch, "pass": label}
         if pipeline and pipeline.split("{")[0] not in registered_passes():
@@ -108,8 +115,15 @@ def _child(arch: str, tmp: Path) -> None:
                     ok = (y.shape[-1] == 5 and bool(np.isfinite(y).all()) and got_l.shape == want.shape
                           and bool(np.allclose(got_l, want, rtol=1e-5, atol=1e-5 * scale)))
                 else:
+                    if noise is None:
+                        x2 = x * (1 + 1e-6 * np.random.RandomState(1).randn(*x.shape)).astype("float32")
+                        noise = float(np.abs(run(g0, {name: x2}, fetch=[lt])[lt] - want).max())
+                        row["noise"] = noise
+                    err_l = float(np.abs(got_l - want).max())
                     ok = (y.shape == r.shape and bool(np.isfinite(y).all()) and got_l.shape == want.shape
-                          and float(np.abs(got_l - want).max()) <= 1e-4 * scale)
+                          and err_l <= max(1e-4 * scale, 2 * noise))
+                    if ok and err_l > 1e-4 * scale:
+                        row["at_noise"] = True
                 err = float(np.abs(got_l - want).max())
             elif label == "prune":
                 err = float(np.abs(y - r).max())
@@ -149,6 +163,8 @@ def render(rows: dict, archs: list[str]) -> str:
             if r["status"] == "ok":
                 counts[p] += 1
                 extra = f", MACs {r['macs_ratio']:.2f}x" if "macs_ratio" in r else ""
+                if r.get("at_noise"):
+                    extra += f", at noise {r['noise']:.2g}"
                 cells.append(f"ok ({r['err']:.2g}{extra})")
             else:
                 cells.append(f"{r['status']}: {r.get('detail', '')}".replace("|", "/") if r.get("detail")
