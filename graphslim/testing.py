@@ -78,3 +78,37 @@ def run_saved_model(path, inputs: dict, signature: str = "serving_default") -> d
     fn = obj.signatures[signature]
     out = fn(**{k: tf.constant(v) for k, v in inputs.items()})
     return {k: v.numpy() for k, v in out.items()}
+
+
+def zero_slices(graph, member, channels) -> None:
+    """Zero the positions of group ``channels`` in a weight or constant member of a channel group."""
+    idx = np.concatenate([member.index_map[c] for c in channels]).astype(int)
+    value = graph.weight(member.name).value if member.kind == "weight" else graph.node(member.name).attr("value")
+    value = value.copy()
+    sl = [slice(None)] * value.ndim
+    sl[member.axis] = idx
+    value[tuple(sl)] = 0
+    if member.kind == "weight":
+        graph.set_weight(member.name, value)
+    else:
+        graph.node(member.name).set_attr("value", value)
+
+
+def zero_produced_channels(graph, group, channels) -> None:
+    """Make ``channels`` of a channel group all-zero activations: zero the sources' slices and every
+    per-channel constant added on the way (biases, batch-norm shifts: the group weights in their
+    expressions). Pruning such channels must not change the model's outputs."""
+    from graphslim.analysis.constants import constant_value
+
+    targets = {m.name for m in group.sources}
+    params = [m for m in group.members if m.kind in ("weight", "const")]
+    for m in group.members_of("tensor"):
+        node = graph.node(m.tensor.node)
+        if node.op in ("BiasAdd", "AddV2", "Add", "Sub"):
+            for t in graph.inputs_of(node):
+                if constant_value(graph, t) is not None:
+                    anc = graph.ancestors([t.node])
+                    targets |= {p.name for p in params if p.name in anc}
+    for m in params:
+        if m.name in targets:
+            zero_slices(graph, m, channels)

@@ -12,9 +12,9 @@ import tensorflow as tf
 from tensorflow.python.framework import op_def_registry
 
 import graphslim
+from graphslim.testing import zero_produced_channels, zero_slices
 from graphslim.analysis.channels import (CHANNEL_RULES, ChannelError, IndexMap, apply_keep, apply_keeps,
                                          channel_groups, format_groups, group_for)
-from graphslim.analysis.constants import constant_value
 from graphslim.ir.graph import Graph, SignatureArg, Tensor, as_tensor
 from graphslim.pipeline import PassManager
 from graphslim.runtime import run
@@ -105,20 +105,6 @@ def check_keep(g, grp, keep, feed):
 
 def rows(grp, name, axis=None):
     return grp.member(name, axis).index_map.tolist()
-
-
-def zero_slices(g, m, channels):
-    """Zero the positions of group ``channels`` in weight/const member ``m``."""
-    idx = np.concatenate([m.index_map[c] for c in channels]).astype(int)
-    value = g.weight(m.name).value if m.kind == "weight" else g.node(m.name).attr("value")
-    value = value.copy()
-    sl = [slice(None)] * value.ndim
-    sl[m.axis] = idx
-    value[tuple(sl)] = 0
-    if m.kind == "weight":
-        g.set_weight(m.name, value)
-    else:
-        g.node(m.name).set_attr("value", value)
 
 
 # ------------------------------------------------------------------------------------------ structure
@@ -622,26 +608,6 @@ def test_removing_channels_that_feed_nothing_is_exact(loaded, name):
         assert_close(run(perm, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
-ADDITIVE = ("BiasAdd", "AddV2", "Add", "Sub")
-
-
-def _zero_produced_channels(g, grp, removed):
-    """Make the removed channels all-zero activations: zero the sources' slices and every per-channel
-    constant added on the way (biases, batch-norm shifts: all group weights in their expressions)."""
-    targets = {m.name for m in grp.sources}
-    params = [m for m in grp.members if m.kind in ("weight", "const")]
-    for m in grp.members_of("tensor"):
-        node = g.node(m.tensor.node)
-        if node.op in ADDITIVE:
-            for t in g.inputs_of(node):
-                if constant_value(g, t) is not None:
-                    anc = g.ancestors([t.node])
-                    targets |= {p.name for p in params if p.name in anc}
-    for m in params:
-        if m.name in targets:
-            zero_slices(g, m, removed)
-
-
 @pytest.mark.parametrize("name", FIXTURES)
 def test_pruning_all_zero_channels_is_exact(loaded, name):
     """The prune contract: on the batch-norm-folded graph, channels made exactly zero at their source
@@ -657,9 +623,9 @@ def test_pruning_all_zero_channels_is_exact(loaded, name):
         removed, keep = _removal(rng, grp.size)
         keep = sorted(keep)
         plan.append((grp, keep))
-        _zero_produced_channels(zeroed_all, grp, removed)
+        zero_produced_channels(zeroed_all, grp, removed)
         z = g.copy()
-        _zero_produced_channels(z, grp, removed)
+        zero_produced_channels(z, grp, removed)
         ref, members = _outputs_and_members(z, grp, inputs)
         placeholders = {a.tensor.node for a in g.inputs}
         for m in members:  # the premise: every activation of the group is zero on the removed channels

@@ -14,13 +14,13 @@ import tensorflow as tf
 
 import graphslim
 from graphslim.analysis.channels import channel_groups
-from graphslim.analysis.constants import constant_value
 from graphslim.analysis.importance import CRITERIA, importance
 from graphslim.errors import GraphslimError, OptionError
 from graphslim.ir.graph import Graph, SignatureArg, Tensor
 from graphslim.pipeline import PassManager, parse_pipeline
 from graphslim.runtime import run
-from graphslim.testing import assert_close, digits, fixture_index, fixture_io, fixture_path
+from graphslim.testing import (assert_close, digits, fixture_index, fixture_io, fixture_path,
+                               zero_produced_channels)
 
 F = tf.float32
 FIXTURES = [fx["name"] for fx in fixture_index()]
@@ -218,35 +218,6 @@ def test_exclude_with_globs(loaded):
 
 
 # ------------------------------------------------------------------------------------------ exact
-ADDITIVE = ("BiasAdd", "AddV2", "Add", "Sub")
-
-
-def _zero_channels(g, grp, removed):
-    """Make ``removed`` all-zero activations: zero the source filters and every per-channel constant
-    added on the way (biases, batch-norm shifts)."""
-    targets = {m.name for m in grp.sources}
-    params = [m for m in grp.members if m.kind in ("weight", "const")]
-    for m in grp.members_of("tensor"):
-        node = g.node(m.tensor.node)
-        if node.op in ADDITIVE:
-            for t in g.inputs_of(node):
-                if constant_value(g, t) is not None:
-                    anc = g.ancestors([t.node])
-                    targets |= {p.name for p in params if p.name in anc}
-    for m in params:
-        if m.name not in targets:
-            continue
-        idx = np.concatenate([m.index_map[c] for c in removed]).astype(int)
-        v = (g.weight(m.name).value if m.kind == "weight" else g.node(m.name).attr("value")).copy()
-        sl = [slice(None)] * v.ndim
-        sl[m.axis] = idx
-        v[tuple(sl)] = 0
-        if m.kind == "weight":
-            g.set_weight(m.name, v)
-        else:
-            g.node(m.name).set_attr("value", v)
-
-
 @pytest.mark.parametrize("name,fold", [("vgg_digits", False), ("resnet_digits", True), ("resnet_digits", False),
                                        ("mobilenet_tiny", True), ("inception_tiny", False)],
                          ids=["plain", "residual-folded", "residual-bn", "depthwise", "concat"])
@@ -260,7 +231,7 @@ def test_pruning_injected_zero_filters_is_exact(loaded, name, fold):
     for grp in channel_groups(g):
         if grp.prunable and grp.size > 1:
             removed = sorted(rng.choice(grp.size, max(1, grp.size // 3), replace=False).tolist())
-            _zero_channels(g, grp, removed)
+            zero_produced_channels(g, grp, removed)
             want[tuple(sorted(m.name for m in grp.sources))] = removed
     ref = run(g, inputs)
     st = prune(g, "prune{threshold=0}")
@@ -275,7 +246,7 @@ def test_ratio_removes_zero_filters_first_exactly(loaded):
     inputs, _ = fixture_io("resnet_digits")
     for grp in channel_groups(g):
         if grp.prunable:
-            _zero_channels(g, grp, list(range(0, grp.size, 4)))  # a quarter of each group
+            zero_produced_channels(g, grp, list(range(0, grp.size, 4)))  # a quarter of each group
     ref = run(g, inputs)
     st = prune(g, "prune{ratio=0.25}")
     assert all(r["removed"] == list(range(0, r["channels"][0], 4)) for r in st["groups"])
