@@ -72,26 +72,38 @@ def run_one(orig: Path, work: Path, base: str, args) -> None:
     t = time.perf_counter()
     g = graphslim.load(orig)
     load_s = time.perf_counter() - t
-    ref_path = orig
+    tag = base.replace("{", "_").replace("}", "").replace(" ", "_")
     if base != "none":
         PassManager(base).run(g)
-        ref_path = work / base.replace("{", "_").replace("}", "").replace(" ", "_")
-        graphslim.save(g, ref_path, force=True)
     macs0, params0 = g.cost().macs, g.cost().params
+    refs = {}
+    for rt in args.runtimes:
+        if base == "none" and rt == "graph":
+            refs[rt] = orig  # the Keras export itself
+        else:
+            refs[rt] = work / f"ref_{tag}_{rt}"
+            graphslim.save(g, refs[rt], force=True, jit_compile=(rt == "xla"))
     report = PassManager(args.pipeline).run(g)
     passes = report.passes
-    t = time.perf_counter()
-    out = work / "pruned"
-    graphslim.save(g, out, force=True)
-    save_s = time.perf_counter() - t
+    outs, save_s = {}, 0.0
+    for rt in args.runtimes:
+        t = time.perf_counter()
+        outs[rt] = work / f"pruned_{tag}_{rt}"
+        graphslim.save(g, outs[rt], force=True, jit_compile=(rt == "xla"))
+        save_s = save_s or time.perf_counter() - t
     macs1, params1 = g.cost().macs, g.cost().params
     x = np.random.RandomState(0).rand(1, args.size, args.size, 3).astype("float32")
-    lat = latency({"original": ref_path, "pruned": out}, x, args.rounds, args.calls)
-    # outputs of the emitted model are what the IR computes
+    models = {}
+    for rt in args.runtimes:
+        models[("original", rt)] = refs[rt]
+        models[("pruned", rt)] = outs[rt]
+    lat = latency(models, x, args.rounds, args.calls)
+    # outputs of the emitted models are what the IR computes
     ref = run(g, {g.inputs[0].name: x})
-    got = tf.saved_model.load(str(out)).signatures["serving_default"](**{g.inputs[0].name: tf.constant(x)})
-    err = max(float(np.max(np.abs(got[k].numpy() - ref[k]))) for k in ref)
-    speedup = lat["original"] / lat["pruned"]
+    errs = {}
+    for rt in args.runtimes:
+        got = tf.saved_model.load(str(outs[rt])).signatures["serving_default"](**{g.inputs[0].name: tf.constant(x)})
+        errs[rt] = max(float(np.max(np.abs(got[k].numpy() - ref[k]))) for k in ref)
     reduction = macs0 / macs1
     print(f"\n## ResNet50 {args.size}x{args.size}: original{' + ' + base if base != 'none' else ''} vs + {report.pipeline}")
     print("| measure | value |\n|---|---|")
@@ -106,11 +118,17 @@ def run_one(orig: Path, work: Path, base: str, args) -> None:
     print(f"| load / save | {load_s:.2f} s / {save_s:.2f} s |")
     print(f"| MACs | {macs0:,} → {macs1:,} (ratio {macs1 / macs0:.3f}, {reduction:.2f}x fewer) |")
     print(f"| params | {params0:,} → {params1:,} (ratio {params1 / params0:.3f}) |")
-    print(f"| latency, batch 1, 2 threads (median of {args.rounds} interleaved rounds) | original "
-          f"{1e3 * lat['original']:.1f} ms, pruned {1e3 * lat['pruned']:.1f} ms |")
-    print(f"| speedup | {speedup:.2f}x = {speedup / reduction:.2f} x the MACs reduction "
-          f"(target >= 0.75: {'met' if speedup / reduction >= 0.75 else 'NOT met'}) |")
-    print(f"| emitted SavedModel vs IR, max abs diff | {err:.2e} |")
+    for rt in args.runtimes:
+        o, pr = lat[("original", rt)], lat[("pruned", rt)]
+        speedup = o / pr
+        print(f"| {RUNTIMES[rt]}: latency, batch 1, 2 threads (median of {args.rounds} interleaved rounds) "
+              f"| original {1e3 * o:.1f} ms, pruned {1e3 * pr:.1f} ms |")
+        print(f"| {RUNTIMES[rt]}: speedup | {speedup:.2f}x = {speedup / reduction:.2f} x the MACs reduction "
+              f"(target >= 0.75: {'met' if speedup / reduction >= 0.75 else 'NOT met'}) |")
+        print(f"| {RUNTIMES[rt]}: emitted SavedModel vs IR, max abs diff | {errs[rt]:.2e} |")
+
+
+RUNTIMES = {"graph": "graph executor", "xla": "XLA (both emitted with jit_compile=True)"}
 
 
 def main(argv=None) -> int:
@@ -119,11 +137,19 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="none;fuse-batchnorm;fold-batchnorm",
                     help="';'-separated pipelines applied to BOTH models first, one comparison each "
                          "(none: the Keras export as is)")
+    ap.add_argument("--runtimes", default="graph,xla",
+                    help="comma-separated: graph (TensorFlow's graph executor, the default runtime) and/or "
+                         "xla (both models written with jit_compile=True, so TensorFlow compiles them "
+                         "with XLA)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--workdir", default=None, help="keep the exported models here (reused if present)")
     args = ap.parse_args(argv)
+    args.runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    unknown = [r for r in args.runtimes if r not in RUNTIMES]
+    if unknown:
+        ap.error(f"--runtimes: unknown {unknown}; choose from {sorted(RUNTIMES)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prune_resnet50_"))
     work.mkdir(parents=True, exist_ok=True)
     orig = work / f"resnet50_{args.size}"

@@ -39,11 +39,12 @@ def load(path, signature: str = "serving_default", tags=("serve",), *, scan: boo
     return _load(path, signature=signature, tags=tags, scan=scan, allow_ops=allow_ops)
 
 
-def save(graph, out_dir, *, force: bool = False):
-    """Write ``graph`` as a TF2 SavedModel (see graphslim.io.emitter)."""
+def save(graph, out_dir, *, force: bool = False, jit_compile: bool = False):
+    """Write ``graph`` as a TF2 SavedModel (see graphslim.io.emitter); ``jit_compile=True`` marks its
+    function for XLA compilation."""
     from graphslim.io.emitter import save as _save
 
-    return _save(graph, out_dir, force=force)
+    return _save(graph, out_dir, force=force, jit_compile=jit_compile)
 
 
 def run_pipeline(graph, pipeline, *, verify: bool = True, instruments=()):

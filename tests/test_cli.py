@@ -216,6 +216,21 @@ def test_force_replaces_existing_output(tmp_path):
     assert (out / "saved_model.pb").is_file() and not (out / "stale.txt").exists()
 
 
+def test_optimize_jit_compile_writes_an_xla_model_that_verifies(tmp_path):
+    out, report_path = tmp_path / "out", tmp_path / "r.json"
+    result = run("-q", "optimize", RESNET, "-o", out, "--passes", "prune{ratio=0.5}", "--jit-compile",
+                 "--report", report_path)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(report_path.read_text())["jit_compile"] is True
+    text = (out / "saved_model.pb").read_bytes()
+    assert b"_XlaMustCompile" in text
+    pruned = tmp_path / "pruned"  # the same pipeline without XLA: the two agree
+    assert run("-q", "optimize", RESNET, "-o", pruned, "--passes", "prune{ratio=0.5}").exit_code == 0
+    assert b"_XlaMustCompile" not in (pruned / "saved_model.pb").read_bytes()
+    verified, data = verify_json(pruned, out, "--atol", "1e-5")
+    assert verified.exit_code == 0 and data["ok"] is True, verified.stdout
+
+
 # ---------------------------------------------------------------------------------- errors
 def test_error_missing_model(tmp_path):
     out = tmp_path / "out"

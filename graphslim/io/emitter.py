@@ -12,7 +12,11 @@ What :func:`save` produces:
   prefix; a name TensorFlow already took inside the function, e.g. an input's name reused by another
   node, gets a ``_1`` suffix). It is exported both as the signature ``graph.signature_name`` and as
   the method ``serve``, and returns ``{output name: tensor}``;
-* each ``graph.assets`` entry as ``<out>/assets/<file name>``, tracked as ``tf.saved_model.Asset``.
+* each ``graph.assets`` entry as ``<out>/assets/<file name>``, tracked as ``tf.saved_model.Asset``;
+* with ``jit_compile=True``, the function is marked for XLA (``tf.function(jit_compile=True)``):
+  TensorFlow compiles it with XLA when the loaded model is called (once per input shape), which fuses
+  the element-wise ops between convolutions. The function is lowered to XLA's HLO before anything is
+  written, so a model with an op XLA has no kernel for fails here, naming the op.
 
 Writing is atomic: everything goes into a temporary directory beside ``out_dir`` that is renamed into
 place at the end. On failure nothing is left behind and :class:`~graphslim.errors.EmitError` says
@@ -60,11 +64,12 @@ class _Stage(Exception):
     """Internal: a failure with a description of what was being done (becomes the EmitError)."""
 
 
-def save(graph: Graph, out_dir, *, force: bool = False) -> pathlib.Path:
+def save(graph: Graph, out_dir, *, force: bool = False, jit_compile: bool = False) -> pathlib.Path:
     """Write ``graph`` as a TF2 SavedModel directory at ``out_dir`` and return its path.
 
     Raises EmitError (nothing written) if ``out_dir`` exists and ``force`` is false, or if any step
     fails. With ``force=True`` an existing ``out_dir`` is replaced once the new model is complete.
+    ``jit_compile=True`` marks the serving function for XLA compilation (checked before writing).
     """
     out = pathlib.Path(out_dir).absolute()
     if _exists(out) and not force:
@@ -81,7 +86,7 @@ def save(graph: Graph, out_dir, *, force: bool = False) -> pathlib.Path:
             tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.graphslim-tmp-", dir=out.parent))
         model_dir = tmp / "model"
         with tf.name_scope(""):  # a caller's name scope would prefix the variable names
-            _write(graph, model_dir, tmp / "assets_src")
+            _write(graph, model_dir, tmp / "assets_src", jit_compile)
         with _deferred_signals():
             _move_into_place(model_dir, out, force)
     except BaseException as exc:
@@ -148,7 +153,7 @@ def _disk_hint(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- build
-def _write(graph: Graph, model_dir: pathlib.Path, assets_src: pathlib.Path) -> None:
+def _write(graph: Graph, model_dir: pathlib.Path, assets_src: pathlib.Path, jit_compile: bool = False) -> None:
     root = tf.__internal__.tracking.AutoTrackable()
     variables = _make_variables(graph)
     # Attribute order matters: checkpoint keys come from the first path a breadth-first walk finds,
@@ -163,7 +168,7 @@ def _write(graph: Graph, model_dir: pathlib.Path, assets_src: pathlib.Path) -> N
     # The function is traced once, inside tf.saved_model.save: a trace made outside the save context
     # has another cache key, so the SavedModel would hold the function body twice.
     traced = []
-    root.serve = _make_function(graph, variables, traced)
+    root.serve = _make_function(graph, variables, traced, jit_compile)
     try:
         tf.saved_model.save(root, str(model_dir), signatures={graph.signature_name: root.serve})
     except Exception as exc:
@@ -171,6 +176,39 @@ def _write(graph: Graph, model_dir: pathlib.Path, assets_src: pathlib.Path) -> N
             raise _Stage(f"the graph cannot be rebuilt in TensorFlow{_where(exc, graph)} "
                          f"({_describe(exc)})") from exc
         raise _Stage(f"TensorFlow failed to write it ({_describe(exc)})") from exc
+    if jit_compile:
+        _check_xla(graph, root.serve)
+
+
+# Unknown dimensions of a signature input when the XLA check lowers the function: batch 1, else this.
+XLA_CHECK_DIM = 32
+
+
+def _check_xla(graph: Graph, fn) -> None:
+    """Lower ``fn`` (the jit_compile serving function) to XLA's HLO, so that a model XLA cannot compile
+    fails now, with the reason, and not on its first call after loading.
+
+    Unknown input dimensions are taken as 1 for the first (batch) dimension and XLA_CHECK_DIM for the
+    others: XLA compiles a function per input shape, and these stand for the shapes it will see."""
+    specs = []
+    for arg in graph.inputs:
+        spec = _input_spec(graph, arg)
+        if spec.shape.rank is None:
+            raise _Stage(f"jit_compile: signature input {arg.name!r} has an unknown rank, and XLA needs "
+                         "static shapes; save without jit_compile (drop --jit-compile)")
+        dims = [d if d is not None else (1 if i == 0 else XLA_CHECK_DIM)
+                for i, d in enumerate(spec.shape.as_list())]
+        specs.append(tf.TensorSpec(dims, spec.dtype))
+    try:
+        # The same body without the input signature, whose unknown dimensions XLA cannot lower.
+        check = tf.function(fn.python_function, autograph=False, jit_compile=True)
+        check.experimental_get_compiler_ir(*specs)(stage="hlo")
+    except Exception as exc:
+        text = _describe(exc)
+        found = re.search(r"unsupported operations when trying to compile graph \S+ on \S+: (.*?) \(No ", text)
+        what = f"XLA has no kernel for {found.group(1)}" if found else f"XLA cannot compile it ({text})"
+        raise _Stage(f"jit_compile was asked for, but {what}. Save without jit_compile (drop "
+                     "--jit-compile); TensorFlow's graph executor runs the model as it is") from exc
 
 
 def _make_variables(graph: Graph) -> dict:
@@ -207,7 +245,7 @@ def _input_spec(graph: Graph, arg) -> tf.TensorSpec:
     return tf.TensorSpec(shape, dtype, name=arg.name)
 
 
-def _make_function(graph: Graph, variables: dict, traced: list):
+def _make_function(graph: Graph, variables: dict, traced: list, jit_compile: bool = False):
     """The ``tf.function`` serving the graph. Each trace appends False to ``traced`` and sets it to
     True when the body is complete, so a failure can be attributed to the graph or to the writer."""
     for kind, args in (("input", graph.inputs), ("output", graph.outputs)):
@@ -242,7 +280,7 @@ def _make_function(graph: Graph, variables: dict, traced: list):
         traced[-1] = True
         return outputs
 
-    return tf.function(body, input_signature=specs, autograph=False)
+    return tf.function(body, input_signature=specs, autograph=False, jit_compile=jit_compile or None)
 
 
 def _graph_def(graph: Graph, input_nodes: set) -> tuple[graph_pb2.GraphDef, dict, set]:

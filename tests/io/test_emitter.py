@@ -18,6 +18,7 @@ from graphslim.io.emitter import save
 from graphslim.ir.attrs import shape_to_proto
 from graphslim.ir.graph import Graph, SignatureArg, Tensor
 from graphslim.ir.tfconv import graph_to_graph_def
+from graphslim.runtime import run
 
 RTOL = ATOL = 1e-5
 LABELS = b"cat\ndog\nbird\nfish\nfrog\n"
@@ -311,3 +312,61 @@ def test_missing_parent_directories_are_created_and_removed_on_failure(graph, tm
     assert list(tmp_path.iterdir()) == []
     out = save(graph, tmp_path / "a" / "b" / "model")
     assert (out / "saved_model.pb").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ XLA
+def _must_compile(saved_model_dir: Path) -> dict:
+    """``{function name: _XlaMustCompile}`` of the functions in the SavedModel that hold a Conv2D."""
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((saved_model_dir / "saved_model.pb").read_bytes())
+    lib = sm.meta_graphs[0].graph_def.library.function
+    return {f.signature.name: f.attr["_XlaMustCompile"].b if "_XlaMustCompile" in f.attr else None
+            for f in lib if any(n.op == "Conv2D" for n in f.node_def)}
+
+
+def test_jit_compile_marks_the_function_for_xla_and_keeps_outputs_and_training(graph, emitted, x, tmp_path):
+    path = save(graph, tmp_path / "jit", jit_compile=True)
+    assert list(_must_compile(path).values()) == [True]
+    assert list(_must_compile(emitted).values()) == [None]  # the default is TensorFlow's executor
+    loaded = tf.saved_model.load(str(path))
+    want = reference(graph, x)
+    assert_outputs(loaded.signatures["serving_default"](x=tf.constant(x)), want)
+    assert_outputs(loaded.serve(x[:1]), {k: v[:1] for k, v in want.items()})  # another input shape
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(loaded.serve(x)["logits"] ** 2)
+    grads = tape.gradient(loss, loaded.trainable_variables)
+    assert all(g is not None for g in grads) and len(grads) == 3
+    # graphslim reads its own XLA-marked model back
+    from graphslim.io.loader import load
+
+    again = load(path)
+    assert sorted(again.weights) == sorted(graph.weights)
+    assert_outputs(run(again, {"x": x}), want)
+
+
+def _string_graph() -> Graph:
+    """x ─ Mul(scale) ─ AsString ─▶ "text": XLA has no kernel for AsString."""
+    g = Graph()
+    _placeholder(g, "x", (None, 3))
+    g.add_weight("scale", np.array([1.0, 2.0, 3.0], np.float32))
+    g.add_node("mul", "Mul", ["x", "scale"], attrs={"T": tf.float32})
+    g.add_node("text", "AsString", ["mul"], attrs={"T": tf.float32, "precision": -1, "scientific": False,
+                                                  "shortest": False, "width": -1, "fill": ""})
+    g.outputs.append(SignatureArg("text", Tensor("text", 0)))
+    g.infer_shapes()
+    return g
+
+
+def test_jit_compile_refuses_a_model_xla_cannot_compile(tmp_path):
+    g = _string_graph()
+    out = tmp_path / "model"
+    with pytest.raises(EmitError) as err:
+        save(g, out, jit_compile=True)
+    message = str(err.value)
+    assert "XLA has no kernel for AsString" in message and "--jit-compile" in message, message
+    assert str(out) in message and "\n" not in message
+    assert _siblings(out) == []
+    # Without jit_compile the same graph is written and runs.
+    loaded = tf.saved_model.load(str(save(g, out)))
+    got = loaded.signatures["serving_default"](x=tf.constant([[1.0, 1.0, 1.0]]))["text"].numpy()
+    assert [float(s) for s in got[0]] == [1.0, 2.0, 3.0]
