@@ -3,14 +3,24 @@
 Prints the pass's own time (the PassManager's timing of the pass, without load, verification and save;
 target < 2 s), the MACs ratio, and the latency of the original and the pruned SavedModel run side by
 side in the TensorFlow runtime (``tf.saved_model.load``, batch 1, 2 intra-op threads, 1 inter-op
-thread): rounds interleave the two models, the median per-call time of each is compared.
-Target: speedup ≥ 0.75 × the MACs reduction (MACs before / after). Three comparisons by default
-(``--base "none;fuse-batchnorm;fold-batchnorm"``), each applying the base pipeline to BOTH models first:
+thread): rounds interleave the models, the median per-call time of each is compared.
+Target: speedup ≥ 0.75 × the MACs reduction (MACs before / after).
 
-* ``none``: the Keras export as is. Keras 3 writes each batch norm as element-wise ops (two passes over
-  the activation, which shrink only linearly with the channels while conv MACs shrink quadratically);
+Two runtimes (``--runtimes graph,xla``), each with the same setting on both sides:
+
+* ``graph``: TensorFlow's graph executor, what a SavedModel gets by default. Every element-wise op is
+  a kernel of its own, whose time shrinks only linearly with the channels (conv MACs shrink
+  quadratically), and Eigen's convolutions lose efficiency per MAC as they narrow;
+* ``xla``: both models written by graphslim with ``jit_compile=True`` (the original through an empty
+  pipeline, an exact round trip), so TensorFlow compiles each with XLA on its first call: the
+  element-wise ops between convolutions fuse into one loop each.
+
+And, by default, three bases (``--base "none;fuse-batchnorm;fold-batchnorm"``), each applied to BOTH
+models before pruning:
+
+* ``none``: the Keras export as is. Keras 3 writes each batch norm as element-wise ops;
 * ``fuse-batchnorm``: those batch norms as ``FusedBatchNormV3`` over the same variables (nothing folded,
-  the model stays fine-tunable), which TensorFlow fuses into the convolutions;
+  the model stays fine-tunable), which TensorFlow's graph optimizer fuses into the convolutions;
 * ``fold-batchnorm``: batch norms folded into the conv weights.
 
     .venv/bin/python benchmarks/prune_resnet50.py [--pipeline "prune{ratio=0.5 round_to=8}"] [--rounds 15]
