@@ -389,6 +389,11 @@ def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path
         # fail the run while nothing has been written yet.
         json.dumps(make_report(None, 0.0), allow_nan=False)
 
+        if jit_compile:
+            from graphslim.io.emitter import xla_cpu_caveats
+
+            for caveat in xla_cpu_caveats(graph):
+                app.warn(f"--jit-compile: {caveat}")
         steps.start(f"writing {out}")
         start = time.perf_counter()
         written = graphslim.save(graph, out, force=force, jit_compile=jit_compile)

@@ -229,6 +229,17 @@ def test_optimize_jit_compile_writes_an_xla_model_that_verifies(tmp_path):
     assert b"_XlaMustCompile" not in (pruned / "saved_model.pb").read_bytes()
     verified, data = verify_json(pruned, out, "--atol", "1e-5")
     assert verified.exit_code == 0 and data["ok"] is True, verified.stdout
+    assert "warning:" not in result.stderr  # no depthwise convolutions here
+
+
+def test_optimize_jit_compile_warns_about_depthwise_convolutions_on_cpu(tmp_path):
+    result = run("optimize", MODELS / "mobilenet_tiny", "-o", tmp_path / "out", "--jit-compile")
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: --jit-compile")]
+    assert len(warnings) == 1 and "depthwise convolution" in warnings[0], result.stderr
+    assert (tmp_path / "out" / "saved_model.pb").is_file()
+    quiet = run("-q", "optimize", MODELS / "mobilenet_tiny", "-o", tmp_path / "q", "--jit-compile")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
 # ---------------------------------------------------------------------------------- errors

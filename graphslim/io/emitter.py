@@ -53,7 +53,7 @@ from graphslim.errors import EmitError
 from graphslim.ir.graph import WEIGHT_OP, Graph, Tensor
 from graphslim.ir.tfconv import graph_to_graph_def, parse_input
 
-__all__ = ["save"]
+__all__ = ["save", "xla_cpu_caveats"]
 
 # A node name TensorFlow accepts for an op created from Python (``ops._VALID_OP_NAME_REGEX``).
 _VALID_OP_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*$")
@@ -178,6 +178,20 @@ def _write(graph: Graph, model_dir: pathlib.Path, assets_src: pathlib.Path, jit_
         raise _Stage(f"TensorFlow failed to write it ({_describe(exc)})") from exc
     if jit_compile:
         _check_xla(graph, root.serve)
+
+
+def xla_cpu_caveats(graph: Graph) -> list[str]:
+    """Why ``jit_compile=True`` may make this model slower on CPU (empty if nothing is known).
+
+    XLA's CPU backend has no fast kernel for depthwise convolutions: a pruned MobileNetV2 ran about
+    4x slower under XLA than in TensorFlow's graph executor on a 2-core machine, while a ResNet50 ran
+    faster (benchmarks/prune_resnet50.py)."""
+    depthwise = [n.name for n in graph.nodes("DepthwiseConv2dNative")]
+    if not depthwise:
+        return []
+    return [f"the model has {len(depthwise)} depthwise convolution(s) (e.g. {depthwise[0]!r}), which XLA "
+            "runs several times slower on CPU than TensorFlow's own kernels: on CPU, time the model "
+            "with and without --jit-compile before deploying it (on GPU XLA handles them well)"]
 
 
 # Unknown dimensions of a signature input when the XLA check lowers the function: batch 1, else this.
