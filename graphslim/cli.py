@@ -1,4 +1,5 @@
-"""The ``graphslim`` command line: ``optimize``, ``inspect``, ``scan``, ``passes`` and ``verify``.
+"""The ``graphslim`` command line: ``optimize``, ``inspect``, ``scan``, ``passes``, ``verify`` and
+``bench``.
 
 All user-facing output of graphslim comes from here (and the data helpers in graphslim.report):
 results on stdout, progress, warnings and errors on stderr. Errors graphslim raises for bad input
@@ -12,6 +13,7 @@ Example::
 
     graphslim optimize model/ -o model_small/ --passes "fold-batchnorm,dce" --report report.json
     graphslim verify model/ model_small/ -n 16 --atol 1e-4
+    graphslim bench model/ model_small/ --threads 2 --xla
     graphslim inspect model_small/
     graphslim passes
 """
@@ -647,6 +649,14 @@ def _saved_model_path(path: Path) -> Path:
     return path
 
 
+def _check_runnable(paths, allow_ops) -> None:
+    """The safety scan of models about to be executed (verify, bench): refuse before loading."""
+    from graphslim.io.scan import check_safe
+
+    for path in paths:
+        check_safe(path, allow_ops=allow_ops)
+
+
 def _tf_load(tf, path: Path, label: str):
     try:
         return tf.saved_model.load(str(path))
@@ -802,9 +812,10 @@ def _err_text(value: float | None) -> str:
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance.")
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@_allow_ops_option
 @click.pass_obj
 def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, batch: int, seed: int,
-           signature: str, rtol: float, atol: float, as_json: bool) -> None:
+           signature: str, rtol: float, atol: float, as_json: bool, allow_ops) -> None:
     """Run SavedModels A and B on the same inputs and compare their outputs.
 
     This executes both models (with tf.saved_model.load). For every output: shapes, max abs and
@@ -817,6 +828,7 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
     path_a, path_b = _saved_model_path(model_a), _saved_model_path(model_b)
     if inputs_path is not None and not inputs_path.is_file():
         raise GraphslimError(f"--inputs {inputs_path}: no such file")
+    _check_runnable([path_a, path_b], allow_ops)
     with app.steps() as steps:
         steps.start(f"loading A {model_a}")
         import tensorflow as tf
@@ -876,6 +888,139 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
         console.print(verdict)
     if not ok:
         raise click.exceptions.Exit(1)
+
+
+# ---------------------------------------------------------------------------------- bench
+@cli.command()
+@click.argument("models", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), metavar="DATA.npz",
+              default=None, help="Inputs as a .npz keyed by signature input name (default: random).")
+@click.option("-n", "batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch size of the random inputs.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="TensorFlow intra-op threads (default: TensorFlow's choice, one per core); "
+                   "inter-op threads are 1.")
+@click.option("--rounds", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Rounds; each runs every model --calls times, the models taking turns.")
+@click.option("--calls", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Calls per model per round.")
+@click.option("--xla", is_flag=True,
+              help="Also time each model compiled with XLA (wrapped in tf.function(jit_compile=True), "
+                   "as `optimize --jit-compile` would write it).")
+@click.option("--signature", default="serving_default", show_default=True,
+              help="Signature to call in every model.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@_allow_ops_option
+@click.pass_obj
+def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int | None, rounds: int,
+          calls: int, xla: bool, signature: str, as_json: bool, allow_ops) -> None:
+    """Time SavedModels side by side on the same inputs: median latency per call and speedup.
+
+    This executes the models (with tf.saved_model.load). The models take turns within each round,
+    so a noisy machine slows all of them alike; each figure is the median over the rounds of the
+    mean time of one call, and the speedup of a model is the first model's median over its own, in
+    the same runtime.
+    With --xla each model is also timed compiled by XLA, which is faster for some models and much
+    slower for others (depthwise convolutions on CPU): time before choosing `optimize --jit-compile`.
+    """
+    import statistics
+
+    import numpy as np
+
+    paths = [_saved_model_path(m) for m in models]
+    if inputs_path is not None and not inputs_path.is_file():
+        raise GraphslimError(f"--inputs {inputs_path}: no such file")
+    _check_runnable(paths, allow_ops)
+    with app.steps() as steps:
+        steps.start("starting TensorFlow")
+        import tensorflow as tf
+
+        try:  # must happen before TensorFlow runs anything in this process
+            if threads is not None:
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            app.warn("TensorFlow was already running; --threads and inter-op threads not applied")
+        entries = []  # (label, model, runtime, fn, specs)
+        keep = []  # the loaded objects own the variables
+        for model, path in zip(models, paths):
+            steps.start(f"loading {model}")
+            loaded = _tf_load(tf, path, "model")
+            keep.append(loaded)
+            fn, specs = _signature(loaded, path, signature)
+            entries.append((str(model), model, "graph", fn, specs))
+            if xla:
+                entries.append((f"{model} (XLA)", model, "xla", _xla_compiled(tf, fn), specs))
+        specs = {}
+        for entry in reversed(entries):
+            specs.update(entry[4])
+        if inputs_path is not None:
+            inputs = _read_inputs(inputs_path, specs)
+            source = str(inputs_path)
+        else:
+            rng = np.random.default_rng(0)
+            inputs = {name: _random_input(app, rng, name, specs[name], batch) for name in sorted(specs)}
+            source = f"random (batch {batch})"
+        feeds = []
+        for label, model, runtime, fn, model_specs in entries:
+            steps.start(f"warming up {label}")
+            _call(tf, fn, model_specs, inputs, label)  # checks shapes; XLA compiles here
+            feeds.append({k: tf.constant(np.asarray(inputs[k]), dtype=model_specs[k].dtype)
+                          for k in model_specs})
+        times = [[] for _ in entries]
+        for r in range(rounds):
+            steps.start(f"round {r + 1}/{rounds}")
+            for i, (label, model, runtime, fn, model_specs) in enumerate(entries):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    out = fn(**feeds[i])
+                for t in (out.values() if isinstance(out, dict) else [out]):
+                    t.numpy()  # wait for the last call's results
+                times[i].append((time.perf_counter() - start) / calls)
+    medians = [statistics.median(t) for t in times]
+    first = {}  # runtime -> the first model's median in it
+    graph_median = {}  # model -> its median in the graph executor
+    rows = []
+    for (label, model, runtime, fn, _), m, t in zip(entries, medians, times):
+        first.setdefault(runtime, m)
+        if runtime == "graph":
+            graph_median[str(model)] = m
+        rows.append({"model": str(model), "runtime": runtime, "median_ms": 1e3 * m,
+                     "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t), "speedup": first[runtime] / m,
+                     "xla_gain": graph_median[str(model)] / m if runtime == "xla" else None})
+    if as_json:
+        data = {"signature": signature, "inputs": source,
+                "input_shapes": {k: list(np.shape(v)) for k, v in inputs.items()},
+                "threads": threads, "rounds": rounds, "calls": calls, "models": rows}
+        click.echo(json.dumps(_report.jsonable(data), indent=2, allow_nan=False))
+        return
+    console = app.out
+    shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in inputs.items())
+    console.print(f"signature {signature}, inputs {source}: {shapes}; "
+                  f"{'TensorFlow default' if threads is None else threads} intra-op thread(s); "
+                  f"median of {rounds} rounds x {calls} calls")
+    table = _table()
+    columns = [("model", "left"), ("runtime", "left"), ("median", "right"), ("min..max", "right"),
+               ("speedup", "right")] + ([("XLA vs graph", "right")] if xla else [])
+    for column, justify in columns:
+        table.add_column(column, justify=justify, overflow="fold")
+    for r in rows:
+        cells = [r["model"], r["runtime"], f"{r['median_ms']:.2f} ms",
+                 f"{r['min_ms']:.2f}..{r['max_ms']:.2f}", f"{r['speedup']:.2f}x"]
+        if xla:
+            cells.append("-" if r["xla_gain"] is None else f"{r['xla_gain']:.2f}x")
+        table.add_row(*cells)
+    console.print(table)
+    console.print("speedup: the first model's median over this one's, in the same runtime"
+                  + ("; XLA vs graph: this model's graph-executor median over its XLA one" if xla else ""))
+
+
+def _xla_compiled(tf, fn):
+    """``fn`` (a loaded signature) inside a ``tf.function(jit_compile=True)``."""
+    def call(**inputs):
+        return fn(**inputs)
+
+    return tf.function(call, jit_compile=True)
 
 
 # ---------------------------------------------------------------------------------- entry point

@@ -242,6 +242,40 @@ def test_optimize_jit_compile_warns_about_depthwise_convolutions_on_cpu(tmp_path
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
+def test_bench_times_models_side_by_side_with_and_without_xla(resnet_folded):
+    out, _, result = resnet_folded
+    assert result.exit_code == 0, result.stderr
+    bench = run("bench", RESNET, out, "--xla", "--rounds", "3", "--calls", "2", "-n", "4", "--json")
+    assert bench.exit_code == 0, bench.stderr
+    data = json.loads(bench.stdout)
+    assert data["input_shapes"] == {"image": [4, 8, 8, 1]} and data["rounds"] == 3
+    rows = data["models"]
+    assert [(r["model"], r["runtime"]) for r in rows] == [
+        (str(RESNET), "graph"), (str(RESNET), "xla"), (str(out), "graph"), (str(out), "xla")]
+    for r in rows:
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    by = {(r["model"], r["runtime"]): r for r in rows}
+    for runtime in ("graph", "xla"):  # speedup: the first model's median over this one's, same runtime
+        first, second = by[(str(RESNET), runtime)], by[(str(out), runtime)]
+        assert first["speedup"] == 1.0
+        assert abs(second["speedup"] - first["median_ms"] / second["median_ms"]) < 1e-9
+    for model in (RESNET, out):
+        graph, xla = by[(str(model), "graph")], by[(str(model), "xla")]
+        assert graph["xla_gain"] is None
+        assert abs(xla["xla_gain"] - graph["median_ms"] / xla["median_ms"]) < 1e-9
+
+    table = run("-q", "bench", RESNET, "--rounds", "2")
+    assert table.exit_code == 0, table.stderr
+    assert "image [1, 8, 8, 1]" in table.stdout and "median of 2 rounds x 3 calls" in table.stdout
+    assert "XLA vs graph" not in table.stdout
+
+
+def test_bench_errors(tmp_path):
+    assert_clean_error(run("bench", tmp_path / "missing"), "no such file or directory")
+    assert_clean_error(run("bench", RESNET, MODELS / "mobilenet_tiny", "--rounds", "1"),
+                       "input 'image'", "mobilenet_tiny")
+
+
 # ---------------------------------------------------------------------------------- errors
 def test_error_missing_model(tmp_path):
     out = tmp_path / "out"

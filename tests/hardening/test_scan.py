@@ -65,6 +65,22 @@ def test_cli_refuses_with_exit_2_and_leaves_no_output(dangerous_models, tmp_path
     assert result.exit_code == 2 and "refusing the model" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["verify", "bench"])
+def test_commands_that_run_models_scan_them_first(dangerous_models, command):
+    """verify and bench execute models with TensorFlow: an unsafe one is refused before it is loaded,
+    whichever position it has; --allow-ops accepts it knowingly."""
+    bad, good = dangerous_models["read_file_in_unreachable_function"], fixture_path("vgg_digits")
+    for args in ((good, bad), (bad, good)):
+        result = invoke(command, *args, *(["--rounds", "1"] if command == "bench" else []))
+        assert result.exit_code == 2 and "Traceback" not in result.stderr, result.output
+        [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+        assert "ReadFile" in line and str(bad) in line and "--allow-ops ReadFile" in line, line
+        assert result.stdout == ""
+    extra = ["--rounds", "1"] if command == "bench" else []
+    result = invoke(command, good, bad, "--allow-ops", "ReadFile", *extra)
+    assert result.exit_code == 0, result.output
+
+
 def test_scan_command_lists_findings_and_exits_1(dangerous_models):
     result = invoke("scan", dangerous_models["serving_calls_traced_save"])
     assert result.exit_code == 1, result.output
