@@ -20,6 +20,18 @@ def test_roundtrip_exact(tmp_path, name, pipeline):
     assert_close(run_saved_model(out, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_roundtrip_for_xla(tmp_path, name):
+    """Every fixture written with jit_compile=True runs through XLA (frozen, TF1, multi-input,
+    fully convolutional with unknown spatial size, detection heads) and matches the original to float32
+    rounding (XLA reorders arithmetic)."""
+    g = graphslim.load(fixture_path(name))
+    out = graphslim.save(g, tmp_path / "out", jit_compile=True)
+    assert b"_XlaMustCompile" in (out / "saved_model.pb").read_bytes()
+    inputs, expected = fixture_io(name)
+    assert_close(run_saved_model(out, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_roundtrip_keeps_names_and_assets(tmp_path):
     g = graphslim.load(fixture_path("vgg_digits"))
     out = graphslim.save(g, tmp_path / "out")
