@@ -341,7 +341,12 @@ class Member:
       * ``"tensor"``: activation ``name`` (``"node:port"``) shrinks along ``axis`` (for reporting and
         verification; nothing to edit, shapes re-infer);
       * ``"reshape"``: node ``name``'s shape-vector input ``port`` (Reshape's ``shape``,
-        Conv2DBackpropInput's ``input_sizes``) is rebuilt from its new static output shape.
+        Conv2DBackpropInput's ``input_sizes``) is rebuilt from its new static output shape;
+      * ``"stat"``: ``Mean`` node ``name`` averages the channels (``axis`` of its input) for a layer
+        norm: ``role`` ``"mean"`` (``Mean(x)``) or ``"variance"`` (``Mean(SquaredDifference(x, mean))``).
+        When channels go, it is corrected to average over all ``dim`` channels with the removed ones
+        taken as zero (the same assumption as everywhere in pruning), so that pruning channels that
+        are zero stays exact.
     ``dim`` is the axis length before the change; ``index_map`` maps group channels to positions.
     """
 
@@ -357,7 +362,7 @@ class Member:
     @property
     def tensor(self) -> Tensor | None:
         """The tensor this member is (weights: the Weight node's output)."""
-        return None if self.kind == "reshape" else Tensor.parse(self.name)
+        return None if self.kind in ("reshape", "stat") else Tensor.parse(self.name)
 
     def positions(self, keep: Sequence[int]) -> np.ndarray:
         """Old positions along ``axis`` that remain after :func:`apply_keep` with ``keep``, in order."""
@@ -366,6 +371,8 @@ class Member:
     def __repr__(self) -> str:
         if self.kind == "reshape":
             return f"<Member reshape {self.name} port {self.port}>"
+        if self.kind == "stat":
+            return f"<Member stat {self.role} {self.name} axis {self.axis} dim {self.dim}>"
         role = f" {self.role}" if self.role else ""
         return f"<Member {self.kind}{role} {self.name} axis {self.axis} dim {self.dim} {self.index_map!r}>"
 
@@ -417,6 +424,12 @@ class ChannelGroup:
         parts += [f"renormalized by {n}" for n in self.renormalized_by]
         return "; ".join(parts)
 
+    @property
+    def normalized_by(self) -> list:
+        """Layer-norm statistics (Mean nodes) over the group's channels: pruning corrects them, but
+        other changes (keeping classes, adding channels) would change what they compute."""
+        return [m.name for m in self.members if m.kind == "stat"]
+
     def members_of(self, kind: str) -> list:
         return [m for m in self.members if m.kind == kind]
 
@@ -444,6 +457,7 @@ class _Walk:
         self.roles: dict = {}
         self.const_users: dict = {}
         self.shape_members: dict = {}  # node name -> port
+        self.stats: dict = {}  # Mean node name -> (role, input tensor, axis, extra)
         self.blockers: list = []
         self.outputs: list = []
         self.inputs: list = []
@@ -581,6 +595,9 @@ class _Walk:
                 t = g.input(t.node, 0)
         for name, port in self.shape_members.items():
             members.append(Member("reshape", name, port=port))
+        for name, (role, t, axis, extra) in self.stats.items():
+            members.append(Member("stat", name, axis, self.maps[(t, axis)], g.shape(t)[axis], role=role,
+                                  users=extra))
         return ChannelGroup(seed=seed, size=size, members=members, blockers=list(self.blockers),
                             touches_outputs=list(dict.fromkeys(self.outputs)),
                             touches_inputs=list(dict.fromkeys(self.inputs)), renormalized_by=list(self.renorm),
@@ -650,6 +667,11 @@ def channel_groups(graph: Graph) -> list[ChannelGroup]:
 
 
 def _current_dim(graph: Graph, m: Member) -> int | None:
+    if m.kind == "stat":
+        if not graph.has_node(m.name):
+            return None
+        s = graph.shape(graph.input(m.name, 0))
+        return None if s is None or len(s) <= m.axis else s[m.axis]
     if m.kind == "weight":
         w = graph.weights.get(m.name)
         return None if w is None or w.value.ndim <= m.axis else w.value.shape[m.axis]
@@ -734,6 +756,7 @@ def apply_keeps(graph: Graph, changes: Sequence[tuple]) -> None:
     replaced: list[Tensor] = []  # shape vectors no longer read: removed once all went well
     try:
         _slice_values(graph, entries, undo)
+        _correct_stats(graph, entries, undo)
         for name, port in reshapes.items():
             node = graph.node(name)
             out = str(node.output(0))
@@ -755,6 +778,44 @@ def apply_keeps(graph: Graph, changes: Sequence[tuple]) -> None:
             pass
         raise
     _remove_orphans(graph, [t.node for t in replaced])
+
+
+def _correct_stats(graph: Graph, entries: dict, undo: list) -> None:
+    """Make each layer-norm statistic over pruned channels average over all its original channels,
+    the removed ones counting as zero: mean' = mean·C'/C and variance' = variance·C'/C + (C−C')/C·mean'²
+    (the removed channels' squared deviation from the mean). Means first: the variance reads the
+    corrected mean."""
+    stats = [e for (kind, _, _), e in entries.items() if kind == "stat"]
+    stats.sort(key=lambda e: e["member"].role != "mean")
+    for e in stats:
+        m = e["member"]
+        total, kept = m.dim, len(e["positions"])
+        if kept == total:
+            continue
+        node = graph.node(m.name)
+        dtype = node.attr("T")
+        np_dtype = np.dtype(dtype.as_numpy_dtype) if hasattr(dtype, "as_numpy_dtype") else np.float32
+        added = []
+
+        def add(op, inputs, value=None, base=node.name):
+            attrs = {"dtype": dtype, "value": np.asarray(value, np_dtype)} if op == "Const" else {"T": dtype}
+            n = graph.add_node(f"{base}/pruned_{len(added)}", op, inputs, attrs=attrs, unique=True)
+            added.append(n.name)
+            return n.output(0)
+
+        out = add("Mul", [node.output(0), add("Const", [], kept / total)])
+        if m.role == "variance":
+            sd_name, port = m.users[0]
+            mean = graph.input(sd_name, port)
+            extra = add("Mul", [add("Square", [mean]), add("Const", [], (total - kept) / total)])
+            out = add("AddV2", [out, extra])
+        for name in reversed(added):
+            undo.append(lambda name=name: graph.remove_node(name, safe=False))
+        for consumer, port in list(graph.consumers(node.output(0))):
+            if consumer.name in added:
+                continue
+            graph.set_input(consumer, port, out)
+            undo.append(lambda c=consumer, p=port, t=node.output(0): graph.set_input(c, p, t))
 
 
 def _remove_orphans(graph: Graph, names: list) -> None:
@@ -859,6 +920,10 @@ def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable) -> Non
     if group.blockers:
         raise ChannelError(f"channel group {group.name} (seed {group.seed[0]} axis {group.seed[1]}) cannot be "
                            f"changed: blocked at " + "; ".join(str(b) for b in group.blockers))
+    if group.normalized_by:
+        raise ChannelError(f"channel group {group.name} (seed {group.seed[0]} axis {group.seed[1]}) cannot grow: "
+                           f"layer norm {group.normalized_by[0]!r} averages over its channels, so new channels "
+                           "would change the existing ones")
     plan, reshapes = [], {}
     for m in group.members:
         if m.kind == "reshape":
@@ -1189,13 +1254,40 @@ def _reduce(ctx, node, at):
     kept_axes = list(range(rank)) if keep else [a for a in range(rank) if a not in red]
     if at.io == "in":
         if at.axis in red:
-            raise Blocked(f"reduces over axis {at.axis} (the channel axis)")
+            stat = _layernorm_stat(ctx, node, red, keep) if red == [at.axis] else None
+            if stat is None:
+                raise Blocked(f"reduces over axis {at.axis} (the channel axis)")
+            ctx.stats[node.name] = (stat[0], ctx.graph.input(node, 0), at.axis, stat[1])
+            return []
         a = at.axis
     else:
         a = kept_axes[at.axis]
         if a in red:
             raise _not_channel(node, at)
     return [In(0, a, at.imap), Out(0, kept_axes.index(a), at.imap)]
+
+
+def _layernorm_stat(ctx, node: Node, red: list, keep_dims: bool):
+    """``("mean", ())`` if ``node`` is a layer norm's ``Mean(x)`` over the channels (read by a
+    ``SquaredDifference(x, ·)``), ``("variance", ((sqdiff node, port of the mean),))`` if it is
+    ``Mean(SquaredDifference(x, mean))`` with such a mean, else None."""
+    g = ctx.graph
+    if node.op != "Mean" or not keep_dims or g.is_output(node.output(0)):
+        return None
+    x = g.input(node, 0)
+    if any(c.op == "SquaredDifference" and g.input(c, 1 - p) == x for c, p in g.consumers(node.output(0))):
+        return ("mean", ())
+    sd = g.producer(x)
+    if sd.op != "SquaredDifference" or x.port != 0:
+        return None
+    for p in (0, 1):
+        m = g.producer(g.input(sd, p))
+        if m.op == "Mean" and g.input(sd, p).port == 0 and m.attr("keep_dims", False) \
+                and g.input(m, 0) == g.input(sd, 1 - p):
+            rank = len(ctx.in_shape(m, 0))
+            if sorted({int(a) % rank for a in np.atleast_1d(ctx.const(m, 1))}) == red:
+                return ("variance", ((sd.name, p),))
+    return None
 
 
 @channel_rule("ConcatV2", "Concat")

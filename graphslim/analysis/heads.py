@@ -206,6 +206,10 @@ def class_group(graph, tensor, axis, where: str, pass_name: str):
     if group.touches_inputs:
         raise PassError(f"{pass_name}: the class axis of {where} reaches signature input "
                         f"{group.touches_inputs[0][0]!r}; it cannot be changed without changing the input.")
+    if group.normalized_by:
+        raise PassError(f"{pass_name}: the class axis of {where} is normalized by layer norm "
+                        f"{group.normalized_by[0]!r}, which averages over the classes: removing or adding classes "
+                        "would change the scores of the others.")
     return group
 
 

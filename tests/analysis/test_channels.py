@@ -776,3 +776,132 @@ def test_reshape_map_solves_the_unknown_dim_from_either_side():
     assert _concretize((None, 8), (None, 4, 4, 8), 2) == ([32, 8], [2, 4, 4, 8])
     with pytest.raises(Exception, match="no static length on both sides"):
         _concretize((None, None, 8), (None, None, 8), 2)
+
+
+# ------------------------------------------------------------------------------------------ layer norm
+def _export_layernorm_net(path, head_ln=True):
+    """A small ConvNeXt-like net (Keras 3): stem conv → LayerNorm → 2 × [depthwise → LayerNorm → Dense
+    → GELU → Dense] + residual → global pool → LayerNorm → Dense. Non-trivial LayerNorm parameters."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    x = inp = keras.Input((16, 16, 3), name="image")
+    x = layers.Conv2D(16, 4, strides=4, name="stem")(x)
+    x = layers.LayerNormalization(epsilon=1e-6, name="stem_ln")(x)
+    for i in range(2):
+        y = layers.DepthwiseConv2D(3, padding="same", name=f"b{i}_dw")(x)
+        y = layers.LayerNormalization(epsilon=1e-6, name=f"b{i}_ln")(y)
+        y = layers.Dense(32, name=f"b{i}_pw1")(y)
+        y = layers.Activation("gelu", name=f"b{i}_gelu")(y)
+        y = layers.Dense(16, name=f"b{i}_pw2")(y)
+        x = layers.Add(name=f"b{i}_add")([x, y])
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.LayerNormalization(epsilon=1e-6, name="head_ln")(x)
+    model = keras.Model(inp, layers.Dense(10, name="logits")(x))
+    rng = np.random.RandomState(1)
+    for w in model.weights:
+        if w.path.endswith("gamma"):
+            w.assign(rng.uniform(0.5, 1.5, w.shape).astype("float32"))
+        elif w.path.endswith("beta"):
+            w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    model.export(str(path), verbose=False)
+    keras.backend.clear_session()
+
+
+@pytest.fixture(scope="module")
+def layernorm_net(tmp_path_factory):
+    path = tmp_path_factory.mktemp("layernorm") / "net"
+    _export_layernorm_net(path)
+    return path
+
+
+def _residual_group(g):
+    return _group_with_source(channel_groups(g), "stem/kernel")
+
+
+def test_layernorm_statistics_join_the_residual_group(layernorm_net):
+    g = graphslim.load(layernorm_net)
+    grp = _residual_group(g)
+    assert grp.prunable, grp.why_not()
+    assert {m.name for m in grp.sources} == {"stem/kernel", "b0_pw2/kernel", "b1_pw2/kernel"}
+    stats = grp.members_of("stat")
+    assert sorted(grp.normalized_by) == sorted(m.name for m in stats)
+    by_layer = {}
+    for m in stats:
+        layer = next(n for n in ("stem_ln", "b0_ln", "b1_ln", "head_ln") if f"/{n}_1/" in m.name)
+        by_layer.setdefault(layer, set()).add(m.role)
+        assert m.dim == 16 and g.node(m.name).op == "Mean"
+    assert by_layer == {n: {"mean", "variance"} for n in ("stem_ln", "b0_ln", "b1_ln", "head_ln")}
+
+
+def test_pruning_zero_channels_through_layernorms_is_exact(layernorm_net, tmp_path):
+    """Removed channels that are zero everywhere (their kernels, biases and LayerNorm scale and shift
+    are zero) leave the outputs unchanged: each LayerNorm's mean and variance still average over all
+    the original channels. The emitted SavedModel agrees."""
+    g = graphslim.load(layernorm_net)
+    grp = _residual_group(g)
+    removed = [1, 4, 5, 11]
+    for m in grp.members:
+        if m.kind in ("weight", "const") and m.role != "sink":
+            zero_slices(g, m, removed)
+    x = {"image": np.random.RandomState(0).rand(3, 16, 16, 3).astype("float32")}
+    ref, members = _outputs_and_members(g, grp, x)
+    checked = 0
+    for m in members:  # the premise: the group's activations are zero on the removed channels
+        if g.node(m.tensor.node).op == "SquaredDifference":
+            continue  # (x − mean)², the variance's input: mean² there, which the correction accounts for
+        gone = np.take(ref[m.name], np.concatenate([m.index_map[c] for c in removed]), axis=m.axis)
+        assert not gone.any(), m.name
+        checked += 1
+    assert checked > 20
+    want = {o.name: ref[str(o.tensor)] for o in g.outputs}
+    apply_keep(g, grp, [c for c in range(16) if c not in removed])
+    assert g.weight("stem/kernel").value.shape == (4, 4, 3, 12)
+    g.verify()
+    got = run(g, x)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want["output_0"]).max() > 0.1  # not vacuous
+    out = graphslim.save(g, tmp_path / "pruned")
+    from graphslim.testing import run_saved_model
+
+    assert_close(run_saved_model(out, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_prune_pass_shrinks_the_residual_stream_through_layernorms(layernorm_net, tmp_path):
+    g = graphslim.load(layernorm_net)
+    report = PassManager("prune{ratio=0.5}").run(g)
+    stats = report.passes[0]["stats"]
+    assert stats["pruned_groups"] == 3  # the residual stream and both MLP hidden layers
+    assert g.weight("stem/kernel").value.shape[-1] == 8
+    assert g.weight("b0_pw1/kernel").value.shape == (8, 16)
+    assert g.weight("logits/kernel").value.shape == (8, 10)
+    out = graphslim.save(g, tmp_path / "pruned")
+    from graphslim.testing import run_saved_model
+
+    got = run_saved_model(out, {"image": np.zeros((2, 16, 16, 3), np.float32)})
+    assert got["output_0"].shape == (2, 10) and np.isfinite(got["output_0"]).all()
+
+
+def test_a_layernorm_over_the_classes_refuses_subset_and_extend(tmp_path):
+    """Keeping or adding classes that a LayerNorm averages over would change the kept classes' scores."""
+    import keras
+    from keras import layers
+
+    inp = keras.Input((5,), name="x")
+    out = layers.LayerNormalization(name="ln")(layers.Dense(6, name="dense")(inp))
+    keras.Model(inp, out).export(str(tmp_path / "m"), verbose=False)
+    keras.backend.clear_session()
+    from graphslim.errors import PipelineError
+
+    for pipeline in ("subset{keep=0,1}", "extend{classes=2}"):
+        g = graphslim.load(tmp_path / "m")
+        with pytest.raises(PipelineError, match="normalized by layer norm .*would change the scores of the others"):
+            PassManager(pipeline).run(g)
+    from graphslim.analysis.channels import apply_grow
+
+    g = graphslim.load(tmp_path / "m")
+    grp = group_for(g, g.outputs[0].tensor, -1)
+    assert len(grp.normalized_by) == 2
+    with pytest.raises(ChannelError, match="cannot grow: layer norm"):
+        apply_grow(g, grp, 2, lambda m, old: np.zeros((2,) + old.shape[1:], old.dtype))
