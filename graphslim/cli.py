@@ -939,8 +939,9 @@ def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int 
             if threads is not None:
                 tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:
-            app.warn("TensorFlow was already running; --threads and inter-op threads not applied")
+        except RuntimeError:  # only when called in a process where TensorFlow already ran
+            if threads is not None:
+                app.warn("TensorFlow was already running in this process; --threads not applied")
         entries = []  # (label, model, runtime, fn, specs)
         keep = []  # the loaded objects own the variables
         for model, path in zip(models, paths):
