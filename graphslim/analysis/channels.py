@@ -1043,6 +1043,8 @@ def format_groups(groups: Sequence[ChannelGroup], verbose: bool = False) -> str:
     for grp in groups:
         srcs = ", ".join(m.name for m in grp.sources) or "-"
         status = "prunable" if grp.prunable else f"not prunable: {grp.why_not()}"
+        if grp.normalized_by:
+            status += f"; {len(grp.normalized_by) // 2 or 1} layer norm(s) over it, corrected when pruned"
         lines.append(f"{grp.name:>4}  C={grp.size:<5} members={len(grp.members):<4} sources: {srcs}  [{status}]")
         if verbose:
             for m in grp.members:

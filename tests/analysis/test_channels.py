@@ -833,6 +833,7 @@ def test_layernorm_statistics_join_the_residual_group(layernorm_net):
         by_layer.setdefault(layer, set()).add(m.role)
         assert m.dim == 16 and g.node(m.name).op == "Mean"
     assert by_layer == {n: {"mean", "variance"} for n in ("stem_ln", "b0_ln", "b1_ln", "head_ln")}
+    assert "[prunable; 4 layer norm(s) over it, corrected when pruned]" in format_groups([grp])
 
 
 def test_pruning_zero_channels_through_layernorms_is_exact(layernorm_net, tmp_path):
