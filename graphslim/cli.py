@@ -634,18 +634,20 @@ def passes_command(plugins) -> None:
 
 
 # ---------------------------------------------------------------------------------- verify
-def _saved_model_path(path: Path) -> Path:
+def _saved_model_path(path: Path, command: str = "verify") -> Path:
+    """The SavedModel directory ``path`` names (the directory, or its saved_model.pb) for commands that
+    run models with TensorFlow (verify, bench), which read SavedModels only."""
     if not path.exists():
-        raise LoadError(f"{path}: no such file or directory. verify compares two SavedModel "
-                        "directories (the folders holding saved_model.pb and variables/).")
+        raise LoadError(f"{path}: no such file or directory. {command} runs SavedModel directories (the "
+                        "folders holding saved_model.pb and variables/).")
     if path.is_file():
         if path.name in _SAVED_MODEL_FILES:
             return path.parent
-        raise LoadError(f"{path} is a file, not a SavedModel directory; verify runs SavedModels only. "
+        raise LoadError(f"{path} is a file, not a SavedModel directory; {command} runs SavedModels only. "
                         f"A frozen GraphDef can be converted first: graphslim optimize {path} -o DIR")
     if not any((path / f).exists() for f in _SAVED_MODEL_FILES):
-        raise LoadError(f"{path}: not a SavedModel directory: it has no saved_model.pb. verify "
-                        "compares two SavedModel directories.")
+        raise LoadError(f"{path}: not a SavedModel directory: it has no saved_model.pb. {command} "
+                        "runs SavedModel directories.")
     return path
 
 
@@ -927,7 +929,7 @@ def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int 
 
     import numpy as np
 
-    paths = [_saved_model_path(m) for m in models]
+    paths = [_saved_model_path(m, "bench") for m in models]
     if inputs_path is not None and not inputs_path.is_file():
         raise GraphslimError(f"--inputs {inputs_path}: no such file")
     _check_runnable(paths, allow_ops)

@@ -271,7 +271,9 @@ def test_bench_times_models_side_by_side_with_and_without_xla(resnet_folded):
 
 
 def test_bench_errors(tmp_path):
-    assert_clean_error(run("bench", tmp_path / "missing"), "no such file or directory")
+    assert_clean_error(run("bench", tmp_path / "missing"), "no such file or directory", "bench runs")
+    assert_clean_error(run("bench", RESNET, MODELS / "frozen_vgg.pb"), "frozen_vgg.pb is a file",
+                       "bench runs SavedModels only", "graphslim optimize")
     assert_clean_error(run("bench", RESNET, MODELS / "mobilenet_tiny", "--rounds", "1"),
                        "input 'image'", "mobilenet_tiny")
 
