@@ -363,6 +363,11 @@ def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path
         start = time.perf_counter()
         graph = _load(model, signature, tag_set, allow_ops)
         load_seconds = time.perf_counter() - start
+        others = graph.meta.get("other_signatures") or []
+        if others:
+            app.warn(f"{model} also has signature(s) {', '.join(repr(n) for n in others)}; graphslim "
+                     f"rewrites one signature at a time and writes only {signature!r} to {out}. Run "
+                     "again with --signature NAME (and another -o) for each one you need.")
         before = _report.layer_snapshot(graph)
         size_before = _report.dir_size(_model_dir(model))
 
@@ -385,7 +390,7 @@ def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path
                 signature=signature, tags=tag_set, pipeline_report=pipeline_report, verify=verify,
                 before=before, after=after, size_before=size_before, size_after=size_after,
                 load_seconds=load_seconds, save_seconds=save_seconds, plugins=loaded_plugins,
-                jit_compile=jit_compile)
+                jit_compile=jit_compile, other_signatures=others)
 
         # Build (and serialize) the report once before writing: a report that cannot be made must
         # fail the run while nothing has been written yet.

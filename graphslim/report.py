@@ -211,12 +211,13 @@ def _before_after(before, after) -> dict[str, Any]:
 def optimize_report(*, version: str, input_path, output_path, signature: str, tags, pipeline_report,
                     verify: bool, before: Snapshot, after: Snapshot, size_before: int | None,
                     size_after: int | None, load_seconds: float, save_seconds: float,
-                    plugins=(), jit_compile: bool = False) -> dict[str, Any]:
+                    plugins=(), jit_compile: bool = False, other_signatures=()) -> dict[str, Any]:
     """The JSON-ready report of one ``graphslim optimize`` run.
 
     Keys: ``graphslim_version``, ``input``, ``output``, ``signature``, ``tags``, ``plugins``,
     ``pipeline`` (canonical text), ``verify``, ``passes`` (``text``, ``name``, ``seconds``,
-    ``verify_seconds``, ``changed``, ``stats``), ``jit_compile`` (the model was written for XLA), ``params``, ``macs``, ``size_bytes`` (each
+    ``verify_seconds``, ``changed``, ``stats``), ``jit_compile`` (the model was written for XLA), ``signatures_not_written`` (the input's other
+    signatures, not aliases of the one rewritten), ``params``, ``macs``, ``size_bytes`` (each
     ``before``/``after``/``ratio``), ``seconds`` (``load``, ``input_verify``, ``passes``,
     ``save``, ``total``) and ``layers`` (see :func:`layer_rows`).
     """
@@ -243,6 +244,7 @@ def optimize_report(*, version: str, input_path, output_path, signature: str, ta
         "verify": verify,
         "passes": passes,
         "jit_compile": bool(jit_compile),
+        "signatures_not_written": list(other_signatures),
         "params": _before_after(before.params, after.params),
         "macs": _before_after(before.macs, after.macs),
         "size_bytes": _before_after(size_before, size_after),

@@ -199,6 +199,20 @@ def test_optimize_with_toml_config_and_plugin(work, tmp_path):
         unregister_pass("cli-test-noop")
 
 
+def test_optimize_warns_that_other_signatures_are_not_written(tmp_path):
+    result = run("optimize", TF_MODULE, "-o", tmp_path / "out", "--passes", "dce", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["signatures_not_written"] == ["embed"]
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("warning: ")]
+    assert "also has signature(s) 'embed'" in line and "writes only 'serving_default'" in line
+    assert "--signature NAME" in line
+    import tensorflow as tf
+
+    assert list(tf.saved_model.load(str(tmp_path / "out")).signatures) == ["serving_default"]
+    single = run("optimize", RESNET, "-o", tmp_path / "single")
+    assert single.exit_code == 0 and "warning:" not in single.stderr
+
+
 def test_quiet_optimize_prints_nothing(tmp_path):
     out = tmp_path / "out"
     result = run("-q", "optimize", TF_MODULE, "-o", out, "--passes", "dce")
