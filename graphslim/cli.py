@@ -925,8 +925,9 @@ def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int 
 
     This executes the models (with tf.saved_model.load). The models take turns within each round,
     so a noisy machine slows all of them alike; each figure is the median over the rounds of the
-    mean time of one call, and the speedup of a model is the first model's median over its own, in
-    the same runtime.
+    mean time of one call, and the speedup of a model is the first model's median over its own (as
+    saved against as saved, --xla against --xla). A model written with `optimize --jit-compile`
+    runs through XLA as saved (runtime "xla (saved)").
     With --xla each model is also timed compiled by XLA, which is faster for some models and much
     slower for others (depthwise convolutions on CPU): time before choosing `optimize --jit-compile`.
     """
@@ -956,7 +957,7 @@ def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int 
             loaded = _tf_load(tf, path, "model")
             keep.append(loaded)
             fn, specs = _signature(loaded, path, signature)
-            entries.append((str(model), model, "graph", fn, specs))
+            entries.append((str(model), model, "xla (saved)" if _saved_for_xla(path) else "graph", fn, specs))
             if xla:
                 entries.append((f"{model} (XLA)", model, "xla", _xla_compiled(tf, fn), specs))
         specs = {}
@@ -986,16 +987,19 @@ def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int 
                     t.numpy()  # wait for the last call's results
                 times[i].append((time.perf_counter() - start) / calls)
     medians = [statistics.median(t) for t in times]
-    first = {}  # runtime -> the first model's median in it
-    graph_median = {}  # model -> its median in the graph executor
+    # Rows compare within a kind: each model as saved (the graph executor, or XLA if it was written
+    # for it), and each model wrapped for XLA by --xla.
+    first = {}  # kind -> the first model's median
+    saved_median = {}  # model -> its median as saved
     rows = []
     for (label, model, runtime, fn, _), m, t in zip(entries, medians, times):
-        first.setdefault(runtime, m)
-        if runtime == "graph":
-            graph_median[str(model)] = m
+        kind = "xla" if runtime == "xla" else "saved"
+        first.setdefault(kind, m)
+        if kind == "saved":
+            saved_median[str(model)] = m
         rows.append({"model": str(model), "runtime": runtime, "median_ms": 1e3 * m,
-                     "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t), "speedup": first[runtime] / m,
-                     "xla_gain": graph_median[str(model)] / m if runtime == "xla" else None})
+                     "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t), "speedup": first[kind] / m,
+                     "xla_gain": saved_median[str(model)] / m if kind == "xla" else None})
     if as_json:
         data = {"signature": signature, "inputs": source,
                 "input_shapes": {k: list(np.shape(v)) for k, v in inputs.items()},
@@ -1019,8 +1023,22 @@ def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int 
             cells.append("-" if r["xla_gain"] is None else f"{r['xla_gain']:.2f}x")
         table.add_row(*cells)
     console.print(table)
-    console.print("speedup: the first model's median over this one's, in the same runtime"
-                  + ("; XLA vs graph: this model's graph-executor median over its XLA one" if xla else ""))
+    console.print("speedup: the first model's median over this one's (as saved against as saved, xla "
+                  "against xla)" + ("; XLA vs graph: this model's median as saved over its XLA one" if xla else ""))
+
+
+def _saved_for_xla(path: Path) -> bool:
+    """Whether the SavedModel has a function marked for XLA (``jit_compile=True``): TensorFlow then
+    runs it compiled without being asked."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    try:
+        sm.ParseFromString((path / "saved_model.pb").read_bytes())
+    except Exception:  # noqa: BLE001 - unreadable: tf.saved_model.load will say why
+        return False
+    return any(f.attr["_XlaMustCompile"].b for mg in sm.meta_graphs for f in mg.graph_def.library.function
+               if "_XlaMustCompile" in f.attr)
 
 
 def _xla_compiled(tf, fn):

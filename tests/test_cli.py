@@ -278,6 +278,13 @@ def test_bench_times_models_side_by_side_with_and_without_xla(resnet_folded):
         assert graph["xla_gain"] is None
         assert abs(xla["xla_gain"] - graph["median_ms"] / xla["median_ms"]) < 1e-9
 
+    # a model written with --jit-compile runs through XLA as saved, and is compared with the others
+    jit = out.parent / "resnet_jit"
+    assert run("-q", "optimize", RESNET, "-o", jit, "--jit-compile").exit_code == 0
+    mixed = json.loads(run("bench", RESNET, jit, "--rounds", "2", "--json").stdout)["models"]
+    assert [r["runtime"] for r in mixed] == ["graph", "xla (saved)"]
+    assert abs(mixed[1]["speedup"] - mixed[0]["median_ms"] / mixed[1]["median_ms"]) < 1e-9
+
     table = run("-q", "bench", RESNET, "--rounds", "2")
     assert table.exit_code == 0, table.stderr
     assert "image [1, 8, 8, 1]" in table.stdout and "median of 2 rounds x 3 calls" in table.stdout
