@@ -112,3 +112,29 @@ def zero_produced_channels(graph, group, channels) -> None:
     for m in params:
         if m.name in targets:
             zero_slices(graph, m, channels)
+
+
+def layernorm_net(input_shape=(16, 16, 3), width: int = 16, hidden: int = 32, stem: int = 4,
+                  classes: int = 10, activation=None, seed: int = 0):
+    """A small ConvNeXt-like Keras model (built, not trained): a ``stem``×``stem``/``stem`` conv →
+    LayerNorm → 2 × [depthwise 3×3 → LayerNorm → Dense(``hidden``) → GELU → Dense(``width``)] +
+    residual → global pool → LayerNorm → Dense(``classes``, ``activation``). Its residual stream of
+    ``width`` channels is read by every LayerNorm. Layers are named ``stem``, ``stem_ln``, ``b{i}_dw``,
+    ``b{i}_ln``, ``b{i}_pw1``, ``b{i}_pw2``, ``head_ln``, ``head``."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    x = inp = keras.Input(input_shape, name="image")
+    x = layers.Conv2D(width, stem, strides=stem, name="stem")(x)
+    x = layers.LayerNormalization(epsilon=1e-6, name="stem_ln")(x)
+    for i in range(2):
+        y = layers.DepthwiseConv2D(3, padding="same", name=f"b{i}_dw")(x)
+        y = layers.LayerNormalization(epsilon=1e-6, name=f"b{i}_ln")(y)
+        y = layers.Dense(hidden, name=f"b{i}_pw1")(y)
+        y = layers.Activation("gelu", name=f"b{i}_gelu")(y)
+        y = layers.Dense(width, name=f"b{i}_pw2")(y)
+        x = layers.Add(name=f"b{i}_add")([x, y])
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.LayerNormalization(epsilon=1e-6, name="head_ln")(x)
+    return keras.Model(inp, layers.Dense(classes, activation=activation, name="head")(x))

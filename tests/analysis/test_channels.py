@@ -19,6 +19,7 @@ from graphslim.ir.graph import Graph, SignatureArg, Tensor, as_tensor
 from graphslim.pipeline import PassManager
 from graphslim.runtime import run
 from graphslim.testing import assert_close, fixture_index, fixture_io, fixture_path
+from graphslim.testing import layernorm_net as build_layernorm_net
 
 F = tf.float32
 
@@ -779,26 +780,12 @@ def test_reshape_map_solves_the_unknown_dim_from_either_side():
 
 
 # ------------------------------------------------------------------------------------------ layer norm
-def _export_layernorm_net(path, head_ln=True):
-    """A small ConvNeXt-like net (Keras 3): stem conv → LayerNorm → 2 × [depthwise → LayerNorm → Dense
-    → GELU → Dense] + residual → global pool → LayerNorm → Dense. Non-trivial LayerNorm parameters."""
+def _export_layernorm_net(path):
+    """graphslim.testing.layernorm_net (16×16×3 input, 16 residual channels) with non-trivial
+    LayerNorm parameters, exported."""
     import keras
-    from keras import layers
 
-    keras.utils.set_random_seed(0)
-    x = inp = keras.Input((16, 16, 3), name="image")
-    x = layers.Conv2D(16, 4, strides=4, name="stem")(x)
-    x = layers.LayerNormalization(epsilon=1e-6, name="stem_ln")(x)
-    for i in range(2):
-        y = layers.DepthwiseConv2D(3, padding="same", name=f"b{i}_dw")(x)
-        y = layers.LayerNormalization(epsilon=1e-6, name=f"b{i}_ln")(y)
-        y = layers.Dense(32, name=f"b{i}_pw1")(y)
-        y = layers.Activation("gelu", name=f"b{i}_gelu")(y)
-        y = layers.Dense(16, name=f"b{i}_pw2")(y)
-        x = layers.Add(name=f"b{i}_add")([x, y])
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    x = layers.LayerNormalization(epsilon=1e-6, name="head_ln")(x)
-    model = keras.Model(inp, layers.Dense(10, name="logits")(x))
+    model = build_layernorm_net()
     rng = np.random.RandomState(1)
     for w in model.weights:
         if w.path.endswith("gamma"):
@@ -876,7 +863,7 @@ def test_prune_pass_shrinks_the_residual_stream_through_layernorms(layernorm_net
     assert stats["pruned_groups"] == 3  # the residual stream and both MLP hidden layers
     assert g.weight("stem/kernel").value.shape[-1] == 8
     assert g.weight("b0_pw1/kernel").value.shape == (8, 16)
-    assert g.weight("logits/kernel").value.shape == (8, 10)
+    assert g.weight("head/kernel").value.shape == (8, 10)
     out = graphslim.save(g, tmp_path / "pruned")
     from graphslim.testing import run_saved_model
 
