@@ -1269,23 +1269,36 @@ def _reduce(ctx, node, at):
     return [In(0, a, at.imap), Out(0, kept_axes.index(a), at.imap)]
 
 
+_PASS_THROUGH = ("Identity", "StopGradient", "PreventGradient", "Snapshot")  # tf.nn.moments: StopGradient
+
+
 def _layernorm_stat(ctx, node: Node, red: list, keep_dims: bool):
     """``("mean", ())`` if ``node`` is a layer norm's ``Mean(x)`` over the channels (read by a
     ``SquaredDifference(x, ·)``), ``("variance", ((sqdiff node, port of the mean),))`` if it is
-    ``Mean(SquaredDifference(x, mean))`` with such a mean, else None."""
+    ``Mean(SquaredDifference(x, mean))`` with such a mean, else None. Identity-like ops (tf.nn.moments
+    puts a StopGradient on the mean) may sit between the mean and the SquaredDifference."""
     g = ctx.graph
     if node.op != "Mean" or not keep_dims or g.is_output(node.output(0)):
         return None
     x = g.input(node, 0)
-    if any(c.op == "SquaredDifference" and g.input(c, 1 - p) == x for c, p in g.consumers(node.output(0))):
-        return ("mean", ())
+    todo, seen = [node.output(0)], set()
+    while todo:
+        t = todo.pop()
+        for c, p in g.consumers(t):
+            if c.op in _PASS_THROUGH and c.name not in seen:
+                seen.add(c.name)
+                todo.append(c.output(0))
+            elif c.op == "SquaredDifference" and g.input(c, 1 - p) == x:
+                return ("mean", ())
     sd = g.producer(x)
     if sd.op != "SquaredDifference" or x.port != 0:
         return None
     for p in (0, 1):
-        m = g.producer(g.input(sd, p))
-        if m.op == "Mean" and g.input(sd, p).port == 0 and m.attr("keep_dims", False) \
-                and g.input(m, 0) == g.input(sd, 1 - p):
+        t = g.input(sd, p)
+        while g.producer(t).op in _PASS_THROUGH:
+            t = g.input(g.producer(t), 0)
+        m = g.producer(t)
+        if m.op == "Mean" and t.port == 0 and m.attr("keep_dims", False) and g.input(m, 0) == g.input(sd, 1 - p):
             rank = len(ctx.in_shape(m, 0))
             if sorted({int(a) % rank for a in np.atleast_1d(ctx.const(m, 1))}) == red:
                 return ("variance", ((sd.name, p),))

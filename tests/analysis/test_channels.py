@@ -893,3 +893,38 @@ def test_a_layernorm_over_the_classes_refuses_subset_and_extend(tmp_path):
     assert len(grp.normalized_by) == 2
     with pytest.raises(ChannelError, match="cannot grow: layer norm"):
         apply_grow(g, grp, 2, lambda m, old: np.zeros((2,) + old.shape[1:], old.dtype))
+
+
+def test_layernorm_written_with_tf_nn_moments(tmp_path):
+    """A layer norm written by hand with tf.nn.moments (a StopGradient on the mean, Sub instead of
+    Keras's arithmetic) is recognised too, and pruning its zero channels is exact."""
+    rng = np.random.RandomState(0)
+
+    class Net(tf.Module):
+        def __init__(self):
+            self.k1 = tf.Variable(rng.randn(3, 3, 3, 8).astype("f"), name="c1/kernel")
+            self.gamma = tf.Variable(rng.uniform(0.5, 1.5, 8).astype("f"), name="ln/gamma")
+            self.beta = tf.Variable(rng.normal(0, 0.3, 8).astype("f"), name="ln/beta")
+            self.k2 = tf.Variable(rng.randn(1, 1, 8, 4).astype("f"), name="c2/kernel")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32, name="x")])
+        def __call__(self, x):
+            y = tf.nn.conv2d(x, self.k1, 1, "SAME")
+            mean, var = tf.nn.moments(y, axes=[3], keepdims=True)
+            y = (y - mean) * tf.math.rsqrt(var + 1e-5) * self.gamma + self.beta
+            return {"out": tf.nn.conv2d(tf.nn.relu(y), self.k2, 1, "SAME")}
+
+    net = Net()
+    tf.saved_model.save(net, str(tmp_path / "m"), signatures=net.__call__)
+    g = graphslim.load(tmp_path / "m")
+    grp = _group_with_source(channel_groups(g), "c1/kernel")
+    assert grp.prunable and len(grp.normalized_by) == 2
+    removed = [2, 5]
+    for m in grp.members:
+        if m.kind in ("weight", "const") and m.role != "sink":
+            zero_slices(g, m, removed)
+    x = {"x": rng.rand(2, 8, 8, 3).astype("f")}
+    want = run(g, x)
+    apply_keep(g, grp, [c for c in range(8) if c not in removed])
+    assert g.weight("c1/kernel").value.shape[-1] == 6
+    assert_close(run(g, x), want, rtol=1e-5, atol=1e-5)
