@@ -111,9 +111,9 @@ def _load(path: Path, signature, tags, scan, allow_ops) -> Graph:
             raise err
     loader = _SavedModelReader(path, meta)
     g = loader.build(signature)
-    same = _signature_identity(meta, signature)
+    identity = _signature_identities(meta)
     g.meta["other_signatures"] = [n for n in _sig_names(meta)
-                                  if n != signature and _signature_identity(meta, n) != same]
+                                  if n != signature and identity[n] != identity.get(signature)]
     g.meta["scanned"] = bool(scan)
     g.meta["allowed_ops"] = sorted(_allowed(allow_ops))
     return g
@@ -199,25 +199,25 @@ def _sig_names(meta) -> list[str]:
     return sorted(k for k in meta.signature_def if not k.startswith("__"))
 
 
-def _signature_identity(meta, name: str):
-    """What a signature computes, to tell real other signatures from aliases (Keras exports
-    ``serve`` and ``serving_default``: two wrapper functions calling the same function): its input and
-    output keys, and the functions its outputs' call nodes call (or, without those, the outputs'
-    tensor names)."""
-    sd = meta.signature_def.get(name)
-    if sd is None:
-        return None
+def _signature_identities(meta) -> dict:
+    """``{signature name: what it computes}``, to tell real other signatures from aliases (Keras
+    exports ``serve`` and ``serving_default``: two wrapper functions calling the same function): its
+    input and output keys, and the functions its outputs' call nodes call (or, without those, the
+    outputs' tensor names)."""
     nodes = {n.name: n for n in meta.graph_def.node}
     lib = {f.signature.name: f for f in meta.graph_def.library.function}
-    called = set()
-    for info in sd.outputs.values():
-        node = nodes.get(info.name.split(":")[0].lstrip("^"))
-        fname = node.attr["f"].func.name if node is not None and "f" in node.attr else None
-        if fname in lib:
-            called |= {n.attr["f"].func.name for n in lib[fname].node_def if "f" in n.attr} or {fname}
-        else:
-            called.add(info.name)
-    return tuple(sorted(sd.inputs)), tuple(sorted(sd.outputs)), frozenset(called)
+    identities = {}
+    for name, sd in meta.signature_def.items():
+        called = set()
+        for info in sd.outputs.values():
+            node = nodes.get(info.name.split(":")[0].lstrip("^"))
+            fname = node.attr["f"].func.name if node is not None and "f" in node.attr else None
+            if fname in lib:
+                called |= {n.attr["f"].func.name for n in lib[fname].node_def if "f" in n.attr} or {fname}
+            else:
+                called.add(info.name)
+        identities[name] = (tuple(sorted(sd.inputs)), tuple(sorted(sd.outputs)), frozenset(called))
+    return identities
 
 
 # --------------------------------------------------------------------------------------- SavedModel
