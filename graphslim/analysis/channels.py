@@ -1272,11 +1272,23 @@ def _reduce(ctx, node, at):
 _PASS_THROUGH = ("Identity", "StopGradient", "PreventGradient", "Snapshot")  # tf.nn.moments: StopGradient
 
 
+def _passes_value(g: Graph, node: Node, port: int) -> bool:
+    """``node`` hands input ``port`` on unchanged but for a scalar factor: identity-like ops, and a
+    ``Mul`` by a scalar constant (the correction an earlier prune put after a layer-norm mean)."""
+    if node.op in _PASS_THROUGH:
+        return port == 0
+    if node.op == "Mul" and len(g.inputs_of(node)) == 2:
+        other = constant_value(g, g.input(node, 1 - port))
+        return other is not None and np.ndim(other) == 0
+    return False
+
+
 def _layernorm_stat(ctx, node: Node, red: list, keep_dims: bool):
     """``("mean", ())`` if ``node`` is a layer norm's ``Mean(x)`` over the channels (read by a
     ``SquaredDifference(x, ·)``), ``("variance", ((sqdiff node, port of the mean),))`` if it is
     ``Mean(SquaredDifference(x, mean))`` with such a mean, else None. Identity-like ops (tf.nn.moments
-    puts a StopGradient on the mean) may sit between the mean and the SquaredDifference."""
+    puts a StopGradient on the mean) and scalar factors (an earlier prune's correction) may sit between
+    the mean and the SquaredDifference."""
     g = ctx.graph
     if node.op != "Mean" or not keep_dims or g.is_output(node.output(0)):
         return None
@@ -1285,7 +1297,7 @@ def _layernorm_stat(ctx, node: Node, red: list, keep_dims: bool):
     while todo:
         t = todo.pop()
         for c, p in g.consumers(t):
-            if c.op in _PASS_THROUGH and c.name not in seen:
+            if _passes_value(g, c, p) and c.name not in seen:
                 seen.add(c.name)
                 todo.append(c.output(0))
             elif c.op == "SquaredDifference" and g.input(c, 1 - p) == x:
@@ -1295,8 +1307,12 @@ def _layernorm_stat(ctx, node: Node, red: list, keep_dims: bool):
         return None
     for p in (0, 1):
         t = g.input(sd, p)
-        while g.producer(t).op in _PASS_THROUGH:
-            t = g.input(g.producer(t), 0)
+        while True:
+            prev = g.producer(t)
+            port = next((q for q in range(len(g.inputs_of(prev))) if _passes_value(g, prev, q)), None)
+            if port is None:
+                break
+            t = g.input(prev, port)
         m = g.producer(t)
         if m.op == "Mean" and t.port == 0 and m.attr("keep_dims", False) and g.input(m, 0) == g.input(sd, 1 - p):
             rank = len(ctx.in_shape(m, 0))

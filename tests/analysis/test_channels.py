@@ -928,3 +928,21 @@ def test_layernorm_written_with_tf_nn_moments(tmp_path):
     apply_keep(g, grp, [c for c in range(8) if c not in removed])
     assert g.weight("c1/kernel").value.shape[-1] == 6
     assert_close(run(g, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_pruning_a_pruned_layernorm_net_again_is_exact(layernorm_net, tmp_path):
+    """The corrected statistics are layer-norm statistics still: a model pruned, saved and loaded
+    prunes again through them (the corrections compose), exactly on zero channels."""
+    g = graphslim.load(layernorm_net)
+    for removed, path in (([0, 7], "once"), ([3, 9, 10], "twice")):  # positions in the current group
+        grp = _residual_group(g)
+        assert grp.prunable and len(grp.normalized_by) == 8, grp.why_not()
+        for m in grp.members:
+            if m.kind in ("weight", "const") and m.role != "sink":
+                zero_slices(g, m, removed)
+        x = {"image": np.random.RandomState(1).rand(2, 16, 16, 3).astype("float32")}
+        want = run(g, x)
+        apply_keep(g, grp, [c for c in range(grp.size) if c not in removed])
+        assert_close(run(g, x), want, rtol=1e-5, atol=1e-5)
+        g = graphslim.load(graphslim.save(g, tmp_path / path))
+    assert g.weight("stem/kernel").value.shape[-1] == 16 - 5
