@@ -34,3 +34,8 @@ class OptionError(PipelineError):
 
 class PassError(GraphslimError):
     """A pass refuses the graph it was given (e.g. an op without a channel rule)."""
+
+
+class XlaCheckWarning(UserWarning):
+    """``save(..., jit_compile=True)`` could not lower the model to XLA at the shapes it assumed for
+    unknown input dimensions; the model was written anyway (the CLI prints this as a warning)."""

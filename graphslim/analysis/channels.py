@@ -801,6 +801,9 @@ def _correct_stats(graph: Graph, entries: dict, undo: list) -> None:
             attrs = {"dtype": dtype, "value": np.asarray(value, np_dtype)} if op == "Const" else {"T": dtype}
             n = graph.add_node(f"{base}/pruned_{len(added)}", op, inputs, attrs=attrs, unique=True)
             added.append(n.name)
+            # Undone in reverse, readers before what they read; registered at once, so a failure
+            # partway through a statistic leaves no node behind.
+            undo.append(lambda name=n.name: graph.remove_node(name, safe=False))
             return n.output(0)
 
         out = add("Mul", [node.output(0), add("Const", [], kept / total)])
@@ -809,8 +812,6 @@ def _correct_stats(graph: Graph, entries: dict, undo: list) -> None:
             mean = graph.input(sd_name, port)
             extra = add("Mul", [add("Square", [mean]), add("Const", [], (total - kept) / total)])
             out = add("AddV2", [out, extra])
-        for name in reversed(added):
-            undo.append(lambda name=name: graph.remove_node(name, safe=False))
         for consumer, port in list(graph.consumers(node.output(0))):
             if consumer.name in added:
                 continue

@@ -16,7 +16,8 @@ What :func:`save` produces:
 * with ``jit_compile=True``, the function is marked for XLA (``tf.function(jit_compile=True)``):
   TensorFlow compiles it with XLA when the loaded model is called (once per input shape), which fuses
   the element-wise ops between convolutions. The function is lowered to XLA's HLO before anything is
-  written, so a model with an op XLA has no kernel for fails here, naming the op.
+  written, so a model with an op XLA has no kernel for fails here, naming the op (see
+  :func:`_check_xla` for unknown input dimensions).
 
 Writing is atomic: everything goes into a temporary directory beside ``out_dir`` that is renamed into
 place at the end. On failure nothing is left behind and :class:`~graphslim.errors.EmitError` says
@@ -45,11 +46,12 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
-from graphslim.errors import EmitError
+from graphslim.errors import EmitError, XlaCheckWarning
 from graphslim.ir.graph import WEIGHT_OP, Graph, Tensor
 from graphslim.ir.tfconv import graph_to_graph_def, parse_input
 
@@ -169,6 +171,8 @@ def _write(graph: Graph, model_dir: pathlib.Path, assets_src: pathlib.Path, jit_
     # has another cache key, so the SavedModel would hold the function body twice.
     traced = []
     root.serve = _make_function(graph, variables, traced, jit_compile)
+    if jit_compile:  # before anything is written (the check traces its own copy of the function)
+        _check_xla(graph, root.serve)
     try:
         tf.saved_model.save(root, str(model_dir), signatures={graph.signature_name: root.serve})
     except Exception as exc:
@@ -176,16 +180,14 @@ def _write(graph: Graph, model_dir: pathlib.Path, assets_src: pathlib.Path, jit_
             raise _Stage(f"the graph cannot be rebuilt in TensorFlow{_where(exc, graph)} "
                          f"({_describe(exc)})") from exc
         raise _Stage(f"TensorFlow failed to write it ({_describe(exc)})") from exc
-    if jit_compile:
-        _check_xla(graph, root.serve)
 
 
 def xla_cpu_caveats(graph: Graph) -> list[str]:
     """Why ``jit_compile=True`` may make this model slower on CPU (empty if nothing is known).
 
-    XLA's CPU backend has no fast kernel for depthwise convolutions: a pruned MobileNetV2 ran about
-    4x slower under XLA than in TensorFlow's graph executor on a 2-core machine, while a ResNet50 ran
-    faster (benchmarks/prune_resnet50.py)."""
+    XLA's CPU backend has no fast kernel for depthwise convolutions: a pruned MobileNetV2 ran 4-5x
+    slower under XLA than in TensorFlow's graph executor on a 2-core machine (`graphslim bench --xla`),
+    while a pruned ResNet50 ran faster (benchmarks/prune_resnet50.py)."""
     depthwise = [n.name for n in graph.nodes("DepthwiseConv2dNative")]
     if not depthwise:
         return []
@@ -194,35 +196,52 @@ def xla_cpu_caveats(graph: Graph) -> list[str]:
             "with and without --jit-compile before deploying it (on GPU XLA handles them well)"]
 
 
-# Unknown dimensions of a signature input when the XLA check lowers the function: batch 1, else this.
-XLA_CHECK_DIM = 32
+# Unknown dimensions of a signature input when the XLA check lowers the function: batch 1, the others
+# each of these in turn (small first; 256 suits networks that need large inputs or multiples of 64).
+XLA_CHECK_DIMS = (32, 256)
 
 
 def _check_xla(graph: Graph, fn) -> None:
     """Lower ``fn`` (the jit_compile serving function) to XLA's HLO, so that a model XLA cannot compile
     fails now, with the reason, and not on its first call after loading.
 
-    Unknown input dimensions are taken as 1 for the first (batch) dimension and XLA_CHECK_DIM for the
-    others: XLA compiles a function per input shape, and these stand for the shapes it will see."""
-    specs = []
+    XLA compiles a function per input shape; unknown input dimensions are taken as 1 for the first
+    (batch) dimension and each of XLA_CHECK_DIMS in turn for the others. The model is refused when XLA
+    lacks a kernel for one of its ops, or when it fails at its own, fully known, input shapes. When it
+    fails only at assumed shapes (a network may need inputs larger than, or multiples of, what was
+    assumed), that says nothing of the shapes it will be called with: :class:`XlaCheckWarning` is
+    issued and the model is written."""
+    base = []
     for arg in graph.inputs:
         spec = _input_spec(graph, arg)
         if spec.shape.rank is None:
             raise _Stage(f"jit_compile: signature input {arg.name!r} has an unknown rank, and XLA needs "
                          "static shapes; save without jit_compile (drop --jit-compile)")
-        dims = [d if d is not None else (1 if i == 0 else XLA_CHECK_DIM)
-                for i, d in enumerate(spec.shape.as_list())]
-        specs.append(tf.TensorSpec(dims, spec.dtype))
-    try:
-        # The same body without the input signature, whose unknown dimensions XLA cannot lower.
-        check = tf.function(fn.python_function, autograph=False, jit_compile=True)
-        check.experimental_get_compiler_ir(*specs)(stage="hlo")
-    except Exception as exc:
-        text = _describe(exc)
-        found = re.search(r"unsupported operations when trying to compile graph \S+ on \S+: (.*?) \(No ", text)
-        what = f"XLA has no kernel for {found.group(1)}" if found else f"XLA cannot compile it ({text})"
-        raise _Stage(f"jit_compile was asked for, but {what}. Save without jit_compile (drop "
-                     "--jit-compile); TensorFlow's graph executor runs the model as it is") from exc
+        base.append((spec.shape.as_list(), spec.dtype))
+    assumed = any(d is None for dims, _ in base for d in dims)
+    # The same body without the input signature, whose unknown dimensions XLA cannot lower.
+    check = tf.function(fn.python_function, autograph=False, jit_compile=True)
+    failures = []
+    for size in XLA_CHECK_DIMS if assumed else (None,):
+        specs = [tf.TensorSpec([d if d is not None else (1 if i == 0 else size) for i, d in enumerate(dims)],
+                               dtype) for dims, dtype in base]
+        try:
+            check.experimental_get_compiler_ir(*specs)(stage="hlo")
+            return
+        except Exception as exc:
+            text = _describe(exc)
+            found = re.search(r"unsupported operations when trying to compile graph \S+ on \S+: (.*?) \(No ",
+                              text)
+            if found or not assumed:
+                what = f"XLA has no kernel for {found.group(1)}" if found else f"XLA cannot compile it ({text})"
+                raise _Stage(f"jit_compile was asked for, but {what}. Save without jit_compile (drop "
+                             "--jit-compile); TensorFlow's graph executor runs the model as it is") from exc
+            failures.append(f"{[s.shape.as_list() for s in specs]}: {text}")
+    warnings.warn(XlaCheckWarning(
+        "jit_compile: the model could not be checked for XLA, because lowering it failed at the input "
+        f"shapes assumed for its unknown dimensions ({'; '.join(failures)}). It is written marked for "
+        "XLA; call it once at a real input shape to see that XLA compiles it, or save without "
+        "jit_compile"), stacklevel=2)
 
 
 def _make_variables(graph: Graph) -> dict:
