@@ -397,6 +397,17 @@ def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path
         # fail the run while nothing has been written yet.
         json.dumps(make_report(None, 0.0), allow_nan=False)
 
+        if any(p["name"] == "prune" and p["changed"] for p in pipeline_report.passes):
+            from graphslim.passes.fuse_batchnorm import elementwise_batchnorms
+
+            bns = elementwise_batchnorms(graph)
+            if bns:
+                app.warn(f"prune: {len(bns)} batch norm(s) (e.g. {bns[0]!r}) are element-wise ops, as "
+                         "Keras exports them; their time shrinks only linearly with the channels, so the "
+                         "pruned model gains less speed than MACs. Put fuse-batchnorm (keeps them "
+                         "trainable) or fold-batchnorm before prune in --passes to fuse them into the "
+                         "convolutions (benchmarks/prune_resnet50.py measures the difference)")
+
         if jit_compile:
             from graphslim.io.emitter import xla_cpu_caveats
 

@@ -119,6 +119,13 @@ def _match(graph, out):
     return None
 
 
+def elementwise_batchnorms(graph) -> list[str]:
+    """Names of the element-wise batch norms (``x * inv + shift``, as Keras 3 exports them) that
+    ``fuse-batchnorm`` would rewrite: their cost shrinks only linearly with pruned channels."""
+    graph.infer_shapes()
+    return [n.name for n in graph.nodes(op=("AddV2", "Add")) if _match(graph, n) is not None]
+
+
 @register_pass("fuse-batchnorm")
 def fuse_batchnorm(graph, options) -> PassResult:
     """Rewrite element-wise inference batch norms into ``FusedBatchNormV3`` over the same variables.

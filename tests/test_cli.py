@@ -261,6 +261,18 @@ def test_optimize_jit_compile_warns_about_depthwise_convolutions_on_cpu(tmp_path
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
+def test_optimize_prune_suggests_fusing_elementwise_batch_norms(tmp_path):
+    def warned(passes):
+        result = run("optimize", RESNET, "-o", tmp_path / passes.split("{")[0], "--passes", passes)
+        assert result.exit_code == 0, result.stderr
+        return [line for line in result.stderr.splitlines() if line.startswith("warning: prune:")]
+
+    hint = warned("prune{ratio=0.5}")
+    assert len(hint) == 1 and "batch norm(s)" in hint[0] and "fuse-batchnorm" in hint[0], hint
+    assert warned("fuse-batchnorm,prune{ratio=0.5}") == []
+    assert warned("fold-batchnorm") == []  # no prune, no hint
+
+
 def test_optimize_jit_compile_warns_when_assumed_shapes_cannot_be_checked(tmp_path):
     # A 300x300 VALID conv over [?, ?, ?, 1]: the XLA check's assumed sizes (32, 256) are too small,
     # which says nothing about real inputs: a warning, not a refusal, and the model is written.
