@@ -216,8 +216,9 @@ def optimize_report(*, version: str, input_path, output_path, signature: str, ta
 
     Keys: ``graphslim_version``, ``input``, ``output``, ``signature``, ``tags``, ``plugins``,
     ``pipeline`` (canonical text), ``verify``, ``passes`` (``text``, ``name``, ``seconds``,
-    ``verify_seconds``, ``changed``, ``stats``), ``jit_compile`` (the model was written for XLA), ``signatures_not_written`` (the input's other
-    signatures, not aliases of the one rewritten), ``params``, ``macs``, ``size_bytes`` (each
+    ``verify_seconds``, ``changed``, ``stats``), ``jit_compile`` (the model was written for XLA),
+    ``signatures_not_written`` (the input's other signatures, not aliases of the one rewritten),
+    ``params``, ``macs``, ``size_bytes`` (each
     ``before``/``after``/``ratio``), ``seconds`` (``load``, ``input_verify``, ``passes``,
     ``save``, ``total``) and ``layers`` (see :func:`layer_rows`).
     """
