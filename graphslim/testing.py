@@ -138,3 +138,24 @@ def layernorm_net(input_shape=(16, 16, 3), width: int = 16, hidden: int = 32, st
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.LayerNormalization(epsilon=1e-6, name="head_ln")(x)
     return keras.Model(inp, layers.Dense(classes, activation=activation, name="head")(x))
+
+
+def valid_conv_graph(k: int, scale: float | None = None):
+    """An IR graph ``x [?, ?, ?, 1] ─ Conv2D(k×k kernel of ``scale`` (default 1/k²), VALID) ─▶ "y"``:
+    only inputs of at least k×k pixels are valid (to test checks that assume input sizes)."""
+    import tensorflow as tf
+    from tensorflow.core.framework import attr_value_pb2
+
+    from graphslim.ir.attrs import shape_to_proto
+    from graphslim.ir.graph import Graph, SignatureArg, Tensor
+
+    g = Graph()
+    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": attr_value_pb2.AttrValue(
+        shape=shape_to_proto((None, None, None, 1)))})
+    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+    g.add_weight("conv/kernel", np.full((k, k, 1, 1), 1.0 / (k * k) if scale is None else scale, np.float32))
+    g.add_node("conv", "Conv2D", ["x", "conv/kernel"],
+               attrs={"T": tf.float32, "strides": [1, 1, 1, 1], "padding": b"VALID"})
+    g.outputs.append(SignatureArg("y", Tensor("conv", 0)))
+    g.infer_shapes()
+    return g

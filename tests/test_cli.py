@@ -17,14 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from click.testing import CliRunner
-from tensorflow.core.framework import attr_value_pb2
 
 import graphslim
 from graphslim.cli import cli
-from graphslim.ir.attrs import shape_to_proto
-from graphslim.ir.graph import Graph, SignatureArg, Tensor
+from graphslim.testing import valid_conv_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "fixtures" / "models"
@@ -276,15 +273,7 @@ def test_optimize_prune_suggests_fusing_elementwise_batch_norms(tmp_path):
 def test_optimize_jit_compile_warns_when_assumed_shapes_cannot_be_checked(tmp_path):
     # A 300x300 VALID conv over [?, ?, ?, 1]: the XLA check's assumed sizes (32, 256) are too small,
     # which says nothing about real inputs: a warning, not a refusal, and the model is written.
-    g = Graph()
-    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": attr_value_pb2.AttrValue(
-        shape=shape_to_proto((None, None, None, 1)))})
-    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
-    g.add_weight("conv/kernel", np.ones((300, 300, 1, 1), np.float32))
-    g.add_node("conv", "Conv2D", ["x", "conv/kernel"],
-               attrs={"T": tf.float32, "strides": [1, 1, 1, 1], "padding": b"VALID"})
-    g.outputs.append(SignatureArg("y", Tensor("conv", 0)))
-    g.infer_shapes()
+    g = valid_conv_graph(300, scale=1.0)
     src = graphslim.save(g, tmp_path / "src")
     result = run("optimize", src, "-o", tmp_path / "out", "--jit-compile")
     assert result.exit_code == 0, result.stderr

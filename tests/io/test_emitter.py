@@ -19,6 +19,7 @@ from graphslim.ir.attrs import shape_to_proto
 from graphslim.ir.graph import Graph, SignatureArg, Tensor
 from graphslim.ir.tfconv import graph_to_graph_def
 from graphslim.runtime import run
+from graphslim.testing import valid_conv_graph
 
 RTOL = ATOL = 1e-5
 LABELS = b"cat\ndog\nbird\nfish\nfrog\n"
@@ -372,25 +373,13 @@ def test_jit_compile_refuses_a_model_xla_cannot_compile(tmp_path):
     assert [float(s) for s in got[0]] == [1.0, 2.0, 3.0]
 
 
-def _big_kernel_graph(k: int) -> Graph:
-    """x [?, ?, ?, 1] ─ Conv2D(k×k, VALID) ─▶ "y": only inputs of at least k×k pixels are valid."""
-    g = Graph()
-    _placeholder(g, "x", (None, None, None, 1))
-    g.add_weight("conv/kernel", np.full((k, k, 1, 1), 1.0 / (k * k), np.float32))
-    g.add_node("conv", "Conv2D", ["x", "conv/kernel"],
-               attrs={"T": tf.float32, "strides": [1, 1, 1, 1], "padding": b"VALID"})
-    g.outputs.append(SignatureArg("y", Tensor("conv", 0)))
-    g.infer_shapes()
-    return g
-
-
 def test_jit_compile_check_tries_a_larger_input_before_giving_up(tmp_path):
     # 40x40 kernels do not fit the first assumed size (32); the check retries at 256 and passes.
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        path = save(_big_kernel_graph(40), tmp_path / "m", jit_compile=True)
+        path = save(valid_conv_graph(40), tmp_path / "m", jit_compile=True)
     x = np.random.default_rng(0).random((1, 41, 45, 1), np.float32)
     loaded = tf.saved_model.load(str(path))
     got = loaded.serve(x)["y"].numpy()
@@ -402,7 +391,7 @@ def test_jit_compile_check_warns_but_writes_when_only_assumed_shapes_fail(tmp_pa
     from graphslim.errors import XlaCheckWarning
 
     with pytest.warns(XlaCheckWarning, match=r"could not be checked for XLA.*\[1, 256, 256, 1\]"):
-        path = save(_big_kernel_graph(300), tmp_path / "m", jit_compile=True)
+        path = save(valid_conv_graph(300), tmp_path / "m", jit_compile=True)
     assert list(_must_compile(path).values()) == [True]
     x = np.ones((1, 300, 301, 1), np.float32)
     loaded = tf.saved_model.load(str(path))
@@ -411,7 +400,7 @@ def test_jit_compile_check_warns_but_writes_when_only_assumed_shapes_fail(tmp_pa
 
 
 def test_jit_compile_check_refuses_a_static_model_that_fails_at_its_own_shape(tmp_path):
-    g = _big_kernel_graph(300)
+    g = valid_conv_graph(300)
     g.node("x").attrs["shape"] = attr_value_pb2.AttrValue(shape=shape_to_proto((1, 300, 301, 1)))
     g.infer_shapes()
     g.node("x").attrs["shape"] = attr_value_pb2.AttrValue(shape=shape_to_proto((1, 32, 32, 1)))
