@@ -20,6 +20,13 @@ class EmitError(GraphslimError):
     """The output model cannot be written."""
 
 
+class EmitCheckError(EmitError):
+    """What graphslim wrote does not load in TensorFlow (a graphslim bug, never the user's): nothing is
+    left behind, exit 3."""
+
+    exit_code = 3
+
+
 class VerificationError(GraphslimError):
     """The IR violates an invariant (after loading or after a pass)."""
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pathlib
 import re
@@ -51,7 +52,9 @@ import warnings
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
-from graphslim.errors import EmitError, XlaCheckWarning
+from graphslim import __version__
+from graphslim.errors import EmitCheckError, EmitError, XlaCheckWarning
+from graphslim.ir.functions import graph_closure
 from graphslim.ir.graph import WEIGHT_OP, Graph, Tensor
 from graphslim.ir.tfconv import graph_to_graph_def, parse_input
 
@@ -180,6 +183,50 @@ def _write(graph: Graph, model_dir: pathlib.Path, assets_src: pathlib.Path, jit_
             raise _Stage(f"the graph cannot be rebuilt in TensorFlow{_where(exc, graph)} "
                          f"({_describe(exc)})") from exc
         raise _Stage(f"TensorFlow failed to write it ({_describe(exc)})") from exc
+    _check_loads(graph, model_dir)
+    (model_dir / MARKER).write_text(json.dumps({"written_by": "graphslim", "version": __version__}) + "\n")
+
+
+#: a file beside saved_model.pb saying that graphslim wrote the model (TensorFlow ignores it)
+MARKER = "graphslim.json"
+
+#: models whose weights take more bytes than this are checked without restoring their variables
+FULL_LOAD_CHECK_BYTES = 1 << 30
+
+
+def _check_loads(graph: Graph, model_dir: pathlib.Path) -> None:
+    """What was just written must load in TensorFlow: its function library is closed and every
+    function imports (loading never runs the model's computation), and, unless the weights are
+    larger than FULL_LOAD_CHECK_BYTES, ``tf.saved_model.load`` revives it with its signature.
+    A failure is graphslim's fault, not the input's: EmitCheckError (exit 3)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow.python.saved_model import function_deserialization
+
+    try:
+        sm = saved_model_pb2.SavedModel()
+        sm.ParseFromString((model_dir / "saved_model.pb").read_bytes())
+        meta = sm.meta_graphs[0]
+        library = {f.signature.name: f for f in meta.graph_def.library.function}
+        from graphslim.ir.functions import closure, node_refs
+
+        roots = set()
+        for nd in meta.graph_def.node:
+            roots |= node_refs(nd, library)
+        for fdef in library.values():
+            roots |= {fdef.signature.name}
+        missing = sorted(closure(roots, library) - set(library))
+        if missing:
+            raise ValueError(f"its function library lacks {', '.join(map(repr, missing[:5]))}")
+        function_deserialization.load_function_def_library(meta.graph_def.library, meta.object_graph_def)
+        if sum(w.value.nbytes for w in graph.weights.values()) <= FULL_LOAD_CHECK_BYTES:
+            loaded = tf.saved_model.load(str(model_dir))
+            if graph.signature_name not in loaded.signatures:
+                raise ValueError(f"the loaded model has no signature {graph.signature_name!r}")
+    except Exception as exc:  # noqa: BLE001 - whatever TensorFlow says, the model must not be written
+        raise EmitCheckError(
+            f"internal error: the SavedModel graphslim wrote does not load in TensorFlow "
+            f"({_describe(exc)}); nothing was written. This is a graphslim bug: please report it with the "
+            f"model's op types (graphslim inspect) and the pipeline.") from exc
 
 
 def xla_cpu_caveats(graph: Graph) -> list[str]:

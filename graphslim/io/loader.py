@@ -38,6 +38,7 @@ from google.protobuf import text_format
 from graphslim.errors import GraphslimError, LoadError, VerificationError
 from graphslim.ir.graph import WEIGHT_OP, Graph, SignatureArg, Tensor
 from graphslim.ir import attrs as _attrs
+from graphslim.ir.functions import CALL_INPUTS, closure, node_refs, specialize_resource_args
 from graphslim.ir.tfconv import graph_from_node_defs, parse_input
 
 CALL_OPS = {"PartitionedCall", "StatefulPartitionedCall"}
@@ -661,6 +662,7 @@ class _SavedModelReader:
             return handle_to_weight.get(src)
 
         redirect = {}
+        weight_readers = set()  # nodes whose inputs were pointed at Weights here (gathers, bodies)
         drop = set(var_info)
         ref_vars = set()
         for vname, wname in handle_to_weight.items():
@@ -668,7 +670,7 @@ class _SavedModelReader:
                 ref_vars.add(vname)  # TF1 ref variables are read directly: the Weight takes their place
                 if wname != vname:
                     redirect[f"{vname}:0"] = f"{wname}:0"
-        for name, nd in nodes.items():
+        for name, nd in list(nodes.items()):
             if nd.op in ("ReadVariableOp", "ResourceGather") and len(nd.input) < (
                     1 if nd.op == "ReadVariableOp" else 2):
                 raise LoadError(f"{self.path}: node {name!r} ({nd.op}) has {len(nd.input)} inputs; the "
@@ -697,6 +699,7 @@ class _SavedModelReader:
                 redirect_gather.attr["batch_dims"].i = nd.attr["batch_dims"].i if "batch_dims" in nd.attr else 0
                 nodes[name] = redirect_gather
                 nodes[axis] = nodes_axis
+                weight_readers.add(name)
         for name in drop:
             nodes.pop(name, None)
         # Identity chains over resource handles die with the handles.
@@ -707,6 +710,22 @@ class _SavedModelReader:
         for wname, (value, trainable) in weights.items():
             w = node_def_pb2.NodeDef(name=wname, op=WEIGHT_OP)
             weight_defs.append(w)
+        # Variables passed into While/If/Case bodies (or calls left inside them) as handles: the
+        # bodies are specialized to take the value, and the node reads the Weight.
+        library = dict(self.library)
+        for nd in nodes.values():
+            if nd.op not in CALL_INPUTS and nd.op not in library:
+                continue
+            values = {}
+            for i, text in enumerate(nd.input):
+                w = handle_source(text)
+                if w is not None:
+                    value = weights[w][0]
+                    values[i] = (tf.as_dtype(value.dtype).as_datatype_enum, tuple(value.shape))
+                    nd.input[i] = f"{w}:0"
+            if values:
+                specialize_resource_args(nd, values, library, self.path / "saved_model.pb")
+                weight_readers.add(nd.name)
         for nd in nodes.values():
             ins = []
             for text in nd.input:
@@ -714,7 +733,8 @@ class _SavedModelReader:
                 key = f"{src}:{port}"
                 while key in redirect:
                     key = redirect[key]
-                if src in handle_to_weight and src not in ref_vars and key == f"{src}:{port}":
+                if (src in handle_to_weight and src not in ref_vars and key == f"{src}:{port}"
+                        and nd.name not in weight_readers):
                     raise LoadError(f"{self.path}: node {nd.name!r} ({nd.op}) uses variable {src!r} as a "
                                     f"resource handle; only plain reads (ReadVariableOp, ResourceGather) "
                                     f"are supported.")
@@ -738,6 +758,13 @@ class _SavedModelReader:
             if g.has_node(w.name):
                 value, trainable = weights[w.name]
                 g.weights[w.name] = _weight(w.name, value, trainable)
+        used = closure(set().union(*(node_refs(nd, library) for nd in order)), library)
+        missing = sorted(used - set(library))
+        if missing:
+            raise LoadError(f"{self.path}: the graph calls function(s) {', '.join(map(repr, missing[:5]))}, "
+                            f"which are not in the function library. The SavedModel is incomplete; "
+                            f"re-export it.")
+        g.functions = {name: library[name] for name in sorted(used)}
         for key in sorted(sig.inputs):
             n, p = inputs[key]
             if g.has_node(n):

@@ -490,6 +490,12 @@ class Graph:
         for arg in self.inputs + self.outputs:
             if not self.has_node(arg.tensor.node):
                 raise VerificationError(f"signature tensor {arg.name!r} refers to missing node {arg.tensor.node!r}")
+        from graphslim.ir.functions import graph_closure
+
+        _, missing = graph_closure(self)
+        if missing:
+            raise VerificationError(f"the graph calls function(s) {', '.join(map(repr, missing[:5]))} (While/If/"
+                                    "Case bodies or calls), which are not in graph.functions")
         self.infer_shapes()
         for name, data in self._g.nodes(data=True):
             node = data["node"]

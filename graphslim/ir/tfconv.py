@@ -102,9 +102,13 @@ def graph_to_graph_def(graph: Graph, order=None) -> graph_pb2.GraphDef:
         else:
             gd.node.append(node_to_node_def(graph, node))
     if graph.functions:
-        lib = function_pb2.FunctionDefLibrary()
-        lib.function.extend(graph.functions.values())
-        gd.library.CopyFrom(lib)
+        from graphslim.ir.functions import graph_closure
+
+        used, _ = graph_closure(graph)
+        if used:
+            lib = function_pb2.FunctionDefLibrary()
+            lib.function.extend(used.values())
+            gd.library.CopyFrom(lib)
     return gd
 
 
