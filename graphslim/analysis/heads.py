@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,11 +70,46 @@ def _labels(graph: Graph, size: int | None, labels_file: str | None):
     return None, None
 
 
+# Output names that say "class scores" and names that say "not class scores" (boxes, masks, ...).
+CLASS_NAMES = re.compile(r"(cls|class|logit|score|confidence|conf\b|prob|label|pred(ictions)?$|output_0$)", re.I)
+NOT_CLASS_NAMES = re.compile(r"(box|bbox|regress|delta|anchor|mask|landmark|keypoint|kpt|coord|offset|"
+                             r"centerness|objectness|depth|embed|feature|num_det|valid)", re.I)
+
+
+def _class_candidates(graph: Graph, labels_file: str | None) -> list[tuple[int, str, str]]:
+    """``(score, name, why)`` for every output that could hold class scores on its last axis, best
+    first. An output qualifies when it has rank ≥ 2 and a static last axis longer than 1 and its name
+    does not say boxes, masks, landmarks...; names like ``cls_logits``/``probs``, a Softmax/Sigmoid
+    producer and a labels file of the right length add to its score; a last axis of 4 (box
+    coordinates) counts against it."""
+    labels, _ = _labels(graph, None, labels_file)
+    out = []
+    for o in graph.outputs:
+        shape = graph.shape(o.tensor) or ()
+        if len(shape) < 2 or not shape[-1] or shape[-1] <= 1:
+            continue
+        if NOT_CLASS_NAMES.search(o.name) and not CLASS_NAMES.search(o.name.replace("num_det", "")):
+            continue
+        score, why = 0, []
+        if CLASS_NAMES.search(o.name):
+            score, why = score + 4, why + ["named like class scores"]
+        if graph.producer(o.tensor).op in SCORE_OPS:
+            score, why = score + 2, why + [f"produced by {graph.producer(o.tensor).op}"]
+        if labels and shape[-1] in (len(labels), len(labels) + 1):
+            score, why = score + 2, why + ["as many classes as the labels file"]
+        if shape[-1] in (4, 5) and not CLASS_NAMES.search(o.name):
+            score, why = score - 3, why + ["4/5 values per row look like box coordinates"]
+        out.append((score, o.name, ", ".join(why) or "a last axis longer than 1"))
+    out.sort(key=lambda c: -c[0])
+    return out
+
+
 def find_class_head(graph: Graph, output: str | None, background: bool, labels_file: str | None,
                     pass_name: str) -> ClassHead:
-    """The output whose last axis is the class axis: ``output=`` if given; else the only output of
-    rank ≥ 2 with more than one position on its last axis, preferring one produced by Softmax /
-    Sigmoid and then one whose class count matches the labels file."""
+    """The output whose last axis is the class axis: ``output=`` if given; else the best of
+    :func:`_class_candidates` (by name, producer and labels file; never an output named like boxes,
+    masks or landmarks). When two candidates tie, the error lists them all with their shapes and
+    asks for ``output=``."""
     names = [o.name for o in graph.outputs]
     if output is not None:
         if output not in names:
@@ -81,19 +117,15 @@ def find_class_head(graph: Graph, output: str | None, background: bool, labels_f
                             f"{_describe_outputs(graph)}.")
         chosen = output
     else:
-        cands = [o for o in graph.outputs if (graph.shape(o.tensor) or ()) and len(graph.shape(o.tensor)) >= 2
-                 and (graph.shape(o.tensor)[-1] or 0) > 1]
-        scored = [o for o in cands if graph.producer(o.tensor).op in SCORE_OPS]
-        pool = scored or cands
-        if len(pool) > 1:
-            labels, _ = _labels(graph, None, labels_file)
-            if labels:
-                pool = [o for o in pool if graph.shape(o.tensor)[-1] == len(labels)] or pool
-        if len(pool) != 1:
+        cands = _class_candidates(graph, labels_file)
+        if not cands or (len(cands) > 1 and cands[0][0] == cands[1][0]):
+            listed = "; ".join(f"{n} {list(graph.shape(output_tensor(graph, n)) or [])} ({why})"
+                               for _, n, why in cands) or "none"
             raise PassError(f"{pass_name}: cannot tell which output holds the class scores "
-                            f"({'none has' if not pool else 'several have'} a class axis last): outputs are "
-                            f"{_describe_outputs(graph)}. Pass output=NAME.")
-        chosen = pool[0].name
+                            f"({'no output has' if not cands else 'several outputs have'} a class axis last; "
+                            f"candidates: {listed}; all outputs: {_describe_outputs(graph)}). Pass "
+                            f"output=NAME.")
+        chosen = cands[0][1]
     t = next(o.tensor for o in graph.outputs if o.name == chosen)
     shape = graph.shape(t)
     if not shape or shape[-1] is None:

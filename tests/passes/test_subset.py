@@ -163,3 +163,40 @@ def test_subset_keras_applications(keras_models, arch):
     cost1 = g.cost()
     head_in = g.shape(g.input(g.nodes(op="MatMul")[0], 0))[-1]
     assert cost0.params - cost1.params == (1000 - 5) * (head_in + 1)
+
+
+def _detector_outputs(outputs):
+    """x [N, 8] → one MatMul head per output ``(name, width, activation)``, shaped [N, 3, width]."""
+    g = Graph()
+    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": (None, 8)})
+    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+    for name, width, act in outputs:
+        k = g.add_weight(f"{name}/kernel", np.ones((8, 3 * width), np.float32))
+        t = g.add_node(f"{name}/MatMul", "MatMul", inputs=["x", k], attrs={"T": tf.float32}).output(0)
+        shape = g.add_node(f"{name}/shape", "Const", attrs={"dtype": tf.int32, "value": np.array([-1, 3, width], np.int32)})
+        t = g.add_node(f"{name}/Reshape", "Reshape", inputs=[t, shape], attrs={"T": tf.float32, "Tshape": tf.int32}).output(0)
+        if act:
+            t = g.add_node(f"{name}/{act}", act, inputs=[t], attrs={"T": tf.float32}).output(0)
+        g.outputs.append(SignatureArg(name, t))
+    g.infer_shapes()
+    return g
+
+
+@pytest.mark.parametrize("outputs,chosen", [
+    ([("bbox_regression", 4, None), ("cls_logits", 91, None)], "cls_logits"),
+    ([("boxes", 4, None), ("classification", 91, "Sigmoid"), ("masks", 28, "Sigmoid")], "classification"),
+    ([("box_outputs", 91, None), ("class_outputs", 91, None)], "class_outputs"),  # never the boxes
+    ([("landmarks", 10, None), ("output_0", 3, "Softmax")], "output_0"),
+])
+def test_class_output_found_by_name_and_structure(outputs, chosen):
+    from graphslim.analysis.heads import find_class_head
+
+    assert find_class_head(_detector_outputs(outputs), None, False, None, "subset").output == chosen
+
+
+def test_ambiguous_class_output_lists_candidates():
+    g = _detector_outputs([("a", 91, None), ("b", 91, None)])
+    with pytest.raises(PipelineError, match=r"candidates: a \[None, 3, 91\].*b \[None, 3, 91\].*output=NAME"):
+        graphslim.run_pipeline(g, "subset{keep=1,2}")
+    graphslim.run_pipeline(g, "subset{keep=1,2 output=b}")
+    assert g.shape(next(o.tensor for o in g.outputs if o.name == "b")) == (None, 3, 2)
