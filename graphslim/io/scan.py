@@ -19,6 +19,17 @@ and *not* an ancestor of any signature tensor or init op; in the library, a func
 those saver nodes or from the object graph's saveable-object save/restore functions, and reachable
 from nothing else (no signature, no other function). Anywhere else they are refused like the rest.
 
+A TF1 model restored with ``tf.compat.v1.train.Saver`` and then written with ``SavedModelBuilder``
+carries a second saver (``save/...`` beside the declared ``save_1/...``). Such a name scope is
+accepted as a second copy of the checkpoint machinery, and reported as a note (:class:`ScanNote`),
+only when all of it is: no signature, init op or collection reaches any of its nodes and nothing
+outside it uses them; it holds only saver ops; every file name its save/restore ops use comes from
+constants and ``PlaceholderWithDefault``\ s of the scope itself; its ``SaveV2`` ops write, under constant
+names, exactly variables of the graph (or their reads) and its ``RestoreV2`` outputs only feed
+``Assign``/``AssignVariableOp`` into variables; and it saves and restores the same checkpoint keys into
+the same variables as the saver ``saver_def`` declares. Otherwise its ops are refused, and the
+finding says which check failed.
+
 Path checks (a model directory): ``variables/`` and ``assets/`` and every file below them must
 resolve inside the model directory (no symlink leading out), be regular files (a FIFO would hang the
 reader), and the asset file names the MetaGraphDef records must be plain relative names (no ``..``,
@@ -32,6 +43,8 @@ Example::
         print(f.describe())
     check_safe("model/")                          # UnsafeModelError when something is found
     check_safe(graph, allow_ops=("PrintV2",))     # an IR graph about to be run (calibration)
+    notes = []
+    scan_path("model/", notes=notes)              # notes: what was accepted and why (second savers)
 """
 
 from __future__ import annotations
@@ -39,12 +52,13 @@ from __future__ import annotations
 import os
 import re
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from graphslim.errors import LoadError
 
-__all__ = ["Finding", "UnsafeModelError", "check_safe", "dangerous_ops", "scan_graph_def",
+__all__ = ["Finding", "ScanNote", "UnsafeModelError", "check_safe", "dangerous_ops", "scan_graph_def",
            "scan_ir", "scan_meta_graph", "scan_path", "scan_report", "check_paths", "parse_allow_ops"]
 
 
@@ -55,6 +69,12 @@ class UnsafeModelError(LoadError):
     def __init__(self, message: str, findings=()):
         super().__init__(message)
         self.findings = list(findings)
+
+
+class ScanNote(UserWarning):
+    """Something the scan accepted that the user should know about (a second saver left over from a
+    restore, dropped). Issued as a warning by :func:`scan_meta_graph` (hence by
+    :func:`graphslim.io.loader.load`) when the caller collects no ``notes`` list."""
 
 
 # ------------------------------------------------------------------------------------ op categories
@@ -319,14 +339,271 @@ def _saver_functions(meta, library: set) -> set[str]:
     return out
 
 
+# ------------------------------------------------------------------------------------ second savers
+_VARIABLE_OPS = frozenset({"VariableV2", "Variable", "VarHandleOp"})
+_READ_OPS = frozenset({"Identity", "ReadVariableOp"})
+_ASSIGN_OPS = frozenset({"Assign", "AssignVariableOp"})
+_SAVE_DATA_START = {"SaveV2": 3, "SaveSlices": 3}  # first saved tensor among the data inputs
+_RESTORE_OPS = frozenset({"RestoreV2"})
+_FILENAME_OPS = frozenset({"Const", "PlaceholderWithDefault", "Identity", "StaticRegexFullMatch",
+                           "Select", "SelectV2", "StringJoin", "ShardedFilename", "ShardedFilespec",
+                           "Pack"})
+_HANDLE_USERS = _READ_OPS | {"DisableCopyOnRead"}  # may take a variable from outside the saver
+_SAVER_OPS = (_FILENAME_OPS | _HANDLE_USERS | _ASSIGN_OPS | set(_SAVE_DATA_START) | _RESTORE_OPS
+              | {"MergeV2Checkpoints", "NoOp"})
+_DT_STRING = 7
+
+
+def _split_input(text: str) -> tuple[str, int]:
+    """``"node:2"`` → ("node", 2); ``"node"`` → ("node", 0); control inputs → (name, -1)."""
+    if text.startswith("^"):
+        return text[1:], -1
+    base, sep, port = text.rpartition(":")
+    return (base, int(port)) if sep and port.isdigit() else (text, 0)
+
+
+def _data_inputs(nd) -> list[str]:
+    return [t for t in nd.input if not t.startswith("^")]
+
+
+def _consumers(nodes: dict) -> dict:
+    """{node: [(consumer, output port or -1 for control, input index)]} of the outer graph."""
+    out: dict = {}
+    for name, nd in nodes.items():
+        for i, text in enumerate(nd.input):
+            src, port = _split_input(text)
+            out.setdefault(src, []).append((name, port, i))
+    return out
+
+
+def _scope(name: str) -> str:
+    return name.rpartition("/")[0]
+
+
+def _variable_of(nodes: dict, text: str, hops: int = 4) -> str | None:
+    """The variable node whose value tensor ``text`` is (the variable itself, or ``Identity`` /
+    ``ReadVariableOp`` reads of it), or None."""
+    for _ in range(hops + 1):
+        name, port = _split_input(text)
+        nd = nodes.get(name)
+        if nd is None or port != 0:
+            return None
+        if nd.op in _VARIABLE_OPS:
+            return name
+        data = _data_inputs(nd)
+        if nd.op not in _READ_OPS or len(data) != 1:
+            return None
+        text = data[0]
+    return None
+
+
+def _is_variable(nodes: dict, text: str) -> bool:
+    name, port = _split_input(text)
+    return port == 0 and name in nodes and nodes[name].op in _VARIABLE_OPS
+
+
+def _string_const(nodes: dict, text: str, members) -> list[str] | None:
+    name, port = _split_input(text)
+    nd = nodes.get(name)
+    if nd is None or port != 0 or name not in members or nd.op != "Const":
+        return None
+    value = nd.attr["value"].tensor if "value" in nd.attr else None
+    if value is None or value.dtype != _DT_STRING:
+        return None
+    return [v.decode("utf-8", "replace") for v in value.string_val]
+
+
+def _filename_problem(nodes: dict, text: str, members, user: str) -> str | None:
+    """Why the file name ``user`` reads from ``text`` is not made inside its saver (None when it is)."""
+    stack, seen = [_split_input(text)[0]], set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        nd = nodes.get(name)
+        if nd is None or name not in members:
+            return f"the file name of {user!r} comes from {name!r}, outside the saver"
+        if nd.op not in _FILENAME_OPS:
+            return f"the file name of {user!r} comes from {name!r} ({nd.op})"
+        stack.extend(_split_input(t)[0] for t in _data_inputs(nd))
+    return None
+
+
+def _restored_into(nodes: dict, consumers: dict, members, restore: str, port: int) -> set | str:
+    """The variables output ``port`` of RestoreV2 ``restore`` is assigned to (through Identity), or
+    why it is used otherwise."""
+    targets, stack, seen = set(), [(restore, port)], set()
+    while stack:
+        src, src_port = stack.pop()
+        for user, p, index in consumers.get(src, ()):
+            if p != src_port or (user, index) in seen:
+                continue
+            seen.add((user, index))
+            nd = nodes[user]
+            if user not in members:
+                return f"{user!r}, outside the saver, uses what {restore!r} restores"
+            if nd.op == "Identity":
+                stack.append((user, 0))
+            elif nd.op in _ASSIGN_OPS and index == 1 and _is_variable(nodes, nd.input[0]):
+                targets.add(_split_input(nd.input[0])[0])
+            else:
+                return f"{restore!r} feeds {user!r} ({nd.op}), not an assignment to a variable"
+    return targets
+
+
+def _read_saver(nodes: dict, consumers: dict, members) -> tuple[dict, dict] | str:
+    """({(checkpoint key, slice): variable} saved, the same restored) by the save/restore ops among
+    ``members``, or why they are not a saver of variables."""
+    saved, restored = {}, {}
+    for name in sorted(members):
+        nd = nodes[name]
+        data = _data_inputs(nd)
+        if nd.op in _SAVE_DATA_START or nd.op in _RESTORE_OPS:
+            start = _SAVE_DATA_START.get(nd.op, 3)
+            if len(data) < 3:
+                return f"{nd.op} {name!r} has {len(data)} inputs"
+            problem = _filename_problem(nodes, data[0], members, name)
+            if problem:
+                return problem
+            keys = _string_const(nodes, data[1], members)
+            slices = _string_const(nodes, data[2], members)
+            if keys is None or slices is None:
+                return f"the tensor names or slices of {nd.op} {name!r} are not string constants of the saver"
+            if nd.op in _RESTORE_OPS:
+                count = len(nd.attr["dtypes"].list.type) if "dtypes" in nd.attr else -1
+                if len(data) != 3 or not (len(keys) == len(slices) == count):
+                    return f"{nd.op} {name!r} restores {count} tensors under {len(keys)} names"
+                for port, key in enumerate(zip(keys, slices)):
+                    targets = _restored_into(nodes, consumers, members, name, port)
+                    if isinstance(targets, str):
+                        return targets
+                    if len(targets) != 1:
+                        return (f"{nd.op} {name!r} restores {key[0]!r} into {len(targets)} "
+                                "variables, not one")
+                    var = targets.pop()
+                    if restored.setdefault(key, var) != var:
+                        return f"{key[0]!r} is restored into two variables"
+                continue
+            tensors = data[start:]
+            if not (len(keys) == len(slices) == len(tensors)):
+                return f"{nd.op} {name!r} writes {len(tensors)} tensors under {len(keys)} names"
+            for key, text in zip(zip(keys, slices), tensors):
+                var = _variable_of(nodes, text)
+                if var is None:
+                    return f"{nd.op} {name!r} writes {_split_input(text)[0]!r}, which is not a variable"
+                if saved.setdefault(key, var) != var:
+                    return f"{key[0]!r} is saved from two variables"
+        elif nd.op == "MergeV2Checkpoints":
+            for text in data:
+                problem = _filename_problem(nodes, text, members, name)
+                if problem:
+                    return problem
+    return saved, restored
+
+
+def _extra_saver_problem(scope: str, nodes: dict, consumers: dict, serving: set, declared) -> str | None:
+    """Why name scope ``scope`` is not a second saver of the variables ``declared`` (what
+    :func:`_declared_saver` returns) that nothing else uses; None when it is."""
+    if not scope:
+        return "it is not inside a saver's name scope"
+    prefix = scope + "/"
+    members = {n for n in nodes if n.startswith(prefix)}
+    for name in sorted(members):
+        nd = nodes[name]
+        if name in serving:
+            return f"a signature, init op or collection reaches {name!r}"
+        if nd.op not in _SAVER_OPS:
+            return f"{name!r} ({nd.op}) is not saver machinery"
+        for user, _, _ in consumers.get(name, ()):
+            if user not in members:
+                return f"{user!r}, outside the saver, uses {name!r}"
+        for index, text in enumerate(nd.input):
+            src, port = _split_input(text)
+            if src in members:
+                continue
+            if port < 0:
+                return f"{name!r} waits on {src!r}, outside the saver"
+            if not (nd.op in _SAVE_DATA_START and index >= _SAVE_DATA_START[nd.op]
+                    or nd.op in _ASSIGN_OPS and index == 0
+                    or nd.op in _HANDLE_USERS) or _variable_of(nodes, text) is None:
+                return f"{name!r} reads {src!r}, outside the saver and not a variable"
+    read = _read_saver(nodes, consumers, members)
+    if isinstance(read, str):
+        return read
+    saved, restored = read
+    if not saved or saved != restored:
+        return "it does not save and restore the same variables"
+    if isinstance(declared, str):
+        return declared
+    if saved != declared:
+        diff = sorted({key for (key, _), _ in set(saved.items()) ^ set(declared.items())})
+        shown = ", ".join(repr(k) for k in diff[:3]) + (", ..." if len(diff) > 3 else "")
+        return (f"its {len(saved)} checkpoint entries differ from the {len(declared)} of the "
+                f"MetaGraphDef's saver in {shown}")
+    return None
+
+
+def _declared_saver(nodes: dict, consumers: dict, machinery: set) -> dict | str:
+    """{(checkpoint key, slice): variable} of the declared saver (its nodes ``machinery``), or why
+    it is not one to compare a second saver with."""
+    read = _read_saver(nodes, consumers, machinery)
+    if isinstance(read, str):
+        return f"the MetaGraphDef's own saver is not a plain saver of variables ({read})"
+    saved, restored = read
+    if not saved or saved != restored:
+        return "the MetaGraphDef's own saver does not save and restore the same variables"
+    return saved
+
+
+def _second_savers(hits, nodes: dict, saver_roots, serving: set, ckpt_outer: set, where: str):
+    """(exempt node names, {node: reason refused}, notes) for outer checkpoint ``hits`` outside the
+    declared saver."""
+    consumers = _consumers(nodes)
+    declared = _declared_saver(nodes, consumers, ckpt_outer)
+    declared_scopes = {_scope(r) for r in saver_roots}
+    exempt, reasons, notes = set(), {}, []
+    by_scope: dict = {}
+    for nd in hits:
+        by_scope.setdefault(_scope(nd.name), []).append(nd)
+    for scope, members in sorted(by_scope.items()):
+        if scope in declared_scopes:
+            problem = "it sits in the MetaGraphDef's saver scope but is not part of that saver"
+        else:
+            problem = _extra_saver_problem(scope, nodes, consumers, serving, declared)
+        if problem:
+            for nd in members:
+                reasons[nd.name] = "a signature, init op or collection reaches it" if nd.name in serving \
+                    else f"not a second copy of the MetaGraphDef's saver: {problem}"
+            continue
+        exempt.update(nd.name for nd in members)
+        names = [f"{nd.op} {nd.name!r}" for nd in members]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        place = f"MetaGraphDef {where}: " if where else ""
+        own = sorted(declared_scopes)[0] if declared_scopes else ""
+        notes.append(f"{place}dropped a second saver {scope!r} ({shown}): no signature or init op "
+                     f"reaches it and it saves and restores the same {len(set(declared.values()))} "
+                     f"variable(s) as the MetaGraphDef's saver {own!r} (left by restoring a checkpoint "
+                     "before writing the model)")
+    return exempt, reasons, notes
+
+
+def _note(notes, text: str) -> None:
+    if notes is None:
+        warnings.warn(text, ScanNote, stacklevel=4)
+    else:
+        notes.append(text)
+
+
 def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functions=(),
-                   where: str = "") -> list[Finding]:
+                   where: str = "", notes: list | None = None) -> list[Finding]:
     """Findings in a GraphDef and every function of its library.
 
     ``saver_roots`` are outer node names of the checkpoint machinery (saver_def's save tensor and
     restore op), ``serving_roots`` those of the signatures and init ops, ``saver_functions`` extra
     library functions that are checkpoint machinery (object-graph saveable functions). Without saver
-    roots nothing is exempt.
+    roots nothing is exempt. Second savers matching the declared one are exempt too, each with a note
+    appended to ``notes`` (issued as a :class:`ScanNote` warning when ``notes`` is None).
     """
     library = {f.signature.name for f in graph_def.library.function}
     nodes, outer_hits, outer_refs = {}, [], {}
@@ -351,10 +628,11 @@ def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functio
 
     needs_exemption = any(cat[0] == CHECKPOINT for _, cat in outer_hits) or any(
         cat[0] == CHECKPOINT for _, _, cat in fn_hits)
-    ckpt_outer, machinery = set(), set()
+    ckpt_outer, machinery, serving = set(), set(), set()
     if needs_exemption and (saver_roots or saver_functions):
+        serving = _outer_ancestors(nodes, serving_roots)
         ckpt_outer = _outer_ancestors(nodes, saver_roots) if saver_roots else set()
-        ckpt_outer -= _outer_ancestors(nodes, serving_roots)
+        ckpt_outer -= serving
         ckpt_fn_roots, other_fn_roots = set(saver_functions), set()
         for name, refs in outer_refs.items():
             (ckpt_fn_roots if name in ckpt_outer else other_fn_roots).update(refs)
@@ -363,11 +641,20 @@ def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functio
         other_fn_roots |= library - ckpt_funcs
         machinery = ckpt_funcs - _closure(other_fn_roots, calls)
 
+    exempt, reasons = set(), {}
+    others = [nd for nd, cat in outer_hits if cat[0] == CHECKPOINT and nd.name not in ckpt_outer]
+    if others and saver_roots:
+        exempt, reasons, saver_notes = _second_savers(others, nodes, saver_roots, serving, ckpt_outer,
+                                                      where)
+        for text in saver_notes:
+            _note(notes, text)
+
     findings = []
     for nd, cat in outer_hits:
-        if cat[0] == CHECKPOINT and nd.name in ckpt_outer:
+        if cat[0] == CHECKPOINT and (nd.name in ckpt_outer or nd.name in exempt):
             continue
-        findings.append(Finding(nd.op, nd.name, None, cat[0], cat[1], where))
+        detail = f" ({reasons[nd.name]})" if nd.name in reasons else cat[1]
+        findings.append(Finding(nd.op, nd.name, None, cat[0], detail, where))
     for fname, nd, cat in fn_hits:
         if cat[0] == CHECKPOINT and fname in machinery:
             continue
@@ -375,9 +662,10 @@ def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functio
     return findings
 
 
-def scan_meta_graph(meta, where: str = "") -> list[Finding]:
+def scan_meta_graph(meta, where: str = "", notes: list | None = None) -> list[Finding]:
     """Findings in one MetaGraphDef (its graph, its whole function library), with the checkpoint
-    machinery recognised from ``saver_def`` and the object graph."""
+    machinery recognised from ``saver_def`` and the object graph. Notes (second savers accepted and
+    dropped) go to ``notes``, or are issued as :class:`ScanNote` warnings when it is None."""
     saver = meta.saver_def
     saver_roots = [_node_name(t) for t in (saver.save_tensor_name, saver.restore_op_name) if t]
     serving_roots = []
@@ -395,7 +683,7 @@ def scan_meta_graph(meta, where: str = "") -> list[Finding]:
             serving_roots.append(_node_name(text))
     library = {f.signature.name for f in meta.graph_def.library.function}
     return scan_graph_def(meta.graph_def, saver_roots=saver_roots, serving_roots=serving_roots,
-                          saver_functions=_saver_functions(meta, library), where=where)
+                          saver_functions=_saver_functions(meta, library), where=where, notes=notes)
 
 
 def scan_ir(graph) -> list[Finding]:
@@ -490,9 +778,10 @@ def _target(p: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ entry points
-def scan_path(path, tags=None) -> list[Finding]:
+def scan_path(path, tags=None, notes: list | None = None) -> list[Finding]:
     """Findings of a model on disk: a SavedModel directory (every MetaGraphDef, or only the one whose
-    tag set is ``tags``) or a frozen GraphDef file. Raises LoadError when it cannot be read."""
+    tag set is ``tags``) or a frozen GraphDef file. Raises LoadError when it cannot be read. Notes go
+    to ``notes`` (see :func:`scan_meta_graph`)."""
     from graphslim.io import loader
 
     path = Path(path)
@@ -501,7 +790,7 @@ def scan_path(path, tags=None) -> list[Finding]:
                         f"GraphDef .pb file.")
     if path.is_file() and path.name not in ("saved_model.pb", "saved_model.pbtxt"):
         gd = loader._parse_graph_def(path)
-        return scan_graph_def(gd)
+        return scan_graph_def(gd, notes=notes)
     if path.is_file():
         path = path.parent
     sm = loader._parse_saved_model(loader._saved_model_file(path))
@@ -512,18 +801,20 @@ def scan_path(path, tags=None) -> list[Finding]:
     for m in metas:
         where = ",".join(sorted(m.meta_info_def.tags)) if len(sm.meta_graphs) > 1 else ""
         findings.extend(check_paths(path, m))
-        findings.extend(scan_meta_graph(m, where=where))
+        findings.extend(scan_meta_graph(m, where=where, notes=notes))
     return _dedupe(findings)
 
 
 def scan_report(path, tags=None, allow_ops=()) -> dict:
     """What ``graphslim scan`` prints: ``{"path", "format", "meta_graphs", "nodes", "functions",
-    "function_nodes", "findings": [dict], "allowed": [dict], "safe": bool}``. ``findings`` are those
-    not covered by ``allow_ops``; ``allowed`` those accepted by it."""
+    "function_nodes", "findings": [dict], "allowed": [dict], "notes": [str], "safe": bool}``.
+    ``findings`` are those not covered by ``allow_ops``; ``allowed`` those accepted by it; ``notes``
+    what was accepted that the user should know about (second savers dropped)."""
     from graphslim.io import loader
 
     path = Path(path)
-    findings = scan_path(path, tags=tags)
+    notes: list = []
+    findings = scan_path(path, tags=tags, notes=notes)
     if path.is_file() and path.name not in ("saved_model.pb", "saved_model.pbtxt"):
         gd = loader._parse_graph_def(path)
         graphs, fmt, metas = [gd], "frozen_graphdef", 0
@@ -540,7 +831,7 @@ def scan_report(path, tags=None, allow_ops=()) -> dict:
             "functions": sum(len(g.library.function) for g in graphs),
             "function_nodes": sum(len(f.node_def) for g in graphs for f in g.library.function),
             "findings": [f.to_dict() for f in refused], "allowed": [f.to_dict() for f in accepted],
-            "safe": not refused}
+            "notes": _dedupe(notes), "safe": not refused}
 
 
 def _dedupe(findings):
@@ -585,7 +876,7 @@ def check_safe(graph_or_path, allow_ops=(), tags=None) -> None:
         check_safe(graph, allow_ops=options.allow_ops)
     """
     if isinstance(graph_or_path, (str, os.PathLike)):
-        findings = scan_path(graph_or_path, tags=tags)
+        findings = scan_path(graph_or_path, tags=tags, notes=[])  # deciding only: notes unused
         where = str(graph_or_path)
     else:
         findings = scan_ir(graph_or_path)

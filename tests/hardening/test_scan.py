@@ -191,3 +191,173 @@ def test_console_script_refuses_in_a_subprocess(dangerous_models, tmp_path):
     result = run_cli("optimize", dangerous_models["pyfunc_in_serving_body"], "-o", out, timeout=120)
     assert_clean_cli_error(result, "PyFunc", "--allow-ops PyFunc")
     assert not leftovers(out)
+
+
+# ------------------------------------------------------------------------------------ second savers
+def _restored_then_built(dst, resource: bool):
+    """The issue's TF1 model: variables, a ``Saver`` whose checkpoint is saved and restored in the
+    session, then ``SavedModelBuilder`` (which adds its own saver, ``save_1/``, declared in
+    ``saver_def``; the first one, ``save/``, stays in the graph, reached by nothing)."""
+    import numpy as np
+
+    v1 = tf.compat.v1
+    g = tf.Graph()
+    with g.as_default():
+        x = v1.placeholder(tf.float32, [None, 4], name="x")
+        h = x
+        for i, (n_in, n_out) in enumerate(((4, 6), (6, 3))):
+            w = v1.get_variable(f"dense_{i}/kernel", [n_in, n_out], use_resource=resource,
+                                initializer=v1.random_normal_initializer())
+            b = v1.get_variable(f"dense_{i}/bias", [n_out], use_resource=resource,
+                                initializer=v1.random_uniform_initializer(-1.0, 1.0))
+            h = tf.nn.bias_add(tf.matmul(h, w), b)
+            h = tf.nn.relu(h) if i == 0 else tf.identity(h, name="y")
+        saver = v1.train.Saver()
+        with v1.Session(graph=g) as sess:
+            sess.run(v1.global_variables_initializer())
+            prefix = saver.save(sess, str(dst.parent / f"{dst.name}_ckpt" / "model"))
+            trained = sess.run(v1.global_variables())
+            sess.run(v1.global_variables_initializer())  # other random values: restore brings them back
+            saver.restore(sess, prefix)
+            for before, after in zip(trained, sess.run(v1.global_variables())):
+                np.testing.assert_array_equal(before, after)
+            builder = v1.saved_model.Builder(str(dst))
+            signature = v1.saved_model.predict_signature_def({"x": x}, {"y": h})
+            builder.add_meta_graph_and_variables(sess, ["serve"],
+                                                 signature_def_map={"serving_default": signature})
+            builder.save()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def restored_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("restored")
+    return {kind: _restored_then_built(root / kind, kind == "resource") for kind in ("ref", "resource")}
+
+
+def _tf1_outputs(model, inputs):
+    """What TensorFlow itself computes with the original TF1 SavedModel (its declared saver restores
+    the variables)."""
+    v1 = tf.compat.v1
+    with tf.Graph().as_default() as g, v1.Session(graph=g) as sess:
+        meta = v1.saved_model.loader.load(sess, ["serve"], str(model))
+        sig = meta.signature_def["serving_default"]
+        return sess.run(sig.outputs["y"].name, {sig.inputs["x"].name: inputs})
+
+
+SECOND_SAVER_NOTE = "dropped a second saver 'save' (SaveV2 'save/SaveV2', RestoreV2 'save/RestoreV2')"
+
+
+@pytest.mark.parametrize("kind", ["ref", "resource"])
+def test_second_saver_left_by_a_restore_is_dropped_with_a_note(restored_models, tmp_path, kind):
+    import numpy as np
+
+    from graphslim.io.emitter import save
+
+    model = restored_models[kind]
+    sm = corpus.read_saved_model(model)
+    assert sm.meta_graphs[0].saver_def.restore_op_name.startswith("save_1/")
+    notes = []
+    assert scan_path(model, notes=notes) == []
+    [note] = notes
+    assert note.startswith(SECOND_SAVER_NOTE)
+    assert "the same 4 variable(s) as the MetaGraphDef's saver 'save_1'" in note
+    report = scan.scan_report(model)
+    assert report["safe"] and report["notes"] == [note]
+    check_safe(model)
+
+    with pytest.warns(scan.ScanNote, match="dropped a second saver 'save'"):
+        g = load(model)
+    assert not [n for n in g.nodes() if n.op in scan.CHECKPOINT_OPS or n.name.startswith("save")]
+    out = tmp_path / "out"
+    save(g, out)
+    inputs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    expected = _tf1_outputs(model, inputs)
+    got = tf.saved_model.load(str(out)).signatures["serving_default"](x=tf.constant(inputs))["y"].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(expected).max()))
+    assert scan_path(out) == []
+
+
+def test_cli_prints_the_second_saver_note(restored_models, tmp_path):
+    model = restored_models["ref"]
+    result = invoke("scan", model)
+    assert result.exit_code == 0, result.output
+    assert f"note: {SECOND_SAVER_NOTE}" in result.stdout and "OK: nothing dangerous found" in result.stdout
+    assert json.loads(invoke("scan", model, "--json").stdout)["notes"][0].startswith(SECOND_SAVER_NOTE)
+    out = tmp_path / "out"
+    result = invoke("optimize", model, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert f"warning: {SECOND_SAVER_NOTE}" in result.stderr
+    assert (out / "saved_model.pb").exists()
+    result = invoke("-q", "optimize", model, "-o", tmp_path / "quiet")
+    assert result.exit_code == 0 and "second saver" not in result.stderr
+
+
+def _find(meta, name):
+    return next(n for n in meta.graph_def.node if n.name == name)
+
+
+def _reached_by_signature(meta):
+    """A second signature returns what the second saver restores."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    sig = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
+    sig.outputs["restored"].name = "save/RestoreV2:0"
+    sig.outputs["restored"].dtype = tf.float32.as_datatype_enum
+    meta.signature_def["peek"].CopyFrom(sig)
+
+
+def _saves_signature_input(meta):
+    """The second saver's SaveV2 writes the signature's input instead of a variable."""
+    save_op = _find(meta, "save/SaveV2")
+    save_op.input[3] = "x"
+
+
+def _filename_from_signature(meta):
+    """The second saver's file name comes from a string input of the signature."""
+    meta.graph_def.node.append(corpus.node_def("path", "Placeholder",
+                                               dtype=corpus.attr(type=tf.string.as_datatype_enum)))
+    sig = meta.signature_def["serving_default"]
+    sig.inputs["path"].name = "path:0"
+    sig.inputs["path"].dtype = tf.string.as_datatype_enum
+    _find(meta, "save/Const").input[0] = "path"
+
+
+def _restores_into_non_variable(meta):
+    """The second saver's restore assigns into something that is not a variable."""
+    _find(meta, "save/Assign").input[0] = "x"
+
+
+def _other_keys(meta):
+    """The second saver saves and restores the variables under other checkpoint keys than the
+    declared saver (a different variable set)."""
+    for name in ("save/SaveV2/tensor_names", "save/RestoreV2/tensor_names"):
+        values = _find(meta, name).attr["value"].tensor.string_val
+        values[0] = b"elsewhere/" + values[0]
+
+
+@pytest.mark.parametrize("edit_fn, node, why", [
+    (_reached_by_signature, "save/RestoreV2", "a signature, init op or collection reaches it"),
+    (_saves_signature_input, "save/SaveV2", "'save/SaveV2' reads 'x', outside the saver and not a variable"),
+    (_filename_from_signature, "save/SaveV2", "'save/Const' reads 'path', outside the saver"),
+    (_restores_into_non_variable, "save/RestoreV2", "'save/Assign' reads 'x', outside the saver"),
+    (_other_keys, "save/SaveV2", "its 4 checkpoint entries differ from the 4 of the MetaGraphDef's "
+                                 "saver in 'dense_0/bias', 'elsewhere/dense_0/bias'"),
+], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+def test_second_saver_that_does_not_match_is_refused(restored_models, tmp_path, edit_fn, node, why):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(restored_models["ref"], model)
+    sm = corpus.read_saved_model(model)
+    edit_fn(sm.meta_graphs[0])
+    corpus.write_saved_model(model, sm)
+    notes = []
+    findings = scan_path(model, notes=notes)
+    assert not notes
+    assert {f.node for f in findings} >= {node} and {f.op for f in findings} <= {"SaveV2", "RestoreV2"}
+    with pytest.raises(UnsafeModelError) as info:
+        load(model)
+    message = str(info.value)
+    assert f"node '{node}' in the graph" in message and why in message, message
+    assert "--allow-ops" in message
