@@ -159,3 +159,25 @@ def valid_conv_graph(k: int, scale: float | None = None):
     g.outputs.append(SignatureArg("y", Tensor("conv", 0)))
     g.infer_shapes()
     return g
+
+
+def retina_like(classes: int = 9, anchors: int = 3, prior: float = 0.01, seed: int = 0):
+    """A small Keras model shaped like keras-hub's RetinaNet raw heads (built, not trained): dynamic
+    input size ``(None, None, 3)``, two feature levels, one class head and one box head Conv2D each
+    *shared* by both levels, ``Reshape((-1, K))`` / ``Reshape((-1, 4))`` per level, concatenated into
+    outputs ``cls_logits [N, anchors·positions, K]`` and ``bbox_regression [N, ..., 4]``. The class
+    head's bias starts at the focal-loss prior ``-log((1-prior)/prior)``."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((None, None, 3), name="images")
+    c1 = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="c1")(inp)
+    c2 = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="c2")(c1)
+    bias = keras.initializers.Constant(-float(np.log((1 - prior) / prior)))
+    cls_head = layers.Conv2D(anchors * classes, 3, padding="same", bias_initializer=bias, name="cls_head")
+    box_head = layers.Conv2D(anchors * 4, 3, padding="same", name="box_head")
+    cls = [layers.Reshape((-1, classes), name=f"cls_pred_{i}")(cls_head(f)) for i, f in enumerate((c1, c2))]
+    box = [layers.Reshape((-1, 4), name=f"box_pred_{i}")(box_head(f)) for i, f in enumerate((c1, c2))]
+    return keras.Model(inp, {"cls_logits": layers.Concatenate(axis=1, name="cls_logits")(cls),
+                             "bbox_regression": layers.Concatenate(axis=1, name="bbox_regression")(box)})

@@ -34,14 +34,50 @@ class ExtendOptions:
         "help": "class 0 of the head is background (per-class outputs without it grow too)"})
     per_class: tuple[str, ...] = field(default=("auto",), metadata={
         "help": "outputs with one slice per class, OUTPUT:AXIS; 'auto' finds them by size, 'none' disables"})
+    prior: str = field(default="auto", metadata={
+        "help": "new classes' bias on sigmoid (focal-loss) heads: 'auto' (when a Sigmoid scores the classes or "
+                "the biases sit below -2, as a focal prior leaves them: -log((1-p)/p) with p the existing "
+                "classes' mean probability), 'none', or a probability p"})
 
 
-def _initializer(opts: ExtendOptions, rng: np.random.RandomState):
+def _bias_names(graph, group) -> set:
+    """Weights of the group added to the class logits (BiasAdd / Add of a weight)."""
+    out = set()
+    for m in group.members_of("weight"):
+        if m.role is None and any(c.op in ("BiasAdd", "AddV2", "Add") for c, _ in graph.consumers(m.name)):
+            out.add(m.name)
+    return out
+
+
+def _prior_bias(graph, group, biases: set, prior: str) -> float | None:
+    """The logit of the focal-loss prior for new classes (None: not a sigmoid head, or prior=none)."""
+    if prior == "none" or not biases:
+        return None
+    values = np.concatenate([np.ravel(graph.weights[b].value) for b in biases]).astype(np.float64)
+    if prior != "auto":
+        try:
+            p = float(prior)
+        except ValueError:
+            raise PassError(f"extend: prior must be 'auto', 'none' or a probability, got {prior!r}.") from None
+        if not 0 < p < 1:
+            raise PassError(f"extend: prior must be a probability between 0 and 1, got {p}.")
+    else:
+        sigmoid = any(graph.producer(m.tensor).op == "Sigmoid" for m in group.members_of("tensor")
+                      if graph.has_node(m.tensor.node))
+        if not sigmoid and values.mean() >= -2.0:
+            return None
+        p = float(np.mean(1.0 / (1.0 + np.exp(-values))))
+    return float(-np.log((1.0 - p) / p))
+
+
+def _initializer(opts: ExtendOptions, rng: np.random.RandomState, biases=(), prior_bias=None):
     def init(member, old: np.ndarray) -> np.ndarray:
         n = init.count
         shape = (n,) + old.shape[1:]
         if member.role == "sink":  # readers of the class axis must not see the new classes yet
             return np.zeros(shape, old.dtype)
+        if prior_bias is not None and member.name in biases:  # sigmoid head: start at the prior
+            return np.full(shape, prior_bias, old.dtype)
         if opts.init == "zeros":
             return np.zeros(shape, old.dtype)
         mean = old.mean(axis=0, keepdims=True)
@@ -80,7 +116,9 @@ def extend(graph, opts: ExtendOptions) -> PassResult:
         g2 = class_group(graph, output_tensor(graph, pc.output), pc.axis, f"output {pc.output!r}", "extend")
         groups.append((pc.output, g2, n * pc.width))
     grown_weights = []
-    init = _initializer(opts, rng)
+    biases = _bias_names(graph, group)
+    prior_bias = _prior_bias(graph, group, biases, opts.prior)
+    init = _initializer(opts, rng, biases, prior_bias)
     for _, grp, count in groups:
         init.count = count
         apply_grow(graph, grp, count, init)
@@ -94,4 +132,5 @@ def extend(graph, opts: ExtendOptions) -> PassResult:
     return PassResult(changed=True, stats={
         "output": head.output, "classes_before": head.size, "classes_after": head.size + n,
         "new_labels": new_labels, "init": opts.init, "grown_outputs": [g[0] for g in groups],
+        "prior_bias": prior_bias,
         "grown_weights": sorted(set(grown_weights))})

@@ -1403,15 +1403,18 @@ def _unsqueeze_axis(src: tuple, src_axis: int, dst: tuple) -> int | None:
     return d_keep[s_keep.index(src_axis)]
 
 
-def _reshape_map(src: tuple, src_axis: int, imap: IndexMap, dst: tuple) -> tuple[int, IndexMap]:
+def _reshape_map(src: tuple, src_axis: int, imap: IndexMap, dst: tuple, concrete=None) -> tuple[int, IndexMap]:
     """Follow channels through a row-major reshape: the destination axis whose positions each hold one
-    group channel's elements (or none), and the map there. Checked with batch (unknown dims) 1 and 2."""
+    group channel's elements (or none), and the map there. Checked with batch (unknown dims) 1 and 2.
+    ``concrete(fill)`` may give the concrete ``(src, dst)`` shapes for unknown dims taken as ``fill``
+    (when both sides have several unknown dims, e.g. from the reshape's computed target vector)."""
     fast = _unsqueeze_axis(tuple(src), src_axis, tuple(dst))
     if fast is not None:
         return fast, imap
     found = []
     for fill in (1, 2):
-        s, d = _concretize(src, dst, fill)
+        pair = concrete(fill) if concrete is not None else None
+        s, d = pair if pair is not None else _concretize(src, dst, fill)
         lab = np.full(s[src_axis], -1, dtype=np.int64)
         valid = imap.rows >= 0
         lab[imap.rows[valid]] = np.nonzero(valid)[0]
@@ -1444,14 +1447,45 @@ def _reshape(ctx, node, at):
     4k…4k+3), BN weights reshaped to [1,1,1,C]. The shape input is rebuilt (a ``reshape`` member)."""
     _data_port(node, at)
     src, dst = ctx.in_shape(node, 0), ctx.out_shape(node)
+
+    def concrete(fill, flip=False):
+        pair = _reshape_concrete(ctx.graph, node, src, dst, fill)
+        return None if pair is None else (pair[::-1] if flip else pair)
+
     if at.io == "in":
-        b, m = _reshape_map(src, at.axis, at.imap, dst)
+        b, m = _reshape_map(src, at.axis, at.imap, dst, concrete)
         links = [In(0, at.axis, at.imap), Out(0, b, m)]
     else:
-        a, m = _reshape_map(dst, at.axis, at.imap, src)
+        a, m = _reshape_map(dst, at.axis, at.imap, src, lambda fill: concrete(fill, flip=True))
         links = [In(0, a, m), Out(0, at.axis, at.imap)]
     ctx.shape_member(node, 1)
     return links
+
+
+def _reshape_concrete(graph: Graph, node: Node, src: tuple, dst: tuple, fill: int):
+    """Concrete ``(src, dst)`` of a Reshape whose target vector is computed at run time from its
+    input's shape (Keras: ``Reshape((-1, K))`` packs ``shape(x)[0]``, -1 and K), when both sides have
+    more than one unknown dim: the input's unknown dims are taken as ``fill``, 2·fill+1, ... (distinct,
+    so that no two coincide by accident) and the target vector is evaluated for that input shape.
+    None when it cannot be evaluated."""
+    if sum(d is None for d in src) <= 1 or sum(d is None for d in dst) <= 1:
+        return None
+    sizes = iter([fill] + [2 * fill + 1 + 2 * i for i in range(len(src))])
+    s = [next(sizes) if d is None else int(d) for d in src]
+    vec = constant_value(graph, graph.input(node, 1), assume={graph.input(node, 0): s})
+    if vec is None:
+        return None
+    d = [int(v) for v in np.atleast_1d(vec)]
+    if len(d) != len(dst) or d.count(-1) > 1:
+        return None
+    if -1 in d:
+        known = int(np.prod([v for v in d if v != -1]))
+        if known == 0 or int(np.prod(s)) % known:
+            return None
+        d[d.index(-1)] = int(np.prod(s)) // known
+    if int(np.prod(d)) != int(np.prod(s)) or any(b is not None and b != v for b, v in zip(dst, d)):
+        return None
+    return s, d
 
 
 @channel_rule("Transpose")

@@ -56,9 +56,42 @@ def _cast(node, a):
     return a[0].astype(node.attr("DstT").as_numpy_dtype)
 
 
-def constant_value(graph: Graph, tensor, _depth: int = 0) -> np.ndarray | None:
+@eval_rule("Pack")
+def _pack(node, a):
+    return np.stack(a, axis=int(node.attr("axis", 0) or 0))
+
+
+@eval_rule("ConcatV2")
+def _concat(node, a):
+    return np.concatenate(a[:-1], axis=int(a[-1]))
+
+
+@eval_rule("Prod")
+def _prod(node, a):
+    axes = tuple(int(x) for x in np.atleast_1d(a[1]))
+    return np.prod(a[0], axis=axes, keepdims=bool(node.attr("keep_dims", False)))
+
+
+@eval_rule("StridedSlice")
+def _strided_slice(node, a):
+    """1-D slices only (shape vectors): begin/end masks and shrink, no ellipsis or new axes."""
+    x, begin, end, strides = a[0], *(np.atleast_1d(v).astype(int) for v in a[1:4])
+    if x.ndim != 1 or len(begin) != 1 or node.attr("ellipsis_mask", 0) or node.attr("new_axis_mask", 0):
+        raise ValueError("only 1-D strided slices of a vector")
+    if node.attr("shrink_axis_mask", 0) & 1:
+        return x[int(begin[0])]
+    lo = None if node.attr("begin_mask", 0) & 1 else int(begin[0])
+    hi = None if node.attr("end_mask", 0) & 1 else int(end[0])
+    return x[lo:hi:int(strides[0])]
+
+
+def constant_value(graph: Graph, tensor, _depth: int = 0, assume: dict | None = None) -> np.ndarray | None:
     """The value of ``tensor`` if it is computable from weights and constants alone, else None.
 
+    ``assume`` maps tensors to concrete shapes: with it, ``Shape`` of such a tensor evaluates to that
+    shape (a Reshape's target vector built from its input's run-time batch size can then be computed
+    for an assumed input shape), and ``Shape`` of a tensor whose static shape is fully known to that.
+    Without it ``Shape`` is never a constant (passes change shapes).
     Arithmetic is done in float64 and cast back to the tensor's dtype."""
     t = as_tensor(tensor)
     node = graph.node(t.node)
@@ -66,16 +99,29 @@ def constant_value(graph: Graph, tensor, _depth: int = 0) -> np.ndarray | None:
         return graph.weights[node.name].value
     if node.op == "Const":
         return node.attr("value")
+    if node.op == "Shape" and t.port == 0 and assume is not None:
+        src = graph.input(node, 0)
+        shape = assume.get(src)
+        if shape is None:
+            static = graph.shape(src)
+            shape = static if static is not None and None not in static else None
+        if shape is None:
+            return None
+        dtype = node.dtypes[0].as_numpy_dtype if node.dtypes else np.int32
+        return np.asarray(shape, dtype=dtype)
     rule = EVAL_RULES.get(node.op)
     if rule is None or t.port != 0 or _depth > 64:
         return None
     args = []
     for inp in graph.inputs_of(node):
-        v = constant_value(graph, inp, _depth + 1)
+        v = constant_value(graph, inp, _depth + 1, assume)
         if v is None:
             return None
         args.append(v.astype(np.float64) if v.dtype.kind == "f" else v)
-    out = np.asarray(rule(node, args))
+    try:
+        out = np.asarray(rule(node, args))
+    except (ValueError, IndexError, TypeError):
+        return None
     dtype = node.dtypes[0].as_numpy_dtype if node.dtypes else out.dtype
     return out.astype(dtype)
 

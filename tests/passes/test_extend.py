@@ -78,3 +78,26 @@ def test_extend_errors(pipeline, message):
     g = graphslim.load(fixture_path("vgg_digits"))
     with pytest.raises(PipelineError, match=message):
         graphslim.run_pipeline(g, pipeline)
+
+
+def test_extend_sigmoid_head_starts_new_classes_at_the_prior(tmp_path):
+    """Raw focal-loss heads (no Sigmoid in the graph, biases at the prior): new classes' biases start at
+    -log((1-p)/p) with p the existing classes' mean probability, so they do not flood detections."""
+    from graphslim.testing import retina_like, run_saved_model
+
+    src = tmp_path / "m"
+    retina_like(prior=0.01).export(str(src), verbose=False)
+    g = graphslim.load(src)
+    rep = graphslim.run_pipeline(g, "extend{classes=2 init=normal}")
+    assert rep.passes[0]["stats"]["prior_bias"] == pytest.approx(-np.log(0.99 / 0.01), rel=1e-6)
+    bias = g.weights["cls_head/bias"].value.reshape(3, 11)  # anchors × classes
+    np.testing.assert_allclose(bias[:, 9:], -np.log(0.99 / 0.01), rtol=1e-6)
+    out = graphslim.save(g, tmp_path / "out")
+    x = {"images": np.random.RandomState(0).rand(1, 24, 24, 3).astype("float32")}
+    before, after = run_saved_model(src, x), run_saved_model(out, x)
+    np.testing.assert_allclose(after["cls_logits"][..., :9], before["cls_logits"], rtol=1e-6, atol=1e-6)
+    new_prob = 1 / (1 + np.exp(-after["cls_logits"][..., 9:]))
+    assert new_prob.mean() < 0.05  # near the prior, not 0.5
+    # and prior=none keeps the old behaviour (the mean of the existing biases)
+    g = graphslim.load(src)
+    assert graphslim.run_pipeline(g, "extend{classes=2 prior=none}").passes[0]["stats"]["prior_bias"] is None

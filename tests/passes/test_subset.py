@@ -200,3 +200,27 @@ def test_ambiguous_class_output_lists_candidates():
         graphslim.run_pipeline(g, "subset{keep=1,2}")
     graphslim.run_pipeline(g, "subset{keep=1,2 output=b}")
     assert g.shape(next(o.tensor for o in g.outputs if o.name == "b")) == (None, 3, 2)
+
+
+@pytest.fixture(scope="module")
+def retina_like_model(tmp_path_factory):
+    from graphslim.testing import retina_like
+
+    path = tmp_path_factory.mktemp("retina") / "m"
+    retina_like().export(str(path), verbose=False)
+    return path
+
+
+def test_subset_raw_detection_heads_dynamic_size(retina_like_model, tmp_path):
+    """keras-hub-style raw heads: a class conv shared by two FPN levels, Reshape((-1, K)) whose target
+    is packed from the run-time batch size (several unknown dims on both sides), concatenated."""
+    g = graphslim.load(retina_like_model)
+    keep = [4, 0, 7]
+    graphslim.run_pipeline(g, "subset{keep=4,0,7},dce")
+    assert g.weights["cls_head/kernel"].value.shape[-1] == 3 * 3
+    out = graphslim.save(g, tmp_path / "out")
+    for h, w in ((32, 40), (48, 16)):  # any input size
+        x = {"images": np.random.RandomState(h).rand(2, h, w, 3).astype("float32")}
+        before, after = run_saved_model(retina_like_model, x), run_saved_model(out, x)
+        np.testing.assert_allclose(after["cls_logits"], before["cls_logits"][..., keep], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(after["bbox_regression"], before["bbox_regression"])
