@@ -246,7 +246,7 @@ def _parse_layers(entries) -> list:
 def _member_channels(group: ChannelGroup, key, positions: list, text: str) -> list:
     """Positions along a layer's axis → group channels (each position must belong to one channel)."""
     t, axis = key
-    m = next((m for m in group.members if m.kind != "reshape" and m.tensor == t and m.axis == axis), None)
+    m = next((m for m in group.members if m.tensor is not None and m.tensor == t and m.axis == axis), None)
     if m is None:
         raise PassError(f"prune: {text}: the layer's axis is not in its channel group")
     owner = {}

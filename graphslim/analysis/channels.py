@@ -342,6 +342,10 @@ class Member:
         verification; nothing to edit, shapes re-infer);
       * ``"reshape"``: node ``name``'s shape-vector input ``port`` (Reshape's ``shape``,
         Conv2DBackpropInput's ``input_sizes``) is rebuilt from its new static output shape;
+      * ``"slice"``: Slice/StridedSlice node ``name`` takes a range of the channel ``axis`` of its
+        input (``tf.slice(scores, [0, 0, 1], [-1, -1, -1])`` drops a background class; a
+        ``[boxes | classes]`` tensor split by two slices): its begin/end (or size) are recomputed
+        from the positions that survive, which must stay contiguous inside the range;
       * ``"stat"``: ``Mean`` node ``name`` averages the channels (``axis`` of its input) for a layer
         norm: ``role`` ``"mean"`` (``Mean(x)``) or ``"variance"`` (``Mean(SquaredDifference(x, mean))``).
         When channels go, it is corrected to average over all ``dim`` channels with the removed ones
@@ -362,7 +366,7 @@ class Member:
     @property
     def tensor(self) -> Tensor | None:
         """The tensor this member is (weights: the Weight node's output)."""
-        return None if self.kind in ("reshape", "stat") else Tensor.parse(self.name)
+        return None if self.kind in ("reshape", "stat", "slice") else Tensor.parse(self.name)
 
     def positions(self, keep: Sequence[int]) -> np.ndarray:
         """Old positions along ``axis`` that remain after :func:`apply_keep` with ``keep``, in order."""
@@ -371,6 +375,8 @@ class Member:
     def __repr__(self) -> str:
         if self.kind == "reshape":
             return f"<Member reshape {self.name} port {self.port}>"
+        if self.kind == "slice":
+            return f"<Member slice {self.name} axis {self.axis}>"
         if self.kind == "stat":
             return f"<Member stat {self.role} {self.name} axis {self.axis} dim {self.dim}>"
         role = f" {self.role}" if self.role else ""
@@ -457,6 +463,7 @@ class _Walk:
         self.roles: dict = {}
         self.const_users: dict = {}
         self.shape_members: dict = {}  # node name -> port
+        self.slice_members: dict = {}  # Slice/StridedSlice node name -> input axis
         self.stats: dict = {}  # Mean node name -> (role, input tensor, axis, extra)
         self.blockers: list = []
         self.outputs: list = []
@@ -486,6 +493,9 @@ class _Walk:
     def shape_member(self, node: Node, port: int) -> None:
         _check_shape_input(self.graph, node, port)
         self.shape_members[node.name] = port
+
+    def slice_member(self, node: Node, axis: int) -> None:
+        self.slice_members[node.name] = axis
 
     def renormalizes(self, node: Node) -> None:
         if node.name not in self.renorm:
@@ -595,6 +605,8 @@ class _Walk:
                 t = g.input(t.node, 0)
         for name, port in self.shape_members.items():
             members.append(Member("reshape", name, port=port))
+        for name, axis in self.slice_members.items():
+            members.append(Member("slice", name, axis))
         for name, (role, t, axis, extra) in self.stats.items():
             members.append(Member("stat", name, axis, self.maps[(t, axis)], g.shape(t)[axis], role=role,
                                   users=extra))
@@ -725,6 +737,7 @@ def apply_keeps(graph: Graph, changes: Sequence[tuple]) -> None:
     """
     entries: dict[tuple, dict] = {}
     reshapes: dict[str, int] = {}
+    slices: dict[str, int] = {}
     seen: set[int] = set()
     for group, keep in changes:
         if id(group) in seen:
@@ -735,10 +748,13 @@ def apply_keeps(graph: Graph, changes: Sequence[tuple]) -> None:
                                f"changed: blocked at " + "; ".join(str(b) for b in group.blockers))
         keep = _check_keep(keep, group.size)
         for m in group.members:
-            if m.kind == "reshape":
+            if m.kind in ("reshape", "slice"):
                 if not graph.has_node(m.name):
                     raise ChannelError(f"channel group {group.name} is stale: node {m.name!r} is gone")
-                reshapes[m.name] = m.port
+                if m.kind == "reshape":
+                    reshapes[m.name] = m.port
+                else:
+                    slices[m.name] = m.axis
                 continue
             cur = _current_dim(graph, m)
             if cur != m.dim:
@@ -757,6 +773,8 @@ def apply_keeps(graph: Graph, changes: Sequence[tuple]) -> None:
     try:
         _slice_values(graph, entries, undo)
         _correct_stats(graph, entries, undo)
+        for name, axis in slices.items():
+            _rebuild_slice(graph, graph.node(name), axis, entries, undo)
         for name, port in reshapes.items():
             node = graph.node(name)
             out = str(node.output(0))
@@ -817,6 +835,75 @@ def _correct_stats(graph: Graph, entries: dict, undo: list) -> None:
                 continue
             graph.set_input(consumer, port, out)
             undo.append(lambda c=consumer, p=port, t=node.output(0): graph.set_input(c, p, t))
+
+
+def _sparse_index(node: Node, axis: int, rank: int, n_spec: int) -> int | None:
+    """The entry of a StridedSlice's begin/end/strides vectors that governs input axis ``axis`` (None
+    when an ellipsis covers it, or no entry does: the whole axis). Slice: the axis itself."""
+    if node.op == "Slice":
+        return axis
+    ell = node.attr("ellipsis_mask", 0)
+    if not ell:
+        return axis if axis < n_spec else None
+    e = (ell & -ell).bit_length() - 1  # the first ellipsis entry
+    after = n_spec - e - 1
+    if axis < e:
+        return axis
+    if axis >= rank - after:
+        return e + 1 + axis - (rank - after)
+    return None
+
+
+def _slice_range(node: Node, begin, end_or_size, dim: int, i: int) -> tuple[int, int]:
+    """``[lo, hi)`` that Slice/StridedSlice ``node`` takes (stride 1) of a length-``dim`` axis whose
+    begin/end entry is ``i`` (see :func:`_sparse_index`)."""
+    b = int(begin[i])
+    if node.op == "Slice":
+        size = int(end_or_size[i])
+        return b, dim if size == -1 else b + size
+    lo = 0 if node.attr("begin_mask", 0) >> i & 1 else (b + dim if b < 0 else min(b, dim))
+    e = int(end_or_size[i])
+    hi = dim if node.attr("end_mask", 0) >> i & 1 else (e + dim if e < 0 else min(e, dim))
+    return lo, hi
+
+
+def _rebuild_slice(graph: Graph, node: Node, axis: int, entries: dict, undo: list) -> None:
+    """New begin and end/size of a slice member along input ``axis``: the surviving input positions
+    inside its old range, which must be contiguous in the new order (else ChannelError)."""
+    src = graph.input(node, 0)
+    e = entries.get(("tensor", str(src), axis))
+    if e is None:
+        return
+    pos = np.asarray(e["positions"])
+    begin = np.atleast_1d(constant_value(graph, graph.input(node, 1))).astype(np.int64)
+    end = np.atleast_1d(constant_value(graph, graph.input(node, 2))).astype(np.int64)
+    i = _sparse_index(node, axis, len(graph.shape(src)), len(begin))
+    lo, hi = _slice_range(node, begin, end, e["member"].dim, i)
+    inside = np.nonzero((pos >= lo) & (pos < hi))[0]
+    if inside.size == 0:
+        raise ChannelError(f"{node.op} {node.name!r} would take nothing of axis {axis}: every channel in its "
+                           f"range [{lo}, {hi}) goes")
+    if not np.array_equal(inside, np.arange(inside[0], inside[-1] + 1)):
+        raise ChannelError(f"{node.op} {node.name!r} takes positions [{lo}, {hi}) of axis {axis}; the channels "
+                           "kept there would not be contiguous in the new order (keep the classes of each "
+                           "slice together, e.g. background=true keeps class 0 first)")
+    new_begin, new_end = begin.copy(), end.copy()
+    new_begin[i] = inside[0]
+    new_end[i] = inside.size if node.op == "Slice" else inside[-1] + 1
+    for port, value in ((1, new_begin), (2, new_end)):
+        old_t = graph.input(node, port)
+        dtype = graph.dtype(old_t)
+        c = graph.add_node(f"{node.name}/{'begin' if port == 1 else 'end'}", "Const", unique=True,
+                           attrs={"dtype": dtype, "value": value.astype(dtype.as_numpy_dtype)})
+        undo.append(lambda n=c.name: graph.remove_node(n, safe=False))
+        graph.set_input(node, port, c.output(0))
+        undo.append(lambda p=port, t=old_t: graph.set_input(node, p, t))
+    if node.op == "StridedSlice":  # the range is explicit now
+        for mask in ("begin_mask", "end_mask"):
+            old = node.attr(mask, 0)
+            if old >> i & 1:
+                node.set_attr(mask, old & ~(1 << i))
+                undo.append(lambda m=mask, v=old: node.set_attr(m, v))
 
 
 def _remove_orphans(graph: Graph, names: list) -> None:
@@ -930,6 +1017,10 @@ def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable) -> Non
         if m.kind == "reshape":
             reshapes[m.name] = m.port
             continue
+        if m.kind == "slice":
+            raise ChannelError(f"cannot add channels to channel group {group.name}: {m.name!r} takes a range of "
+                               f"its axis {m.axis} (e.g. drops a background class), and new channels would fall "
+                               "outside it")
         if _current_dim(graph, m) != m.dim:
             raise ChannelError(f"channel group {group.name} is stale: {m.kind} {m.name!r} changed; recompute it")
         layout = _grow_layout(m.index_map, m.dim)
@@ -1574,32 +1665,56 @@ def _size(ctx, node, at):
     raise Blocked("reads the element count of a group tensor, which changes with the channel count")
 
 
+def _range_links(ctx, node, at, a: int, out_axis: int, lo: int, hi: int) -> list:
+    """Links of a slice taking ``[lo, hi)`` of channel axis ``a``: the input's map restricted to the
+    range and shifted to start at 0 (a ``slice`` member rebuilds begin and end)."""
+    if lo == 0 and hi == ctx.in_shape(node, 0)[a]:
+        return [In(0, a, at.imap), Out(0, out_axis, at.imap)]
+    ctx.slice_member(node, a)
+    if at.io == "in":
+        part = _restrict(at.imap, lo, hi, f"the slice [{lo}, {hi})")
+        if not part.present.any():
+            return []  # none of the group's channels is in the range (the other half of a split)
+        return [Out(0, out_axis, part)]
+    return [In(0, a, _shift(at.imap, lo)), Out(0, out_axis, at.imap)]
+
+
 @channel_rule("StridedSlice")
 def _strided_slice(ctx, node, at):
-    """Pass-through when the slice takes the whole channel axis (axis renumbered for shrunk axes)."""
+    """Pass-through when the slice takes the whole channel axis (axis renumbered for shrunk axes); a
+    stride-1 range of it (``x[..., 4:]`` of ``[boxes | classes]``) carries the channels in the range."""
     _data_port(node, at)
-    if node.attr("ellipsis_mask", 0) or node.attr("new_axis_mask", 0):
-        raise Blocked("StridedSlice with an ellipsis or new-axis mask")
+    if node.attr("new_axis_mask", 0):
+        raise Blocked("StridedSlice with a new-axis mask")
     src = ctx.in_shape(node, 0)
+    rank = len(src)
     begin, end, strides = (np.atleast_1d(ctx.const(node, p)).astype(int) for p in (1, 2, 3))
     shrink = node.attr("shrink_axis_mask", 0)
-    kept = [i for i in range(len(src)) if not (i < len(begin) and shrink >> i & 1)]
+    index = [_sparse_index(node, a, rank, len(begin)) for a in range(rank)]
+    kept = [a for a in range(rank) if index[a] is None or not shrink >> index[a] & 1]
     a = at.axis if at.io == "in" else kept[at.axis]
-    if a < len(begin):
-        full_begin = node.attr("begin_mask", 0) >> a & 1 or begin[a] == 0
-        full_end = node.attr("end_mask", 0) >> a & 1 or (src[a] is not None and end[a] >= src[a])
-        if shrink >> a & 1 or strides[a] != 1 or not (full_begin and full_end):
-            raise Blocked(f"slices axis {a} (the channel axis)")
-    return [In(0, a, at.imap), Out(0, kept.index(a), at.imap)]
+    i = index[a]
+    if i is None:
+        return [In(0, a, at.imap), Out(0, kept.index(a), at.imap)]
+    if shrink >> i & 1:
+        raise Blocked(f"takes one position of axis {a} (the channel axis)")
+    if strides[i] != 1 or src[a] is None:
+        raise Blocked(f"slices axis {a} (the channel axis) with stride {strides[i]}")
+    lo, hi = _slice_range(node, begin, end, src[a], i)
+    return _range_links(ctx, node, at, a, kept.index(a), lo, hi)
 
 
 @channel_rule("Slice")
 def _slice(ctx, node, at):
+    """Whole channel axis: pass-through; a range of it (``tf.slice(scores, [0, 0, 1], [-1, -1, -1])``
+    drops a background class): the channels in the range."""
     _data_port(node, at)
     begin, size = (np.atleast_1d(ctx.const(node, p)).astype(int) for p in (1, 2))
-    if begin[at.axis] != 0 or size[at.axis] != -1:
-        raise Blocked(f"slices axis {at.axis} (the channel axis)")
-    return [In(0, at.axis, at.imap), Out(0, at.axis, at.imap)]
+    dim = ctx.in_shape(node, 0)[at.axis]
+    if dim is None:
+        raise Blocked(f"slices axis {at.axis} (the channel axis), which has no static length")
+    lo, hi = _slice_range(node, begin, size, dim, at.axis)
+    return _range_links(ctx, node, at, at.axis, at.axis, lo, hi)
 
 
 @channel_rule("GatherV2")

@@ -433,7 +433,7 @@ def _blocking_graph(kind):
     elif kind == "split":
         z = n.op("odd", "Split", n.c("odd/axis", 3), y, num_split=2)
     elif kind == "slice":
-        z = n.op("odd", "StridedSlice", y, n.c("b", [0, 0, 0, 0]), n.c("e", [0, 0, 0, 2]), n.c("s", [1, 1, 1, 1]),
+        z = n.op("odd", "StridedSlice", y, n.c("b", [0, 0, 0, 0]), n.c("e", [0, 0, 0, 4]), n.c("s", [1, 1, 1, 2]),
                  Index=tf.int32, begin_mask=7, end_mask=7)
     elif kind == "gather":
         z = n.op("odd", "GatherV2", y, n.c("idx", [0, 2]), n.c("ax", 3), no_t=True, Tparams=F,
@@ -452,7 +452,7 @@ def _blocking_graph(kind):
 @pytest.mark.parametrize("kind,reason", [
     ("cumsum", "no channel rule for op type Cumsum"),
     ("split", "splits along axis 3"),
-    ("slice", "slices axis 3"),
+    ("slice", "slices axis 3 (the channel axis) with stride 2"),
     ("gather", "gathers along axis 3"),
     ("mean", "reduces over axis 3"),
     ("shape", "the shape of a group tensor is read by odd"),
@@ -958,3 +958,20 @@ def test_pruning_a_pruned_layernorm_net_again_is_exact(layernorm_net, tmp_path):
         assert_close(run(g, x), want, rtol=1e-5, atol=1e-5)
         g = graphslim.load(graphslim.save(g, tmp_path / path))
     assert g.weight("stem/kernel").value.shape[-1] == 16 - 5
+
+
+def test_partial_slice_of_the_channel_axis_is_rebuilt():
+    """x[..., 1:3] of a pruned axis: the slice member's begin/end follow the surviving channels."""
+    n = Net((None, 4, 4, 2))
+    y = n.relu("r", n.conv("c1", n.x, 2, 5))
+    z = n.op("odd", "StridedSlice", y, n.c("b", [0, 1]), n.c("e", [0, 3]), n.c("s", [1, 1]),
+             Index=tf.int32, begin_mask=1, end_mask=1, ellipsis_mask=1)
+    g = n.done(n.op("sum", "AddV2", z, z))
+    grp = group_for(g, "c1/Conv2D:0", 3)
+    assert not grp.blockers and [m.name for m in grp.members_of("slice")] == ["odd"]
+    x = np.random.RandomState(0).normal(size=(2, 4, 4, 2)).astype("float32")
+    zero_produced_channels(g, grp, [0, 2])
+    before = run(g, {"x": x})
+    apply_keep(g, grp, [1, 3, 4])  # the slice [1, 3) keeps channel 1 only: [0, 1) of the new axis
+    assert g.shape(g.outputs[0].tensor)[-1] == 1
+    np.testing.assert_allclose(run(g, {"x": x})[g.outputs[0].name], before[g.outputs[0].name][..., [0]], rtol=1e-6)

@@ -224,3 +224,50 @@ def test_subset_raw_detection_heads_dynamic_size(retina_like_model, tmp_path):
         before, after = run_saved_model(retina_like_model, x), run_saved_model(out, x)
         np.testing.assert_allclose(after["cls_logits"], before["cls_logits"][..., keep], rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(after["bbox_regression"], before["bbox_regression"])
+
+
+class _PackedHead(tf.Module):
+    """Detection post-processing shapes: logits [N, A, K] with class 0 the background, a
+    ``[boxes | classes]`` tensor split again by two strided slices, and ``tf.slice(.., [0, 0, 1], ..)``
+    dropping the background from the scores."""
+
+    def __init__(self, k=7):
+        rng = np.random.default_rng(0)
+        self.w = tf.Variable(rng.normal(size=(5, 3 * k)).astype("float32"), name="cls/kernel")
+        self.b = tf.Variable(rng.normal(size=(5, 12)).astype("float32"), name="box/kernel")
+        self.k = k
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float32)])
+    def __call__(self, x):
+        logits = tf.reshape(tf.matmul(x, self.w), [-1, 3, self.k])
+        boxes = tf.reshape(tf.matmul(x, self.b), [-1, 3, 4])
+        packed = tf.concat([boxes, logits], axis=-1)  # [N, 3, 4 + K]
+        boxes_again, logits_again = packed[..., :4], packed[..., 4:]
+        scores = tf.slice(tf.sigmoid(logits_again), [0, 0, 1], [-1, -1, -1])  # no background
+        return {"detection_boxes": boxes_again * 2.0, "class_scores": scores, "raw_logits": logits}
+
+
+def test_subset_through_partial_slices(tmp_path):
+    m = _PackedHead()
+    src = tmp_path / "m"
+    tf.saved_model.save(m, str(src), signatures={"serving_default": m.__call__})
+    g = graphslim.load(src)
+    graphslim.run_pipeline(g, "subset{keep=5,2 background=true output=raw_logits},dce")
+    out = graphslim.save(g, tmp_path / "out")
+    x = {"x": np.random.RandomState(1).normal(size=(4, 5)).astype("float32")}
+    before, after = run_saved_model(src, x), run_saved_model(out, x)
+    np.testing.assert_allclose(after["raw_logits"], before["raw_logits"][..., [0, 5, 2]], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(after["class_scores"], before["class_scores"][..., [4, 1]], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(after["detection_boxes"], before["detection_boxes"])
+
+
+def test_subset_slice_refuses_mixing_its_range(tmp_path):
+    """Without the background kept first, the slice that drops class 0 would take a kept class."""
+    m = _PackedHead()
+    tf.saved_model.save(m, str(tmp_path / "m"), signatures={"serving_default": m.__call__})
+    g = graphslim.load(tmp_path / "m")
+    with pytest.raises(PipelineError, match=r"channel 5 cannot take the place of channel 0"):
+        graphslim.run_pipeline(g, "subset{keep=5,0,2 output=raw_logits}")
+    # without class 0 at all the slice starts at 0 and keeps both
+    graphslim.run_pipeline(g, "subset{keep=5,2 output=raw_logits}")
+    assert g.shape(next(o.tensor for o in g.outputs if o.name == "class_scores"))[-1] == 2
