@@ -108,7 +108,7 @@ def extend(graph, opts: ExtendOptions) -> PassResult:
             raise PassError(f"extend: classes {clash} already exist in output {head.output!r}.")
     new_labels = list(opts.labels) or [f"class_{head.size + i}" for i in range(n)]
     rng = np.random.RandomState(opts.seed)
-    group = class_group(graph, output_tensor(graph, head.output), -1, f"output {head.output!r}", "extend")
+    group = class_group(graph, head.tensor, head.axis, f"output {head.output!r}", "extend")
     groups = [(head.output, group, n)]
     for pc in per_class_outputs(graph, head, opts.per_class, "extend"):
         if group.covers(output_tensor(graph, pc.output), pc.axis):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from graphslim.analysis.channels import apply_keeps
 from graphslim.analysis.heads import (class_group, class_indices, drop_outputs, find_class_head,
-                                      output_tensor, per_class_outputs)
+                                      output_tensor, per_class_outputs, remap_ids, remap_ids_after)
 from graphslim.pipeline import PassResult, register_pass
 
 
@@ -33,6 +33,10 @@ class SubsetOptions:
         "help": "outputs with one slice per class, OUTPUT:AXIS; 'auto' finds them by size, 'none' disables"})
     drop_outputs: tuple[str, ...] = field(default=(), metadata={
         "help": "signature outputs to remove with everything only they need"})
+    ids: str = field(default="new", metadata={
+        "help": "class ids in detection outputs (detection_classes, labels): 'new' (indices among the kept "
+                "classes) or 'original' (the model's own ids, by a gather of the kept ids)",
+        "choices": ("new", "original")})
 
 
 @register_pass("subset", options=SubsetOptions)
@@ -47,9 +51,9 @@ def subset(graph, opts: SubsetOptions) -> PassResult:
         graph.remove_dead_nodes()
     head = find_class_head(graph, opts.output, opts.background, opts.labels_file, "subset")
     keep = class_indices(head, opts.keep, opts.labels, "subset")
-    group = class_group(graph, output_tensor(graph, head.output), -1, f"output {head.output!r}", "subset")
+    group = class_group(graph, head.tensor, head.axis, f"output {head.output!r}", "subset")
     changes = [(group, keep)]
-    sliced = {head.output: -1}
+    sliced = {head.output: -1} if graph.is_output(head.tensor) else {}
     for pc in per_class_outputs(graph, head, opts.per_class, "subset"):
         if group.covers(output_tensor(graph, pc.output), pc.axis):
             continue
@@ -60,7 +64,10 @@ def subset(graph, opts: SubsetOptions) -> PassResult:
         sliced[pc.output] = pc.axis
     for name, axis in group.touches_outputs:
         sliced.setdefault(name, axis)
+    ids_map = remap_ids(graph, group, keep)
     apply_keeps(graph, changes)
+    if opts.ids == "original":
+        remap_ids_after(graph, ids_map)
     removed = graph.remove_dead_nodes()
     kept_labels = None
     if head.labels is not None:
@@ -74,5 +81,6 @@ def subset(graph, opts: SubsetOptions) -> PassResult:
         "output": head.output, "classes_before": head.size, "classes_after": len(keep),
         "index_map": {int(old): new for new, old in enumerate(keep)},
         "labels": kept_labels, "sliced_outputs": sliced, "dropped_outputs": dropped,
+        "ids_outputs": {name: {"ids": opts.ids, "map": m} for name, m in ids_map.items()},
         "removed_nodes": len(removed),
         "params": [before.params, after.params], "macs": [before.macs, after.macs]})

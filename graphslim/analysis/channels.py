@@ -400,6 +400,8 @@ class ChannelGroup:
     touches_outputs: list = field(default_factory=list)
     touches_inputs: list = field(default_factory=list)
     renormalized_by: list = field(default_factory=list)
+    reduced_by: list = field(default_factory=list)
+    ids: list = field(default_factory=list)
     id: int = 0
     _keys: frozenset = field(default=frozenset(), repr=False, compare=False)
 
@@ -419,8 +421,10 @@ class ChannelGroup:
 
     @property
     def prunable(self) -> bool:
-        """Channels can be removed: no blocker, no signature input/output, no renormalization."""
-        return not (self.blockers or self.touches_outputs or self.touches_inputs or self.renormalized_by)
+        """Channels can be removed: no blocker, no signature input/output, no renormalization, nothing
+        that picks among the channels (ArgMax, TopK, NMS over classes)."""
+        return not (self.blockers or self.touches_outputs or self.touches_inputs or self.renormalized_by
+                    or self.reduced_by)
 
     def why_not(self) -> str:
         """Why the group is not prunable ("" if it is)."""
@@ -428,6 +432,7 @@ class ChannelGroup:
         parts += [f"output {n!r} axis {a}" for n, a in self.touches_outputs]
         parts += [f"input {n!r} axis {a}" for n, a in self.touches_inputs]
         parts += [f"renormalized by {n}" for n in self.renormalized_by]
+        parts += [f"picked among by {n}" for n in self.reduced_by]
         return "; ".join(parts)
 
     @property
@@ -469,6 +474,8 @@ class _Walk:
         self.outputs: list = []
         self.inputs: list = []
         self.renorm: list = []
+        self.reductions: list = []
+        self.ids: list = []  # (ids tensor, reduced tensor, axis)
         self.queue: deque = deque()
 
     # ---- for rules
@@ -496,6 +503,18 @@ class _Walk:
 
     def slice_member(self, node: Node, axis: int) -> None:
         self.slice_members[node.name] = axis
+
+    def reduces(self, node: Node, port: int, axis: int, ids_ports=()) -> None:
+        """``node`` picks among the channels of its input ``port`` on ``axis`` (ArgMax, TopK, NMS over
+        classes); its outputs ``ids_ports`` hold channel indices (positions on that axis). Fine for
+        keeping classes, not for pruning."""
+        if node.name not in self.reductions:
+            self.reductions.append(node.name)
+        src = self.graph.input(node, port)
+        for p in ids_ports:
+            entry = (str(node.output(p)), str(src), axis)
+            if entry not in self.ids:
+                self.ids.append(entry)
 
     def renormalizes(self, node: Node) -> None:
         if node.name not in self.renorm:
@@ -613,6 +632,7 @@ class _Walk:
         return ChannelGroup(seed=seed, size=size, members=members, blockers=list(self.blockers),
                             touches_outputs=list(dict.fromkeys(self.outputs)),
                             touches_inputs=list(dict.fromkeys(self.inputs)), renormalized_by=list(self.renorm),
+                            reduced_by=list(self.reductions), ids=list(self.ids),
                             _keys=frozenset(self.maps))
 
 
@@ -1348,6 +1368,9 @@ def _reduce(ctx, node, at):
     kept_axes = list(range(rank)) if keep else [a for a in range(rank) if a not in red]
     if at.io == "in":
         if at.axis in red:
+            if node.op in ("Max", "Min") and red == [at.axis]:  # the best class's score
+                ctx.reduces(node, 0, at.axis)
+                return []
             stat = _layernorm_stat(ctx, node, red, keep) if red == [at.axis] else None
             if stat is None:
                 raise Blocked(f"reduces over axis {at.axis} (the channel axis)")
@@ -1735,3 +1758,48 @@ def _gather(ctx, node, at):
     if a == gax:
         raise Blocked(f"gathers along axis {a} (the channel axis)")
     return [In(0, a, at.imap), Out(0, a if a < gax else a + nidx - 1, at.imap)]
+
+
+@channel_rule("ArgMax", "ArgMin")
+def _argmax(ctx, node, at):
+    """Over the channel axis: the output holds channel indices (class ids); over another axis the
+    channels pass on (that axis removed)."""
+    _data_port(node, at)
+    rank = len(ctx.in_shape(node, 0))
+    dim = int(ctx.const(node, 1)) % rank
+    if at.io == "in" and at.axis == dim:
+        ctx.reduces(node, 0, dim, ids_ports=(0,))
+        return []
+    a = at.axis if at.io == "in" else (at.axis if at.axis < dim else at.axis + 1)
+    return [In(0, a, at.imap), Out(0, a if a < dim else a - 1, at.imap)]
+
+
+@channel_rule("TopKV2", "TopK")
+def _top_k(ctx, node, at):
+    """Over the last axis when it is the channel axis: values and indices are the best channels'
+    (indices are class ids); other axes pass on to both outputs. A last axis that holds more than the
+    channels (anchors × classes flattened) blocks: its indices would need decoding."""
+    if at.io == "in":
+        _data_port(node, at)
+    rank = len(ctx.in_shape(node, 0))
+    if at.axis != rank - 1:
+        return [In(0, at.axis, at.imap), Out(0, at.axis, at.imap), Out(1, at.axis, at.imap)]
+    if at.io == "out" or at.imap.width != 1:
+        raise Blocked("top-k over an axis that holds more than the channels (its indices are positions "
+                      "that would need re-decoding)")
+    ctx.reduces(node, 0, at.axis, ids_ports=(1,))
+    return []
+
+
+@channel_rule("CombinedNonMaxSuppression")
+def _combined_nms(ctx, node, at):
+    """Scores ``[N, anchors, K]`` over the class axis: NMS per class, output 2 holds class ids; boxes
+    ``[N, anchors, q, 4]`` with one box per class (q = K) follow the classes."""
+    if at.io != "in" or at.port not in (0, 1) or at.axis != 2:
+        raise Blocked(f"axis {at.axis} of {_side(node, at)} is not the class axis")
+    q = ctx.in_shape(node, 0)[2]
+    k = ctx.in_shape(node, 1)[2]
+    if at.port == 0 and q != k:
+        raise Blocked("boxes are per class but the scores have another class count")
+    ctx.reduces(node, 1, 2, ids_ports=(2,))
+    return [In(0, 2, at.imap), In(1, 2, at.imap)] if q == k and q != 1 else []

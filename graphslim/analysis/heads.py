@@ -13,23 +13,37 @@ from __future__ import annotations
 
 import difflib
 import re
+
+import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
 
 from graphslim.analysis.channels import group_for
 from graphslim.errors import PassError
-from graphslim.ir.graph import Graph
+from graphslim.ir.graph import WEIGHT_OP, Graph
 
 SCORE_OPS = ("Softmax", "Sigmoid", "LogSoftmax")
 
 
 @dataclass
 class ClassHead:
-    output: str  # signature output name
+    output: str  # signature output name (the class ids' output when the class axis is internal)
     size: int  # classes on the class axis (including a background class if any)
     labels: list | None  # one name per class, or None
     labels_asset: str | None  # asset file the labels came from (rewritten by the pass)
     background: bool
+    tensor: object = None  # the tensor whose ``axis`` is the class axis (an output, or inside the graph)
+    axis: int = -1
+
+
+@dataclass
+class IdsOutput:
+    """A signature output whose values are class ids: positions on the class axis ``axis`` of
+    ``tensor`` (what an ArgMax/TopK/NMS picked from) plus ``offset`` (e.g. +1 past a background)."""
+    output: str
+    tensor: str
+    axis: int
+    offset: int
 
 
 @dataclass
@@ -76,6 +90,32 @@ NOT_CLASS_NAMES = re.compile(r"(box|bbox|regress|delta|anchor|mask|landmark|keyp
                              r"centerness|objectness|depth|embed|feature|num_det|valid)", re.I)
 
 
+# Ops that select detections: an output computed after one of them is not a class-score output.
+SELECTION_OPS = ("CombinedNonMaxSuppression", "NonMaxSuppression", "NonMaxSuppressionV2", "NonMaxSuppressionV3",
+                 "NonMaxSuppressionV4", "NonMaxSuppressionV5", "NonMaxSuppressionWithOverlaps", "TopKV2", "TopK",
+                 "While", "StatelessWhile")
+
+
+def _after_selection(graph: Graph, tensor) -> bool:
+    return any(graph.node(n).op in SELECTION_OPS for n in graph.ancestors([tensor.node]))
+
+
+def _internal_class_tensors(graph: Graph) -> list:
+    """``(tensor, axis)`` class axes inside the graph: the scores input of NMS over classes."""
+    return [(graph.input(n, 1), 2) for n in graph.nodes("CombinedNonMaxSuppression")]
+
+
+def _widest(graph: Graph, tensor, axis: int):
+    """The seed to use for an internal class axis: the widest plain class axis of its group (the scores
+    before ``[..., 1:]`` dropped the background), so that class indices count every class."""
+    grp = group_for(graph, tensor, axis)
+    best = (tensor, axis % len(graph.shape(tensor)), grp.size)
+    for m in grp.members_of("tensor"):
+        if m.index_map.width == 1 and m.dim > best[2] and graph.node(m.tensor.node).op not in (WEIGHT_OP, "Const"):
+            best = (m.tensor, m.axis, m.dim)
+    return best[0], best[1]
+
+
 def _class_candidates(graph: Graph, labels_file: str | None) -> list[tuple[int, str, str]]:
     """``(score, name, why)`` for every output that could hold class scores on its last axis, best
     first. An output qualifies when it has rank ≥ 2 and a static last axis longer than 1 and its name
@@ -89,6 +129,8 @@ def _class_candidates(graph: Graph, labels_file: str | None) -> list[tuple[int, 
         if len(shape) < 2 or not shape[-1] or shape[-1] <= 1:
             continue
         if NOT_CLASS_NAMES.search(o.name) and not CLASS_NAMES.search(o.name.replace("num_det", "")):
+            continue
+        if _after_selection(graph, o.tensor):  # detection_scores [N, 100]: its last axis is detections
             continue
         score, why = 0, []
         if CLASS_NAMES.search(o.name):
@@ -118,6 +160,9 @@ def find_class_head(graph: Graph, output: str | None, background: bool, labels_f
         chosen = output
     else:
         cands = _class_candidates(graph, labels_file)
+        internal = _internal_class_tensors(graph) if not cands else []
+        if len(internal) == 1:
+            return _internal_head(graph, internal[0], background, labels_file, pass_name)
         if not cands or (len(cands) > 1 and cands[0][0] == cands[1][0]):
             listed = "; ".join(f"{n} {list(graph.shape(output_tensor(graph, n)) or [])} ({why})"
                                for _, n, why in cands) or "none"
@@ -134,7 +179,100 @@ def find_class_head(graph: Graph, output: str | None, background: bool, labels_f
     if labels is not None and len(labels) != shape[-1]:
         raise PassError(f"{pass_name}: the labels file {labels_file or asset} has {len(labels)} names but output "
                         f"{chosen!r} has {shape[-1]} classes.")
-    return ClassHead(chosen, shape[-1], labels, asset, background)
+    return ClassHead(chosen, shape[-1], labels, asset, background, t, len(shape) - 1)
+
+
+def _internal_head(graph: Graph, found, background: bool, labels_file, pass_name: str) -> ClassHead:
+    """A detector whose class axis ends inside the graph (NMS in the graph): the head is the widest
+    plain class axis feeding the NMS; ``output`` names the class-ids output (for messages/reports)."""
+    t, axis = _widest(graph, *found)
+    size = graph.shape(t)[axis]
+    grp = group_for(graph, t, axis)
+    ids = ids_outputs(graph, grp)
+    name = ids[0].output if ids else next(
+        (o.name for o in graph.outputs if CLASS_NAMES.search(o.name)), graph.outputs[0].name)
+    labels, asset = _labels(graph, size, labels_file)
+    if labels is not None and len(labels) != size:
+        labels, asset = None, None
+    return ClassHead(name, size, labels, asset, background, t, axis)
+
+
+# Ops a class id passes through unchanged (or shifted by a constant: ``classes + 1`` past a background).
+_IDS_PASS = ("Cast", "Identity", "Reshape", "ExpandDims", "Squeeze", "StopGradient", "Snapshot")
+
+
+def ids_outputs(graph: Graph, group) -> list:
+    """Signature outputs holding class ids of ``group`` (from its ArgMax/TopK/NMS picks), each with
+    the constant added on the way (:class:`IdsOutput`), following Cast, Reshape, gathers of detections
+    (GatherV2 of the ids) and ``+ c`` / ``- c``."""
+    from graphslim.analysis.constants import constant_value
+
+    found = []
+    for ids, src, axis in group.ids:
+        todo, seen = [(ids, 0)], set()
+        while todo:
+            t, off = todo.pop()
+            if (t, off) in seen:
+                continue
+            seen.add((t, off))
+            found += [IdsOutput(o.name, src, axis, off) for o in graph.outputs if str(o.tensor) == t]
+            for c, port in graph.consumers(t):
+                nxt = None
+                if c.op in _IDS_PASS and port == 0:
+                    nxt = off
+                elif c.op in ("GatherV2", "Gather", "ResourceGather") and port == 0:
+                    nxt = off
+                elif c.op in ("AddV2", "Add", "Sub") and len(graph.inputs_of(c)) == 2:
+                    v = constant_value(graph, graph.input(c, 1 - port))
+                    if v is not None and np.ndim(v) == 0 and (c.op != "Sub" or port == 0):
+                        nxt = off + int(v) * (-1 if c.op == "Sub" else 1)
+                if nxt is not None:
+                    todo.append((str(c.output(0)), nxt))
+    out, seen_names = [], set()
+    for f in found:
+        if f.output not in seen_names:
+            seen_names.add(f.output)
+            out.append(f)
+    return out
+
+
+def remap_ids(graph: Graph, group, keep) -> dict:
+    """Class ids in ``group``'s ids outputs once ``keep`` is applied: ``{output: {old id: new id}}``
+    (new ids are positions among the kept classes, plus the same offset). Call before applying."""
+    maps = {}
+    for io in ids_outputs(graph, group):
+        old_pos = np.asarray(group.member(io.tensor, io.axis).positions(keep))
+        maps[io.output] = {int(p) + io.offset: j + io.offset for j, p in enumerate(old_pos)}
+    return maps
+
+
+def remap_ids_after(graph: Graph, maps: dict) -> None:
+    """Wrap each ids output of ``maps`` (from :func:`remap_ids`) in a gather that turns its new ids back
+    into the original ones, so that code knowing the model's ids (COCO's, say) keeps working. Ids
+    outside the map (below the offset, e.g. padding) pass unchanged."""
+    import tensorflow as tf
+
+    for name, m in maps.items():
+        arg = next(o for o in graph.outputs if o.name == name)
+        table = np.arange(max(list(m.values()) + [-1]) + 1, dtype=np.int64)
+        for old, new in m.items():
+            table[new] = old
+        dtype = graph.dtype(arg.tensor)
+        base = f"{name}/original_ids"
+
+        def add(suffix, op, inputs=(), **attrs):
+            return graph.add_node(f"{base}/{suffix}" if suffix else base, op, inputs, attrs=attrs, unique=True)
+
+        i64 = add("cast", "Cast", [arg.tensor], SrcT=dtype, DstT=tf.int64, Truncate=False)
+        lo = add("lo", "Const", dtype=tf.int64, value=np.array(0, np.int64))
+        hi = add("hi", "Const", dtype=tf.int64, value=np.array(len(table) - 1, np.int64))
+        clip = add("clip", "ClipByValue", [i64, lo, hi], T=tf.int64)
+        tab = add("table", "Const", dtype=tf.int64, value=table)
+        axis = add("axis", "Const", dtype=tf.int32, value=np.array(0, np.int32))
+        gather = add("gather", "GatherV2", [tab, clip, axis], Tparams=tf.int64, Tindices=tf.int64, Taxis=tf.int32,
+                     batch_dims=0)
+        arg.tensor = add("", "Cast", [gather], SrcT=tf.int64, DstT=dtype, Truncate=False).output(0)
+    graph.infer_shapes()
 
 
 def class_indices(head: ClassHead, keep=(), labels=(), pass_name: str = "subset") -> list[int]:

@@ -271,3 +271,54 @@ def test_subset_slice_refuses_mixing_its_range(tmp_path):
     # without class 0 at all the slice starts at 0 and keeps both
     graphslim.run_pipeline(g, "subset{keep=5,2 output=raw_logits}")
     assert g.shape(next(o.tensor for o in g.outputs if o.name == "class_scores"))[-1] == 2
+
+
+class _NmsDetector(tf.Module):
+    """A one-stage detector with its post-processing in the graph, as tf-models-official's 'batched'
+    export writes it: sigmoid scores, the background class dropped by tf.slice, CombinedNMS over the
+    classes, class ids + 1 past the background."""
+
+    def __init__(self, k=12, anchors=40):
+        rng = np.random.default_rng(0)
+        self.cls = tf.Variable(rng.normal(size=(6, anchors * k)).astype("float32") * 2, name="cls/kernel")
+        self.box = tf.Variable(rng.normal(size=(6, anchors * 4)).astype("float32"), name="box/kernel")
+        self.k, self.a = k, anchors
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32)])
+    def __call__(self, x):
+        scores = tf.sigmoid(tf.reshape(tf.matmul(x, self.cls), [-1, self.a, self.k]))
+        scores = tf.slice(scores, [0, 0, 1], [-1, -1, -1])
+        boxes = tf.sigmoid(tf.reshape(tf.matmul(x, self.box), [-1, self.a, 1, 4]))
+        b, s, c, n = tf.image.combined_non_max_suppression(boxes, scores, 10, 20, 0.5, 0.05, clip_boxes=False)
+        return {"detection_boxes": b, "detection_scores": s, "detection_classes": tf.cast(c, tf.int32) + 1,
+                "num_detections": n}
+
+
+def _detections(out, i):
+    n = int(out["num_detections"][i])
+    return {(int(c), round(float(s), 5), tuple(np.round(b, 5))) for b, s, c in
+            zip(out["detection_boxes"][i][:n], out["detection_scores"][i][:n], out["detection_classes"][i][:n])}
+
+
+@pytest.mark.parametrize("ids", ["new", "original"])
+def test_subset_detector_with_nms_in_the_graph(tmp_path, ids):
+    m = _NmsDetector()
+    src = tmp_path / "m"
+    tf.saved_model.save(m, str(src), signatures={"serving_default": m.__call__})
+    g = graphslim.load(src)
+    keep = [0, 7, 3, 9]  # background first, then three classes
+    rep = graphslim.run_pipeline(g, f"subset{{keep={','.join(map(str, keep))} background=true ids={ids}}},dce")
+    stats = rep.passes[0]["stats"]
+    assert stats["output"] == "detection_classes" and stats["classes_before"] == 12
+    assert stats["ids_outputs"]["detection_classes"]["map"] == {7: 1, 3: 2, 9: 3}
+    assert g.weights["cls/kernel"].value.shape == (6, 40 * 4)
+    out = graphslim.save(g, tmp_path / "out")
+    x = {"x": np.random.RandomState(3).normal(size=(5, 6)).astype("float32")}
+    before, after = run_saved_model(src, x), run_saved_model(out, x)
+    new_id = {7: 1, 3: 2, 9: 3}
+    for i in range(5):
+        kept_before = {(c if ids == "original" else new_id[c], s, b) for c, s, b in _detections(before, i) if c in new_id}
+        got = _detections(after, i)
+        assert kept_before <= got  # every original detection of a kept class, same box and score
+        allowed = set(new_id) if ids == "original" else set(new_id.values())
+        assert {c for c, _, _ in got} <= allowed
