@@ -22,15 +22,21 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
+# Before anything imports TensorFlow: its C++ INFO and WARNING logs stay out of the output unless the
+# user sets another level (the start-up logs too: see _QuietTensorFlowImport).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import collections
+import contextlib
 import importlib
+import importlib.abc
+import importlib.util
 import json
 import logging
 import re
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -125,10 +131,19 @@ def _allow_ops_option(f):
              "PyFunc, ReadFile); repeatable or comma-separated. See `graphslim scan`.")(f)
 
 
-def _load(model: Path, signature: str, tags, allow_ops):
+def _load(model: Path, signature: str, tags, allow_ops, app: "_App"):
     from graphslim.io.loader import load
+    from graphslim.io.scan import ScanNote
 
-    return load(model, signature=signature, tags=tags, scan=True, allow_ops=allow_ops)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ScanNote)
+        graph = load(model, signature=signature, tags=tags, scan=True, allow_ops=allow_ops)
+    for w in caught:  # the scan's notes (e.g. a second saver dropped) are warnings of the command
+        if issubclass(w.category, ScanNote):
+            app.warn(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return graph
 
 
 def _quiet_libraries() -> None:
@@ -136,6 +151,91 @@ def _quiet_libraries() -> None:
     for name in ("tensorflow", "absl", "keras", "h5py"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"^(tensorflow|tf_keras|keras|absl|google|h5py)(\.|$)")
+
+
+# TensorFlow's start-up logs: written while `import tensorflow` loads its libraries, before they read
+# TF_CPP_MIN_LOG_LEVEL (absl's "WARNING: All log messages before absl::InitializeLog() ..." and, with
+# oneDNN on, "I... port.cc:...] oneDNN custom operations are on ...", once per library that carries a
+# copy). No environment variable silences them (absl reads none; TF_ENABLE_ONEDNN_OPTS=0 would change
+# the numbers), so the CLI drops the lines below TF_CPP_MIN_LOG_LEVEL itself; anything else written
+# meanwhile is passed on.
+def _startup_log_pattern(min_level: str | None):
+    """The start-up log lines that TF_CPP_MIN_LOG_LEVEL ``min_level`` hides (None: none)."""
+    try:
+        level = int((min_level or "0").strip())
+    except ValueError:  # TensorFlow reads a non-number as 0
+        level = 0
+    if level <= 0:
+        return None
+    severities = "IWE"[:min(level, 3)]  # FATAL is always shown
+    return re.compile(
+        rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\n"
+        rb"|[%b]\d{4} [\d:.]+ +\d+ [^\s\]]+:\d+\] [^\n]*\n"  # absl: I0000 00:00:1.2  12 port.cc:153] ...
+        rb"|\d{4}-\d\d-\d\d [\d:.]+: [%b] [^\s\]]+:\d+\] [^\n]*\n"  # older TensorFlow
+        % (severities.encode(), severities.encode()))
+
+
+@contextlib.contextmanager
+def _startup_logs_dropped(pattern: re.Pattern):
+    """File descriptor 2 goes to a temporary file meanwhile; then all but what ``pattern`` matches is
+    written to the real stderr."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):  # no usable stderr: nothing to keep clean
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                try:
+                    sys.stderr.flush()
+                finally:
+                    os.dup2(saved, 2)
+                capture.seek(0)
+                rest = memoryview(pattern.sub(b"", capture.read()))
+                while rest:
+                    rest = rest[os.write(2, rest):]
+    finally:
+        os.close(saved)
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """On ``sys.meta_path`` (see :func:`main`): the first ``import tensorflow``, wherever it happens
+    (loader, runtime, verify, a plugin), runs under :func:`_startup_logs_dropped`; TensorFlow stays
+    imported lazily. Then it takes itself off ``sys.meta_path`` and the module keeps its own loader."""
+
+    def __init__(self, pattern: re.Pattern) -> None:
+        self._pattern = pattern
+        self._loader = None
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tensorflow":
+            return None
+        self.remove()
+        spec = importlib.util.find_spec(fullname)  # the finders after this one
+        if spec is not None and spec.loader is not None:
+            self._loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self._loader
+        with _startup_logs_dropped(self._pattern):
+            self._loader.exec_module(module)
+
+    def install(self) -> None:
+        if "tensorflow" not in sys.modules and self not in sys.meta_path:
+            sys.meta_path.insert(0, self)
+
+    def remove(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
 
 
 # ---------------------------------------------------------------------------------- consoles
@@ -362,7 +462,7 @@ def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path
 
         steps.start(f"loading {model}")
         start = time.perf_counter()
-        graph = _load(model, signature, tag_set, allow_ops)
+        graph = _load(model, signature, tag_set, allow_ops, app)
         load_seconds = time.perf_counter() - start
         others = graph.meta.get("other_signatures") or []
         if others:
@@ -508,7 +608,7 @@ def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_
 
     with app.steps() as steps:
         steps.start(f"loading {model}")
-        graph = _load(model, signature, tag_set, allow_ops)
+        graph = _load(model, signature, tag_set, allow_ops, app)
         info = describe(model, tags=tag_set)
         snapshot = _report.layer_snapshot(graph)
         groups_text = None
@@ -619,6 +719,8 @@ def scan_command(app: _App, model: Path, tags: str | None, as_json: bool, allow_
                                   f["category"] + f["detail"], verdict,
                                   style="red" if verdict == "REFUSED" else "yellow")
             console.print(table)
+        for note in report["notes"]:
+            console.print(f"note: {note}", soft_wrap=True)
         if report["safe"]:
             console.print("OK: nothing dangerous found" + (f" ({len(report['allowed'])} finding(s) "
                                                            "accepted with --allow-ops)"
@@ -688,6 +790,15 @@ def _tf_load(tf, path: Path, label: str):
         return tf.saved_model.load(str(path))
     except Exception as exc:  # TensorFlow raises many types for unreadable models
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        from graphslim.io.emitter import MARKER
+
+        if (path / MARKER).is_file():
+            err = LoadError(f"{label} {path}: tf.saved_model.load cannot load it ({type(exc).__name__}: "
+                            f"{message}). graphslim wrote this model ({MARKER}) and checks that "
+                            "TensorFlow loads what it writes, so either its files changed since or this "
+                            "is a graphslim bug: please report it.")
+            err.exit_code = 3
+            raise err from exc
         raise LoadError(f"{label} {path}: tf.saved_model.load cannot load it ({type(exc).__name__}: "
                         f"{message}). graphslim optimize can still read many such models; verify "
                         "compares what TensorFlow itself runs.") from exc
@@ -1072,6 +1183,9 @@ def _xla_compiled(tf, fn):
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``graphslim = graphslim.cli:main``)."""
     _install_signal_handlers()
+    pattern = _startup_log_pattern(os.environ.get("TF_CPP_MIN_LOG_LEVEL"))
+    if pattern is not None:
+        _QuietTensorFlowImport(pattern).install()
     try:
         cli.main(args=argv, prog_name="graphslim")
     except KeyboardInterrupt as exc:

@@ -34,6 +34,24 @@ class Runner:
         self._sess = tf.compat.v1.Session(graph=self._tfg, config=tf.compat.v1.ConfigProto(
             intra_op_parallelism_threads=2, inter_op_parallelism_threads=1))
         self._weight_feed = {self._tfg.get_tensor_by_name(f"{n}:0"): w.value for n, w in graph.weights.items()}
+        self._fetches: dict[str, tf.Tensor] = {}  # tensor name -> the Identity that fetches it
+
+    def _fetchable(self, name: str) -> tf.Tensor:
+        """The tensor ``name`` as read by an ``Identity`` the runner adds (once per tensor).
+
+        Fetching a tensor by its own name is not enough: Grappler's remapper (with oneDNN, TensorFlow's
+        default on x86 CPUs) fuses some patterns without honouring the fetched nodes, e.g.
+        Conv2D + BiasAdd + Sigmoid + Mul into one ``_FusedConv2D`` (``FindConv2DSwish`` ignores the
+        nodes to preserve), and the fetched ``BiasAdd`` is then "not found in the Graph". Every fusion
+        still refuses to remove a node read outside its pattern, so a reader of our own keeps it.
+        """
+        tensor = self._fetches.get(name)
+        if tensor is None:
+            source = self._tfg.get_tensor_by_name(name)
+            with self._tfg.as_default(), tf.control_dependencies(None):
+                tensor = tf.identity(source, name="graphslim_fetch")  # made unique by TensorFlow
+            self._fetches[name] = tensor
+        return tensor
 
     def run(self, inputs: dict, fetch=None) -> dict:
         g = self.graph
@@ -49,10 +67,10 @@ class Runner:
             raise GraphslimError(f"missing values for signature inputs {sorted(missing)}")
         if fetch is None:
             names = [a.name for a in g.outputs]
-            tensors = [self._tfg.get_tensor_by_name(str(a.tensor)) for a in g.outputs]
+            tensors = [self._fetchable(str(a.tensor)) for a in g.outputs]
         else:
             names = [str(as_tensor(f)) for f in fetch]
-            tensors = [self._tfg.get_tensor_by_name(n) for n in names]
+            tensors = [self._fetchable(n) for n in names]
         values = self._sess.run(tensors, feed_dict=feed)
         return dict(zip(names, values))
 

@@ -540,6 +540,34 @@ def test_console_script_exit_codes_and_clean_stderr(vgg_roundtrip, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+_STARTUP_WRITER = textwrap.dedent(r'''
+    import os, sys
+    from graphslim.cli import _startup_log_pattern, _startup_logs_dropped
+
+    with _startup_logs_dropped(_startup_log_pattern(sys.argv[1])):
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+        os.write(2, b"I0000 00:00:1795984843.019860    8136 port.cc:153] oneDNN custom operations are on.\n")
+        os.write(2, b"W0000 00:00:1795984843.019880    8136 port.cc:148] a warning\n")
+        os.write(2, b"E0000 00:00:1795984843.019890    8136 x.cc:1] an error\n")
+        print("from python", file=sys.stderr)
+    print("after", file=sys.stderr)
+''')
+
+
+@pytest.mark.parametrize("level,kept", [("2", ["E0000", "from python", "after"]),
+                                        ("1", ["W0000", "E0000", "from python", "after"])])
+def test_tensorflow_startup_logs_below_the_level_are_dropped(level, kept):
+    """TensorFlow logs while its libraries load, before TF_CPP_MIN_LOG_LEVEL applies (absl's notice,
+    the oneDNN banner): the CLI drops those lines itself, and keeps everything else written meanwhile."""
+    from graphslim.cli import _startup_log_pattern
+
+    result = subprocess.run([sys.executable, "-c", _STARTUP_WRITER, level], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [line.split(" ")[0] if line[0] in "IWE" else line for line in result.stderr.splitlines()] == kept
+    assert _startup_log_pattern("0") is None and _startup_log_pattern("") is None  # the user asked for all
+
+
 def test_console_script_debug_shows_traceback(tmp_path):
     plugin = tmp_path / "debug_plugin.py"
     plugin.write_text(textwrap.dedent('''
