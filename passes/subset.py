@@ -15,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from graphslim.analysis.channels import apply_keeps
-from graphslim.analysis.heads import (class_group, class_indices, drop_outputs, find_class_head,
-                                      output_tensor, per_class_outputs, remap_ids, remap_ids_after)
+from graphslim.analysis.channels import group_for
+from graphslim.analysis.heads import (class_group, class_id_outputs, class_indices, cut, drop_outputs, expand,
+                                      expansion_boundary, find_class_head, output_tensor, per_class_outputs,
+                                      remap_ids, remap_ids_after)
 from graphslim.pipeline import PassResult, register_pass
 
 
@@ -33,6 +35,11 @@ class SubsetOptions:
         "help": "outputs with one slice per class, OUTPUT:AXIS; 'auto' finds them by size, 'none' disables"})
     drop_outputs: tuple[str, ...] = field(default=(), metadata={
         "help": "signature outputs to remove with everything only they need"})
+    postprocess: str = field(default="auto", metadata={
+        "help": "post-processing the class axis cannot be followed through (NMS loops unrolled per class, "
+                "take_along_axis...): 'auto' slices the network up to it and puts the kept classes back in "
+                "their places before it (dropped ones never win), 'follow' refuses instead",
+        "choices": ("auto", "follow")})
     ids: str = field(default="new", metadata={
         "help": "class ids in detection outputs (detection_classes, labels): 'new' (indices among the kept "
                 "classes) or 'original' (the model's own ids, by a gather of the kept ids)",
@@ -51,7 +58,23 @@ def subset(graph, opts: SubsetOptions) -> PassResult:
         graph.remove_dead_nodes()
     head = find_class_head(graph, opts.output, opts.background, opts.labels_file, "subset")
     keep = class_indices(head, opts.keep, opts.labels, "subset")
-    group = class_group(graph, head.tensor, head.axis, f"output {head.output!r}", "subset")
+    expanded = None
+    group = group_for(graph, head.tensor, head.axis)
+    if group.blockers and opts.postprocess == "auto" and not graph.is_output(head.tensor):
+        expanded = expansion_boundary(graph, group)
+    if expanded is not None:
+        old_positions = expanded.positions(keep)
+        tensor = expanded.tensor
+        stand_in = cut(graph, tensor)
+        try:
+            group = class_group(graph, head.tensor, head.axis, f"output {head.output!r} (up to {tensor})",
+                                "subset")
+        except Exception:
+            graph.replace_all_uses(graph.node(stand_in).output(0), tensor)
+            graph.remove_node(stand_in)
+            raise
+    else:
+        group = class_group(graph, head.tensor, head.axis, f"output {head.output!r}", "subset")
     changes = [(group, keep)]
     sliced = {head.output: -1} if graph.is_output(head.tensor) else {}
     for pc in per_class_outputs(graph, head, opts.per_class, "subset"):
@@ -65,8 +88,23 @@ def subset(graph, opts: SubsetOptions) -> PassResult:
     for name, axis in group.touches_outputs:
         sliced.setdefault(name, axis)
     ids_map = remap_ids(graph, group, keep)
-    apply_keeps(graph, changes)
-    if opts.ids == "original":
+    if expanded is not None:  # the post-processing computes the original ids
+        ids_map = {name: {int(k): j for j, k in enumerate(keep)} for name in class_id_outputs(graph, tensor)}
+    try:
+        apply_keeps(graph, changes)
+    except Exception:
+        if expanded is not None:
+            graph.replace_all_uses(graph.node(stand_in).output(0), tensor)
+            graph.remove_node(stand_in)
+        raise
+    postprocess = None
+    if expanded is not None:
+        fill = expand(graph, expanded, stand_in, old_positions)
+        postprocess = f"kept whole: classes put back in place after {tensor} (dropped ones at {fill})"
+        if opts.ids == "new":
+            remap_ids_after(graph, {name: {j: k for k, j in m.items()} for name, m in ids_map.items()},
+                            missing=-1)
+    elif opts.ids == "original":
         remap_ids_after(graph, ids_map)
     removed = graph.remove_dead_nodes()
     kept_labels = None
@@ -82,5 +120,6 @@ def subset(graph, opts: SubsetOptions) -> PassResult:
         "index_map": {int(old): new for new, old in enumerate(keep)},
         "labels": kept_labels, "sliced_outputs": sliced, "dropped_outputs": dropped,
         "ids_outputs": {name: {"ids": opts.ids, "map": m} for name, m in ids_map.items()},
+        "postprocess": postprocess,
         "removed_nodes": len(removed),
         "params": [before.params, after.params], "macs": [before.macs, after.macs]})

@@ -101,19 +101,42 @@ def _after_selection(graph: Graph, tensor) -> bool:
 
 
 def _internal_class_tensors(graph: Graph) -> list:
-    """``(tensor, axis)`` class axes inside the graph: the scores input of NMS over classes."""
-    return [(graph.input(n, 1), 2) for n in graph.nodes("CombinedNonMaxSuppression")]
+    """``(tensor, axis)`` class axes inside the graph, ahead of the detection outputs: the scores input
+    of NMS over classes, and what an ArgMax (the class of a detection) or a Max (its score) reduce."""
+    from graphslim.analysis.constants import constant_value
+
+    found = [(graph.input(n, 1), 2) for n in graph.nodes("CombinedNonMaxSuppression")]
+    for n in graph.nodes(SCORE_OPS):  # per-anchor class scores [N, anchors, K] (not a swish gate)
+        shape = n.shapes[0] if n.shapes else None
+        if not shape or len(shape) != 3 or not shape[-1] or shape[-1] <= 1:
+            continue
+        if any(c.op == "Mul" and graph.input(n, 0) in graph.inputs_of(c) for c, _ in graph.consumers(n.output(0))):
+            continue
+        found.append((n.output(0), len(shape) - 1))
+    for n in graph.nodes(("ArgMax", "Max")):
+        shape = graph.shape(graph.input(n, 0))
+        axis = constant_value(graph, graph.input(n, 1))
+        if shape is None or axis is None or np.size(axis) != 1:
+            continue
+        a = int(np.ravel(axis)[0]) % len(shape)
+        if a == len(shape) - 1 and shape[a] and shape[a] > 1 and len(shape) >= 2:
+            found.append((graph.input(n, 0), a))
+    return found
 
 
 def _widest(graph: Graph, tensor, axis: int):
     """The seed to use for an internal class axis: the widest plain class axis of its group (the scores
-    before ``[..., 1:]`` dropped the background), so that class indices count every class."""
+    before ``[..., 1:]`` dropped the background), so that class indices count every class. A wider
+    axis that other convolutions fill too (``[boxes | classes]`` concatenated) is not the class axis."""
     grp = group_for(graph, tensor, axis)
-    best = (tensor, axis % len(graph.shape(tensor)), grp.size)
-    for m in grp.members_of("tensor"):
-        if m.index_map.width == 1 and m.dim > best[2] and graph.node(m.tensor.node).op not in (WEIGHT_OP, "Const"):
-            best = (m.tensor, m.axis, m.dim)
-    return best[0], best[1]
+    own = {m.name for m in grp.sources}
+    cands = sorted((m for m in grp.members_of("tensor") if m.index_map.width == 1 and m.dim > grp.size
+                    and graph.node(m.tensor.node).op not in (WEIGHT_OP, "Const")), key=lambda m: -m.dim)
+    for m in cands:
+        wider = group_for(graph, m.tensor, m.axis)
+        if own and {w.name for w in wider.sources} <= own:
+            return m.tensor, m.axis
+    return tensor, axis % len(graph.shape(tensor))
 
 
 def _class_candidates(graph: Graph, labels_file: str | None) -> list[tuple[int, str, str]]:
@@ -160,7 +183,7 @@ def find_class_head(graph: Graph, output: str | None, background: bool, labels_f
         chosen = output
     else:
         cands = _class_candidates(graph, labels_file)
-        internal = _internal_class_tensors(graph) if not cands else []
+        internal = _internal_heads(graph) if not cands else []
         if len(internal) == 1:
             return _internal_head(graph, internal[0], background, labels_file, pass_name)
         if not cands or (len(cands) > 1 and cands[0][0] == cands[1][0]):
@@ -182,10 +205,29 @@ def find_class_head(graph: Graph, output: str | None, background: bool, labels_f
     return ClassHead(chosen, shape[-1], labels, asset, background, t, len(shape) - 1)
 
 
+def _internal_heads(graph: Graph) -> list:
+    """Distinct widest class axes behind the internal class tensors (several picks, one head)."""
+    out, groups = [], []
+    for t, axis in _internal_class_tensors(graph):
+        if any(grp.covers(t, axis) for grp in groups):  # one head shared by several levels
+            continue
+        try:
+            w = _widest(graph, t, axis)
+            groups.append(group_for(graph, *w))
+        except Exception:  # noqa: BLE001 - a candidate whose group cannot be formed is no head
+            continue
+        if w not in out:
+            out.append(w)
+    if len(out) > 1:  # several picks: the one the network's class convolutions produce
+        produced = [w for w in out if group_for(graph, *w).sources]
+        out = produced or out
+    return out
+
+
 def _internal_head(graph: Graph, found, background: bool, labels_file, pass_name: str) -> ClassHead:
     """A detector whose class axis ends inside the graph (NMS in the graph): the head is the widest
     plain class axis feeding the NMS; ``output`` names the class-ids output (for messages/reports)."""
-    t, axis = _widest(graph, *found)
+    t, axis = found
     size = graph.shape(t)[axis]
     grp = group_for(graph, t, axis)
     ids = ids_outputs(graph, grp)
@@ -246,15 +288,18 @@ def remap_ids(graph: Graph, group, keep) -> dict:
     return maps
 
 
-def remap_ids_after(graph: Graph, maps: dict) -> None:
-    """Wrap each ids output of ``maps`` (from :func:`remap_ids`) in a gather that turns its new ids back
-    into the original ones, so that code knowing the model's ids (COCO's, say) keeps working. Ids
-    outside the map (below the offset, e.g. padding) pass unchanged."""
+def remap_ids_after(graph: Graph, maps: dict, missing: int | None = None) -> None:
+    """Wrap each ids output of ``maps`` (``{output: {old id: new id}}`` from :func:`remap_ids`) in a
+    gather that turns its new ids back into the old ones, so that code knowing the model's ids (COCO's,
+    say) keeps working. Ids outside the map (below the offset, e.g. padding) pass unchanged, or become
+    ``missing`` when given. (Given the inverse map, the same gather turns old ids into new ones.)"""
     import tensorflow as tf
 
     for name, m in maps.items():
         arg = next(o for o in graph.outputs if o.name == name)
         table = np.arange(max(list(m.values()) + [-1]) + 1, dtype=np.int64)
+        if missing is not None:
+            table[:] = missing
         for old, new in m.items():
             table[new] = old
         dtype = graph.dtype(arg.tensor)
@@ -385,3 +430,98 @@ def class_group(graph, tensor, axis, where: str, pass_name: str):
 
 def output_tensor(graph, name):
     return next(o.tensor for o in graph.outputs if o.name == name)
+
+
+# ------------------------------------------------------------------------- post-processing kept whole
+CLASS_ID_NAMES = re.compile(r"(classes|class_ids?|labels?)$", re.I)
+
+
+def expansion_boundary(graph: Graph, group):
+    """Where to cut a class group that its post-processing blocks: the most downstream tensor of the
+    group (class axis last, one position per class) through which every path from the class
+    convolutions to the blocking ops runs. The network up to it is sliced; after it the classes are
+    put back in their places (dropped ones at a score that never wins), so the post-processing runs
+    unchanged. Returns the group member, or None."""
+    order = {n.name: i for i, n in enumerate(graph.topo_order())}
+    blockers = {b.node for b in group.blockers}
+    starts = [m.name for m in group.sources]
+    if not starts:
+        return None
+
+    carrying = {m.tensor.node for m in group.members_of("tensor")} | blockers  # where the classes flow
+
+    def reaches_blocker_avoiding(cut_node: str) -> bool:
+        seen, todo = set(), [s for s in starts if s != cut_node]
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in blockers:
+                return True
+            todo += [c.name for c, _ in graph.consumers(n)
+                     if c.name != cut_node and c.name not in seen and c.name in carrying]
+        return False
+
+    best = None
+    for m in group.members_of("tensor"):
+        node = graph.node(m.tensor.node)
+        if m.index_map.width != 1 or node.op in (WEIGHT_OP, "Const") or m.tensor.port != 0 \
+                or m.axis != len(graph.shape(m.tensor)) - 1 or node.num_outputs != 1:
+            continue
+        if best is not None and order[node.name] <= order[best.tensor.node]:
+            continue
+        if blockers <= graph.descendants([node.name]) and not reaches_blocker_avoiding(node.name):
+            best = m
+    return best
+
+
+def cut(graph: Graph, tensor):
+    """Detach ``tensor``'s readers onto a stand-in Placeholder (so a channel group seeded at ``tensor``
+    stays upstream); returns the stand-in's name. :func:`expand` rewires them."""
+    readers = list(graph.consumers(tensor))
+    outs = [o for o in graph.outputs if o.tensor == tensor]
+    ph = graph.add_node(f"{tensor.node}/graphslim_cut", "Placeholder", unique=True,
+                        attrs={"dtype": graph.dtype(tensor), "shape": tuple(graph.shape(tensor))},
+                        dtypes=[graph.dtype(tensor)], shapes=[tuple(graph.shape(tensor))])
+    for node, port in readers:
+        graph.set_input(node, port, ph.output(0))
+    for o in outs:
+        o.tensor = ph.output(0)
+    return ph.name
+
+
+def expand(graph: Graph, member, stand_in: str, old_positions) -> str:
+    """After the group's change, the readers of ``stand_in`` read ``member``'s tensor with every
+    position back in its place: ``old_positions`` (from ``member.positions(keep)``, taken before the
+    change) are the old positions the new tensor holds; the others read 0 after a Sigmoid/Softmax and
+    -1e4 before (a score that never wins). Returns the filled value's description."""
+    import tensorflow as tf
+
+    tensor, axis = member.tensor, member.axis
+    dtype = graph.dtype(tensor)
+    probs = graph.producer(tensor).op in SCORE_OPS
+    fill = 0.0 if probs else -1e4
+    where = {int(p): j for j, p in enumerate(old_positions)}
+    idx = np.array([where.get(p, 0) for p in range(member.dim)], np.int32)
+    mask = np.array([p in where for p in range(member.dim)])
+    base = f"{tensor.node}/classes_back"
+
+    def add(suffix, op, inputs=(), **attrs):
+        return graph.add_node(f"{base}/{suffix}" if suffix else base, op, inputs, attrs=attrs, unique=True)
+
+    gathered = add("gather", "GatherV2", [tensor, add("idx", "Const", dtype=tf.int32, value=idx),
+                                          add("axis", "Const", dtype=tf.int32, value=np.array(axis, np.int32))],
+                   Tparams=dtype, Tindices=tf.int32, Taxis=tf.int32, batch_dims=0)
+    out = add("", "SelectV2", [add("mask", "Const", dtype=tf.bool, value=mask), gathered,
+                               add("fill", "Const", dtype=dtype, value=np.array(fill, dtype.as_numpy_dtype))],
+              T=dtype)
+    graph.replace_all_uses(graph.node(stand_in).output(0), out.output(0))
+    graph.remove_node(stand_in)
+    return "0 (probabilities)" if probs else "-1e4 (logits)"
+
+
+def class_id_outputs(graph: Graph, tensor) -> list:
+    """Outputs named like class ids (detection_classes, classes, labels) computed from ``tensor``."""
+    return [o.name for o in graph.outputs if CLASS_ID_NAMES.search(o.name)
+            and tensor.node in graph.ancestors([o.tensor.node])]

@@ -443,6 +443,15 @@ class Graph:
                 out.add(n)
         return out
 
+    def descendants(self, names: Iterable[str]) -> set[str]:
+        """Every node that depends on ``names`` (data or control), including themselves."""
+        out = set()
+        for n in names:
+            if n not in out:
+                out |= nx.descendants(self._g, n)
+                out.add(n)
+        return out
+
     def live_nodes(self) -> set[str]:
         """Names of the nodes the signature outputs need (plus the signature's input Placeholders)."""
         live = self.ancestors(a.tensor.node for a in self.outputs)
