@@ -346,6 +346,8 @@ class Member:
         input (``tf.slice(scores, [0, 0, 1], [-1, -1, -1])`` drops a background class; a
         ``[boxes | classes]`` tensor split by two slices): its begin/end (or size) are recomputed
         from the positions that survive, which must stay contiguous inside the range;
+      * ``"count"``: element ``axis`` of node ``name``'s constant input ``port`` is the channel count
+        (a Tile's multiple that broadcasts one box to every class): rewritten to the new count;
       * ``"stat"``: ``Mean`` node ``name`` averages the channels (``axis`` of its input) for a layer
         norm: ``role`` ``"mean"`` (``Mean(x)``) or ``"variance"`` (``Mean(SquaredDifference(x, mean))``).
         When channels go, it is corrected to average over all ``dim`` channels with the removed ones
@@ -366,7 +368,7 @@ class Member:
     @property
     def tensor(self) -> Tensor | None:
         """The tensor this member is (weights: the Weight node's output)."""
-        return None if self.kind in ("reshape", "stat", "slice") else Tensor.parse(self.name)
+        return None if self.kind in ("reshape", "stat", "slice", "count") else Tensor.parse(self.name)
 
     def positions(self, keep: Sequence[int]) -> np.ndarray:
         """Old positions along ``axis`` that remain after :func:`apply_keep` with ``keep``, in order."""
@@ -375,8 +377,8 @@ class Member:
     def __repr__(self) -> str:
         if self.kind == "reshape":
             return f"<Member reshape {self.name} port {self.port}>"
-        if self.kind == "slice":
-            return f"<Member slice {self.name} axis {self.axis}>"
+        if self.kind in ("slice", "count"):
+            return f"<Member {self.kind} {self.name} axis {self.axis}>"
         if self.kind == "stat":
             return f"<Member stat {self.role} {self.name} axis {self.axis} dim {self.dim}>"
         role = f" {self.role}" if self.role else ""
@@ -469,6 +471,7 @@ class _Walk:
         self.const_users: dict = {}
         self.shape_members: dict = {}  # node name -> port
         self.slice_members: dict = {}  # Slice/StridedSlice node name -> input axis
+        self.count_members: dict = {}  # node name -> (port, element)
         self.stats: dict = {}  # Mean node name -> (role, input tensor, axis, extra)
         self.blockers: list = []
         self.outputs: list = []
@@ -503,6 +506,14 @@ class _Walk:
 
     def slice_member(self, node: Node, axis: int) -> None:
         self.slice_members[node.name] = axis
+
+    def count_member(self, node: Node, port: int, element: int) -> None:
+        """Element ``element`` of constant input ``port`` of ``node`` is the channel count of its
+        output axis ``element`` (rewritten when channels go or come)."""
+        self.graph.input(node, port)
+        if constant_value(self.graph, self.graph.input(node, port)) is None:
+            raise Blocked(f"input {port} (the channel count) is not a constant")
+        self.count_members[node.name] = (port, element)
 
     def reduces(self, node: Node, port: int, axis: int, ids_ports=()) -> None:
         """``node`` picks among the channels of its input ``port`` on ``axis`` (ArgMax, TopK, NMS over
@@ -626,6 +637,8 @@ class _Walk:
             members.append(Member("reshape", name, port=port))
         for name, axis in self.slice_members.items():
             members.append(Member("slice", name, axis))
+        for name, (port, element) in self.count_members.items():
+            members.append(Member("count", name, element, port=port))
         for name, (role, t, axis, extra) in self.stats.items():
             members.append(Member("stat", name, axis, self.maps[(t, axis)], g.shape(t)[axis], role=role,
                                   users=extra))
@@ -758,6 +771,7 @@ def apply_keeps(graph: Graph, changes: Sequence[tuple]) -> None:
     entries: dict[tuple, dict] = {}
     reshapes: dict[str, int] = {}
     slices: dict[str, int] = {}
+    counts: dict[str, tuple] = {}
     seen: set[int] = set()
     for group, keep in changes:
         if id(group) in seen:
@@ -768,13 +782,15 @@ def apply_keeps(graph: Graph, changes: Sequence[tuple]) -> None:
                                f"changed: blocked at " + "; ".join(str(b) for b in group.blockers))
         keep = _check_keep(keep, group.size)
         for m in group.members:
-            if m.kind in ("reshape", "slice"):
+            if m.kind in ("reshape", "slice", "count"):
                 if not graph.has_node(m.name):
                     raise ChannelError(f"channel group {group.name} is stale: node {m.name!r} is gone")
                 if m.kind == "reshape":
                     reshapes[m.name] = m.port
-                else:
+                elif m.kind == "slice":
                     slices[m.name] = m.axis
+                else:
+                    counts[m.name] = (m.port, m.axis)
                 continue
             cur = _current_dim(graph, m)
             if cur != m.dim:
@@ -795,6 +811,10 @@ def apply_keeps(graph: Graph, changes: Sequence[tuple]) -> None:
         _correct_stats(graph, entries, undo)
         for name, axis in slices.items():
             _rebuild_slice(graph, graph.node(name), axis, entries, undo)
+        for name, (port, element) in counts.items():
+            e = entries.get(("tensor", str(graph.node(name).output(0)), element))
+            if e is not None:
+                _set_count(graph, graph.node(name), port, element, len(e["positions"]), undo)
         for name, port in reshapes.items():
             node = graph.node(name)
             out = str(node.output(0))
@@ -926,6 +946,18 @@ def _rebuild_slice(graph: Graph, node: Node, axis: int, entries: dict, undo: lis
                 undo.append(lambda m=mask, v=old: node.set_attr(m, v))
 
 
+def _set_count(graph: Graph, node: Node, port: int, element: int, count: int, undo: list) -> None:
+    """Point constant input ``port`` of ``node`` at a copy whose element ``element`` is ``count``."""
+    old_t = graph.input(node, port)
+    value = np.array(constant_value(graph, old_t))
+    value[element] = count
+    c = graph.add_node(f"{node.name}/count", "Const", unique=True,
+                       attrs={"dtype": graph.dtype(old_t), "value": value})
+    undo.append(lambda n=c.name: graph.remove_node(n, safe=False))
+    graph.set_input(node, port, c.output(0))
+    undo.append(lambda: graph.set_input(node, port, old_t))
+
+
 def _remove_orphans(graph: Graph, names: list) -> None:
     """Remove nodes nothing reads any more (the old shape vectors: Pack ← StridedSlice ← Shape), and
     then their inputs that became unread. Weights and Placeholders stay."""
@@ -1032,10 +1064,13 @@ def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable) -> Non
         raise ChannelError(f"channel group {group.name} (seed {group.seed[0]} axis {group.seed[1]}) cannot grow: "
                            f"layer norm {group.normalized_by[0]!r} averages over its channels, so new channels "
                            "would change the existing ones")
-    plan, reshapes = [], {}
+    plan, reshapes, counts = [], {}, {}
     for m in group.members:
         if m.kind == "reshape":
             reshapes[m.name] = m.port
+            continue
+        if m.kind == "count":
+            counts[m.name] = (m.port, m.axis)
             continue
         if m.kind == "slice":
             raise ChannelError(f"cannot add channels to channel group {group.name}: {m.name!r} takes a range of "
@@ -1075,6 +1110,11 @@ def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable) -> Non
                     graph.set_input(user, port, clone.output(0))
                     undo.append(lambda u=user, p=port, t=node.output(0): graph.set_input(u, p, t))
         lengths = {(m.name, m.axis): m.dim // size * (size + n) for m, _ in plan if m.kind == "tensor"}
+        for name, (port, element) in counts.items():
+            node = graph.node(name)
+            new_len = lengths.get((str(node.output(0)), element))
+            if new_len is not None:
+                _set_count(graph, node, port, element, new_len, undo)
         for name, port in reshapes.items():
             node = graph.node(name)
             out = str(node.output(0))
@@ -1744,11 +1784,9 @@ def _slice(ctx, node, at):
 def _gather(ctx, node, at):
     """Gathering along another axis passes the channels on; along the channel axis it blocks."""
     _data_port(node, at)
-    if node.attr("batch_dims", 0):
-        raise Blocked("GatherV2 with batch_dims")
     rank = len(ctx.in_shape(node, 0))
     gax = int(ctx.const(node, 2)) % rank
-    nidx = len(ctx.in_shape(node, 1))
+    nidx = len(ctx.in_shape(node, 1)) - int(node.attr("batch_dims", 0) or 0)  # index dims in the output
     if at.io == "in":
         a = at.axis
     elif gax <= at.axis < gax + nidx:
@@ -1803,3 +1841,26 @@ def _combined_nms(ctx, node, at):
         raise Blocked("boxes are per class but the scores have another class count")
     ctx.reduces(node, 1, 2, ids_ports=(2,))
     return [In(0, 2, at.imap), In(1, 2, at.imap)] if q == k and q != 1 else []
+
+
+@channel_rule("Tile")
+def _tile(ctx, node, at):
+    """Multiples of 1 pass the channels on; tiling the channel axis repeats each channel's positions
+    (``c + C·j``); an axis of length 1 tiled to the channel count (one class-agnostic box per class)
+    starts the channels there: its multiple is rewritten with the count."""
+    _data_port(node, at)
+    mult = [int(m) for m in np.atleast_1d(ctx.const(node, 1))]
+    src = ctx.in_shape(node, 0)
+    a = at.axis
+    if mult[a] == 1:
+        return [In(0, a, at.imap), Out(0, a, at.imap)]
+    if at.io == "out":
+        if src[a] == 1:
+            ctx.count_member(node, 1, a)
+            return [Out(0, a, at.imap)]
+        raise Blocked(f"tiles axis {a} (the channel axis) {mult[a]} times")
+    if src[a] is None:
+        raise Blocked(f"tiles axis {a}, which has no static length")
+    rows = at.imap.rows
+    tiled = np.concatenate([np.where(rows >= 0, rows + src[a] * j, -1) for j in range(mult[a])], axis=1)
+    return [Out(0, a, _normalize(tiled))]
