@@ -65,6 +65,7 @@ def subset(graph, opts: SubsetOptions) -> PassResult:
     if expanded is not None:
         old_positions = expanded.positions(keep)
         tensor = expanded.tensor
+        id_outputs = class_id_outputs(graph, tensor)
         stand_in = cut(graph, tensor)
         try:
             group = class_group(graph, head.tensor, head.axis, f"output {head.output!r} (up to {tensor})",
@@ -89,7 +90,7 @@ def subset(graph, opts: SubsetOptions) -> PassResult:
         sliced.setdefault(name, axis)
     ids_map = remap_ids(graph, group, keep)
     if expanded is not None:  # the post-processing computes the original ids
-        ids_map = {name: {int(k): j for j, k in enumerate(keep)} for name in class_id_outputs(graph, tensor)}
+        ids_map = {name: {int(k): j for j, k in enumerate(keep)} for name in id_outputs}
     try:
         apply_keeps(graph, changes)
     except Exception:

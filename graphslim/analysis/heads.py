@@ -221,6 +221,9 @@ def _internal_heads(graph: Graph) -> list:
     if len(out) > 1:  # several picks: the one the network's class convolutions produce
         produced = [w for w in out if group_for(graph, *w).sources]
         out = produced or out
+    if len(out) > 1:  # 4 per anchor are box coordinates (or named so)
+        classes = [w for w in out if graph.shape(w[0])[w[1]] != 4 and not NOT_CLASS_NAMES.search(w[0].node)]
+        out = classes or out
     return out
 
 

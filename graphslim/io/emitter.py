@@ -54,11 +54,15 @@ from tensorflow.core.framework import graph_pb2
 
 from graphslim import __version__
 from graphslim.errors import EmitCheckError, EmitError, XlaCheckWarning
-from graphslim.ir.functions import graph_closure
+import itertools
+
+from graphslim.ir.functions import graph_closure, rename_library
 from graphslim.ir.graph import WEIGHT_OP, Graph, Tensor
 from graphslim.ir.tfconv import graph_to_graph_def, parse_input
 
 __all__ = ["save", "xla_cpu_caveats"]
+
+_EMITS = itertools.count()  # functions are renamed per emit: TensorFlow keeps one per name per process
 
 # A node name TensorFlow accepts for an op created from Python (``ops._VALID_OP_NAME_REGEX``).
 _VALID_OP_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*$")
@@ -383,6 +387,7 @@ def _graph_def(graph: Graph, input_nodes: set) -> tuple[graph_pb2.GraphDef, dict
             continue  # read by nothing: still a variable of the model, but not in the function
         order.append(node)
     gd = graph_to_graph_def(graph, order)
+    rename_library(gd, f"gs{next(_EMITS)}_{os.getpid()}")
     # The function graph it is imported into has TensorFlow's current producer version, and so will
     # the SavedModel; declaring it here checks op deprecations now and avoids a version warning.
     gd.versions.producer = max(gd.versions.producer, tf.version.GRAPH_DEF_VERSION)

@@ -28,7 +28,8 @@ import hashlib
 
 from graphslim.errors import LoadError
 
-__all__ = ["CALL_INPUTS", "node_refs", "closure", "graph_closure", "specialize_resource_args"]
+__all__ = ["CALL_INPUTS", "node_refs", "closure", "graph_closure", "specialize_resource_args",
+           "rename_library"]
 
 DT_RESOURCE = 20
 
@@ -307,3 +308,44 @@ def _set_shape(proto, shape) -> None:
         return
     for d in shape:
         proto.dim.add().size = -1 if d is None else int(d)
+
+
+def rename_library(graph_def, suffix: str) -> None:
+    """Give every function of ``graph_def``'s library a new name (``<name>_<suffix>``) and rewrite
+    every reference (func attrs, nested; direct calls by op type) in the graph and in the functions.
+    TensorFlow keeps one function per name for the whole process: a model traced in the same process
+    (a user who saves a model and slims it in one script) may hold other functions of those names."""
+    names = {f.signature.name for f in graph_def.library.function}
+    if not names:
+        return
+    new = {n: f"{n}_{suffix}" for n in names}
+
+    def fix_attrs(attr_map):
+        stack = list(attr_map.values())
+        while stack:
+            v = stack.pop()
+            kind = v.WhichOneof("value")
+            if kind == "func":
+                if v.func.name in new:
+                    v.func.name = new[v.func.name]
+                stack.extend(v.func.attr.values())
+            elif kind == "list":
+                for f in v.list.func:
+                    if f.name in new:
+                        f.name = new[f.name]
+                    stack.extend(f.attr.values())
+
+    def fix_node(nd):
+        if nd.op in new:
+            nd.op = new[nd.op]
+        fix_attrs(nd.attr)
+
+    for nd in graph_def.node:
+        fix_node(nd)
+    for f in graph_def.library.function:
+        f.signature.name = new[f.signature.name]
+        for nd in f.node_def:
+            fix_node(nd)
+    for g in graph_def.library.gradient:
+        if g.function_name in new:
+            g.function_name = new[g.function_name]

@@ -322,3 +322,55 @@ def test_subset_detector_with_nms_in_the_graph(tmp_path, ids):
         assert kept_before <= got  # every original detection of a kept class, same box and score
         allowed = set(new_id) if ids == "original" else set(new_id.values())
         assert {c for c, _, _ in got} <= allowed
+
+
+class _UnrolledNmsDetector(tf.Module):
+    """Post-processing the class axis cannot be followed through, as tf-models-official's 'v2' NMS
+    writes it: one NMS per class, unrolled in Python, ids from tf.fill(.., i), then a top-k over all."""
+
+    def __init__(self, k=6, anchors=30):
+        rng = np.random.default_rng(1)
+        self.cls = tf.Variable(rng.normal(size=(6, anchors * k)).astype("float32") * 2, name="cls/kernel")
+        self.box = tf.Variable(rng.normal(size=(6, anchors * 4)).astype("float32"), name="box/kernel")
+        self.k, self.a = k, anchors
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32)])
+    def __call__(self, x):
+        scores = tf.sigmoid(tf.reshape(tf.matmul(x, self.cls), [-1, self.a, self.k]))
+        boxes = tf.sigmoid(tf.reshape(tf.matmul(x, self.box), [-1, self.a, 4]))
+        all_s, all_b, all_c = [], [], []
+        for i in range(self.k):
+            s_i = scores[:, :, i]
+            idx, n = tf.image.non_max_suppression_padded(boxes, s_i, 5, 0.5, 0.3, pad_to_max_output_size=True)
+            all_s.append(tf.gather(s_i, idx, batch_dims=1) * tf.cast(tf.sequence_mask(n, 5), tf.float32))
+            all_b.append(tf.gather(boxes, idx, batch_dims=1))
+            all_c.append(tf.fill(tf.shape(idx), i))
+        s, top = tf.nn.top_k(tf.concat(all_s, 1), k=8)
+        return {"detection_scores": s, "detection_boxes": tf.gather(tf.concat(all_b, 1), top, batch_dims=1),
+                "detection_classes": tf.gather(tf.concat(all_c, 1), top, batch_dims=1),
+                "num_detections": tf.reduce_sum(tf.cast(s > 0, tf.int32), 1)}
+
+
+@pytest.mark.parametrize("ids", ["new", "original"])
+def test_subset_keeps_unfollowable_post_processing_whole(tmp_path, ids):
+    m = _UnrolledNmsDetector()
+    src = tmp_path / "m"
+    tf.saved_model.save(m, str(src), signatures={"serving_default": m.__call__})
+    g = graphslim.load(src)
+    rep = graphslim.run_pipeline(g, f"subset{{keep=4,1 ids={ids}}},dce")
+    stats = rep.passes[0]["stats"]
+    assert "kept whole" in stats["postprocess"] and stats["classes_before"] == 6
+    assert g.weights["cls/kernel"].value.shape == (6, 30 * 2)
+    out = graphslim.save(g, tmp_path / "out")
+    x = {"x": np.random.RandomState(3).normal(size=(6, 6)).astype("float32")}
+    before, after = run_saved_model(src, x), run_saved_model(out, x)
+    new_id = {4: 0, 1: 1}
+    seen = 0
+    for i in range(6):
+        kept_before = {(c if ids == "original" else new_id[c], s, b) for c, s, b in _detections(before, i) if c in new_id}
+        got = _detections(after, i)
+        seen += len(kept_before)
+        assert kept_before <= got  # every original detection of a kept class, same box and score
+        allowed = set(new_id) if ids == "original" else set(new_id.values())
+        assert {c for c, _, _ in got} <= allowed
+    assert seen > 0
