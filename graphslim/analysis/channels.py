@@ -1014,6 +1014,11 @@ def _grow_layout(imap: IndexMap, dim: int) -> str | None:
     [N, 4K] per-class boxes); None when the axis is not wholly the group's."""
     rows = imap.rows
     size, k = rows.shape
+    present = imap.present
+    off = int(np.argmax(present)) if present.any() else size
+    if k == 1 and off > 0 and present[off:].all() and dim == size - off and \
+            np.array_equal(rows[off:, 0], np.arange(dim)):
+        return "tail"  # past a slice that dropped the first channels (the background): grows at the end
     if (rows < 0).any() or dim != size * k:
         return None
     c, j = np.arange(size)[:, None], np.arange(k)[None, :]
@@ -1073,9 +1078,15 @@ def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable) -> Non
             counts[m.name] = (m.port, m.axis)
             continue
         if m.kind == "slice":
-            raise ChannelError(f"cannot add channels to channel group {group.name}: {m.name!r} takes a range of "
-                               f"its axis {m.axis} (e.g. drops a background class), and new channels would fall "
-                               "outside it")
+            node = graph.node(m.name)
+            open_end = (node.op == "Slice" and int(np.atleast_1d(constant_value(graph, graph.input(node, 2)))[m.axis]) == -1) \
+                or (node.op == "StridedSlice" and node.attr("end_mask", 0) >> _sparse_index(
+                    node, m.axis, len(graph.shape(graph.input(node, 0))),
+                    len(np.atleast_1d(constant_value(graph, graph.input(node, 1))))) & 1)
+            if not open_end:
+                raise ChannelError(f"cannot add channels to channel group {group.name}: {m.name!r} takes a range "
+                                   f"of its axis {m.axis} that ends before the new channels")
+            continue
         if _current_dim(graph, m) != m.dim:
             raise ChannelError(f"channel group {group.name} is stale: {m.kind} {m.name!r} changed; recompute it")
         layout = _grow_layout(m.index_map, m.dim)
@@ -1086,18 +1097,22 @@ def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable) -> Non
     undo: list[Callable] = []
     replaced: list[Tensor] = []
     size = group.size
+    def grown_length(m, layout):
+        return m.dim + n if layout == "tail" else m.dim // size * (size + n)
+
     try:
         for m, layout in plan:
             if m.kind not in ("weight", "const"):
                 continue
             k = m.index_map.width
+            lay, csize = ("interleaved", m.dim) if layout == "tail" else (layout, size)
             old = graph.weight(m.name).value if m.kind == "weight" else graph.node(m.name).attr("value")
-            blocks = _channel_blocks(old, m.axis, layout, size, k)
+            blocks = _channel_blocks(old, m.axis, lay, csize, k)
             new = np.asarray(init(m, blocks), dtype=old.dtype)
             if new.shape != (n,) + blocks.shape[1:]:
                 raise ChannelError(f"init for {m.kind} {m.name!r} returned shape {new.shape}, expected "
                                    f"{(n,) + blocks.shape[1:]}")
-            grown = _grow_value(old, m.axis, layout, size, k, new)
+            grown = _grow_value(old, m.axis, lay, csize, k, new)
             if m.kind == "weight":
                 graph.set_weight(m.name, grown)
                 undo.append(lambda name=m.name, old=old: graph.set_weight(name, old))
@@ -1109,7 +1124,7 @@ def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable) -> Non
                 for user, port in m.users:
                     graph.set_input(user, port, clone.output(0))
                     undo.append(lambda u=user, p=port, t=node.output(0): graph.set_input(u, p, t))
-        lengths = {(m.name, m.axis): m.dim // size * (size + n) for m, _ in plan if m.kind == "tensor"}
+        lengths = {(m.name, m.axis): grown_length(m, lay) for m, lay in plan if m.kind == "tensor"}
         for name, (port, element) in counts.items():
             node = graph.node(name)
             new_len = lengths.get((str(node.output(0)), element))
@@ -1121,9 +1136,9 @@ def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable) -> Non
             new_shape = tuple(lengths.get((out, a), d) for a, d in enumerate(node.shapes[0]))
             replaced += _rebuild_shape_input(graph, node, port, new_shape, undo)
         graph.infer_shapes()
-        for m, _ in plan:
+        for m, lay in plan:
             got = _current_dim(graph, m) if m.kind in ("tensor", "weight") else None
-            want = m.dim // size * (size + n)
+            want = grown_length(m, lay)
             if got is not None and got != want:
                 raise ChannelError(f"after growing, {m.kind} {m.name!r} axis {m.axis} has length {got}, expected {want}")
     except Exception:
