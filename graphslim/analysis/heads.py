@@ -417,8 +417,9 @@ def drop_outputs(graph, names, pass_name: str) -> list:
 def class_group(graph, tensor, axis, where: str, pass_name: str):
     group = group_for(graph, tensor, axis)
     if group.blockers:
-        raise PassError(f"{pass_name}: the class axis of {where} cannot be changed: blocked at "
-                        + "; ".join(str(b) for b in group.blockers)
+        shown = "; ".join(str(b) for b in group.blockers[:3])
+        more = f" (and {len(group.blockers) - 3} more)" if len(group.blockers) > 3 else ""
+        raise PassError(f"{pass_name}: the class axis of {where} cannot be changed: blocked at " + shown + more
                         + ". graphslim has no channel rule for that op; remove it from the head, or open an "
                           "issue naming the op.")
     if group.touches_inputs:
