@@ -16,7 +16,8 @@ random-weight models are chaotic (EfficientNetV2M's activations reach 1e6, and a
 moves its logits by 70%), so any exact rewrite that reorders float32 arithmetic (fold-batchnorm too)
 changes them by as much; such a cell says "at noise".
 A cell says ok with the measured max abs error, 'refused: <reason>' (a clear graphslim error), or
-FAIL (anything else: a crash, a wrong result, a model that does not load).
+FAIL (anything else: a crash, a wrong result, a model that does not load: every written model is
+loaded with tf.saved_model.load, and the row records "loads").
 """
 
 from __future__ import annotations
@@ -94,7 +95,11 @@ def _child(arch: str, tmp: Path) -> None:
             g = graphslim.load(src)
             rep = graphslim.run_pipeline(g, pipeline)
             out = graphslim.save(g, tmp / label, force=True)
-            got_obj = tf.saved_model.load(str(out))
+            try:  # what graphslim wrote must load (the emitter checks it too): a row never hides that
+                got_obj = tf.saved_model.load(str(out))
+            except Exception as exc:  # noqa: BLE001
+                raise RuntimeError(f"the written model does not load: {exc}") from exc
+            row["loads"] = True
             got = {k: v.numpy() for k, v in got_obj.signatures["serving_default"](**{name: tf.constant(x)}).items()}
             (k, r), = ref.items()
             y = got[k]

@@ -1879,3 +1879,30 @@ def _tile(ctx, node, at):
     rows = at.imap.rows
     tiled = np.concatenate([np.where(rows >= 0, rows + src[a] * j, -1) for j in range(mult[a])], axis=1)
     return [Out(0, a, _normalize(tiled))]
+
+
+@channel_rule("Pack")
+def _pack(ctx, node, at):
+    """Stacking along a new axis: every input's channels are the output's (axis renumbered)."""
+    rank = len(ctx.out_shape(node))
+    axis = int(node.attr("axis", 0) or 0) % rank
+    if at.io == "out":
+        if at.axis == axis:
+            raise _not_channel(node, at)
+        a = at.axis if at.axis < axis else at.axis - 1
+    else:
+        a = at.axis
+    n = len(ctx.graph.inputs_of(node))
+    return [In(p, a, at.imap) for p in range(n)] + [Out(0, a if a < axis else a + 1, at.imap)]
+
+
+@channel_rule("Unpack")
+def _unpack(ctx, node, at):
+    """Unstacking along another axis than the channels': every output carries them (renumbered)."""
+    _data_port(node, at)
+    rank = len(ctx.in_shape(node, 0))
+    axis = int(node.attr("axis", 0) or 0) % rank
+    a = at.axis if at.io == "in" else (at.axis if at.axis < axis else at.axis + 1)
+    if a == axis:
+        raise Blocked(f"unstacks along axis {a} (the channel axis)")
+    return [In(0, a, at.imap)] + [Out(p, a if a < axis else a - 1, at.imap) for p in range(node.num_outputs)]

@@ -975,3 +975,22 @@ def test_partial_slice_of_the_channel_axis_is_rebuilt():
     apply_keep(g, grp, [1, 3, 4])  # the slice [1, 3) keeps channel 1 only: [0, 1) of the new axis
     assert g.shape(g.outputs[0].tensor)[-1] == 1
     np.testing.assert_allclose(run(g, {"x": x})[g.outputs[0].name], before[g.outputs[0].name][..., [0]], rtol=1e-6)
+
+
+def test_pack_and_unpack_carry_the_channels():
+    """tf.stack of two levels' class scores, then tf.unstack: the channel axis follows (renumbered)."""
+    n = Net((None, 4, 4, 2))
+    a = n.relu("ra", n.conv("c1", n.x, 2, 5))
+    b = n.op("neg", "Neg", a)
+    packed = n.op("stack", "Pack", a, b, N=2, axis=1)  # [N, 2, 4, 4, 5]
+    parts = n.op("unstack", "Unpack", packed, num=2, axis=1)
+    g = n.done(n.op("sum", "AddV2", "unstack:0", "unstack:1"))
+    grp = group_for(g, "c1/Conv2D:0", 3)
+    assert not grp.blockers, format_groups([grp])
+    assert grp.covers("stack:0", 4) and grp.covers("unstack:1", 3)
+    x = np.random.RandomState(0).normal(size=(2, 4, 4, 2)).astype("float32")
+    zero_produced_channels(g, grp, [1, 3])
+    before = run(g, {"x": x})
+    apply_keep(g, grp, [0, 2, 4])
+    out = g.outputs[0].name
+    np.testing.assert_allclose(run(g, {"x": x})[out], before[out][..., [0, 2, 4]], rtol=1e-6, atol=1e-6)

@@ -1,0 +1,202 @@
+"""Real detectors through graphslim: correctness of round trip, subset and extend, and what subset buys.
+
+    python benchmarks/detectors.py [--only tfm_retinanet,keras_cv_yolov8] [--rounds 9] [--json out.json]
+
+Every detector of fixtures/detectors.py (keras-hub RetinaNet; tf-models-official RetinaNet with its
+'v2', 'v1' and 'batched' NMS and Mask R-CNN, written by its own export_inference_graph; keras-cv
+YOLOv8), built with random weights and fixed seeds, on its own seeded inputs (inputs.npz):
+
+  roundtrip   load + save: the same detections (raw heads: max abs difference)
+  subset20    subset{keep=0..19} (background=true where class 0 is the background): kept-class
+              detections of the original missing from the output (same id, box and score), ids outside
+              the kept set; raw heads: max abs difference of the kept logits
+  extend2     extend{classes=2}: old classes' detections lost to anything but a higher-scoring new
+              class (raw heads: max abs difference of the old logits), or the refusal
+  prune30     prune{ratio=0.3}: loads, runs, keeps every output shape
+  params, MACs before/after subset20, and its latency speedup, post-processing included: the original
+  and the subset model timed by `graphslim bench` (batch of inputs.npz, 2 threads, the models taking
+  turns in every round, medians). Latency is a ratio measured side by side in one run: this machine
+  is shared and noisy.
+
+Each detector runs in its own subprocess (a crash cannot take the report down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKGROUND = {"tfm_retinanet", "tfm_retinanet_batched", "tfm_retinanet_nms_v1", "tfm_maskrcnn"}
+
+
+def _detectors():
+    spec = importlib.util.spec_from_file_location("detectors", ROOT / "fixtures" / "detectors.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def child(name: str, rounds: int) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    import tensorflow as tf
+
+    import graphslim
+    from graphslim.errors import GraphslimError
+
+    det = _detectors()
+    src = det.build(name)
+    feed = det.load_inputs(src)
+    tmp = Path(tempfile.mkdtemp(prefix=f"det_{name}_"))
+    row = {"name": name}
+
+    def run(path):
+        fn = tf.saved_model.load(str(path)).signatures["serving_default"]
+        return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in feed.items()}).items()}
+
+    def field(out, *names):
+        return next(out[n] for n in names if n in out)
+
+    def dets(out, i):
+        n = int(field(out, "num_detections")[i])
+        return {(int(c), round(float(s), 4), tuple(np.round(b, 2))) for b, s, c in zip(
+            field(out, "detection_boxes", "boxes")[i][:n], field(out, "detection_scores", "confidence")[i][:n],
+            field(out, "detection_classes", "classes")[i][:n])}
+
+    raw = None
+    try:
+        before = run(src)
+        raw = "cls_logits" in before
+        images = len(next(iter(feed.values())))
+        bg = " background=true" if name in BACKGROUND else ""
+        # --- round trip
+        t = time.perf_counter()
+        g = graphslim.load(src)
+        out = graphslim.save(g, tmp / "rt")
+        after = run(out)
+        if raw:
+            row["roundtrip"] = {"max_abs_diff": max(float(np.abs(after[k] - before[k]).max()) for k in before)}
+        else:
+            row["roundtrip"] = {"same_detections": all(dets(after, i) == dets(before, i) for i in range(images)),
+                                "detections": sum(len(dets(before, i)) for i in range(images))}
+        row["roundtrip"]["seconds"] = round(time.perf_counter() - t, 1)
+        # --- subset to 20 classes
+        keep = list(range(20))
+        g = graphslim.load(src)
+        c0 = g.cost()
+        rep = graphslim.run_pipeline(g, f"subset{{keep={','.join(map(str, keep))}{bg}}},dce")
+        c1 = g.cost()
+        sub = graphslim.save(g, tmp / "subset")
+        after = run(sub)
+        st = rep.passes[0]["stats"]
+        row["subset20"] = {"params": [c0.params, c1.params], "macs": [c0.macs, c1.macs],
+                           "postprocess": st.get("postprocess") or "followed"}
+        if raw:
+            row["subset20"]["kept_logits_max_abs_diff"] = float(np.abs(after["cls_logits"] - before["cls_logits"][..., keep]).max())
+        else:
+            new = {k: j for j, k in enumerate(keep)}
+            total = lost = outside = 0
+            for i in range(images):
+                got = dets(after, i)
+                outside += sum(c not in new.values() for c, _, _ in got)
+                kept = {(new[c], s, b) for c, s, b in dets(before, i) if c in new and c != 0}
+                total += len(kept)
+                lost += len(kept - got)
+            row["subset20"].update(kept_detections=total, lost=lost, ids_outside_kept=outside)
+        # latency, post-processing included: graphslim bench, the models taking turns
+        inputs = tmp / "inputs.npz"
+        np.savez(inputs, **feed)
+        bench = subprocess.run([str(Path(sys.executable).parent / "graphslim"), "bench", str(src), str(sub), "--inputs",
+                                str(inputs), "--threads", "2", "--rounds", str(rounds), "--calls", "1", "--json"],
+                               capture_output=True, text=True)
+        if bench.returncode == 0:
+            models = json.loads(bench.stdout)["models"]
+            row["subset20"]["latency_ms"] = [round(m["median_ms"], 1) for m in models]
+            row["subset20"]["speedup"] = round(models[1]["speedup"], 3)
+        else:
+            row["subset20"]["latency"] = f"bench failed: {bench.stderr.strip().splitlines()[-1:]}"
+        # --- extend by 2
+        g = graphslim.load(src)
+        try:
+            graphslim.run_pipeline(g, f"extend{{classes=2{bg}}}")
+            after = run(graphslim.save(g, tmp / "extend"))
+            if raw:
+                row["extend2"] = {"old_logits_max_abs_diff": float(np.abs(after["cls_logits"][..., :91] - before["cls_logits"]).max())}
+            else:
+                lost = 0
+                for i in range(images):
+                    got = dets(after, i)
+                    best_new = max([s for c, s, _ in got if c >= 91], default=0.0)
+                    lost += len({d for d in dets(before, i) if d[1] > best_new} - got)
+                row["extend2"] = {"old_detections_lost": lost}
+        except GraphslimError as exc:
+            row["extend2"] = {"refused": str(exc).splitlines()[0][:240]}
+        # --- prune
+        g = graphslim.load(src)
+        graphslim.run_pipeline(g, "prune{ratio=0.3},dce")
+        after = run(graphslim.save(g, tmp / "prune"))
+        row["prune30"] = {"loads_and_runs": True, "shapes_kept": all(after[k].shape == before[k].shape for k in before),
+                          "macs_ratio": round(g.cost().macs / max(1, c0.macs), 3)}
+    except Exception as exc:  # noqa: BLE001 - the report records every failure
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated detector names")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.rounds)), flush=True)
+        return 0
+    names = [n for n in args.only.split(",") if n] or list(_detectors().NAMES)
+    rows = []
+    for name in names:
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--rounds", str(args.rounds)],
+                              capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        row = json.loads(lines[-1]) if lines else {"name": name, "error": f"exit {proc.returncode}: "
+                                                   f"{(proc.stderr.strip().splitlines() or [''])[-1][:300]}"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print()
+    print(f"{'detector':24} {'round trip':18} {'subset 20: params':20} {'MACs':16} {'speedup':8} "
+          f"{'kept lost':10} {'extend 2':28} prune")
+    for r in rows:
+        if "error" in r and "subset20" not in r:
+            print(f"{r['name']:24} ERROR {r['error']}")
+            continue
+        rt = r.get("roundtrip", {})
+        rt_s = ("same" if rt.get("same_detections") else "DIFFERENT") if "same_detections" in rt \
+            else f"diff {rt.get('max_abs_diff', float('nan')):.1e}"
+        s = r.get("subset20", {})
+        p0, p1 = s.get("params", [0, 1])
+        m0, m1 = s.get("macs", [0, 1])
+        lost = f"{s['lost']}/{s['kept_detections']}" if "lost" in s else f"{s.get('kept_logits_max_abs_diff', 0):.1e}"
+        e = r.get("extend2", {})
+        e_s = "refused" if "refused" in e else (f"lost {e['old_detections_lost']}" if "old_detections_lost" in e
+                                                else f"diff {e.get('old_logits_max_abs_diff', 0):.1e}")
+        print(f"{r['name']:24} {rt_s:18} {p1 / max(1, p0):.3f}x{'':14} "
+              f"{(m1 / m0) if m0 else float('nan'):.3f}x{'':10} {s.get('speedup', float('nan')):<8} {lost:10} "
+              f"{e_s:28} {'ok' if r.get('prune30', {}).get('shapes_kept') else r.get('error', '?')}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
