@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graphslim.errors import LoadError
+from graphslim.ir.functions import attr_refs
 
 __all__ = ["Finding", "ScanNote", "UnsafeModelError", "check_safe", "dangerous_ops", "scan_graph_def",
            "scan_ir", "scan_meta_graph", "scan_path", "scan_report", "check_paths", "parse_allow_ops"]
@@ -233,28 +234,6 @@ def parse_allow_ops(values) -> frozenset[str]:
     return frozenset(out)
 
 
-def _refs(attr_map, library: set) -> set[str]:
-    """Library functions an AttrValue map refers to (``func`` and ``list.func`` attrs, nested)."""
-    out, stack = set(), list(attr_map.values())
-    seen = 0
-    while stack:
-        v = stack.pop()
-        seen += 1
-        if seen > 100_000:  # a pathological attr nest: stop, the scan of every function still runs
-            break
-        kind = v.WhichOneof("value")
-        if kind == "func":
-            if v.func.name in library:
-                out.add(v.func.name)
-            stack.extend(v.func.attr.values())
-        elif kind == "list":
-            for f in v.list.func:
-                if f.name in library:
-                    out.add(f.name)
-                stack.extend(f.attr.values())
-    return out
-
-
 _FUNC_ATTRS: dict = {}
 
 
@@ -277,15 +256,15 @@ def _node_refs(nd, library: set) -> set[str]:
     """Library functions a node calls: its op type, or its func attrs. Only attrs the op declares can
     be called by TensorFlow; for unknown op types every attr is walked."""
     if nd.op in library:
-        out = _refs(nd.attr, library)
+        out = attr_refs(nd.attr, library)
         out.add(nd.op)
         return out
     names = _func_attr_names(nd.op)
     if names is None:
-        return _refs(nd.attr, library)
+        return attr_refs(nd.attr, library)
     if not names:
         return set()
-    return _refs({k: nd.attr[k] for k in names if k in nd.attr}, library)
+    return attr_refs({k: nd.attr[k] for k in names if k in nd.attr}, library)
 
 
 def _closure(roots, calls: dict) -> set[str]:

@@ -28,7 +28,7 @@ import hashlib
 
 from graphslim.errors import LoadError
 
-__all__ = ["CALL_INPUTS", "node_refs", "closure", "graph_closure", "specialize_resource_args",
+__all__ = ["CALL_INPUTS", "attr_refs", "node_refs", "closure", "graph_closure", "specialize_resource_args",
            "rename_library"]
 
 DT_RESOURCE = 20
@@ -48,7 +48,7 @@ CALL_INPUTS = {
 }
 
 
-def _attr_refs(attr_map, library) -> set[str]:
+def attr_refs(attr_map, library) -> set[str]:
     """Function names in ``func``/``list(func)`` attrs; with ``library=None`` every name, else only
     those in ``library``."""
     out, stack, seen = set(), list(attr_map.values()), 0
@@ -75,7 +75,7 @@ def node_refs(nd, library) -> set[str]:
     the functions in its ``func`` / ``list(func)`` attrs (nested attrs of those included). For the
     functional ops of :data:`CALL_INPUTS` every function named counts, in the library or not (a
     missing body is a broken model, not an op name)."""
-    out = _attr_refs(nd.attr, None if nd.op in CALL_INPUTS else library)
+    out = attr_refs(nd.attr, None if nd.op in CALL_INPUTS else library)
     if nd.op in library:
         out.add(nd.op)
     return out
