@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from graphslim.analysis.channels import apply_keeps
 from graphslim.analysis.channels import group_for
-from graphslim.analysis.heads import (class_group, class_id_outputs, class_indices, cut, drop_outputs, expand,
+from graphslim.analysis.heads import (class_group, class_id_outputs, class_indices, cut, drop_outputs,
+                                      drop_unrolled_classes, expand,
                                       expansion_boundary, find_class_head, output_tensor, per_class_outputs,
                                       remap_ids, remap_ids_after)
 from graphslim.pipeline import PassResult, register_pass
@@ -40,6 +41,10 @@ class SubsetOptions:
                 "take_along_axis...): 'auto' slices the network up to it and puts the kept classes back in "
                 "their places before it (dropped ones never win), 'follow' refuses instead",
         "choices": ("auto", "follow")})
+    unrolled: bool = field(default=True, metadata={
+        "help": "with post-processing kept whole: remove the dropped classes' branches of post-processing "
+                "unrolled per class (tf-models-official's v2 NMS), whose results are concatenated class "
+                "by class"})
     ids: str = field(default="new", metadata={
         "help": "class ids in detection outputs (detection_classes, labels): 'new' (indices among the kept "
                 "classes) or 'original' (the model's own ids, by a gather of the kept ids)",
@@ -100,8 +105,15 @@ def subset(graph, opts: SubsetOptions) -> PassResult:
         raise
     postprocess = None
     if expanded is not None:
-        fill = expand(graph, expanded, stand_in, old_positions)
+        back, fill = expand(graph, expanded, stand_in, old_positions)
         postprocess = f"kept whole: classes put back in place after {tensor} (dropped ones at {fill})"
+        if opts.unrolled:
+            survivors = {int(p) for p in old_positions}
+            concats = drop_unrolled_classes(graph, back, expanded.dim,
+                                            [p for p in range(expanded.dim) if p not in survivors])
+            if concats:
+                postprocess += (f"; the dropped classes' per-class post-processing left {len(concats)} "
+                                f"concatenation(s) unrolled per class")
         if opts.ids == "new":
             remap_ids_after(graph, {name: {j: k for k, j in m.items()} for name, m in ids_map.items()},
                             missing=-1)

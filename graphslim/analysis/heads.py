@@ -522,7 +522,79 @@ def expand(graph: Graph, member, stand_in: str, old_positions) -> str:
               T=dtype)
     graph.replace_all_uses(graph.node(stand_in).output(0), out.output(0))
     graph.remove_node(stand_in)
-    return "0 (probabilities)" if probs else "-1e4 (logits)"
+    return out.name, "0 (probabilities)" if probs else "-1e4 (logits)"
+
+
+def drop_unrolled_classes(graph: Graph, start: str, dim: int, dropped) -> list:
+    """Post-processing unrolled per class in Python (tf-models-official's 'v2' NMS: one NMS per class,
+    its results concatenated class after class): the chunks of the dropped classes leave every such
+    Concat, so their branches die and ``dce`` removes them. A Concat of ``dim`` inputs after ``start``
+    qualifies when each input ``j`` is provably class ``j``'s: everything it is computed from takes
+    position ``j`` of the class axis (StridedSlices that shrink an axis of length ``dim`` at ``j``), or
+    it takes none and is a constant equal to ``j`` (the class ids, ``tf.fill(.., j)``). The
+    downstream reads the concatenated candidates whatever their number (a top-k). Returns the
+    Concats rewritten; on any doubt nothing is changed."""
+    from graphslim.analysis.constants import constant_value
+
+    dropped = set(int(p) for p in dropped)
+    if not dropped:
+        return []
+    graph.infer_shapes()
+    region = graph.descendants([start])
+    memo: dict = {}
+
+    def owner(t) -> set:
+        """Class positions that ``t`` is computed from (within the post-processing), or {"const"}."""
+        key = str(t)
+        if key in memo:
+            return memo[key]
+        memo[key] = set()
+        out, todo, seen = set(), [graph.producer(t)], set()
+        while todo:
+            n = todo.pop()
+            if n.name in seen or n.name not in region or n.name == start:
+                continue
+            seen.add(n.name)
+            if n.op == "StridedSlice" and n.attr("shrink_axis_mask", 0):
+                src = graph.shape(graph.input(n, 0)) or ()
+                begin = constant_value(graph, graph.input(n, 1))
+                if begin is not None:
+                    mask = n.attr("shrink_axis_mask", 0)
+                    for i, b in enumerate(np.atleast_1d(begin)):
+                        if mask >> i & 1 and i < len(src) and src[i] == dim and not n.attr("ellipsis_mask", 0):
+                            out.add(int(b) % dim)
+            todo += [graph.producer(x) for x in graph.inputs_of(n)]
+        memo[key] = out
+        return out
+
+    def is_class_id(t, j) -> bool:
+        node = graph.producer(t)
+        v = constant_value(graph, graph.input(node, 1) if node.op == "Fill" else t)
+        return v is not None and bool(np.all(v == j))
+
+    plans = [n for n in graph.nodes("ConcatV2") if n.name in region and len(graph.inputs_of(n)) - 1 == dim]
+    for node in plans:  # every Concat of one chunk per class must qualify, or none is touched
+        for j, t in enumerate(graph.inputs_of(node)[:-1]):
+            own = owner(t)
+            if own != {j} and not (not own and is_class_id(t, j)):
+                return []
+    if not any(any(owner(t) for t in graph.inputs_of(n)[:-1]) for n in plans):
+        return []  # the class ids alone are no proof: some chunk must take class positions
+    undo = []
+    for node in plans:
+        data = graph.inputs_of(node)
+        undo.append((node, data, node.attr("N")))
+        graph.set_inputs(node, [t for j, t in enumerate(data[:-1]) if j not in dropped] + [data[-1]])
+        node.set_attr("N", len(data) - 1 - len(dropped & set(range(dim))))
+    try:
+        graph.infer_shapes()  # something downstream may need every chunk (a fixed reshape): undo
+    except Exception:  # noqa: BLE001
+        for node, data, n in undo:
+            graph.set_inputs(node, data)
+            node.set_attr("N", n)
+        graph.infer_shapes()
+        return []
+    return [n.name for n in plans]
 
 
 def class_id_outputs(graph: Graph, tensor) -> list:

@@ -357,9 +357,13 @@ def test_subset_keeps_unfollowable_post_processing_whole(tmp_path, ids):
     src = tmp_path / "m"
     tf.saved_model.save(m, str(src), signatures={"serving_default": m.__call__})
     g = graphslim.load(src)
+    nms_loops = len(g.nodes(("While", "StatelessWhile")))
     rep = graphslim.run_pipeline(g, f"subset{{keep=4,1 ids={ids}}},dce")
     stats = rep.passes[0]["stats"]
     assert "kept whole" in stats["postprocess"] and stats["classes_before"] == 6
+    # the dropped classes' NMS, unrolled per class, is gone: 2 of the 6 loops are left
+    assert "3 concatenation(s) unrolled per class" in stats["postprocess"]
+    assert len(g.nodes(("While", "StatelessWhile"))) * 3 == nms_loops
     assert g.weights["cls/kernel"].value.shape == (6, 30 * 2)
     out = graphslim.save(g, tmp_path / "out")
     x = {"x": np.random.RandomState(3).normal(size=(6, 6)).astype("float32")}
