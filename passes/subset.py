@@ -19,7 +19,7 @@ from graphslim.analysis.channels import group_for
 from graphslim.analysis.heads import (class_group, class_id_outputs, class_indices, cut, drop_outputs,
                                       drop_unrolled_classes, expand,
                                       expansion_boundary, find_class_head, output_tensor, per_class_outputs,
-                                      remap_ids, remap_ids_after)
+                                      remap_ids, remap_ids_after, uncut)
 from graphslim.pipeline import PassResult, register_pass
 
 
@@ -76,8 +76,7 @@ def subset(graph, opts: SubsetOptions) -> PassResult:
             group = class_group(graph, head.tensor, head.axis, f"output {head.output!r} (up to {tensor})",
                                 "subset")
         except Exception:
-            graph.replace_all_uses(graph.node(stand_in).output(0), tensor)
-            graph.remove_node(stand_in)
+            uncut(graph, stand_in, tensor)
             raise
     else:
         group = class_group(graph, head.tensor, head.axis, f"output {head.output!r}", "subset")
@@ -100,8 +99,7 @@ def subset(graph, opts: SubsetOptions) -> PassResult:
         apply_keeps(graph, changes)
     except Exception:
         if expanded is not None:
-            graph.replace_all_uses(graph.node(stand_in).output(0), tensor)
-            graph.remove_node(stand_in)
+            uncut(graph, stand_in, tensor)
         raise
     postprocess = None
     if expanded is not None:

@@ -495,11 +495,17 @@ def cut(graph: Graph, tensor):
     return ph.name
 
 
-def expand(graph: Graph, member, stand_in: str, old_positions) -> str:
+def uncut(graph: Graph, stand_in: str, tensor) -> None:
+    """Undo :func:`cut`: the stand-in's readers read ``tensor`` again."""
+    graph.replace_all_uses(graph.node(stand_in).output(0), tensor)
+    graph.remove_node(stand_in)
+
+
+def expand(graph: Graph, member, stand_in: str, old_positions) -> tuple[str, str]:
     """After the group's change, the readers of ``stand_in`` read ``member``'s tensor with every
     position back in its place: ``old_positions`` (from ``member.positions(keep)``, taken before the
     change) are the old positions the new tensor holds; the others read 0 after a Sigmoid/Softmax and
-    -1e4 before (a score that never wins). Returns the filled value's description."""
+    -1e4 before (a score that never wins). Returns the new node's name and the fill's description."""
     import tensorflow as tf
 
     tensor, axis = member.tensor, member.axis
