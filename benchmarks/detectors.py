@@ -56,6 +56,7 @@ def child(name: str, rounds: int) -> dict:
 
     import graphslim
     from graphslim.errors import GraphslimError
+    from graphslim.testing import detections
 
     det = _detectors()
     src = det.build(name)
@@ -66,15 +67,6 @@ def child(name: str, rounds: int) -> dict:
     def run(path):
         fn = tf.saved_model.load(str(path)).signatures["serving_default"]
         return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in feed.items()}).items()}
-
-    def field(out, *names):
-        return next(out[n] for n in names if n in out)
-
-    def dets(out, i):
-        n = int(field(out, "num_detections")[i])
-        return {(int(c), round(float(s), 4), tuple(np.round(b, 2))) for b, s, c in zip(
-            field(out, "detection_boxes", "boxes")[i][:n], field(out, "detection_scores", "confidence")[i][:n],
-            field(out, "detection_classes", "classes")[i][:n])}
 
     raw = None
     try:
@@ -90,8 +82,8 @@ def child(name: str, rounds: int) -> dict:
         if raw:
             row["roundtrip"] = {"max_abs_diff": max(float(np.abs(after[k] - before[k]).max()) for k in before)}
         else:
-            row["roundtrip"] = {"same_detections": all(dets(after, i) == dets(before, i) for i in range(images)),
-                                "detections": sum(len(dets(before, i)) for i in range(images))}
+            row["roundtrip"] = {"same_detections": all(detections(after, i) == detections(before, i) for i in range(images)),
+                                "detections": sum(len(detections(before, i)) for i in range(images))}
         row["roundtrip"]["seconds"] = round(time.perf_counter() - t, 1)
         # --- subset to 20 classes
         keep = list(range(20))
@@ -113,9 +105,9 @@ def child(name: str, rounds: int) -> dict:
                 return {(c, b) for c, _, b in d} if name in SOFTMAX else d
 
             for i in range(images):
-                got = key(dets(after, i))
+                got = key(detections(after, i))
                 outside += sum(c not in new.values() for c, *_ in got)
-                kept = key({(new[c], s, b) for c, s, b in dets(before, i) if c in new and c != 0})
+                kept = key({(new[c], s, b) for c, s, b in detections(before, i) if c in new and c != 0})
                 total += len(kept)
                 lost += len(kept - got)
             row["subset20"].update(kept_detections=total, lost=lost, ids_outside_kept=outside)
@@ -141,9 +133,9 @@ def child(name: str, rounds: int) -> dict:
             else:
                 lost = 0
                 for i in range(images):
-                    got = dets(after, i)
+                    got = detections(after, i)
                     best_new = max([s for c, s, _ in got if c >= 91], default=0.0)
-                    lost += len({d for d in dets(before, i) if d[1] > best_new} - got)
+                    lost += len({d for d in detections(before, i) if d[1] > best_new} - got)
                 row["extend2"] = {"old_detections_lost": lost}
         except GraphslimError as exc:
             row["extend2"] = {"refused": str(exc).splitlines()[0][:240]}

@@ -181,3 +181,16 @@ def retina_like(classes: int = 9, anchors: int = 3, prior: float = 0.01, seed: i
     box = [layers.Reshape((-1, 4), name=f"box_pred_{i}")(box_head(f)) for i, f in enumerate((c1, c2))]
     return keras.Model(inp, {"cls_logits": layers.Concatenate(axis=1, name="cls_logits")(cls),
                              "bbox_regression": layers.Concatenate(axis=1, name="bbox_regression")(box)})
+
+
+def detections(outputs: dict, i: int) -> set:
+    """``{(class id, score, box)}`` of image ``i``'s valid detections in a detector's outputs
+    (``num_detections`` plus ``detection_boxes``/``boxes``, ``detection_scores``/``confidence``,
+    ``detection_classes``/``classes``), rounded to 4 digits (score) and 2 (box): float32 noise aside."""
+    def field(*names):
+        return next(outputs[n] for n in names if n in outputs)
+
+    n = int(field("num_detections")[i])
+    return {(int(c), round(float(s), 4), tuple(np.round(b, 2))) for b, s, c in zip(
+        field("detection_boxes", "boxes")[i][:n], field("detection_scores", "confidence")[i][:n],
+        field("detection_classes", "classes")[i][:n])}

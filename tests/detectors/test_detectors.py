@@ -23,7 +23,7 @@ import tensorflow as tf
 
 import graphslim
 from graphslim.errors import PipelineError
-from graphslim.runtime import run
+from graphslim.testing import detections
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("detectors", ROOT / "fixtures" / "detectors.py")
@@ -61,24 +61,11 @@ def _tf_run(path, feed):
     return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in feed.items()}).items()}
 
 
-def _field(out, *names):
-    return next(out[n] for n in names if n in out)
-
-
-def _detections(out, i):
-    """{(class id, score, box)} of image i's valid detections (rounded: float32 noise aside)."""
-    n = int(_field(out, "num_detections")[i])
-    boxes, scores = _field(out, "detection_boxes", "boxes"), _field(out, "detection_scores", "confidence")
-    classes = _field(out, "detection_classes", "classes")
-    return {(int(c), round(float(s), 4), tuple(np.round(b, 2))) for b, s, c in
-            zip(boxes[i][:n], scores[i][:n], classes[i][:n])}
-
-
 def _scaled_close(a, b, rtol):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(1.0, float(np.max(np.abs(b))) if b.size else 1.0))
 
 
-def test_round_trip_same_detections(detector, tmp_path):
+def test_round_trip_samedetections(detector, tmp_path):
     name, path, feed, before = detector
     g = graphslim.load(path)
     out = graphslim.save(g, tmp_path / "out")
@@ -90,8 +77,8 @@ def test_round_trip_same_detections(detector, tmp_path):
         for key in before:
             _scaled_close(after[key], before[key], 1e-5)
     else:
-        for i in range(len(_field(before, "num_detections"))):
-            assert _detections(after, i) == _detections(before, i)
+        for i in range(len(before["num_detections"])):
+            assert detections(after, i) == detections(before, i)
 
 
 @pytest.mark.parametrize("ids", ["new", "original"])
@@ -113,12 +100,12 @@ def test_subset_to_20_classes(detector, tmp_path, ids):
     new_id = {k: j for j, k in enumerate(KEEP20)}
     allowed = set(KEEP20) if ids == "original" else set(new_id.values())
     total = missing = 0
-    for i in range(len(_field(before, "num_detections"))):
-        got = _detections(after, i)
+    for i in range(len(before["num_detections"])):
+        got = detections(after, i)
         assert {c for c, _, _ in got} <= allowed, "an id outside the kept set"
         if kind == "softmax":  # the second stage renormalizes over the kept classes: ids only
             continue
-        kept = {(c if ids == "original" else new_id[c], s, b) for c, s, b in _detections(before, i)
+        kept = {(c if ids == "original" else new_id[c], s, b) for c, s, b in detections(before, i)
                 if c in new_id and c != 0}
         total += len(kept)
         missing += len(kept - got)
@@ -162,11 +149,11 @@ def test_extend_by_2(detector, tmp_path):
         delta = np.abs(kernel.numpy() - old).reshape(-1, kernel.shape[-1])
         assert delta.max() > 0
         return
-    for i in range(len(_field(before, "num_detections"))):
-        got = _detections(after, i)
+    for i in range(len(before["num_detections"])):
+        got = detections(after, i)
         best_new = max([s for c, s, _ in got if c >= 91], default=0.0)
         if kind == "per_class":
-            assert {d for d in _detections(before, i) if d[1] > best_new} <= got
+            assert {d for d in detections(before, i) if d[1] > best_new} <= got
         assert all(c < 93 for c, _, _ in got)
 
 
