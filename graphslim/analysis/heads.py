@@ -207,19 +207,19 @@ def find_class_head(graph: Graph, output: str | None, background: bool, labels_f
 
 def _internal_heads(graph: Graph) -> list:
     """Distinct widest class axes behind the internal class tensors (several picks, one head)."""
-    out, groups = [], []
+    out, groups = [], {}  # widest (tensor, axis) -> its group
     for t, axis in _internal_class_tensors(graph):
-        if any(grp.covers(t, axis) for grp in groups):  # one head shared by several levels
+        if any(grp.covers(t, axis) for grp in groups.values()):  # one head shared by several levels
             continue
         try:
             w = _widest(graph, t, axis)
-            groups.append(group_for(graph, *w))
+            groups.setdefault(w, group_for(graph, *w))
         except Exception:  # noqa: BLE001 - a candidate whose group cannot be formed is no head
             continue
         if w not in out:
             out.append(w)
     if len(out) > 1:  # several picks: the one the network's class convolutions produce
-        produced = [w for w in out if group_for(graph, *w).sources]
+        produced = [w for w in out if groups[w].sources]
         out = produced or out
     if len(out) > 1:  # 4 per anchor are box coordinates (or named so)
         classes = [w for w in out if graph.shape(w[0])[w[1]] != 4 and not NOT_CLASS_NAMES.search(w[0].node)]

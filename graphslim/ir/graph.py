@@ -436,19 +436,17 @@ class Graph:
 
     def ancestors(self, names: Iterable[str]) -> set[str]:
         """Every node that ``names`` depend on (data or control), including themselves."""
-        out = set()
-        for n in names:
-            if n not in out:
-                out |= nx.ancestors(self._g, n)
-                out.add(n)
-        return out
+        return self._reach(names, nx.ancestors)
 
     def descendants(self, names: Iterable[str]) -> set[str]:
         """Every node that depends on ``names`` (data or control), including themselves."""
+        return self._reach(names, nx.descendants)
+
+    def _reach(self, names: Iterable[str], step) -> set[str]:
         out = set()
         for n in names:
             if n not in out:
-                out |= nx.descendants(self._g, n)
+                out |= step(self._g, n)
                 out.add(n)
         return out
 

@@ -273,16 +273,23 @@ def test_subset_slice_refuses_mixing_its_range(tmp_path):
     assert g.shape(next(o.tensor for o in g.outputs if o.name == "class_scores"))[-1] == 2
 
 
-class _NmsDetector(tf.Module):
+class _Detector(tf.Module):
+    """x [N, 6] → class logits of ``anchors`` × ``k`` classes and boxes, from two seeded kernels."""
+
+    def __init__(self, k, anchors, seed):
+        rng = np.random.default_rng(seed)
+        self.cls = tf.Variable(rng.normal(size=(6, anchors * k)).astype("float32") * 2, name="cls/kernel")
+        self.box = tf.Variable(rng.normal(size=(6, anchors * 4)).astype("float32"), name="box/kernel")
+        self.k, self.a = k, anchors
+
+
+class _NmsDetector(_Detector):
     """A one-stage detector with its post-processing in the graph, as tf-models-official's 'batched'
     export writes it: sigmoid scores, the background class dropped by tf.slice, CombinedNMS over the
     classes, class ids + 1 past the background."""
 
     def __init__(self, k=12, anchors=40):
-        rng = np.random.default_rng(0)
-        self.cls = tf.Variable(rng.normal(size=(6, anchors * k)).astype("float32") * 2, name="cls/kernel")
-        self.box = tf.Variable(rng.normal(size=(6, anchors * 4)).astype("float32"), name="box/kernel")
-        self.k, self.a = k, anchors
+        super().__init__(k, anchors, seed=0)
 
     @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32)])
     def __call__(self, x):
@@ -324,15 +331,12 @@ def test_subset_detector_with_nms_in_the_graph(tmp_path, ids):
         assert {c for c, _, _ in got} <= allowed
 
 
-class _UnrolledNmsDetector(tf.Module):
+class _UnrolledNmsDetector(_Detector):
     """Post-processing the class axis cannot be followed through, as tf-models-official's 'v2' NMS
     writes it: one NMS per class, unrolled in Python, ids from tf.fill(.., i), then a top-k over all."""
 
     def __init__(self, k=6, anchors=30):
-        rng = np.random.default_rng(1)
-        self.cls = tf.Variable(rng.normal(size=(6, anchors * k)).astype("float32") * 2, name="cls/kernel")
-        self.box = tf.Variable(rng.normal(size=(6, anchors * 4)).astype("float32"), name="box/kernel")
-        self.k, self.a = k, anchors
+        super().__init__(k, anchors, seed=1)
 
     @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32)])
     def __call__(self, x):
