@@ -50,6 +50,7 @@ from rich.table import Table
 
 import graphslim
 from graphslim import report as _report
+from graphslim.terminal import markup
 from graphslim.errors import EmitError, GraphslimError, LoadError, XlaCheckWarning
 from graphslim.pipeline import PassInstrument  # pure Python: importing it loads no TensorFlow
 
@@ -777,45 +778,57 @@ def _saved_model_path(path: Path, command: str = "verify") -> Path:
     return path
 
 
-def _check_runnable(paths, allow_ops) -> None:
-    """The safety scan of models about to be executed (verify, bench): refuse before loading."""
-    from graphslim.io.scan import check_safe
+def _limits_options(f):
+    f = click.option("--max-memory", "max_memory", type=click.FloatRange(min=0.5), default=None,
+                     metavar="GIB",
+                     help="Address-space limit of the process that runs the model, in GiB (default: "
+                          "three quarters of this machine's memory, at least 8).")(f)
+    f = click.option("--timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+                     help="Wall-clock limit of each run of a model (one call, one calibration batch, "
+                          "one timing round): the process running it is killed after that "
+                          "(default 900).")(f)
+    return f
 
-    for path in paths:
-        check_safe(path, allow_ops=allow_ops)
+
+def _apply_limits(timeout: float | None, max_memory: float | None):
+    """The limits of the processes that run models (graphslim.sandbox), from the CLI options."""
+    from graphslim.sandbox import default_limits, set_default_limits
+
+    set_default_limits(timeout=timeout, memory=None if max_memory is None else int(max_memory * (1 << 30)))
+    return default_limits()
 
 
-def _tf_load(tf, path: Path, label: str):
+def _ir_model(app: "_App", model: Path, path: Path, signature: str, allow_ops):
+    """(graph, input specs): the model as graphslim reads it (scan, checkpoint reader), to be run by
+    graphslim's execution child: nothing of the input's own restore machinery runs."""
+    import tensorflow as tf
+
+    graph = _load(path, signature, ("serve",), allow_ops, app)
+    specs = {a.name: tf.TensorSpec(graph.shape(a.tensor), graph.dtype(a.tensor), name=a.name)
+             for a in graph.inputs}
+    return graph, specs
+
+
+def _trusted_model(child, path: Path, signature: str, label: str):
+    """(handle, specs): TensorFlow's own loader, inside the child (--trusted)."""
+    import tensorflow as tf
+
+    from graphslim.io.emitter import MARKER
+
     try:
-        return tf.saved_model.load(str(path))
-    except Exception as exc:  # TensorFlow raises many types for unreadable models
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        from graphslim.io.emitter import MARKER
-
+        handle, raw, _ = child.load_saved_model(path, signature)
+    except GraphslimError as exc:
         if (path / MARKER).is_file():
-            err = LoadError(f"{label} {path}: tf.saved_model.load cannot load it ({type(exc).__name__}: "
-                            f"{message}). graphslim wrote this model ({MARKER}) and checks that "
-                            "TensorFlow loads what it writes, so either its files changed since or this "
-                            "is a graphslim bug: please report it.")
+            err = LoadError(f"{label} {path}: TensorFlow cannot load it ({_paragraph(exc)}). graphslim wrote "
+                            f"this model ({MARKER}) and checks that TensorFlow loads what it writes, so "
+                            "either its files changed since or this is a graphslim bug: please report it.")
             err.exit_code = 3
             raise err from exc
-        raise LoadError(f"{label} {path}: tf.saved_model.load cannot load it ({type(exc).__name__}: "
-                        f"{message}). graphslim optimize can still read many such models; verify "
-                        "compares what TensorFlow itself runs.") from exc
-
-
-def _signature(loaded, path: Path, name: str):
-    signatures = getattr(loaded, "signatures", {}) or {}
-    if name not in signatures:
-        available = ", ".join(f"'{n}'" for n in sorted(signatures)) or "none"
-        raise LoadError(f"{path}: no signature named '{name}'; it has {available}. Pass one of those "
-                        "with --signature.")
-    fn = signatures[name]
-    args, kwargs = fn.structured_input_signature
-    specs = dict(kwargs)
-    for i, spec in enumerate(args):
-        specs.setdefault(getattr(spec, "name", None) or f"arg_{i}", spec)
-    return fn, specs
+        raise LoadError(f"{label} {path}: TensorFlow's loader cannot load it ({_paragraph(exc)}). Without "
+                        "--trusted, verify runs the model as graphslim reads it.") from exc
+    specs = {k: tf.TensorSpec(None if shape is None else shape, tf.as_dtype(dtype), name=k)
+             for k, (shape, dtype) in raw.items()}
+    return handle, specs
 
 
 def _random_input(app: _App, rng, name: str, spec, batch: int):
@@ -870,7 +883,8 @@ def _read_inputs(path: Path, specs: dict) -> dict:
     return values
 
 
-def _call(tf, fn, specs: dict, inputs: dict, label: str) -> dict:
+def _run(child, handle: int, specs: dict, inputs: dict, label: str) -> dict:
+    """Check ``inputs`` against the signature, then run the model in its child process."""
     import numpy as np
 
     feed = {}
@@ -882,15 +896,9 @@ def _call(tf, fn, specs: dict, inputs: dict, label: str) -> dict:
                                  f"{_report.shape_text(expected)}")
         if value.dtype != spec.dtype.as_numpy_dtype:
             value = value.astype(spec.dtype.as_numpy_dtype)
-        feed[name] = tf.constant(value, dtype=spec.dtype)
-    try:
-        outputs = fn(**feed)
-    except Exception as exc:
-        raise GraphslimError(f"running {label} on the inputs failed: {type(exc).__name__}: "
-                             f"{_paragraph(exc)[:500]}") from exc
-    if not isinstance(outputs, dict):
-        outputs = {"output_0": outputs}
-    return {name: np.asarray(t.numpy() if hasattr(t, "numpy") else t) for name, t in outputs.items()}
+        feed[name] = value
+    child.label = label
+    return child.run(handle, feed)
 
 
 def _compare(name: str, a, b, rtol: float, atol: float) -> dict:
@@ -949,44 +957,73 @@ def _err_text(value: float | None) -> str:
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance.")
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--trusted", is_flag=True,
+              help="Run both models with TensorFlow's own SavedModel loader (still in the contained "
+                   "child process) instead of graphslim's reading of them: an independent check of "
+                   "graphslim's loader, for models you trust (the loader runs their restore functions).")
+@_limits_options
 @_allow_ops_option
 @click.pass_obj
 def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, batch: int, seed: int,
-           signature: str, rtol: float, atol: float, as_json: bool, allow_ops) -> None:
+           signature: str, rtol: float, atol: float, as_json: bool, trusted: bool, timeout, max_memory,
+           allow_ops) -> None:
     """Run SavedModels A and B on the same inputs and compare their outputs.
 
-    This executes both models (with tf.saved_model.load). For every output: shapes, max abs and
-    rel error, top-1 agreement. Outputs only one model has, or whose shapes differ, are listed but
-    not compared. Exit status 1 when a compared output is not within tolerance
-    (|B - A| <= atol + rtol * |A|) or nothing could be compared, else 0.
+    This executes both models, in a contained child process (a fresh empty directory, Landlock
+    file-system rules on Linux, memory and CPU limits, --timeout): each model as graphslim reads it
+    (after the safety scan; weights from the checkpoint), never the input's own restore code. With
+    --trusted, TensorFlow's own loader runs them instead. For every output: shapes, max abs and rel
+    error, top-1 agreement. Outputs only one model has, or whose shapes differ, are listed but not
+    compared. Exit status 1 when a compared output is not within tolerance
+    (|B - A| <= atol + rtol * |A|) or nothing could be compared, 2 when a model cannot be read or
+    its run fails (crash, limit, timeout), else 0.
     """
     import numpy as np
+
+    from graphslim.sandbox import Child
 
     path_a, path_b = _saved_model_path(model_a), _saved_model_path(model_b)
     if inputs_path is not None and not inputs_path.is_file():
         raise GraphslimError(f"--inputs {inputs_path}: no such file")
-    _check_runnable([path_a, path_b], allow_ops)
+    limits = _apply_limits(timeout, max_memory)
     with app.steps() as steps:
-        steps.start(f"loading A {model_a}")
-        import tensorflow as tf
+        if trusted:
+            steps.start("scanning A and B")
+            from graphslim.io.scan import check_safe
 
-        loaded_a = _tf_load(tf, path_a, "A")
-        fn_a, specs_a = _signature(loaded_a, path_a, signature)
-        steps.start(f"loading B {model_b}")
-        loaded_b = _tf_load(tf, path_b, "B")
-        fn_b, specs_b = _signature(loaded_b, path_b, signature)
-        specs = {**specs_b, **specs_a}
-        if inputs_path is not None:
-            inputs = _read_inputs(inputs_path, specs)
-            source = str(inputs_path)
+            for path in (path_a, path_b):
+                check_safe(path, allow_ops=allow_ops)
+            steps.start("starting the execution process")
+            child = Child(limits, read=[path_a, path_b], label=f"A ({model_a})")
         else:
-            rng = np.random.default_rng(seed)
-            inputs = {name: _random_input(app, rng, name, specs[name], batch) for name in sorted(specs)}
-            source = f"random (seed {seed}, batch {batch})"
-        steps.start("running A")
-        out_a = _call(tf, fn_a, specs_a, inputs, f"A ({model_a})")
-        steps.start("running B")
-        out_b = _call(tf, fn_b, specs_b, inputs, f"B ({model_b})")
+            steps.start(f"loading A {model_a}")
+            graph_a, specs_a = _ir_model(app, model_a, path_a, signature, allow_ops)
+            steps.start(f"loading B {model_b}")
+            graph_b, specs_b = _ir_model(app, model_b, path_b, signature, allow_ops)
+            steps.start("starting the execution process")
+            child = Child(limits, label=f"A ({model_a})")
+        with child:
+            if trusted:
+                steps.start(f"loading A {model_a} with TensorFlow")
+                handle_a, specs_a = _trusted_model(child, path_a, signature, "A")
+                steps.start(f"loading B {model_b} with TensorFlow")
+                handle_b, specs_b = _trusted_model(child, path_b, signature, "B")
+            else:
+                handle_a = child.load_graph(graph_a)
+                child.label = f"B ({model_b})"
+                handle_b = child.load_graph(graph_b)
+            specs = {**specs_b, **specs_a}
+            if inputs_path is not None:
+                inputs = _read_inputs(inputs_path, specs)
+                source = str(inputs_path)
+            else:
+                rng = np.random.default_rng(seed)
+                inputs = {name: _random_input(app, rng, name, specs[name], batch) for name in sorted(specs)}
+                source = f"random (seed {seed}, batch {batch})"
+            steps.start("running A")
+            out_a = _run(child, handle_a, specs_a, inputs, f"A ({model_a})")
+            steps.start("running B")
+            out_b = _run(child, handle_b, specs_b, inputs, f"B ({model_b})")
     names = list(out_a) + [n for n in sorted(out_b) if n not in out_a]
     rows = [_compare(n, out_a.get(n), out_b.get(n), rtol, atol) for n in names]
     compared = [r for r in rows if r["compared"]]
@@ -1000,7 +1037,8 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
     else:
         console = app.out
         shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in inputs.items())
-        console.print(f"A: {model_a}\nB: {model_b}\nsignature {signature}, inputs {source}: {shapes}")
+        console.print(f"A: {markup(model_a)}\nB: {markup(model_b)}\nsignature {markup(signature)}, inputs "
+                      f"{markup(source)}: {markup(shapes)}")
         table = _table()
         for column, justify in (("output", "left"), ("shape A", "left"), ("shape B", "left"),
                                 ("max abs err", "right"), ("max rel err", "right"),
@@ -1011,7 +1049,7 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
             style = {"ok": "green", "MISMATCH": "red"}.get(r["status"], "yellow")
             shape_a = "-" if r["shape_a"] is None else _report.shape_text(r["shape_a"])
             shape_b = "-" if r["shape_b"] is None else _report.shape_text(r["shape_b"])
-            table.add_row(r["name"], shape_a, shape_b,
+            table.add_row(markup(r["name"]), shape_a, shape_b,
                           _err_text(r["max_abs_error"]), _err_text(r["max_rel_error"]), top1,
                           r["status"], style=style)
         console.print(table)
@@ -1021,7 +1059,7 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
             verdict = f"OK: {len(compared)} output(s) within rtol={rtol:g} atol={atol:g}"
         else:
             bad = [r["name"] for r in compared if not r["ok"]]
-            verdict = f"FAIL: {', '.join(bad)} not within rtol={rtol:g} atol={atol:g}"
+            verdict = f"FAIL: {', '.join(markup(b) for b in bad)} not within rtol={rtol:g} atol={atol:g}"
         console.print(verdict)
     if not ok:
         raise click.exceptions.Exit(1)
@@ -1047,75 +1085,69 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
 @click.option("--signature", default="serving_default", show_default=True,
               help="Signature to call in every model.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@_limits_options
 @_allow_ops_option
 @click.pass_obj
 def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int | None, rounds: int,
-          calls: int, xla: bool, signature: str, as_json: bool, allow_ops) -> None:
+          calls: int, xla: bool, signature: str, as_json: bool, timeout, max_memory, allow_ops) -> None:
     """Time SavedModels side by side on the same inputs: median latency per call and speedup.
 
-    This executes the models (with tf.saved_model.load). The models take turns within each round,
-    so a noisy machine slows all of them alike; each figure is the median over the rounds of the
-    mean time of one call, and the speedup of a model is the first model's median over its own (as
-    saved against as saved, --xla against --xla). A model written with `optimize --jit-compile`
-    runs through XLA as saved (runtime "xla (saved)").
+    This executes the models, as graphslim reads them (after the safety scan), in one contained
+    child process (see `verify`; --timeout applies to each timing round). The models take turns
+    within each round, so a noisy machine slows all of them alike; each figure is the median over
+    the rounds of the mean time of one call, timed inside the child, and the speedup of a model is
+    the first model's median over its own (as saved against as saved, --xla against --xla). A model
+    written with `optimize --jit-compile` runs through XLA as saved (runtime "xla (saved)").
     With --xla each model is also timed compiled by XLA, which is faster for some models and much
     slower for others (depthwise convolutions on CPU): time before choosing `optimize --jit-compile`.
     """
+    import dataclasses
     import statistics
 
     import numpy as np
 
+    from graphslim.sandbox import Child
+
     paths = [_saved_model_path(m, "bench") for m in models]
     if inputs_path is not None and not inputs_path.is_file():
         raise GraphslimError(f"--inputs {inputs_path}: no such file")
-    _check_runnable(paths, allow_ops)
+    limits = dataclasses.replace(_apply_limits(timeout, max_memory), threads=threads or os.cpu_count() or 1)
     with app.steps() as steps:
-        steps.start("starting TensorFlow")
-        import tensorflow as tf
-
-        try:  # must happen before TensorFlow runs anything in this process
-            if threads is not None:
-                tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:  # only when called in a process where TensorFlow already ran
-            if threads is not None:
-                app.warn("TensorFlow was already running in this process; --threads not applied")
-        entries = []  # (label, model, runtime, fn, specs)
-        keep = []  # the loaded objects own the variables
+        graphs = []
         for model, path in zip(models, paths):
             steps.start(f"loading {model}")
-            loaded = _tf_load(tf, path, "model")
-            keep.append(loaded)
-            fn, specs = _signature(loaded, path, signature)
-            entries.append((str(model), model, "xla (saved)" if _saved_for_xla(path) else "graph", fn, specs))
-            if xla:
-                entries.append((f"{model} (XLA)", model, "xla", _xla_compiled(tf, fn), specs))
-        specs = {}
-        for entry in reversed(entries):
-            specs.update(entry[4])
-        if inputs_path is not None:
-            inputs = _read_inputs(inputs_path, specs)
-            source = str(inputs_path)
-        else:
-            rng = np.random.default_rng(0)
-            inputs = {name: _random_input(app, rng, name, specs[name], batch) for name in sorted(specs)}
-            source = f"random (batch {batch})"
-        feeds = []
-        for label, model, runtime, fn, model_specs in entries:
-            steps.start(f"warming up {label}")
-            _call(tf, fn, model_specs, inputs, label)  # checks shapes; XLA compiles here
-            feeds.append({k: tf.constant(np.asarray(inputs[k]), dtype=model_specs[k].dtype)
-                          for k in model_specs})
-        times = [[] for _ in entries]
-        for r in range(rounds):
-            steps.start(f"round {r + 1}/{rounds}")
-            for i, (label, model, runtime, fn, model_specs) in enumerate(entries):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    out = fn(**feeds[i])
-                for t in (out.values() if isinstance(out, dict) else [out]):
-                    t.numpy()  # wait for the last call's results
-                times[i].append((time.perf_counter() - start) / calls)
+            graphs.append(_ir_model(app, model, path, signature, allow_ops))
+        steps.start("starting the execution process")
+        with Child(limits, label=str(models[0])) as child:
+            entries = []  # (label, model, runtime, handle, specs)
+            for model, path, (graph, specs) in zip(models, paths, graphs):
+                child.label = str(model)
+                saved_xla = _saved_for_xla(path)
+                entries.append((str(model), model, "xla (saved)" if saved_xla else "graph",
+                                child.load_graph(graph, "xla" if saved_xla else "graph"), specs))
+                if xla:
+                    entries.append((f"{model} (XLA)", model, "xla", child.load_graph(graph, "xla"), specs))
+            specs = {}
+            for entry in reversed(entries):
+                specs.update(entry[4])
+            if inputs_path is not None:
+                inputs = _read_inputs(inputs_path, specs)
+                source = str(inputs_path)
+            else:
+                rng = np.random.default_rng(0)
+                inputs = {name: _random_input(app, rng, name, specs[name], batch) for name in sorted(specs)}
+                source = f"random (batch {batch})"
+            for label, model, runtime, handle, model_specs in entries:
+                steps.start(f"warming up {label}")
+                _run(child, handle, model_specs, inputs, label)  # checks shapes
+                child.set_inputs(handle, {k: np.asarray(inputs[k]).astype(model_specs[k].dtype.as_numpy_dtype)
+                                          for k in model_specs})  # XLA compiles here
+            times = [[] for _ in entries]
+            for r in range(rounds):
+                steps.start(f"round {r + 1}/{rounds}")
+                for i, (label, model, runtime, handle, model_specs) in enumerate(entries):
+                    child.label = label
+                    times[i].append(child.time(handle, calls))
     medians = [statistics.median(t) for t in times]
     # Rows compare within a kind: each model as saved (the graph executor, or XLA if it was written
     # for it), and each model wrapped for XLA by --xla.
@@ -1138,7 +1170,7 @@ def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int 
         return
     console = app.out
     shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in inputs.items())
-    console.print(f"signature {signature}, inputs {source}: {shapes}; "
+    console.print(f"signature {markup(signature)}, inputs {markup(source)}: {markup(shapes)}; "
                   f"{'TensorFlow default' if threads is None else threads} intra-op thread(s); "
                   f"median of {rounds} rounds x {calls} calls")
     table = _table()
@@ -1147,7 +1179,7 @@ def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int 
     for column, justify in columns:
         table.add_column(column, justify=justify, overflow="fold")
     for r in rows:
-        cells = [r["model"], r["runtime"], f"{r['median_ms']:.2f} ms",
+        cells = [markup(r["model"]), r["runtime"], f"{r['median_ms']:.2f} ms",
                  f"{r['min_ms']:.2f}..{r['max_ms']:.2f}", f"{r['speedup']:.2f}x"]
         if xla:
             cells.append("-" if r["xla_gain"] is None else f"{r['xla_gain']:.2f}x")
@@ -1169,14 +1201,6 @@ def _saved_for_xla(path: Path) -> bool:
         return False
     return any(f.attr["_XlaMustCompile"].b for mg in sm.meta_graphs for f in mg.graph_def.library.function
                if "_XlaMustCompile" in f.attr)
-
-
-def _xla_compiled(tf, fn):
-    """``fn`` (a loaded signature) inside a ``tf.function(jit_compile=True)``."""
-    def call(**inputs):
-        return fn(**inputs)
-
-    return tf.function(call, jit_compile=True)
 
 
 # ---------------------------------------------------------------------------------- entry point
