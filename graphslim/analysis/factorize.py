@@ -32,7 +32,6 @@ import fnmatch
 import math
 import re
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -189,28 +188,6 @@ def relative_error(w: np.ndarray, approx: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------- latency
-def _session(mini):
-    import tensorflow as tf
-
-    from graphslim.ir.tfconv import graph_to_graph_def
-
-    gd = graph_to_graph_def(mini)
-    tfg = tf.Graph()
-    with tfg.as_default():
-        x_arg = mini.inputs[0]
-        shape = mini.shape(x_arg.tensor)
-        dtype = mini.dtype(x_arg.tensor)
-        with tf.name_scope("graphslim_timing"):
-            x = tf.Variable(np.random.default_rng(0).normal(size=shape).astype(dtype.as_numpy_dtype))
-            mapping = {f"{n}:0": tf.constant(w.value) for n, w in mini.weights.items()}
-            mapping[str(x_arg.tensor)] = x.read_value()
-        tf.graph_util.import_graph_def(gd, input_map=mapping, name="")
-        target = tfg.get_operation_by_name(mini.outputs[0].tensor.node)
-    sess = tf.compat.v1.Session(graph=tfg, config=tf.compat.v1.ConfigProto(inter_op_parallelism_threads=1))
-    sess.run(x.initializer)
-    return sess, target
-
-
 def measure_latency(graphs: dict, runs: int = 7, min_seconds: float = 0.02) -> dict:
     """Median seconds per call of each graph (one input, first output), timed in TensorFlow.
 
@@ -218,26 +195,29 @@ def measure_latency(graphs: dict, runs: int = 7, min_seconds: float = 0.02) -> d
     timed ``runs`` times, interleaved across graphs; each timing repeats calls for at least
     ``min_seconds``. Returns ``{key: median seconds per call}``.
     """
-    sessions = {k: _session(g) for k, g in graphs.items()}
+    from graphslim.sandbox import shared_child
+
+    child = shared_child("the layers being timed")
+    handles = {}
     try:
+        for k, g in graphs.items():
+            x_arg = g.inputs[0]
+            x = np.random.default_rng(0).normal(size=g.shape(x_arg.tensor)).astype(g.dtype(x_arg.tensor).as_numpy_dtype)
+            handles[k] = child.load_graph(g)
+            child.set_inputs(handles[k], {x_arg.name: x})
         reps = {}
-        for k, (sess, op) in sessions.items():
-            sess.run(op)
-            t = time.perf_counter()
-            sess.run(op)
-            one = max(time.perf_counter() - t, 1e-6)
+        for k, h in handles.items():
+            child.time(h, 1)
+            one = max(child.time(h, 1), 1e-6)
             reps[k] = max(1, min(1000, int(math.ceil(min_seconds / one))))
-        times: dict = {k: [] for k in sessions}
+        times: dict = {k: [] for k in handles}
         for _ in range(max(1, runs)):
-            for k, (sess, op) in sessions.items():
-                t = time.perf_counter()
-                for _ in range(reps[k]):
-                    sess.run(op)
-                times[k].append((time.perf_counter() - t) / reps[k])
+            for k, h in handles.items():
+                times[k].append(child.time(h, reps[k]))
         return {k: statistics.median(v) for k, v in times.items()}
     finally:
-        for sess, _ in sessions.values():
-            sess.close()
+        for h in handles.values():
+            child.drop(h)
 
 
 # --------------------------------------------------------------------------------------------- options
