@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 _LAZY = {"Graph": "graphslim.ir.graph", "Node": "graphslim.ir.graph", "Tensor": "graphslim.ir.graph",
          "Weight": "graphslim.ir.graph", "SignatureArg": "graphslim.ir.graph", "WEIGHT_OP": "graphslim.ir.graph",
          "register_pass": "graphslim.pipeline", "PassResult": "graphslim.pipeline",
-         "PassManager": "graphslim.pipeline", "parse_pipeline": "graphslim.pipeline"}
+         "PassManager": "graphslim.pipeline", "parse_pipeline": "graphslim.pipeline",
+         "compare": "graphslim.checks", "bench": "graphslim.checks"}
 
 
 def __getattr__(name):

@@ -1,0 +1,364 @@
+"""``graphslim.compare`` and ``graphslim.bench``: run SavedModels side by side, as library calls.
+
+The CLI's ``verify`` and ``bench`` only format what these return (the same dicts their ``--json``
+prints), so build systems call them without a subprocess::
+
+    import graphslim
+    result = graphslim.compare("model/", "model_slim/", rtol=1e-4)      # result["ok"], result["outputs"]
+    timing = graphslim.bench(["model/", "model_slim/"], rounds=9)       # timing["models"][i]["speedup"]
+
+Both *execute* the models, and only in a contained child process (:mod:`graphslim.sandbox`:
+Landlock, memory and CPU limits, a wall-clock timeout): each model as graphslim reads it (after the
+safety scan, weights from the checkpoint reader), never the input's own restore code. With
+``trusted=True`` :func:`compare` lets TensorFlow's own loader run both models instead (still in the
+child): an independent check of graphslim's reader, for models you trust.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from graphslim.errors import GraphslimError, LoadError
+
+__all__ = ["bench", "compare", "compare_arrays", "random_input", "read_inputs", "saved_model_dir"]
+
+SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def saved_model_dir(path, command: str = "verify") -> Path:
+    """The SavedModel directory ``path`` names (the directory, or its saved_model.pb)."""
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or directory. {command} runs SavedModel directories (the "
+                        "folders holding saved_model.pb and variables/).")
+    if path.is_file():
+        if path.name in SAVED_MODEL_FILES:
+            return path.parent
+        raise LoadError(f"{path} is a file, not a SavedModel directory; {command} runs SavedModels only. "
+                        f"A frozen GraphDef can be converted first: graphslim optimize {path} -o DIR")
+    if not any((path / f).exists() for f in SAVED_MODEL_FILES):
+        raise LoadError(f"{path}: not a SavedModel directory: it has no saved_model.pb. {command} "
+                        "runs SavedModel directories.")
+    return path
+
+
+def random_input(rng, name: str, spec, batch: int, warn: Callable[[str], None] = _noop):
+    """Random values for a signature input (``spec``: a ``tf.TensorSpec``); unknown dimensions
+    become ``batch`` (the first) or 1 (with a warning)."""
+    dims = spec.shape.as_list() if spec.shape.rank is not None else None
+    if dims is None:
+        warn(f"input '{name}' has unknown rank; using shape [{batch}]")
+        dims = [None]
+    shape = []
+    for axis, dim in enumerate(dims):
+        if dim is None:
+            if axis == 0:
+                dim = batch
+            else:
+                warn(f"input '{name}' has unknown dimension {axis}; using 1")
+                dim = 1
+        shape.append(dim)
+    dtype = spec.dtype
+    if dtype.is_floating:
+        return rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
+    if dtype.is_bool:
+        return rng.random(shape) < 0.5
+    if dtype.is_integer:
+        return rng.integers(0, 10, size=shape).astype(dtype.as_numpy_dtype)
+    raise GraphslimError(f"cannot make random values for input '{name}' of type {dtype.name}; give "
+                         "the inputs with --inputs data.npz")
+
+
+def read_inputs(path, specs: dict) -> dict:
+    """Arrays for every input of ``specs`` from a .npz keyed by input name (or ``input:NAME``)."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise GraphslimError(f"--inputs {path}: no such file") from None
+    except Exception as exc:
+        raise GraphslimError(f"--inputs {path}: cannot read it as a .npz file ({exc})") from exc
+    with data:
+        keys = list(data.keys())
+        values = {}
+        for name in specs:
+            for key in (name, f"input:{name}"):
+                if key in keys:
+                    values[name] = data[key]
+                    break
+            else:
+                raise GraphslimError(f"--inputs {path} has no array for input '{name}'; it has "
+                                     f"{', '.join(repr(k) for k in keys) or 'nothing'}. Key the "
+                                     f"arrays by the signature's input names: "
+                                     f"{', '.join(sorted(specs))}")
+    return values
+
+
+def compare_arrays(name: str, a, b, rtol: float, atol: float) -> dict:
+    """One output's row: shapes, dtypes, max abs/rel error, ok (``|b - a| <= atol + rtol * |a|``),
+    top-1 agreement over the last axis."""
+    row = {"name": name,
+           "shape_a": None if a is None else list(a.shape),
+           "shape_b": None if b is None else list(b.shape),
+           "dtype_a": None if a is None else str(a.dtype),
+           "dtype_b": None if b is None else str(b.dtype),
+           "compared": False, "ok": None, "max_abs_error": None, "max_rel_error": None,
+           "top1_agreement": None}
+    if a is None or b is None:
+        row["status"] = "only in B" if a is None else "only in A"
+        return row
+    if a.shape != b.shape:
+        row["status"] = "shape differs"
+        return row
+    row["compared"] = True
+    numeric = all(np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_ for x in (a, b))
+    if not numeric:
+        row["ok"] = bool(np.array_equal(a, b))
+    else:
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        diff = np.abs(a64 - b64)
+        if diff.size:
+            row["max_abs_error"] = float(np.max(diff))
+            ref = np.abs(a64)
+            nonzero = ref > 0
+            rel = diff[nonzero] / ref[nonzero]
+            row["max_rel_error"] = float(np.max(rel)) if rel.size else (
+                0.0 if row["max_abs_error"] == 0 else float("inf"))
+        else:
+            row["max_abs_error"] = row["max_rel_error"] = 0.0
+        row["ok"] = bool(np.allclose(b64, a64, rtol=rtol, atol=atol, equal_nan=True))
+        if a.ndim >= 2 and a.shape[-1] > 1 and a.size:
+            row["top1_agreement"] = float(np.mean(np.argmax(a64, axis=-1) == np.argmax(b64, axis=-1)))
+    row["status"] = "ok" if row["ok"] else "MISMATCH"
+    return row
+
+
+def saved_for_xla(path: Path) -> bool:
+    """Whether the SavedModel has a function marked for XLA (``jit_compile=True``): TensorFlow then
+    runs it compiled without being asked."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    try:
+        sm.ParseFromString((path / "saved_model.pb").read_bytes())
+    except Exception:  # noqa: BLE001 - unreadable: the loader says why
+        return False
+    return any(f.attr["_XlaMustCompile"].b for mg in sm.meta_graphs for f in mg.graph_def.library.function
+               if "_XlaMustCompile" in f.attr)
+
+
+# ------------------------------------------------------------------------------------ models
+def _load_ir(path: Path, signature: str, allow_ops, warn):
+    """(graph, input specs): the model as graphslim reads it (scan, checkpoint reader)."""
+    import tensorflow as tf
+
+    from graphslim.io.emitter import MARKER
+    from graphslim.io.loader import load
+    from graphslim.io.scan import ScanNote, UnsafeModelError
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ScanNote)
+            graph = load(path, signature=signature, allow_ops=allow_ops)
+    except LoadError as exc:
+        if (isinstance(exc, UnsafeModelError) or not (path / MARKER).is_file()
+                or "no signature named" in str(exc)):  # the user's choices, not a bug
+            raise
+        err = LoadError(f"{path}: graphslim cannot read back a model it wrote ({MARKER}): {exc} Either "
+                        "its files changed since, or this is a graphslim bug: please report it.")
+        err.exit_code = 3
+        raise err from exc
+    for w in caught:
+        if issubclass(w.category, ScanNote):
+            warn(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    specs = {a.name: tf.TensorSpec(graph.shape(a.tensor), graph.dtype(a.tensor), name=a.name)
+             for a in graph.inputs}
+    return graph, specs
+
+
+def _load_trusted(child, path: Path, signature: str, label: str):
+    """(handle, specs): TensorFlow's own loader, inside the child."""
+    import tensorflow as tf
+
+    from graphslim.io.emitter import MARKER
+
+    try:
+        handle, raw, _ = child.load_saved_model(path, signature)
+    except GraphslimError as exc:
+        if (path / MARKER).is_file():
+            err = LoadError(f"{label} {path}: TensorFlow cannot load it ({exc}). graphslim wrote this model "
+                            f"({MARKER}) and checks that TensorFlow loads what it writes, so either its "
+                            "files changed since or this is a graphslim bug: please report it.")
+            err.exit_code = 3
+            raise err from exc
+        raise LoadError(f"{label} {path}: TensorFlow's loader cannot load it ({exc}). Without --trusted, "
+                        "the model runs as graphslim reads it.") from exc
+    specs = {k: tf.TensorSpec(shape, tf.as_dtype(dtype), name=k) for k, (shape, dtype) in raw.items()}
+    return handle, specs
+
+
+def _feed(specs: dict, inputs: dict, label: str) -> dict:
+    from graphslim.report import shape_text
+
+    feed = {}
+    for name, spec in specs.items():
+        value = np.asarray(inputs[name])
+        if not spec.shape.is_compatible_with(value.shape):
+            expected = spec.shape.as_list() if spec.shape.rank is not None else None
+            raise GraphslimError(f"input '{name}' has shape {list(value.shape)} but {label} expects "
+                                 f"{shape_text(expected)}")
+        if value.dtype != spec.dtype.as_numpy_dtype:
+            value = value.astype(spec.dtype.as_numpy_dtype)
+        feed[name] = value
+    return feed
+
+
+def _inputs(inputs, specs: dict, batch: int, seed: int, warn) -> tuple[dict, str]:
+    if inputs is None:
+        rng = np.random.default_rng(seed)
+        return ({name: random_input(rng, name, specs[name], batch, warn) for name in sorted(specs)},
+                f"random (seed {seed}, batch {batch})")
+    if isinstance(inputs, (str, Path)):
+        return read_inputs(inputs, specs), str(inputs)
+    missing = sorted(set(specs) - set(inputs))
+    if missing:
+        raise GraphslimError(f"no values for inputs {missing}; the inputs are {', '.join(sorted(specs))}")
+    return dict(inputs), "given arrays"
+
+
+# ------------------------------------------------------------------------------------ compare
+def compare(a, b, *, inputs=None, batch: int = 8, seed: int = 0, signature: str = "serving_default",
+            rtol: float = 1e-5, atol: float = 1e-5, trusted: bool = False, allow_ops=(), limits=None,
+            progress: Callable[[str], None] = _noop, warn: Callable[[str], None] = _noop) -> dict:
+    """Run SavedModels ``a`` and ``b`` on the same inputs (a .npz path, a dict of arrays, or random
+    with ``batch`` and ``seed``) and compare every output. Returns the dict ``graphslim verify
+    --json`` prints: ``outputs`` (one row per output, see :func:`compare_arrays`), ``compared``,
+    ``ok`` (every compared output within tolerance, and at least one compared), ``inputs``,
+    ``input_shapes``. Raises GraphslimError (exit 2) when a model cannot be read or its run fails."""
+    from graphslim.sandbox import Child, default_limits
+
+    path_a, path_b = saved_model_dir(a), saved_model_dir(b)
+    if isinstance(inputs, (str, Path)) and not Path(inputs).is_file():
+        raise GraphslimError(f"--inputs {inputs}: no such file")
+    limits = limits or default_limits()
+    label_a, label_b = f"A ({a})", f"B ({b})"
+    if trusted:
+        from graphslim.io.scan import check_safe
+
+        progress("scanning A and B")
+        for path in (path_a, path_b):
+            check_safe(path, allow_ops=allow_ops)
+        progress("starting the execution process")
+        child = Child(limits, read=[path_a, path_b], label=label_a)
+    else:
+        progress(f"loading A {a}")
+        graph_a, specs_a = _load_ir(path_a, signature, allow_ops, warn)
+        progress(f"loading B {b}")
+        graph_b, specs_b = _load_ir(path_b, signature, allow_ops, warn)
+        progress("starting the execution process")
+        child = Child(limits, label=label_a)
+    with child:
+        if trusted:
+            progress(f"loading A {a} with TensorFlow")
+            handle_a, specs_a = _load_trusted(child, path_a, signature, "A")
+            progress(f"loading B {b} with TensorFlow")
+            handle_b, specs_b = _load_trusted(child, path_b, signature, "B")
+        else:
+            handle_a = child.load_graph(graph_a)
+            child.label = label_b
+            handle_b = child.load_graph(graph_b)
+        specs = {**specs_b, **specs_a}
+        values, source = _inputs(inputs, specs, batch, seed, warn)
+        progress("running A")
+        child.label = label_a
+        out_a = child.run(handle_a, _feed(specs_a, values, label_a))
+        progress("running B")
+        child.label = label_b
+        out_b = child.run(handle_b, _feed(specs_b, values, label_b))
+    names = list(out_a) + [n for n in sorted(out_b) if n not in out_a]
+    rows = [compare_arrays(n, out_a.get(n), out_b.get(n), rtol, atol) for n in names]
+    compared = [r for r in rows if r["compared"]]
+    return {"a": str(a), "b": str(b), "signature": signature, "inputs": source,
+            "input_shapes": {k: list(np.shape(v)) for k, v in values.items()},
+            "rtol": rtol, "atol": atol, "trusted": trusted, "outputs": rows, "compared": len(compared),
+            "ok": bool(compared) and all(r["ok"] for r in compared)}
+
+
+# ------------------------------------------------------------------------------------ bench
+def bench(models, *, inputs=None, batch: int = 1, threads: int | None = None, rounds: int = 15,
+          calls: int = 3, xla: bool = False, signature: str = "serving_default", allow_ops=(),
+          limits=None, progress: Callable[[str], None] = _noop,
+          warn: Callable[[str], None] = _noop) -> dict:
+    """Time SavedModels side by side on the same inputs, in one contained child process. The models
+    take turns within each round; each figure is the median over the rounds of the mean time of one
+    call (timed in the child); ``speedup`` is the first model's median over this one's, within a
+    runtime kind (as saved; ``xla`` with ``xla=True``). Returns the dict ``graphslim bench --json``
+    prints."""
+    import os
+
+    from graphslim.sandbox import Child, default_limits
+
+    models = list(models)
+    paths = [saved_model_dir(m, "bench") for m in models]
+    if isinstance(inputs, (str, Path)) and not Path(inputs).is_file():
+        raise GraphslimError(f"--inputs {inputs}: no such file")
+    limits = replace(limits or default_limits(), threads=threads or os.cpu_count() or 1)
+    graphs = []
+    for model, path in zip(models, paths):
+        progress(f"loading {model}")
+        graphs.append(_load_ir(path, signature, allow_ops, warn))
+    progress("starting the execution process")
+    with Child(limits, label=str(models[0])) as child:
+        entries = []  # (label, model, runtime, handle, specs)
+        for model, path, (graph, specs) in zip(models, paths, graphs):
+            child.label = str(model)
+            saved_xla = saved_for_xla(path)
+            entries.append((str(model), model, "xla (saved)" if saved_xla else "graph",
+                            child.load_graph(graph, "xla" if saved_xla else "graph"), specs))
+            if xla:
+                entries.append((f"{model} (XLA)", model, "xla", child.load_graph(graph, "xla"), specs))
+        specs = {}
+        for entry in reversed(entries):
+            specs.update(entry[4])
+        values, source = _inputs(inputs, specs, batch, 0, warn)
+        if inputs is None:
+            source = f"random (batch {batch})"
+        for label, model, runtime, handle, model_specs in entries:
+            progress(f"warming up {label}")
+            child.label = label
+            feed = _feed(model_specs, values, label)
+            child.run(handle, feed)  # checks the run
+            child.set_inputs(handle, feed)  # XLA compiles here
+        times = [[] for _ in entries]
+        for r in range(rounds):
+            progress(f"round {r + 1}/{rounds}")
+            for i, (label, model, runtime, handle, model_specs) in enumerate(entries):
+                child.label = label
+                times[i].append(child.time(handle, calls))
+    medians = [statistics.median(t) for t in times]
+    # Rows compare within a kind: each model as saved (the graph executor, or XLA if it was written
+    # for it), and each model compiled by XLA (xla=True).
+    first, saved_median, rows = {}, {}, []
+    for (label, model, runtime, _, _), m, t in zip(entries, medians, times):
+        kind = "xla" if runtime == "xla" else "saved"
+        first.setdefault(kind, m)
+        if kind == "saved":
+            saved_median[str(model)] = m
+        rows.append({"model": str(model), "runtime": runtime, "median_ms": 1e3 * m,
+                     "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t), "speedup": first[kind] / m,
+                     "xla_gain": saved_median[str(model)] / m if kind == "xla" else None})
+    return {"signature": signature, "inputs": source,
+            "input_shapes": {k: list(np.shape(v)) for k, v in values.items()},
+            "threads": threads, "rounds": rounds, "calls": calls, "models": rows}
