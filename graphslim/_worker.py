@@ -246,6 +246,10 @@ def main() -> None:
             return
         op = header.get("op")
         _cpu_budget(float(header.get("cpu", 3600)))
+        for handle in header.get("release", ()):
+            engine = engines.pop(handle, None)
+            if engine is not None:
+                engine.close()
         reply, out = {}, None
         try:
             if op == "hello" and first:

@@ -60,6 +60,11 @@ class Runner:
                 pass
             self._handle = None
 
+    def __del__(self):
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle is not None:
+            self._child.release(handle)  # dropped with the child's next request
+
     def __enter__(self):
         return self
 

@@ -250,6 +250,7 @@ class Child:
         self._stderr_path = self.scratch / ".stderr"
         self._dead: str | None = None
         self._next = 0
+        self._released: list[int] = []  # handles to drop with the next request (see release)
         config = {
             "scratch": str(self.scratch),
             "read": _python_read_paths() + [str(Path(p).resolve()) for p in read],
@@ -386,6 +387,8 @@ class Child:
         timeout = self.limits.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         header = {**header, "cpu": self.limits.cpu_seconds()}
+        if self._released:
+            header["release"], self._released = self._released, []
         try:
             self._write_all(encode(header, arrays), deadline, what, timeout)
             (size,) = _LEN.unpack(self._read_exact(_LEN.size, deadline, what, timeout))
@@ -453,6 +456,10 @@ class Child:
         reply, _ = self._request({"op": "time", "id": handle, "calls": int(calls)}, None,
                                  f"timing {self.label}")
         return float(reply["seconds"])
+
+    def release(self, handle: int) -> None:
+        """Drop ``handle`` with the next request (safe from ``__del__``: sends nothing now)."""
+        self._released.append(handle)
 
     def drop(self, handle: int) -> None:
         if self.alive:
