@@ -17,9 +17,9 @@ from typing import Literal, Optional
 
 import pytest
 
-from graphslim import pipeline as pl
 from graphslim.errors import OptionError, PassError, PipelineError, VerificationError
 from graphslim.pipeline import (
+    REGISTRY,
     PassInstrument,
     PassManager,
     PassResult,
@@ -36,6 +36,7 @@ from graphslim.pipeline import (
     registered_passes,
     unregister_pass,
 )
+from graphslim.pipeline.messages import ordinal
 
 # --------------------------------------------------------------------------------------------------
 # Fixtures: registry isolation, test passes, a stand-in graph
@@ -46,21 +47,9 @@ from graphslim.pipeline import (
 def isolated_registry():
     """Restore the registry and plugin caches after each test (built-ins loaded once, first)."""
     load_builtin_passes()
-    registry = dict(pl._REGISTRY)
-    plugins = dict(pl._PLUGINS)
-    entry_points = set(pl._ENTRY_POINTS)
-    loaded, missing = set(pl._LOADED_PACKAGES), set(pl._MISSING_PACKAGES)
+    saved = REGISTRY.snapshot()
     yield
-    pl._REGISTRY.clear()
-    pl._REGISTRY.update(registry)
-    pl._PLUGINS.clear()
-    pl._PLUGINS.update(plugins)
-    pl._ENTRY_POINTS.clear()
-    pl._ENTRY_POINTS.update(entry_points)
-    pl._LOADED_PACKAGES.clear()
-    pl._LOADED_PACKAGES.update(loaded)
-    pl._MISSING_PACKAGES.clear()
-    pl._MISSING_PACKAGES.update(missing)
+    REGISTRY.restore(saved)
 
 
 @dataclass(frozen=True)
@@ -309,7 +298,7 @@ def test_bad_declarations_fail_at_registration(name, options, fragment):
     with pytest.raises(PipelineError) as err:
         _register(name, options)
     assert fragment in str(err.value)
-    assert "test-x" not in pl._REGISTRY
+    assert "test-x" not in REGISTRY
 
 
 def test_pass_function_must_take_graph_and_options():
@@ -896,14 +885,14 @@ def test_report_to_dict_is_json_ready(test_passes):
     assert data["pipeline"] == "test-subset{keep=1},test-numpy"
     assert data["changed"] is True
     assert data["passes"][1]["stats"] == {"count": 3, "ratio": 0.5, "shape": [0.0, 0.0]}
-    assert set(data["passes"][0]) == {"name", "text", "seconds", "verify_seconds", "changed", "stats"}
+    assert set(data["passes"][0]) == {"name", "text", "seconds", "verify_seconds", "changed", "stats", "warnings"}
 
 
 @pytest.mark.parametrize(
     "n, text", [(1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th"), (11, "11th"), (12, "12th"), (13, "13th"), (21, "21st"), (102, "102nd")]
 )
 def test_ordinals(n, text):
-    assert pl._ordinal(n) == text
+    assert ordinal(n) == text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -980,11 +969,11 @@ def test_broken_plugin_is_named_and_its_passes_rolled_back(tmp_path):
     message = str(err.value)
     assert f"cannot load plugin '{path}'" in message
     assert "No module named 'graphslim_no_such_dependency'" in message
-    assert "test-plugin-stamp" not in pl._REGISTRY
+    assert "test-plugin-stamp" not in REGISTRY
     # fixing the file and loading again works (the failed attempt left nothing behind)
     path.write_text(PLUGIN)
     load_plugin(str(path))
-    assert "test-plugin-stamp" in pl._REGISTRY
+    assert "test-plugin-stamp" in REGISTRY
 
 
 def test_plugin_with_syntax_error(tmp_path):
@@ -1066,7 +1055,7 @@ def pass_package(tmp_path, monkeypatch):
 def test_load_builtin_passes_imports_every_public_module_once(pass_package):
     name, _ = pass_package
     assert load_builtin_passes(name) == [f"{name}.stamp"]
-    assert "test-plugin-stamp" in pl._REGISTRY
+    assert "test-plugin-stamp" in REGISTRY
     assert load_builtin_passes(name) == []  # idempotent
 
 

@@ -434,6 +434,11 @@ class Graph:
         g._uid = itertools.count()
         return g
 
+    def restore(self, snapshot: "Graph") -> None:
+        """Make this graph, in place, equal to ``snapshot`` (an earlier :meth:`copy`), which stays
+        usable. The pass manager's rollback of a failed pass: ``saved = g.copy()`` ... ``g.restore(saved)``."""
+        self.__dict__.update(snapshot.copy().__dict__)
+
     def ancestors(self, names: Iterable[str]) -> set[str]:
         """Every node that ``names`` depend on (data or control), including themselves."""
         return self._reach(names, nx.ancestors)
