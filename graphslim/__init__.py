@@ -30,14 +30,16 @@ def __getattr__(name):
     raise AttributeError(f"module 'graphslim' has no attribute {name!r}")
 
 
-def load(path, signature: str = "serving_default", tags=("serve",), *, scan: bool = True, allow_ops=()):
+def load(path, signature: str = "serving_default", tags=("serve",), *, scan: bool = True, allow_ops=(),
+         max_asset_mb: float | None = None):
     """Read a SavedModel directory or frozen GraphDef into a :class:`Graph` (see graphslim.io.loader).
 
-    The safety scan refuses models with ops that touch files, network, processes or Python unless
-    named in ``allow_ops`` (see graphslim.io.scan)."""
+    The safety scan refuses models with ops outside its allow-list unless named in ``allow_ops``
+    (see graphslim.io.scan); ``max_asset_mb`` raises the per-file asset limit."""
     from graphslim.io.loader import load as _load
 
-    return _load(path, signature=signature, tags=tags, scan=scan, allow_ops=allow_ops)
+    extra = {} if max_asset_mb is None else {"max_asset_mb": max_asset_mb}
+    return _load(path, signature=signature, tags=tags, scan=scan, allow_ops=allow_ops, **extra)
 
 
 def save(graph, out_dir, *, force: bool = False, jit_compile: bool = False):

@@ -158,7 +158,7 @@ def saved_for_xla(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------ models
-def _load_ir(path: Path, signature: str, allow_ops, warn):
+def _load_ir(path: Path, signature: str, allow_ops, warn, max_asset_mb=None):
     """(graph, input specs): the model as graphslim reads it (scan, checkpoint reader)."""
     import tensorflow as tf
 
@@ -169,7 +169,8 @@ def _load_ir(path: Path, signature: str, allow_ops, warn):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ScanNote)
-            graph = load(path, signature=signature, allow_ops=allow_ops)
+            graph = load(path, signature=signature, allow_ops=allow_ops,
+                         **({} if max_asset_mb is None else {"max_asset_mb": max_asset_mb}))
     except LoadError as exc:
         if (isinstance(exc, UnsafeModelError) or not (path / MARKER).is_file()
                 or "no signature named" in str(exc)):  # the user's choices, not a bug
@@ -241,7 +242,7 @@ def _inputs(inputs, specs: dict, batch: int, seed: int, warn) -> tuple[dict, str
 # ------------------------------------------------------------------------------------ compare
 def compare(a, b, *, inputs=None, batch: int = 8, seed: int = 0, signature: str = "serving_default",
             rtol: float = 1e-5, atol: float = 1e-5, trusted: bool = False, allow_ops=(), limits=None,
-            progress: Callable[[str], None] = _noop, warn: Callable[[str], None] = _noop) -> dict:
+            max_asset_mb: float | None = None, progress: Callable[[str], None] = _noop, warn: Callable[[str], None] = _noop) -> dict:
     """Run SavedModels ``a`` and ``b`` on the same inputs (a .npz path, a dict of arrays, or random
     with ``batch`` and ``seed``) and compare every output. Returns the dict ``graphslim verify
     --json`` prints: ``outputs`` (one row per output, see :func:`compare_arrays`), ``compared``,
@@ -264,9 +265,9 @@ def compare(a, b, *, inputs=None, batch: int = 8, seed: int = 0, signature: str 
         child = Child(limits, read=[path_a, path_b], label=label_a)
     else:
         progress(f"loading A {a}")
-        graph_a, specs_a = _load_ir(path_a, signature, allow_ops, warn)
+        graph_a, specs_a = _load_ir(path_a, signature, allow_ops, warn, max_asset_mb)
         progress(f"loading B {b}")
-        graph_b, specs_b = _load_ir(path_b, signature, allow_ops, warn)
+        graph_b, specs_b = _load_ir(path_b, signature, allow_ops, warn, max_asset_mb)
         progress("starting the execution process")
         child = Child(limits, label=label_a)
     with child:
@@ -299,7 +300,7 @@ def compare(a, b, *, inputs=None, batch: int = 8, seed: int = 0, signature: str 
 # ------------------------------------------------------------------------------------ bench
 def bench(models, *, inputs=None, batch: int = 1, threads: int | None = None, rounds: int = 15,
           calls: int = 3, xla: bool = False, signature: str = "serving_default", allow_ops=(),
-          limits=None, progress: Callable[[str], None] = _noop,
+          limits=None, max_asset_mb: float | None = None, progress: Callable[[str], None] = _noop,
           warn: Callable[[str], None] = _noop) -> dict:
     """Time SavedModels side by side on the same inputs, in one contained child process. The models
     take turns within each round; each figure is the median over the rounds of the mean time of one
@@ -318,7 +319,7 @@ def bench(models, *, inputs=None, batch: int = 1, threads: int | None = None, ro
     graphs = []
     for model, path in zip(models, paths):
         progress(f"loading {model}")
-        graphs.append(_load_ir(path, signature, allow_ops, warn))
+        graphs.append(_load_ir(path, signature, allow_ops, warn, max_asset_mb))
     progress("starting the execution process")
     with Child(limits, label=str(models[0])) as child:
         entries = []  # (label, model, runtime, handle, specs)

@@ -47,10 +47,11 @@ import click
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import graphslim
 from graphslim import report as _report
-from graphslim.terminal import markup
+from graphslim.terminal import clean, markup
 from graphslim.errors import EmitError, GraphslimError, LoadError, XlaCheckWarning
 from graphslim.pipeline import PassInstrument  # pure Python: importing it loads no TensorFlow
 
@@ -81,7 +82,7 @@ class _Group(click.Group):
         except GraphslimError as exc:
             if _debug():
                 traceback.print_exc()
-            click.echo(f"error: {_paragraph(exc)}", err=True)
+            click.echo(f"error: {clean(_paragraph(exc))}", err=True)
             ctx.exit(getattr(exc, "exit_code", 2))
         except KeyboardInterrupt as exc:
             click.echo(_interrupted_text(exc), err=True)
@@ -89,8 +90,8 @@ class _Group(click.Group):
         except Exception as exc:
             if _debug():
                 raise
-            click.echo(f"internal error: {type(exc).__name__}: {_paragraph(exc)} (set GRAPHSLIM_DEBUG=1 "
-                       "for the traceback; please report it)", err=True)
+            click.echo(f"internal error: {type(exc).__name__}: {clean(_paragraph(exc))} (set "
+                       "GRAPHSLIM_DEBUG=1 for the traceback; please report it)", err=True)
             ctx.exit(3)
 
 
@@ -125,6 +126,26 @@ def _install_signal_handlers() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+def _limits_options(f):
+    f = click.option("--max-memory", "max_memory", type=click.FloatRange(min=0.5), default=None,
+                     metavar="GIB",
+                     help="Address-space limit of the process that runs the model, in GiB (default: "
+                          "three quarters of this machine's memory, at least 8).")(f)
+    f = click.option("--timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+                     help="Wall-clock limit of each run of a model (one call, one calibration batch, "
+                          "one timing round): the process running it is killed after that "
+                          "(default 900).")(f)
+    return f
+
+
+def _apply_limits(timeout: float | None, max_memory: float | None):
+    """The limits of the processes that run models (graphslim.sandbox), from the CLI options."""
+    from graphslim.sandbox import default_limits, set_default_limits
+
+    set_default_limits(timeout=timeout, memory=None if max_memory is None else int(max_memory * (1 << 30)))
+    return default_limits()
+
+
 def _allow_ops_option(f):
     return click.option(
         "--allow-ops", "allow_ops", multiple=True, metavar="OP[,OP...]",
@@ -132,13 +153,22 @@ def _allow_ops_option(f):
              "PyFunc, ReadFile); repeatable or comma-separated. See `graphslim scan`.")(f)
 
 
-def _load(model: Path, signature: str, tags, allow_ops, app: "_App"):
-    from graphslim.io.loader import load
+def _max_asset_option(f):
+    return click.option(
+        "--max-asset-mb", "max_asset_mb", type=click.FloatRange(min=0, min_open=True), default=None,
+        metavar="MIB",
+        help="Largest asset file (assets/) read from the model, in MiB; all assets together may take "
+             "4 times that (default 64).")(f)
+
+
+def _load(model: Path, signature: str, tags, allow_ops, app: "_App", max_asset_mb: float | None = None):
+    from graphslim.io.loader import MAX_ASSET_MB, load
     from graphslim.io.scan import ScanNote
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ScanNote)
-        graph = load(model, signature=signature, tags=tags, scan=True, allow_ops=allow_ops)
+        graph = load(model, signature=signature, tags=tags, scan=True, allow_ops=allow_ops,
+                     max_asset_mb=MAX_ASSET_MB if max_asset_mb is None else max_asset_mb)
     for w in caught:  # the scan's notes (e.g. a second saver dropped) are warnings of the command
         if issubclass(w.category, ScanNote):
             app.warn(str(w.message))
@@ -240,6 +270,15 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader)
 
 
 # ---------------------------------------------------------------------------------- consoles
+# Model-provided text (node, op, signature and file names, error messages) can hold ESC sequences
+# that move the cursor or restyle the terminal: it reaches the terminal only through clean() (plain
+# text) or _text() (rich), see graphslim.terminal.
+def _text(value) -> Text:
+    """``value`` for rich (a table cell, a printed line): control characters escaped, and never read
+    as markup, whatever the console's markup setting (ours is off)."""
+    return Text(clean(value))
+
+
 def _console(stream) -> Console:
     try:
         tty = stream.isatty()
@@ -261,7 +300,7 @@ class _App:
 
     def warn(self, message: str) -> None:
         if not self.quiet:
-            click.echo(f"warning: {message}", err=True)
+            click.echo(f"warning: {clean(_paragraph(message))}", err=True)  # one line, escaped
 
     def steps(self) -> "_Steps":
         return _Steps(self.err, enabled=not self.quiet)
@@ -293,26 +332,26 @@ class _Steps:
 
     def start(self, text: str) -> None:
         self.finish()
-        self._text, self._start = text, time.perf_counter()
+        self._text, self._start = clean(text), time.perf_counter()  # paths and pass texts
         if not self.enabled:
             return
         if not self.live:
-            self.console.print(f"{text} ...")
+            self.console.print(_text(f"{text} ..."))
         elif self._status is None:
-            self._status = self.console.status(text)
+            self._status = self.console.status(markup(text))  # rich's spinner reads markup
             self._status.start()
         else:
-            self._status.update(text)
+            self._status.update(markup(text))
 
     def finish(self, note: str = "") -> None:
         if self._text is not None and self.live:
             elapsed = time.perf_counter() - self._start
-            self.console.print(f"done  {self._text} ({elapsed:.2f}s{note})", style="green")
+            self.console.print(Text(f"done  {self._text} ({elapsed:.2f}s{note})", style="green"))
         self._text = None
 
     def fail(self) -> None:
         if self._text is not None and self.live:
-            self.console.print(f"FAILED  {self._text}", style="red")
+            self.console.print(Text(f"FAILED  {self._text}", style="red"))
         self._text = None
 
 
@@ -355,7 +394,11 @@ def _load_plugins(plugins) -> list[str]:
     return list(plugins) + load_entry_point_plugins()
 
 
-def _check_output_paths(model: Path, out: Path, force: bool, report_path: Path | None) -> None:
+def _check_output_paths(model: Path, out: Path, force: bool, report_path: Path | None,
+                        inputs=()) -> None:
+    """Before anything is read or written: -o and --report must not be the input model, lie inside
+    it, or (for -o, which --force replaces whole) contain it; nor be one of the other files the run
+    reads (``inputs``: --config, --plugin files). Paths are compared resolved (symlinks followed)."""
     src, dst = _model_dir(model).resolve(), out.resolve()
     if dst == src or src in dst.parents:
         raise EmitError(f"-o {out} is the input model or inside it; write the optimized model somewhere "
@@ -363,9 +406,25 @@ def _check_output_paths(model: Path, out: Path, force: bool, report_path: Path |
     if dst in src.parents:
         raise EmitError(f"the input model {model} is inside -o {out}; replacing {out} would delete the "
                         "input; write the optimized model somewhere else")
+    others = [(Path(p), Path(p).resolve()) for p in inputs]
+    for given, resolved in others:
+        if dst == resolved or dst in resolved.parents:
+            raise EmitError(f"-o {out} is or holds {given}, an input of this run; write the optimized "
+                            "model somewhere else")
     if (out.exists() or out.is_symlink()) and not force:
         raise EmitError(f"the output {out} exists; pass --force to replace it, or choose another -o")
     if report_path is not None:
+        rep = report_path.resolve()
+        if rep == src or src in rep.parents:
+            raise EmitError(f"--report {report_path} is the input model or a file inside it; writing it "
+                            f"would change the input {model}. Write the report somewhere else")
+        if rep == dst:
+            raise EmitError(f"--report {report_path} is the output directory -o {out}; give the report "
+                            "its own file name (it may be inside -o)")
+        for given, resolved in others:
+            if rep == resolved:
+                raise EmitError(f"--report {report_path} is {given}, an input of this run; write the "
+                                "report somewhere else")
         if report_path.is_dir():
             raise GraphslimError(f"--report {report_path} is a directory; give a file name like "
                                  "report.json")
@@ -438,10 +497,13 @@ def cli(ctx: click.Context, quiet: bool) -> None:
                    "with depthwise convolutions: time it with `graphslim bench --xla` first. Refused, "
                    "naming the op, if XLA cannot compile the model.")
 @_allow_ops_option
+@_max_asset_option
+@_limits_options
 @click.pass_obj
 def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path | None, plugins,
              report_path: Path | None, signature: str, tags: str, no_verify: bool,
-             force: bool, jit_compile: bool, allow_ops) -> None:
+             force: bool, jit_compile: bool, allow_ops, max_asset_mb: float | None, timeout,
+             max_memory) -> None:
     """Load MODEL, run the pipeline over it and write the result to -o OUT.
 
     MODEL is a SavedModel directory or a frozen GraphDef .pb. Without --passes or --config the
@@ -450,9 +512,11 @@ def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path
     if passes is not None and config is not None:
         raise click.UsageError("--passes and --config cannot be used together: give the pipeline "
                                "either as text or as a TOML file")
-    _check_output_paths(model, out, force, report_path)
+    _check_output_paths(model, out, force, report_path,
+                        inputs=[p for p in [config, *map(Path, plugins)] if p is not None and p.is_file()])
     verify = not no_verify
     tag_set = _tags(tags)
+    _apply_limits(timeout, max_memory)  # for passes that run the model (calibration data)
     with app.steps() as steps:
         steps.start("loading passes")  # the built-in passes import TensorFlow: a few seconds
         loaded_plugins = _load_plugins(plugins)
@@ -463,7 +527,7 @@ def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path
 
         steps.start(f"loading {model}")
         start = time.perf_counter()
-        graph = _load(model, signature, tag_set, allow_ops, app)
+        graph = _load(model, signature, tag_set, allow_ops, app, max_asset_mb)
         load_seconds = time.perf_counter() - start
         others = graph.meta.get("other_signatures") or []
         if others:
@@ -479,6 +543,8 @@ def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path
             steps.finish()
         pipeline_report = manager.run(graph)
         steps.finish()
+        for text, message in pipeline_report.warnings:  # any pass may warn (PassResult.warnings)
+            app.warn(f"{text}: {message}")
         if not verify:
             try:  # shapes for the cost table; verification would have re-inferred them
                 graph.infer_shapes()
@@ -536,7 +602,7 @@ def optimize(app: _App, model: Path, out: Path, passes: str | None, config: Path
 def _print_optimize_summary(app: _App, data: dict, report_path: Path | None) -> None:
     console = app.out
     pipeline = data["pipeline"] or "(empty: round trip)"
-    console.print(f"{data['input']} -> {data['output']}   pipeline: {pipeline}")
+    console.print(_text(f"{data['input']} -> {data['output']}   pipeline: {pipeline}"))
 
     table = _table()
     table.add_column("")
@@ -558,15 +624,15 @@ def _print_optimize_summary(app: _App, data: dict, report_path: Path | None) -> 
         passes.add_column("changed")
         passes.add_column("stats", overflow="fold")
         for i, record in enumerate(data["passes"], start=1):
-            passes.add_row(str(i), record["text"], f"{record['seconds']:.3f}s",
+            passes.add_row(str(i), _text(record["text"]), f"{record['seconds']:.3f}s",
                            "yes" if record["changed"] else "no",
-                           _report.compact_stats(record["stats"]))
+                           _text(_report.compact_stats(record["stats"])))
         console.print()
         console.print(passes)
     seconds = data["seconds"]
     console.print(f"time: load {seconds['load']:.2f}s, passes {seconds['passes']:.2f}s "
                   f"(+{seconds['input_verify'] or 0.0:.2f}s input check), write {seconds['save']:.2f}s")
-    console.print(f"wrote {data['output']}" + (f", report {report_path}" if report_path else ""))
+    console.print(_text(f"wrote {data['output']}" + (f", report {report_path}" if report_path else "")))
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -596,9 +662,10 @@ def _channels_module():
 @click.option("--groups", is_flag=True, help="Also print the channel-dependency groups.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @_allow_ops_option
+@_max_asset_option
 @click.pass_obj
 def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_json: bool,
-            allow_ops) -> None:
+            allow_ops, max_asset_mb: float | None) -> None:
     """Show MODEL's signatures, op histogram, params, MACs and layers.
 
     MODEL is a SavedModel directory or a frozen GraphDef .pb. Nothing is executed.
@@ -609,7 +676,7 @@ def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_
 
     with app.steps() as steps:
         steps.start(f"loading {model}")
-        graph = _load(model, signature, tag_set, allow_ops, app)
+        graph = _load(model, signature, tag_set, allow_ops, app, max_asset_mb)
         info = describe(model, tags=tag_set)
         snapshot = _report.layer_snapshot(graph)
         groups_text = None
@@ -640,7 +707,7 @@ def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_
         header += f", tags {','.join(info['tags'])}"
     if info.get("tf_version"):
         header += f", written by TensorFlow {info['tf_version']}"
-    console.print(header)
+    console.print(_text(header))
 
     sigs = _table("signatures")
     for column in ("signature", "", "name", "dtype", "shape"):
@@ -649,7 +716,8 @@ def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_
         label = f"{name} (inspected)" if name == graph.signature_name else name
         for kind in ("inputs", "outputs"):
             for key, arg in sig[kind].items():
-                sigs.add_row(label, kind[:-1], key, arg["dtype"], _report.shape_text(arg["shape"]))
+                sigs.add_row(_text(label), kind[:-1], _text(key), _text(arg["dtype"]),
+                             _text(_report.shape_text(arg["shape"])))
                 label = ""
     console.print(sigs)
 
@@ -660,7 +728,7 @@ def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_
     hist.add_column("op")
     hist.add_column("count", justify="right")
     for op, n in histogram.items():
-        hist.add_row(op, str(n))
+        hist.add_row(_text(op), str(n))
     console.print(hist)
 
     console.print()
@@ -671,42 +739,74 @@ def inspect(app: _App, model: Path, signature: str, tags: str, groups: bool, as_
     table.add_column("params", justify="right")
     table.add_column("MACs", justify="right")
     for layer in layers:
-        table.add_row(layer["name"], layer["op"], _report.shape_text(layer["shape"]),
+        table.add_row(_text(layer["name"]), _text(layer["op"]), _text(_report.shape_text(layer["shape"])),
                       _count(layer["params"]), _count(layer["macs"]))
     console.print(table)
     if groups_text is not None:
         console.print()
         console.print("channel groups:")
-        console.print(groups_text)
+        console.print(Text("\n".join(clean(line) for line in str(groups_text).splitlines())))
 
 
 # ---------------------------------------------------------------------------------- scan
 @cli.command("scan")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--tags", default=None, metavar="TAGS",
               help="Only the MetaGraphDef with this comma-separated tag set (default: all of them).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--list-allowed", is_flag=True,
+              help="Print the allow-list (the op types graphslim accepts, by category) and exit.")
 @_allow_ops_option
 @click.pass_obj
-def scan_command(app: _App, model: Path, tags: str | None, as_json: bool, allow_ops) -> None:
-    """Check MODEL for ops that touch files, the network, processes or Python.
+def scan_command(app: _App, model: Path | None, tags: str | None, as_json: bool, list_allowed: bool,
+                 allow_ops) -> None:
+    """Check MODEL for ops outside graphslim's allow-list of compute-only ops.
 
     Walks the graph and every function of its library (reachable or not), and checks that variables
-    and assets stay inside the model directory. Checkpoint ops (SaveV2, RestoreV2, ...) are accepted
-    only inside the checkpoint machinery (the saver's own functions and nodes). Nothing is executed.
-    Exit status 0 when nothing is found (or everything found is accepted with --allow-ops), 1 when
-    something is refused, 2 when the model cannot be read.
+    and assets stay inside the model directory. Every op type must be on the allow-list (see
+    --list-allowed); checkpoint ops (SaveV2, RestoreV2, ...) are accepted only inside the checkpoint
+    machinery (the saver's own functions and nodes, never a write on the restore path). Nothing is
+    executed. Exit status 0 when nothing is found (or everything found is accepted with --allow-ops),
+    1 when something is refused, 2 when the model cannot be read.
     """
+    if list_allowed:
+        if model is not None:
+            raise click.UsageError("--list-allowed prints the allow-list; it takes no MODEL.")
+        import textwrap
+
+        from graphslim.io.allowlist import describe
+
+        data = describe()  # graphslim's own data, not the model's: printed as plain text
+        if as_json:
+            click.echo(json.dumps(data, indent=2))
+            return
+        lines = [f"graphslim's allow-list: {data['count']:,} op types that only compute. Any other op in a "
+                 "model is refused unless --allow-ops names it."]
+        for cat in data["categories"]:
+            lines += ["", f"{cat['title']} ({len(cat['ops'])}):"]
+            lines += textwrap.wrap(" ".join(cat["ops"]), width=100, initial_indent="  ", subsequent_indent="  ",
+                                   break_on_hyphens=False)
+        lines += ["", f"allowed only with these attrs ({len(data['conditional'])}):"]
+        lines += [f"  {op}: is allowed {why}" for op, why in data["conditional"].items()]
+        lines += ["", "checkpoint ops, accepted only as the model's own checkpoint machinery (never a write on "
+                      "the restore path):", "  " + " ".join(data["checkpoint_machinery"])]
+        click.echo("\n".join(lines))
+        return
+    if model is None:
+        raise click.UsageError("Missing argument 'MODEL' (or pass --list-allowed).")
     from graphslim.io.scan import scan_report
 
     report = scan_report(model, tags=_tags(tags) if tags is not None else None, allow_ops=allow_ops)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
+        # Every model-provided string (op and node names, function names, attr values in the details,
+        # notes) goes through _text (control characters escaped, never read as markup): an ESC
+        # sequence in a node name must not be able to forge an "OK" line.
         console = app.out
         where = f"{report['meta_graphs']} MetaGraphDef(s), " if report["format"] == "saved_model" else ""
-        console.print(f"{model}: scanned {where}{report['nodes']:,} graph nodes, {report['functions']:,} "
-                      f"functions ({report['function_nodes']:,} function nodes)")
+        console.print(_text(f"{model}: scanned {where}{report['nodes']:,} graph nodes, "
+                            f"{report['functions']:,} functions ({report['function_nodes']:,} function nodes)"))
         rows = [(f, "REFUSED") for f in report["findings"]] + [(f, "allowed") for f in report["allowed"]]
         if rows:
             table = _table()
@@ -714,22 +814,21 @@ def scan_command(app: _App, model: Path, tags: str | None, as_json: bool, allow_
                 table.add_column(column, overflow="fold")
             for f, verdict in rows:
                 if f["op"] == "<path>":
-                    table.add_row("(file)", f["node"], "-", f["category"], verdict)
+                    table.add_row("(file)", _text(f["node"]), "-", _text(f["category"]), verdict)
                 else:
-                    table.add_row(f["op"], f["node"], f["function"] or "(graph)",
-                                  f["category"] + f["detail"], verdict,
+                    table.add_row(_text(f["op"]), _text(f["node"]), _text(f["function"] or "(graph)"),
+                                  _text(f["category"] + f["detail"]), verdict,
                                   style="red" if verdict == "REFUSED" else "yellow")
             console.print(table)
         for note in report["notes"]:
-            console.print(f"note: {note}", soft_wrap=True)
+            console.print(_text(f"note: {note}"), soft_wrap=True)
         if report["safe"]:
-            console.print("OK: nothing dangerous found" + (f" ({len(report['allowed'])} finding(s) "
-                                                           "accepted with --allow-ops)"
-                                                           if report["allowed"] else ""))
+            console.print("OK: nothing outside the allow-list found" + (
+                f" ({len(report['allowed'])} finding(s) accepted with --allow-ops)" if report["allowed"] else ""))
         else:
             ops = sorted({f["op"] for f in report["findings"] if f["op"] != "<path>"})
             hint = f"; accept knowingly with --allow-ops {','.join(ops)}" if ops else ""
-            console.print(f"REFUSED: {len(report['findings'])} finding(s){hint}")
+            console.print(_text(f"REFUSED: {len(report['findings'])} finding(s){hint}"), soft_wrap=True)
     if not report["safe"]:
         raise click.exceptions.Exit(1)
 
@@ -761,185 +860,6 @@ def passes_command(plugins) -> None:
 
 
 # ---------------------------------------------------------------------------------- verify
-def _saved_model_path(path: Path, command: str = "verify") -> Path:
-    """The SavedModel directory ``path`` names (the directory, or its saved_model.pb) for commands that
-    run models with TensorFlow (verify, bench), which read SavedModels only."""
-    if not path.exists():
-        raise LoadError(f"{path}: no such file or directory. {command} runs SavedModel directories (the "
-                        "folders holding saved_model.pb and variables/).")
-    if path.is_file():
-        if path.name in _SAVED_MODEL_FILES:
-            return path.parent
-        raise LoadError(f"{path} is a file, not a SavedModel directory; {command} runs SavedModels only. "
-                        f"A frozen GraphDef can be converted first: graphslim optimize {path} -o DIR")
-    if not any((path / f).exists() for f in _SAVED_MODEL_FILES):
-        raise LoadError(f"{path}: not a SavedModel directory: it has no saved_model.pb. {command} "
-                        "runs SavedModel directories.")
-    return path
-
-
-def _limits_options(f):
-    f = click.option("--max-memory", "max_memory", type=click.FloatRange(min=0.5), default=None,
-                     metavar="GIB",
-                     help="Address-space limit of the process that runs the model, in GiB (default: "
-                          "three quarters of this machine's memory, at least 8).")(f)
-    f = click.option("--timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
-                     help="Wall-clock limit of each run of a model (one call, one calibration batch, "
-                          "one timing round): the process running it is killed after that "
-                          "(default 900).")(f)
-    return f
-
-
-def _apply_limits(timeout: float | None, max_memory: float | None):
-    """The limits of the processes that run models (graphslim.sandbox), from the CLI options."""
-    from graphslim.sandbox import default_limits, set_default_limits
-
-    set_default_limits(timeout=timeout, memory=None if max_memory is None else int(max_memory * (1 << 30)))
-    return default_limits()
-
-
-def _ir_model(app: "_App", model: Path, path: Path, signature: str, allow_ops):
-    """(graph, input specs): the model as graphslim reads it (scan, checkpoint reader), to be run by
-    graphslim's execution child: nothing of the input's own restore machinery runs."""
-    import tensorflow as tf
-
-    graph = _load(path, signature, ("serve",), allow_ops, app)
-    specs = {a.name: tf.TensorSpec(graph.shape(a.tensor), graph.dtype(a.tensor), name=a.name)
-             for a in graph.inputs}
-    return graph, specs
-
-
-def _trusted_model(child, path: Path, signature: str, label: str):
-    """(handle, specs): TensorFlow's own loader, inside the child (--trusted)."""
-    import tensorflow as tf
-
-    from graphslim.io.emitter import MARKER
-
-    try:
-        handle, raw, _ = child.load_saved_model(path, signature)
-    except GraphslimError as exc:
-        if (path / MARKER).is_file():
-            err = LoadError(f"{label} {path}: TensorFlow cannot load it ({_paragraph(exc)}). graphslim wrote "
-                            f"this model ({MARKER}) and checks that TensorFlow loads what it writes, so "
-                            "either its files changed since or this is a graphslim bug: please report it.")
-            err.exit_code = 3
-            raise err from exc
-        raise LoadError(f"{label} {path}: TensorFlow's loader cannot load it ({_paragraph(exc)}). Without "
-                        "--trusted, verify runs the model as graphslim reads it.") from exc
-    specs = {k: tf.TensorSpec(None if shape is None else shape, tf.as_dtype(dtype), name=k)
-             for k, (shape, dtype) in raw.items()}
-    return handle, specs
-
-
-def _random_input(app: _App, rng, name: str, spec, batch: int):
-    import numpy as np
-
-    dims = spec.shape.as_list() if spec.shape.rank is not None else None
-    if dims is None:
-        app.warn(f"input '{name}' has unknown rank; using shape [{batch}]")
-        dims = [None]
-    shape = []
-    for axis, dim in enumerate(dims):
-        if dim is None:
-            if axis == 0:
-                dim = batch
-            else:
-                app.warn(f"input '{name}' has unknown dimension {axis}; using 1")
-                dim = 1
-        shape.append(dim)
-    dtype = spec.dtype
-    if dtype.is_floating:
-        return rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
-    if dtype.is_bool:
-        return rng.random(shape) < 0.5
-    if dtype.is_integer:
-        return rng.integers(0, 10, size=shape).astype(dtype.as_numpy_dtype)
-    raise GraphslimError(f"cannot make random values for input '{name}' of type {dtype.name}; give "
-                         "the inputs with --inputs data.npz")
-
-
-def _read_inputs(path: Path, specs: dict) -> dict:
-    import numpy as np
-
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise GraphslimError(f"--inputs {path}: no such file") from None
-    except Exception as exc:
-        raise GraphslimError(f"--inputs {path}: cannot read it as a .npz file ({exc})") from exc
-    with data:
-        keys = list(data.keys())
-        values = {}
-        for name in specs:
-            for key in (name, f"input:{name}"):
-                if key in keys:
-                    values[name] = data[key]
-                    break
-            else:
-                raise GraphslimError(f"--inputs {path} has no array for input '{name}'; it has "
-                                     f"{', '.join(repr(k) for k in keys) or 'nothing'}. Key the "
-                                     f"arrays by the signature's input names: "
-                                     f"{', '.join(sorted(specs))}")
-    return values
-
-
-def _run(child, handle: int, specs: dict, inputs: dict, label: str) -> dict:
-    """Check ``inputs`` against the signature, then run the model in its child process."""
-    import numpy as np
-
-    feed = {}
-    for name, spec in specs.items():
-        value = np.asarray(inputs[name])
-        if not spec.shape.is_compatible_with(value.shape):
-            expected = spec.shape.as_list() if spec.shape.rank is not None else None
-            raise GraphslimError(f"input '{name}' has shape {list(value.shape)} but {label} expects "
-                                 f"{_report.shape_text(expected)}")
-        if value.dtype != spec.dtype.as_numpy_dtype:
-            value = value.astype(spec.dtype.as_numpy_dtype)
-        feed[name] = value
-    child.label = label
-    return child.run(handle, feed)
-
-
-def _compare(name: str, a, b, rtol: float, atol: float) -> dict:
-    import numpy as np
-
-    row = {"name": name,
-           "shape_a": None if a is None else list(a.shape),
-           "shape_b": None if b is None else list(b.shape),
-           "dtype_a": None if a is None else str(a.dtype),
-           "dtype_b": None if b is None else str(b.dtype),
-           "compared": False, "ok": None, "max_abs_error": None, "max_rel_error": None,
-           "top1_agreement": None}
-    if a is None or b is None:
-        row["status"] = "only in B" if a is None else "only in A"
-        return row
-    if a.shape != b.shape:
-        row["status"] = "shape differs"
-        return row
-    row["compared"] = True
-    numeric = all(np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_ for x in (a, b))
-    if not numeric:
-        row["ok"] = bool(np.array_equal(a, b))
-    else:
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
-        diff = np.abs(a64 - b64)
-        if diff.size:
-            row["max_abs_error"] = float(np.max(diff))
-            ref = np.abs(a64)
-            nonzero = ref > 0
-            rel = diff[nonzero] / ref[nonzero]
-            row["max_rel_error"] = float(np.max(rel)) if rel.size else (
-                0.0 if row["max_abs_error"] == 0 else float("inf"))
-        else:
-            row["max_abs_error"] = row["max_rel_error"] = 0.0
-        row["ok"] = bool(np.allclose(b64, a64, rtol=rtol, atol=atol, equal_nan=True))
-        if a.ndim >= 2 and a.shape[-1] > 1 and a.size:
-            row["top1_agreement"] = float(np.mean(np.argmax(a64, axis=-1) == np.argmax(b64, axis=-1)))
-    row["status"] = "ok" if row["ok"] else "MISMATCH"
-    return row
-
-
 def _err_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
@@ -963,10 +883,11 @@ def _err_text(value: float | None) -> str:
                    "graphslim's loader, for models you trust (the loader runs their restore functions).")
 @_limits_options
 @_allow_ops_option
+@_max_asset_option
 @click.pass_obj
 def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, batch: int, seed: int,
            signature: str, rtol: float, atol: float, as_json: bool, trusted: bool, timeout, max_memory,
-           allow_ops) -> None:
+           allow_ops, max_asset_mb) -> None:
     """Run SavedModels A and B on the same inputs and compare their outputs.
 
     This executes both models, in a contained child process (a fresh empty directory, Landlock
@@ -978,67 +899,22 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
     (|B - A| <= atol + rtol * |A|) or nothing could be compared, 2 when a model cannot be read or
     its run fails (crash, limit, timeout), else 0.
     """
-    import numpy as np
+    from graphslim.checks import compare
 
-    from graphslim.sandbox import Child
-
-    path_a, path_b = _saved_model_path(model_a), _saved_model_path(model_b)
-    if inputs_path is not None and not inputs_path.is_file():
-        raise GraphslimError(f"--inputs {inputs_path}: no such file")
     limits = _apply_limits(timeout, max_memory)
     with app.steps() as steps:
-        if trusted:
-            steps.start("scanning A and B")
-            from graphslim.io.scan import check_safe
-
-            for path in (path_a, path_b):
-                check_safe(path, allow_ops=allow_ops)
-            steps.start("starting the execution process")
-            child = Child(limits, read=[path_a, path_b], label=f"A ({model_a})")
-        else:
-            steps.start(f"loading A {model_a}")
-            graph_a, specs_a = _ir_model(app, model_a, path_a, signature, allow_ops)
-            steps.start(f"loading B {model_b}")
-            graph_b, specs_b = _ir_model(app, model_b, path_b, signature, allow_ops)
-            steps.start("starting the execution process")
-            child = Child(limits, label=f"A ({model_a})")
-        with child:
-            if trusted:
-                steps.start(f"loading A {model_a} with TensorFlow")
-                handle_a, specs_a = _trusted_model(child, path_a, signature, "A")
-                steps.start(f"loading B {model_b} with TensorFlow")
-                handle_b, specs_b = _trusted_model(child, path_b, signature, "B")
-            else:
-                handle_a = child.load_graph(graph_a)
-                child.label = f"B ({model_b})"
-                handle_b = child.load_graph(graph_b)
-            specs = {**specs_b, **specs_a}
-            if inputs_path is not None:
-                inputs = _read_inputs(inputs_path, specs)
-                source = str(inputs_path)
-            else:
-                rng = np.random.default_rng(seed)
-                inputs = {name: _random_input(app, rng, name, specs[name], batch) for name in sorted(specs)}
-                source = f"random (seed {seed}, batch {batch})"
-            steps.start("running A")
-            out_a = _run(child, handle_a, specs_a, inputs, f"A ({model_a})")
-            steps.start("running B")
-            out_b = _run(child, handle_b, specs_b, inputs, f"B ({model_b})")
-    names = list(out_a) + [n for n in sorted(out_b) if n not in out_a]
-    rows = [_compare(n, out_a.get(n), out_b.get(n), rtol, atol) for n in names]
+        data = compare(model_a, model_b, inputs=inputs_path, batch=batch, seed=seed, signature=signature,
+                       rtol=rtol, atol=atol, trusted=trusted, allow_ops=allow_ops, limits=limits,
+                       max_asset_mb=max_asset_mb, progress=steps.start, warn=app.warn)
+    rows, ok = data["outputs"], data["ok"]
     compared = [r for r in rows if r["compared"]]
-    ok = bool(compared) and all(r["ok"] for r in compared)
-
     if as_json:
-        data = {"a": str(model_a), "b": str(model_b), "signature": signature, "inputs": source,
-                "input_shapes": {k: list(np.shape(v)) for k, v in inputs.items()},
-                "rtol": rtol, "atol": atol, "outputs": rows, "compared": len(compared), "ok": ok}
         click.echo(json.dumps(_report.jsonable(data), indent=2, allow_nan=False))
     else:
         console = app.out
-        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in inputs.items())
-        console.print(f"A: {markup(model_a)}\nB: {markup(model_b)}\nsignature {markup(signature)}, inputs "
-                      f"{markup(source)}: {markup(shapes)}")
+        shapes = ", ".join(f"{k} {v}" for k, v in data["input_shapes"].items())
+        console.print(f"A: {clean(model_a)}\nB: {clean(model_b)}\nsignature {clean(signature)}, inputs "
+                      f"{clean(data['inputs'])}: {clean(shapes)}")
         table = _table()
         for column, justify in (("output", "left"), ("shape A", "left"), ("shape B", "left"),
                                 ("max abs err", "right"), ("max rel err", "right"),
@@ -1049,7 +925,7 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
             style = {"ok": "green", "MISMATCH": "red"}.get(r["status"], "yellow")
             shape_a = "-" if r["shape_a"] is None else _report.shape_text(r["shape_a"])
             shape_b = "-" if r["shape_b"] is None else _report.shape_text(r["shape_b"])
-            table.add_row(markup(r["name"]), shape_a, shape_b,
+            table.add_row(_text(r["name"]), shape_a, shape_b,
                           _err_text(r["max_abs_error"]), _err_text(r["max_rel_error"]), top1,
                           r["status"], style=style)
         console.print(table)
@@ -1059,7 +935,7 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
             verdict = f"OK: {len(compared)} output(s) within rtol={rtol:g} atol={atol:g}"
         else:
             bad = [r["name"] for r in compared if not r["ok"]]
-            verdict = f"FAIL: {', '.join(markup(b) for b in bad)} not within rtol={rtol:g} atol={atol:g}"
+            verdict = f"FAIL: {', '.join(clean(b) for b in bad)} not within rtol={rtol:g} atol={atol:g}"
         console.print(verdict)
     if not ok:
         raise click.exceptions.Exit(1)
@@ -1073,8 +949,7 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
 @click.option("-n", "batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size of the random inputs.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="TensorFlow intra-op threads (default: TensorFlow's choice, one per core); "
-                   "inter-op threads are 1.")
+              help="TensorFlow intra-op threads (default: one per core); inter-op threads are 1.")
 @click.option("--rounds", type=click.IntRange(min=1), default=15, show_default=True,
               help="Rounds; each runs every model --calls times, the models taking turns.")
 @click.option("--calls", type=click.IntRange(min=1), default=3, show_default=True,
@@ -1087,9 +962,11 @@ def verify(app: _App, model_a: Path, model_b: Path, inputs_path: Path | None, ba
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_limits_options
 @_allow_ops_option
+@_max_asset_option
 @click.pass_obj
 def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int | None, rounds: int,
-          calls: int, xla: bool, signature: str, as_json: bool, timeout, max_memory, allow_ops) -> None:
+          calls: int, xla: bool, signature: str, as_json: bool, timeout, max_memory, allow_ops,
+          max_asset_mb) -> None:
     """Time SavedModels side by side on the same inputs: median latency per call and speedup.
 
     This executes the models, as graphslim reads them (after the safety scan), in one contained
@@ -1101,77 +978,21 @@ def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int 
     With --xla each model is also timed compiled by XLA, which is faster for some models and much
     slower for others (depthwise convolutions on CPU): time before choosing `optimize --jit-compile`.
     """
-    import dataclasses
-    import statistics
+    from graphslim.checks import bench as run_bench
 
-    import numpy as np
-
-    from graphslim.sandbox import Child
-
-    paths = [_saved_model_path(m, "bench") for m in models]
-    if inputs_path is not None and not inputs_path.is_file():
-        raise GraphslimError(f"--inputs {inputs_path}: no such file")
-    limits = dataclasses.replace(_apply_limits(timeout, max_memory), threads=threads or os.cpu_count() or 1)
+    limits = _apply_limits(timeout, max_memory)
     with app.steps() as steps:
-        graphs = []
-        for model, path in zip(models, paths):
-            steps.start(f"loading {model}")
-            graphs.append(_ir_model(app, model, path, signature, allow_ops))
-        steps.start("starting the execution process")
-        with Child(limits, label=str(models[0])) as child:
-            entries = []  # (label, model, runtime, handle, specs)
-            for model, path, (graph, specs) in zip(models, paths, graphs):
-                child.label = str(model)
-                saved_xla = _saved_for_xla(path)
-                entries.append((str(model), model, "xla (saved)" if saved_xla else "graph",
-                                child.load_graph(graph, "xla" if saved_xla else "graph"), specs))
-                if xla:
-                    entries.append((f"{model} (XLA)", model, "xla", child.load_graph(graph, "xla"), specs))
-            specs = {}
-            for entry in reversed(entries):
-                specs.update(entry[4])
-            if inputs_path is not None:
-                inputs = _read_inputs(inputs_path, specs)
-                source = str(inputs_path)
-            else:
-                rng = np.random.default_rng(0)
-                inputs = {name: _random_input(app, rng, name, specs[name], batch) for name in sorted(specs)}
-                source = f"random (batch {batch})"
-            for label, model, runtime, handle, model_specs in entries:
-                steps.start(f"warming up {label}")
-                _run(child, handle, model_specs, inputs, label)  # checks shapes
-                child.set_inputs(handle, {k: np.asarray(inputs[k]).astype(model_specs[k].dtype.as_numpy_dtype)
-                                          for k in model_specs})  # XLA compiles here
-            times = [[] for _ in entries]
-            for r in range(rounds):
-                steps.start(f"round {r + 1}/{rounds}")
-                for i, (label, model, runtime, handle, model_specs) in enumerate(entries):
-                    child.label = label
-                    times[i].append(child.time(handle, calls))
-    medians = [statistics.median(t) for t in times]
-    # Rows compare within a kind: each model as saved (the graph executor, or XLA if it was written
-    # for it), and each model wrapped for XLA by --xla.
-    first = {}  # kind -> the first model's median
-    saved_median = {}  # model -> its median as saved
-    rows = []
-    for (label, model, runtime, fn, _), m, t in zip(entries, medians, times):
-        kind = "xla" if runtime == "xla" else "saved"
-        first.setdefault(kind, m)
-        if kind == "saved":
-            saved_median[str(model)] = m
-        rows.append({"model": str(model), "runtime": runtime, "median_ms": 1e3 * m,
-                     "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t), "speedup": first[kind] / m,
-                     "xla_gain": saved_median[str(model)] / m if kind == "xla" else None})
+        data = run_bench(models, inputs=inputs_path, batch=batch, threads=threads, rounds=rounds, calls=calls,
+                         xla=xla, signature=signature, allow_ops=allow_ops, limits=limits,
+                         max_asset_mb=max_asset_mb, progress=steps.start, warn=app.warn)
+    rows = data["models"]
     if as_json:
-        data = {"signature": signature, "inputs": source,
-                "input_shapes": {k: list(np.shape(v)) for k, v in inputs.items()},
-                "threads": threads, "rounds": rounds, "calls": calls, "models": rows}
         click.echo(json.dumps(_report.jsonable(data), indent=2, allow_nan=False))
         return
     console = app.out
-    shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in inputs.items())
-    console.print(f"signature {markup(signature)}, inputs {markup(source)}: {markup(shapes)}; "
-                  f"{'TensorFlow default' if threads is None else threads} intra-op thread(s); "
+    shapes = ", ".join(f"{k} {v}" for k, v in data["input_shapes"].items())
+    console.print(f"signature {clean(signature)}, inputs {clean(data['inputs'])}: {clean(shapes)}; "
+                  f"{threads or os.cpu_count()} intra-op thread(s); "
                   f"median of {rounds} rounds x {calls} calls")
     table = _table()
     columns = [("model", "left"), ("runtime", "left"), ("median", "right"), ("min..max", "right"),
@@ -1179,7 +1000,7 @@ def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int 
     for column, justify in columns:
         table.add_column(column, justify=justify, overflow="fold")
     for r in rows:
-        cells = [markup(r["model"]), r["runtime"], f"{r['median_ms']:.2f} ms",
+        cells = [_text(r["model"]), r["runtime"], f"{r['median_ms']:.2f} ms",
                  f"{r['min_ms']:.2f}..{r['max_ms']:.2f}", f"{r['speedup']:.2f}x"]
         if xla:
             cells.append("-" if r["xla_gain"] is None else f"{r['xla_gain']:.2f}x")
@@ -1187,20 +1008,6 @@ def bench(app: _App, models, inputs_path: Path | None, batch: int, threads: int 
     console.print(table)
     console.print("speedup: the first model's median over this one's (as saved against as saved, xla "
                   "against xla)" + ("; XLA vs graph: this model's median as saved over its XLA one" if xla else ""))
-
-
-def _saved_for_xla(path: Path) -> bool:
-    """Whether the SavedModel has a function marked for XLA (``jit_compile=True``): TensorFlow then
-    runs it compiled without being asked."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    sm = saved_model_pb2.SavedModel()
-    try:
-        sm.ParseFromString((path / "saved_model.pb").read_bytes())
-    except Exception:  # noqa: BLE001 - unreadable: tf.saved_model.load will say why
-        return False
-    return any(f.attr["_XlaMustCompile"].b for mg in sm.meta_graphs for f in mg.graph_def.library.function
-               if "_XlaMustCompile" in f.attr)
 
 
 # ---------------------------------------------------------------------------------- entry point

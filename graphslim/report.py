@@ -231,6 +231,7 @@ def optimize_report(*, version: str, input_path, output_path, signature: str, ta
             "verify_seconds": record["verify_seconds"],
             "changed": record["changed"],
             "stats": record["stats"],
+            "warnings": record.get("warnings", []),
         })
     input_verify = pipeline_report.input_verify_seconds or 0.0
     passes_seconds = pipeline_report.seconds - input_verify  # passes and their verification

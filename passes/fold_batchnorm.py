@@ -15,17 +15,34 @@ single-use linear op (optionally + BiasAdd): branch ``i`` takes its slice of the
 
 The kernel keeps its name; the bias becomes the existing BiasAdd's weight, or a new weight
 ``<layer>/bias`` next to the kernel. Batch-norm weights that are no longer read leave the model.
+
+Constants are evaluated within a memory budget (``max_eval_mb``, checked from the shapes before
+anything is allocated): a chain whose constant would be larger stops there, unfolded, and the report
+says why (``over_budget``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import tensorflow as tf
 
-from graphslim.analysis.constants import constant_value
+from graphslim.analysis.constants import EVAL_BUDGET_BYTES, ConstantBudgetError, constant_value
 from graphslim.pipeline import PassResult, register_pass
 
 LINEAR_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul")
+
+
+@dataclass(frozen=True)
+class FoldBatchNormOptions:
+    max_eval_mb: int = field(default=EVAL_BUDGET_BYTES // 2**20, metadata={
+        "help": "memory budget (MiB) for evaluating one constant operand of a batch norm or affine op; "
+                "a larger one is left unfolded (never allocated)"})
+
+    def __post_init__(self):
+        if self.max_eval_mb < 1:
+            raise ValueError(f"max_eval_mb must be at least 1 (MiB), got {self.max_eval_mb}")
 BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 
 
@@ -57,11 +74,30 @@ def _sole_consumer(graph, tensor):
     return users[0]
 
 
-def _walk_affine(graph, start, axis: int, channels: int, rank: int, allow_bias_reuse: bool):
+class _Budget:
+    """The constant-evaluation budget of one run of the pass, and the evaluations it refused."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes, self.refused = nbytes, []
+
+    def value(self, graph, tensor):
+        """``constant_value`` of ``tensor`` within the budget; None (recorded) when over it."""
+        try:
+            return constant_value(graph, tensor, budget=self.nbytes, strict=True)
+        except ConstantBudgetError as exc:
+            self.refused.append({"node": exc.node, "shape": list(exc.shape), "bytes": exc.nbytes,
+                                 "reason": f"{exc} Raise fold-batchnorm{{max_eval_mb=N}} to fold it on "
+                                           f"a machine with that much memory."})
+            return None
+
+
+def _walk_affine(graph, start, axis: int, channels: int, rank: int, allow_bias_reuse: bool,
+                 budget: _Budget | None = None):
     """Follow single-use per-channel affine ops from tensor ``start``.
 
     Returns (scale, shift, folded nodes, reusable BiasAdd or None): the chain computes
     ``start * scale + shift`` per channel."""
+    value = (budget or _Budget(EVAL_BUDGET_BYTES)).value
     scale = np.ones(channels)
     shift = np.zeros(channels)
     bias_node = None  # a BiasAdd right after the linear op, whose weight can carry the new bias
@@ -76,7 +112,7 @@ def _walk_affine(graph, start, axis: int, channels: int, rank: int, allow_bias_r
         if nxt.op == "BiasAdd" and port == 0:
             if nxt.attr("data_format", "NHWC").startswith("NC") != (axis == 1):
                 break
-            bv = constant_value(graph, graph.input(nxt, 1))
+            bv = value(graph, graph.input(nxt, 1))
             if bv is None:
                 break
             b = graph.weight_of(nxt, 1)
@@ -85,7 +121,7 @@ def _walk_affine(graph, start, axis: int, channels: int, rank: int, allow_bias_r
                 bias_node = nxt
             shift = shift + np.asarray(bv, np.float64).reshape(-1)
         elif nxt.op in ("Mul", "AddV2", "Add", "Sub"):
-            cv = constant_value(graph, graph.input(nxt, 1 - port))
+            cv = value(graph, graph.input(nxt, 1 - port))
             vec = None if cv is None else _per_channel(cv, rank, axis, channels)
             if vec is None:
                 break
@@ -102,7 +138,7 @@ def _walk_affine(graph, start, axis: int, channels: int, rank: int, allow_bias_r
                 break
             if any(graph.consumers(nxt.output(i)) or graph.is_output(nxt.output(i)) for i in range(1, nxt.num_outputs)):
                 break
-            vals = [constant_value(graph, graph.input(nxt, i)) for i in range(1, 5)]
+            vals = [value(graph, graph.input(nxt, i)) for i in range(1, 5)]
             if any(v is None or np.asarray(v).size != channels for v in vals):
                 break
             gamma, beta, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in vals)
@@ -165,12 +201,12 @@ def _rewrite(graph, lin, axis, scale, shift, bias_node, last):
     return add
 
 
-def _fold_one(graph, lin) -> dict | None:
+def _fold_one(graph, lin, budget: _Budget) -> dict | None:
     geo = _linear_geometry(graph, lin)
     if geo is None:
         return None
     axis, channels, rank = geo
-    scale, shift, folded, bias_node = _walk_affine(graph, lin.output(0), axis, channels, rank, True)
+    scale, shift, folded, bias_node = _walk_affine(graph, lin.output(0), axis, channels, rank, True, budget)
     if not any(n.op != "BiasAdd" for n in folded):
         return None
     _rewrite(graph, lin, axis, scale, shift, bias_node, folded[-1])
@@ -192,11 +228,11 @@ def _branch_linear(graph, tensor):
     return None if geo is None else (node, bias_node, geo)
 
 
-def _fold_through_concat(graph, concat) -> dict | None:
+def _fold_through_concat(graph, concat, budget: _Budget) -> dict | None:
     """An affine chain after a channel Concat folds into every branch's linear op, slice by slice."""
     out_shape = concat.shapes[0]
     n = concat.attr("N")
-    axis_val = constant_value(graph, graph.input(concat, n))
+    axis_val = budget.value(graph, graph.input(concat, n))
     if out_shape is None or axis_val is None:
         return None
     rank = len(out_shape)
@@ -207,7 +243,8 @@ def _fold_through_concat(graph, concat) -> dict | None:
     if any(b is None or (b[2][0] % rank) != axis for b in branches):
         return None
     channels = out_shape[axis]
-    scale, shift, folded, _ = _walk_affine(graph, concat.output(0), axis - rank, channels, rank, False)
+    scale, shift, folded, _ = _walk_affine(graph, concat.output(0), axis - rank, channels, rank, False,
+                                           budget)
     if not any(nd.op != "BiasAdd" for nd in folded):
         return None
     offset = 0
@@ -221,26 +258,34 @@ def _fold_through_concat(graph, concat) -> dict | None:
     return {"layer": concat.name, "folded": [nd.name for nd in folded]}
 
 
-@register_pass("fold-batchnorm")
-def fold_batchnorm(graph, options) -> PassResult:
+@register_pass("fold-batchnorm", options=FoldBatchNormOptions)
+def fold_batchnorm(graph, options: FoldBatchNormOptions | None) -> PassResult:
     """Fold inference batch norms and per-channel affine ops into the preceding conv / matmul.
 
     Exact up to float rounding. Example: ``--passes fold-batchnorm,dce``
     """
+    options = options or FoldBatchNormOptions()
+    budget = _Budget(options.max_eval_mb * 2**20)
     graph.infer_shapes()
     layers = []
     for lin in graph.nodes(op=LINEAR_OPS):
         if graph.has_node(lin.name):
-            done = _fold_one(graph, lin)
+            done = _fold_one(graph, lin, budget)
             if done:
                 layers.append(done)
     for concat in graph.nodes(op="ConcatV2"):
         if graph.has_node(concat.name):
-            done = _fold_through_concat(graph, concat)
+            done = _fold_through_concat(graph, concat, budget)
             if done:
                 layers.append(done)
     removed = graph.remove_dead_nodes() if layers else []
     remaining = [n.name for n in graph.nodes(op=BN_OPS)]
-    return PassResult(changed=bool(layers), stats={
-        "folded_layers": len(layers), "removed_nodes": len(removed),
-        "batchnorms_left": len(remaining), "layers": layers})
+    refused = list({r["node"]: r for r in budget.refused}.values())  # once per node
+    stats = {"folded_layers": len(layers), "removed_nodes": len(removed),
+             "batchnorms_left": len(remaining), "layers": layers}
+    warnings = []
+    if refused:  # constants left alone rather than allocated
+        stats["over_budget"] = refused
+        more = f" ({len(refused) - 1} more in the report)" if len(refused) > 1 else ""
+        warnings.append(f"{refused[0]['reason']}{more}")
+    return PassResult(changed=bool(layers), stats=stats, warnings=warnings)

@@ -3,6 +3,14 @@
 ``constant_value(graph, tensor)`` returns the value of ``tensor`` when it depends only on weights and
 constants through a small set of element-wise and shape ops (Keras 3 computes batch-norm scales as
 ``Rsqrt(Reshape(var) + eps) * Reshape(gamma)``); otherwise None. Rules live in a registry keyed by op.
+
+Evaluation is bounded: the size of every array a rule would create is computed from its operands'
+shapes *before* the rule runs (the broadcast shape for element-wise ops), and the arrays of one
+evaluation together may take at most ``budget`` bytes (:data:`EVAL_BUDGET_BYTES`, 1 GiB, by default).
+Two 8 MiB constants of shapes ``[2048, 1, 1024]`` and ``[1, 2048, 1024]`` multiply to 32 GiB in
+float64: over the budget the value is unknown (None), or, with ``strict=True``, a
+:class:`ConstantBudgetError` names the node, the shape and the bytes. Shared subexpressions are
+evaluated once per call (a chain of ``Add(x, x)`` is linear, not exponential).
 """
 
 from __future__ import annotations
@@ -11,27 +19,45 @@ from typing import Callable
 
 import numpy as np
 
+from graphslim.errors import GraphslimError
 from graphslim.ir.graph import WEIGHT_OP, Graph, Tensor, as_tensor
 
 EVAL_RULES: dict[str, Callable] = {}
+BROADCASTING: set[str] = set()  # ops whose result has the broadcast shape of their operands
+EVAL_BUDGET_BYTES = 2**30  # the arrays one constant_value() call may create, together
+_MAX_DEPTH = 64
 
 
-def eval_rule(*ops: str):
+class ConstantBudgetError(GraphslimError):
+    """Evaluating a constant expression would create arrays larger than the evaluation budget.
+    ``node``, ``shape``, ``nbytes`` and ``budget`` say which, how large, and the limit."""
+
+    def __init__(self, message: str, node: str = "", shape: tuple = (), nbytes: int = 0, budget: int = 0):
+        super().__init__(message)
+        self.node, self.shape, self.nbytes, self.budget = node, shape, nbytes, budget
+
+
+def eval_rule(*ops: str, broadcasting: bool = False):
+    """Register ``fn(node, args) -> array`` as the numpy rule of ``ops``. The budget charges each
+    result the broadcast of the operands' shapes (``broadcasting``) or, for every other rule, the
+    operands' total size: the rule must not create a larger array than that."""
     def deco(fn):
         for op in ops:
             EVAL_RULES[op] = fn
+            if broadcasting:
+                BROADCASTING.add(op)
         return fn
 
     return deco
 
 
 eval_rule("Identity", "Snapshot", "StopGradient")(lambda node, a: a[0])
-eval_rule("AddV2", "Add")(lambda node, a: a[0] + a[1])
-eval_rule("Sub")(lambda node, a: a[0] - a[1])
-eval_rule("Mul")(lambda node, a: a[0] * a[1])
-eval_rule("RealDiv", "Div")(lambda node, a: a[0] / a[1])
-eval_rule("Maximum")(lambda node, a: np.maximum(a[0], a[1]))
-eval_rule("Minimum")(lambda node, a: np.minimum(a[0], a[1]))
+eval_rule("AddV2", "Add", broadcasting=True)(lambda node, a: a[0] + a[1])
+eval_rule("Sub", broadcasting=True)(lambda node, a: a[0] - a[1])
+eval_rule("Mul", broadcasting=True)(lambda node, a: a[0] * a[1])
+eval_rule("RealDiv", "Div", broadcasting=True)(lambda node, a: a[0] / a[1])
+eval_rule("Maximum", broadcasting=True)(lambda node, a: np.maximum(a[0], a[1]))
+eval_rule("Minimum", broadcasting=True)(lambda node, a: np.minimum(a[0], a[1]))
 eval_rule("Neg")(lambda node, a: -a[0])
 eval_rule("Sqrt")(lambda node, a: np.sqrt(a[0]))
 eval_rule("Rsqrt")(lambda node, a: 1.0 / np.sqrt(a[0]))
@@ -85,45 +111,113 @@ def _strided_slice(node, a):
     return x[lo:hi:int(strides[0])]
 
 
-def constant_value(graph: Graph, tensor, _depth: int = 0, assume: dict | None = None) -> np.ndarray | None:
+class _Meter:
+    """The bytes one evaluation has created so far, against its budget."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+
+    def charge(self, node, shape, itemsize: int, why: str) -> None:
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        nbytes = numel * itemsize
+        if self.used + nbytes > self.budget:
+            raise ConstantBudgetError(
+                f"evaluating node {node.name!r} ({node.op}) as a constant would create {why} of shape "
+                f"{list(map(int, shape))} ({_size(nbytes)}; {_size(self.used)} created before it), more "
+                f"than the {_size(self.budget)} budget of one constant evaluation. graphslim does not "
+                f"allocate it: the value is treated as unknown, and a pass that would fold it leaves the "
+                f"node as it is.", node.name, tuple(int(d) for d in shape), nbytes, self.budget)
+        self.used += nbytes
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _result_shape(node, args) -> tuple:
+    """An upper bound of the shape of what ``node``'s rule returns, from its operands' shapes alone."""
+    if node.op in BROADCASTING:
+        return tuple(np.broadcast_shapes(*(np.shape(a) for a in args)))  # ValueError: incompatible
+    return (sum(int(np.size(a)) for a in args),)
+
+
+def constant_value(graph: Graph, tensor, _depth: int = 0, assume: dict | None = None, *,
+                   budget: int | None = None, strict: bool = False) -> np.ndarray | None:
     """The value of ``tensor`` if it is computable from weights and constants alone, else None.
 
     ``assume`` maps tensors to concrete shapes: with it, ``Shape`` of such a tensor evaluates to that
     shape (a Reshape's target vector built from its input's run-time batch size can then be computed
     for an assumed input shape), and ``Shape`` of a tensor whose static shape is fully known to that.
     Without it ``Shape`` is never a constant (passes change shapes).
-    Arithmetic is done in float64 and cast back to the tensor's dtype."""
-    t = as_tensor(tensor)
+    Arithmetic is done in float64 and cast back to the tensor's dtype.
+
+    ``budget`` (bytes, default :data:`EVAL_BUDGET_BYTES`) bounds the arrays this call creates
+    together, checked from the shapes before anything is allocated; over it the value is unknown
+    (None), or with ``strict`` a :class:`ConstantBudgetError` is raised.
+
+        >>> constant_value(g, "bn/mul:0")            # doctest: +SKIP
+        array([0.5, 2. ], dtype=float32)"""
+    meter = _Meter(EVAL_BUDGET_BYTES if budget is None else budget)
+    try:
+        return _evaluate(graph, as_tensor(tensor), _depth, assume, meter, {})
+    except ConstantBudgetError:
+        if strict:
+            raise
+        return None
+
+
+def _evaluate(graph: Graph, t: Tensor, depth: int, assume, meter: _Meter, memo: dict):
+    if t in memo:
+        return memo[t]
     node = graph.node(t.node)
+    value = None
     if node.op == WEIGHT_OP:
-        return graph.weights[node.name].value
-    if node.op == "Const":
-        return node.attr("value")
-    if node.op == "Shape" and t.port == 0 and assume is not None:
+        value = graph.weights[node.name].value
+    elif node.op == "Const":
+        value = node.attr("value")
+    elif node.op == "Shape" and t.port == 0 and assume is not None:
         src = graph.input(node, 0)
         shape = assume.get(src)
         if shape is None:
             static = graph.shape(src)
             shape = static if static is not None and None not in static else None
-        if shape is None:
-            return None
-        dtype = node.dtypes[0].as_numpy_dtype if node.dtypes else np.int32
-        return np.asarray(shape, dtype=dtype)
-    rule = EVAL_RULES.get(node.op)
-    if rule is None or t.port != 0 or _depth > 64:
-        return None
+        if shape is not None:
+            dtype = node.dtypes[0].as_numpy_dtype if node.dtypes else np.int32
+            value = np.asarray(shape, dtype=dtype)
+    elif node.op in EVAL_RULES and t.port == 0 and depth <= _MAX_DEPTH:
+        value = _apply(graph, node, depth, assume, meter, memo)
+    memo[t] = value
+    return value
+
+
+def _apply(graph: Graph, node, depth: int, assume, meter: _Meter, memo: dict):
     args = []
     for inp in graph.inputs_of(node):
-        v = constant_value(graph, inp, _depth + 1, assume)
+        v = _evaluate(graph, inp, depth + 1, assume, meter, memo)
         if v is None:
             return None
-        args.append(v.astype(np.float64) if v.dtype.kind == "f" else v)
+        if v.dtype.kind == "f" and v.dtype != np.float64:
+            meter.charge(node, np.shape(v), 8, "a float64 copy of an operand")
+            v = v.astype(np.float64)
+        args.append(v)
     try:
-        out = np.asarray(rule(node, args))
+        shape = _result_shape(node, args)
+    except ValueError:
+        return None  # operands that do not broadcast: the rule would fail too
+    itemsize = max([a.itemsize for a in args] + [8])
+    meter.charge(node, shape, itemsize, "an array")
+    try:
+        out = np.asarray(EVAL_RULES[node.op](node, args))
     except (ValueError, IndexError, TypeError):
         return None
-    dtype = node.dtypes[0].as_numpy_dtype if node.dtypes else out.dtype
-    return out.astype(dtype)
+    dtype = np.dtype(node.dtypes[0].as_numpy_dtype if node.dtypes else out.dtype)
+    meter.charge(node, out.shape, dtype.itemsize, f"its {dtype.name} result")
+    return out.astype(dtype)  # a copy: never the weight's own array (Identity returns its operand)
 
 
 def is_constant(graph: Graph, tensor: Tensor) -> bool:

@@ -307,14 +307,31 @@ def _make_variables(graph: Graph) -> dict:
 
 
 def _make_assets(graph: Graph, assets_src: pathlib.Path) -> dict:
-    assets_src.mkdir()
-    tracked = {}
+    """Write ``graph.assets`` for TensorFlow to copy into the model, within the loader's size limits
+    (``graph.meta["max_asset_mb"]`` per file, 4 times that in all: a pass or plugin that made a larger
+    asset is refused before anything is written)."""
+    from graphslim.io.loader import ASSETS_TOTAL_FACTOR, MAX_ASSET_MB
+
+    per_file = int(float(graph.meta.get("max_asset_mb") or MAX_ASSET_MB) * 2**20)
+    contents, total = {}, 0
     for filename, content in graph.assets.items():
         if not filename or filename in (".", "..") or "/" in filename or os.sep in filename:
             raise _Stage(f"asset name {filename!r} is not a plain file name (SavedModel assets are "
                          "stored flat in assets/)")
+        data = content if isinstance(content, bytes) else str(content).encode("utf-8")
+        total += len(data)
+        if len(data) > per_file or total > ASSETS_TOTAL_FACTOR * per_file:
+            what = (f"asset {filename!r} holds {len(data):,} bytes" if len(data) > per_file else
+                    f"the assets hold more than {ASSETS_TOTAL_FACTOR * per_file:,} bytes together")
+            raise _Stage(f"{what}, over the limit of {per_file:,} bytes per asset file "
+                         f"({ASSETS_TOTAL_FACTOR} times that in all); raise it with --max-asset-mb N "
+                         "(load(max_asset_mb=N)) if the model really needs it")
+        contents[filename] = data
+    assets_src.mkdir()
+    tracked = {}
+    for filename, data in contents.items():
         path = assets_src / filename
-        path.write_bytes(content if isinstance(content, bytes) else str(content).encode("utf-8"))
+        path.write_bytes(data)
         tracked[filename] = tf.saved_model.Asset(str(path))
     return tracked
 

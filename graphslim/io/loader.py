@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,8 @@ _MAX_INLINED_NODES = 200_000  # at least; scaled with the file's own node count 
 _MAX_PROTO_BYTES = 2**31
 _MAX_RANK = 254  # TensorShape's limit
 _MIN_CONST_BYTES_LIMIT = 256 * 2**20  # a constant may declare this many bytes, or 2x the model file
+MAX_ASSET_MB = 64  # per asset file, by default; all assets together: ASSETS_TOTAL_FACTOR times that
+ASSETS_TOTAL_FACTOR = 4
 
 
 def _tf():
@@ -59,7 +62,7 @@ def _tf():
 
 # --------------------------------------------------------------------------------------- entry point
 def load(path, signature: str = "serving_default", tags=("serve",), *, scan: bool = True,
-         allow_ops=()) -> Graph:
+         allow_ops=(), max_asset_mb: float = MAX_ASSET_MB) -> Graph:
     """Read a SavedModel directory (or a frozen GraphDef ``.pb`` file) into a :class:`Graph`.
 
     ``signature`` picks the SignatureDef; ``tags`` the MetaGraphDef. Raises :class:`LoadError` with a
@@ -69,10 +72,18 @@ def load(path, signature: str = "serving_default", tags=("serve",), *, scan: boo
     function library holding ops that touch files, the network, processes or Python, or variables /
     assets leading outside the model directory, raises
     :class:`~graphslim.io.scan.UnsafeModelError`; ``allow_ops`` names op types accepted knowingly.
+
+    Assets (``assets/``) are read into ``graph.assets``: each file may hold at most ``max_asset_mb``
+    MiB and all of them together 4 times that (sizes checked before reading); a larger one raises
+    LoadError naming the file (the CLI's ``--max-asset-mb``).
     """
     path = Path(path)
+    if not (isinstance(max_asset_mb, (int, float)) and not isinstance(max_asset_mb, bool)
+            and max_asset_mb > 0):
+        raise LoadError(f"max_asset_mb={max_asset_mb!r}: give the per-file asset limit as a positive "
+                        f"number of MiB (default {MAX_ASSET_MB}).")
     try:
-        return _load(path, signature, tags, scan, allow_ops)
+        return _load(path, signature, tags, scan, allow_ops, max_asset_mb)
     except GraphslimError:
         raise
     except RecursionError:
@@ -90,7 +101,7 @@ def load(path, signature: str = "serving_default", tags=("serve",), *, scan: boo
         raise err from exc
 
 
-def _load(path: Path, signature, tags, scan, allow_ops) -> Graph:
+def _load(path: Path, signature, tags, scan, allow_ops, max_asset_mb=MAX_ASSET_MB) -> Graph:
     if not (path.exists() or path.is_symlink()):
         raise LoadError(f"{path}: no such file or directory. Pass a SavedModel directory (the folder "
                         f"holding saved_model.pb and variables/) or a frozen GraphDef .pb file.")
@@ -110,13 +121,14 @@ def _load(path: Path, signature, tags, scan, allow_ops) -> Graph:
         err = _scan.refusal(_scan.check_paths(path, meta) + _scan.scan_meta_graph(meta), path, allow_ops)
         if err is not None:
             raise err
-    loader = _SavedModelReader(path, meta)
+    loader = _SavedModelReader(path, meta, max_asset_mb)
     g = loader.build(signature)
     identity = _signature_identities(meta)
     g.meta["other_signatures"] = [n for n in _sig_names(meta)
                                   if n != signature and identity[n] != identity.get(signature)]
     g.meta["scanned"] = bool(scan)
     g.meta["allowed_ops"] = sorted(_allowed(allow_ops))
+    g.meta["max_asset_mb"] = max_asset_mb
     return g
 
 
@@ -223,9 +235,10 @@ def _signature_identities(meta) -> dict:
 
 # --------------------------------------------------------------------------------------- SavedModel
 class _SavedModelReader:
-    def __init__(self, path: Path, meta):
+    def __init__(self, path: Path, meta, max_asset_mb: float = MAX_ASSET_MB):
         self.path = path
         self.meta = meta
+        self.max_asset_mb = max_asset_mb
         self.library = {f.signature.name: f for f in meta.graph_def.library.function}
         self.nodes = {}
         for nd in meta.graph_def.node:
@@ -449,22 +462,7 @@ class _SavedModelReader:
         except (_pb_message.DecodeError, TypeError, ValueError):
             raise LoadError(f"{self.path}: the checkpoint's object graph is corrupt; copy the whole "
                             f"SavedModel directory again.") from None
-        og = self.meta.object_graph_def
-        out, seen = {}, set()
-        stack = [(0, 0)]
-        while stack:
-            sid, cid = stack.pop()
-            if (sid, cid) in seen or sid >= len(og.nodes) or cid >= len(tog.nodes):
-                continue
-            seen.add((sid, cid))
-            for attr in tog.nodes[cid].attributes:
-                if attr.name == "VARIABLE_VALUE":
-                    out[sid] = (attr.checkpoint_key, attr.full_name)
-            ckids = {c.local_name: c.node_id for c in tog.nodes[cid].children}
-            for c in og.nodes[sid].children:
-                if c.local_name in ckids:
-                    stack.append((c.node_id, ckids[c.local_name]))
-        return out
+        return _match_object_graphs(self.meta.object_graph_def, tog)
 
     def _tf1_trainable(self) -> dict:
         from tensorflow.core.framework import variable_pb2
@@ -546,12 +544,12 @@ class _SavedModelReader:
 
         out: dict[str, object] = {}
         aliases: dict[str, str] = {}
-        work = [(self.nodes[n], "", {}, ()) for n in needed]
+        work = deque((self.nodes[n], "", {}, ()) for n in needed)  # popleft/extendleft: linear
         # (node_def, name prefix, arg name -> outer tensor, call chain of function names)
         pb = self.path / "saved_model.pb"
         produced = 0
         while work:
-            nd, prefix, argmap, chain = work.pop(0)
+            nd, prefix, argmap, chain = work.popleft()
             name = prefix + nd.name
             produced += 1
             if produced > self._node_budget:
@@ -595,8 +593,8 @@ class _SavedModelReader:
                     target = inner_args[rsrc] if rsrc in inner_args else f"{inner_prefix}{rsrc}:{rport}"
                     aliases[f"{name}:{i}"] = target
                 arg_set = set(arg_names)
-                work[:0] = [(b, inner_prefix, inner_args, chain + (fname,)) for b in body
-                            if b.name not in arg_set]
+                work.extendleft(reversed([(b, inner_prefix, inner_args, chain + (fname,)) for b in body
+                                          if b.name not in arg_set]))  # the body next, in order
                 continue
             if name in out:
                 raise LoadError(f"{self.path}: corrupt graph: two nodes are named {name!r} after "
@@ -780,6 +778,9 @@ class _SavedModelReader:
         return g
 
     def _assets(self) -> dict:
+        """``assets/`` file (relative path) → bytes. Links leading outside the model are refused; every
+        size is checked (``st_size``) against the per-file and total limits before anything is read,
+        and each read stops one byte past its limit (a file growing meanwhile is refused too)."""
         out = {}
         adir = self.path / "assets"
         if adir.is_dir():
@@ -793,13 +794,91 @@ class _SavedModelReader:
                 if len(files) > 100_000:
                     raise LoadError(f"{self.path}: assets/ holds more than 100,000 files; refusing to "
                                     f"read them.")
+            per_file = int(self.max_asset_mb * 2**20)
+            total_limit = ASSETS_TOTAL_FACTOR * per_file
+            sizes, total = {}, 0
             for p in sorted(files):
                 if not p.resolve().is_relative_to(root):
                     raise LoadError(f"{self.path}: asset {p} points outside the model directory; "
                                     f"refusing to read it.")
-                if p.is_file():  # regular files only: a FIFO would block the read forever
-                    out[str(p.relative_to(adir))] = p.read_bytes()
+                try:
+                    st = p.stat()
+                except OSError:
+                    continue  # a dangling link: nothing to read
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # regular files only: a FIFO would block the read forever
+                self._check_asset_size(p, st.st_size, per_file)
+                sizes[p] = st.st_size
+                total += st.st_size
+            if total > total_limit:
+                raise LoadError(f"{self.path}: its {len(sizes)} asset files hold {_mib(total)} together, "
+                                f"more than the {_mib(total_limit)} graphslim reads for one model "
+                                f"({ASSETS_TOTAL_FACTOR} x the per-file limit of {_mib(per_file)}); if the "
+                                f"model really needs them, raise the limit with --max-asset-mb N "
+                                f"(load(max_asset_mb=N)).")
+            for p in sizes:
+                out[str(p.relative_to(adir))] = self._read_asset(p, per_file)
         return out
+
+    def _check_asset_size(self, p: Path, size: int, limit: int) -> None:
+        if size > limit:
+            raise LoadError(f"{self.path}: asset {p} is {_mib(size)} ({size:,} bytes), more than the "
+                            f"{_mib(limit)} graphslim reads per asset file; if the model really needs "
+                            f"it, raise the limit with --max-asset-mb N (load(max_asset_mb=N)).")
+
+    def _read_asset(self, p: Path, limit: int) -> bytes:
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            raise LoadError(f"{self.path}: asset {p} cannot be read ({exc.strerror or exc}).") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):  # replaced since it was checked
+                raise LoadError(f"{self.path}: asset {p} is not a regular file; refusing to read it.")
+            data = f.read(limit + 1)
+        self._check_asset_size(p, len(data), limit)
+        return data
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
+
+
+def _match_object_graphs(og, tog) -> dict:
+    """SavedObjectGraph node id → (checkpoint key, full_name) of its variable, matching the
+    SavedModel's object graph ``og`` with the checkpoint's ``tog`` by child names from both roots.
+
+    Breadth first, each saved object matched once (its shortest path wins; object graphs are not
+    trees: Keras reaches a variable as ``variables/0`` and ``_all_variables/0``, and a hostile model
+    can link objects in cycles), and each checkpoint object's children indexed once: time and memory
+    are linear in the two graphs' sizes. (Walking pairs of nodes instead goes round two cycles of
+    coprime lengths together: quadratic.)"""
+    n_saved, n_ckpt = len(og.nodes), len(tog.nodes)
+    out: dict = {}
+    if not n_saved or not n_ckpt:
+        return out
+    matched = {0: 0}  # saved object id → checkpoint object id
+    children: dict = {}  # checkpoint object id → {local name: child id}, built once
+    queue = deque([0])
+    while queue:
+        sid = queue.popleft()
+        cid = matched[sid]
+        ckpt = tog.nodes[cid]
+        for attr in ckpt.attributes:
+            if attr.name == "VARIABLE_VALUE":
+                out[sid] = (attr.checkpoint_key, attr.full_name)
+        ckids = children.get(cid)
+        if ckids is None:
+            ckids = children[cid] = {}
+            for c in ckpt.children:
+                if 0 <= c.node_id < n_ckpt:
+                    ckids.setdefault(c.local_name, c.node_id)
+        for c in og.nodes[sid].children:
+            child = c.node_id
+            if 0 <= child < n_saved and child not in matched and c.local_name in ckids:
+                matched[child] = ckids[c.local_name]
+                queue.append(child)
+    return out
 
 
 _MAX_OUTPUT_ARGS = 100_000

@@ -1,16 +1,20 @@
-"""Safety scan: refuse models that contain ops touching the file system, the network, processes or
-Python, before anything could run them.
+"""Safety scan: refuse models holding any op that is not known to only compute, before anything could
+run them.
 
 TensorFlow's own security guidance says a SavedModel is a program. graphslim never executes a model
-on load (it parses ``saved_model.pb`` and reads the checkpoint), but calibration and ``verify`` do run
-graphs, and a model that carries, say, a ``PyFunc`` or a ``WriteFile`` is not one to pass on
-silently. The scan runs by default in :func:`graphslim.io.loader.load`; ``graphslim scan MODEL`` runs
-it alone, and :func:`check_safe` is the hook code that is about to *run* a graph (calibration, prune
-with data) calls first.
+on load (it parses ``saved_model.pb`` and reads the checkpoint), but calibration, ``verify`` and
+``bench`` do run graphs. The scan is an allow-list: every op type must be on the reviewed list of
+compute-only ops in :mod:`graphslim.io.allowlist` (``graphslim scan --list-allowed`` prints it);
+anything else (files, network, Python, debugging, queues, datasets, sleeping, aborting, custom ops
+TensorFlow does not know, ...) is refused by name, with the node and the function it sits in, unless
+``--allow-ops`` names it. The scan runs by default in :func:`graphslim.io.loader.load`; ``graphslim
+scan MODEL`` runs it alone, and :func:`check_safe` is the hook code that is about to *run* a graph
+(calibration, prune with data) calls first.
 
 What is walked: the MetaGraphDef's ``graph_def`` **and every function of its library**, reachable from
-the signature or not (a model that merely *contains* a dangerous function is refused: the
-conservative choice, since other tools, e.g. ``tf.saved_model.load``, would revive and could run it).
+the signature or not (a model that merely *contains* a refused op is refused: the conservative choice,
+since other tools, e.g. ``tf.saved_model.load``, would revive and could run it). A node whose op type
+names a library function is a call of it, and the function is scanned like the rest.
 
 The checkpoint machinery is the one legitimate home of ``SaveV2``/``RestoreV2``/``MergeV2Checkpoints``
 (and the TF1 ``Save``/``Restore`` family). Those ops are accepted only where they are provably
@@ -18,6 +22,10 @@ machinery: in the outer graph, a node that is an ancestor of ``saver_def``'s sav
 and *not* an ancestor of any signature tensor or init op; in the library, a function reachable from
 those saver nodes or from the object graph's saveable-object save/restore functions, and reachable
 from nothing else (no signature, no other function). Anywhere else they are refused like the rest.
+TensorFlow's loader runs everything the restore op depends on, and a tracked resource's restore
+function: a write (``SaveV2``, ``Save``, ``SaveSlices``, ``MergeV2Checkpoints``) among the ancestors of
+``saver_def``'s restore op or in a function reachable from the restore side is never machinery, and is
+refused. (Restore ops, which read the checkpoint, stay accepted there.)
 
 A TF1 model restored with ``tf.compat.v1.train.Saver`` and then written with ``SavedModelBuilder``
 carries a second saver (``save/...`` beside the declared ``save_1/...``). Such a name scope is
@@ -32,8 +40,8 @@ finding says which check failed.
 
 Path checks (a model directory): ``variables/`` and ``assets/`` and every file below them must
 resolve inside the model directory (no symlink leading out), be regular files (a FIFO would hang the
-reader), and the asset file names the MetaGraphDef records must be plain relative names (no ``..``,
-no absolute paths).
+reader) with a single hard link (a hard link can lead outside the model as a symlink can), and the
+asset file names the MetaGraphDef records must be plain relative names (no ``..``, no absolute paths).
 
 Example::
 
@@ -57,15 +65,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graphslim.errors import LoadError
+from graphslim.io.allowlist import ALLOWED, CHECKPOINT_OPS, CONDITIONAL, condition, describe
 from graphslim.ir.functions import attr_refs
 
-__all__ = ["Finding", "ScanNote", "UnsafeModelError", "check_safe", "dangerous_ops", "scan_graph_def",
+__all__ = ["Finding", "ScanNote", "UnsafeModelError", "allowed_ops", "check_safe", "scan_graph_def",
            "scan_ir", "scan_meta_graph", "scan_path", "scan_report", "check_paths", "parse_allow_ops"]
 
 
 class UnsafeModelError(LoadError):
-    """The model contains ops that touch the file system, network, processes or Python (or files
-    that lead outside the model directory). ``findings`` lists them."""
+    """The model contains ops that are not on graphslim's allow-list (or checkpoint ops outside the
+    checkpoint machinery, or files that lead outside the model directory). ``findings`` lists them."""
 
     def __init__(self, message: str, findings=()):
         super().__init__(message)
@@ -79,124 +88,42 @@ class ScanNote(UserWarning):
 
 
 # ------------------------------------------------------------------------------------ op categories
-FILES = "reads or writes files"
-NETWORK = "talks to other processes, devices or hosts"
-PYTHON = "runs Python or native code from the model"
-DATASET = "is a tf.data dataset/iterator op (reads files, runs functions, can block)"
-BLOCKING = "can block forever when run"
+NOT_ALLOWED = "is not on graphslim's allow-list of compute-only ops"
 CHECKPOINT = "reads or writes checkpoint files outside the checkpoint machinery"
+_UNREGISTERED = " (TensorFlow does not register an op of this name: a custom op of another library)"
+# Checkpoint ops that write: never machinery on the restore path, which TensorFlow's loader runs.
+_CHECKPOINT_WRITES = frozenset({"Save", "SaveV2", "SaveSlices", "MergeV2Checkpoints"})
 
-CHECKPOINT_OPS = frozenset({"Save", "SaveV2", "SaveSlices", "Restore", "RestoreV2", "RestoreSlice",
-                            "MergeV2Checkpoints"})
-
-_FILE_OPS = {
-    "ReadFile", "WriteFile", "MatchingFiles", "ImmutableConst", "DTensorRestoreV2", "LoadAndRemapMatrix",
-    "GenerateVocabRemapping", "InitializeTableFromTextFile", "InitializeTableFromTextFileV2",
-    "FileSystemSetConfiguration", "CalibrationStatisticsSaver", "DistributedSave",
-    "CreateSummaryFileWriter", "CreateSummaryDbWriter", "SummaryWriter", "FlushSummaryWriter",
-    "CloseSummaryWriter", "ImportEvent", "WriteSummary", "WriteScalarSummary", "WriteImageSummary",
-    "WriteHistogramSummary", "WriteAudioSummary", "WriteGraphSummary", "WriteRawProtoSummary",
-    "StatsAggregatorSetSummaryWriter",
-    "DebugIdentity", "DebugIdentityV2", "DebugIdentityV3", "DebugNanCount", "DebugNumericSummary",
-    "DebugNumericSummaryV2",
-}
-_NETWORK_OPS = {
-    "RpcCall", "RpcCheckStatus", "RpcClient", "RpcGetValue", "RpcServer", "RpcServerRegister",
-    "RpcServerStart", "DeleteRpcFutureResource", "Send", "Recv", "_Send", "_Recv", "_HostSend",
-    "_HostRecv", "RemoteCall", "XlaSend", "XlaRecv", "XlaSendToHost", "XlaRecvFromHost",
-    "_XlaSendFromHost", "_XlaSendFromHostV2", "_XlaRecvAtHost", "_XlaRecvAtHostV2", "XlaHostCompute",
-    "_XlaHostComputeMlir", "ConfigureDistributedTPU", "ConfigureAndInitializeGlobalTPU",
-    "ShutdownDistributedTPU", "ShutdownTPUSystem", "_ConfigureDistributedTPU",
-    "_ShutdownDistributedTPU", "_InitializeHostForDistributedTPU", "_WaitForDistributedTPU",
-    "_DisconnectHostFromDistributedTPUSystem", "ConnectTPUEmbeddingHosts",
-}
-_PYTHON_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc", "XlaCustomCall", "XlaCustomCallV2",
-               "XlaCallModule"}
-_BLOCKING_OPS = {
-    "QueueDequeue", "QueueDequeueV2", "QueueDequeueMany", "QueueDequeueManyV2", "QueueDequeueUpTo",
-    "QueueDequeueUpToV2", "BarrierTakeMany", "AccumulatorTakeGradient", "ResourceAccumulatorTakeGradient",
-    "SparseAccumulatorTakeGradient", "Unstage", "StagePeek", "MapUnstage", "MapUnstageNoKey", "MapPeek",
-    "OrderedMapUnstage", "OrderedMapUnstageNoKey", "OrderedMapPeek", "InfeedDequeue",
-    "InfeedDequeueTuple", "OutfeedDequeue", "OutfeedDequeueTuple", "OutfeedDequeueV2",
-    "OutfeedDequeueTupleV2",
-}
-_NETWORK_PATTERN = re.compile(r"^_?(Collective|Nccl)|^(Infeed|Outfeed)Enqueue")
-_DATASET_PATTERN = re.compile(r"Dataset|Iterator")
-_READER_PATTERN = re.compile(r"Reader")  # WholeFileReader, TFRecordReaderV2, ReaderReadV2, ...
-_PRINT_STREAMS = {"stderr", "stdout", "log(info)", "log(warning)", "log(error)"}
-
-
-_ATTR_DEPENDENT = frozenset({"PrintV2", "Copy", "CopyHost", "DecodeProtoV2", "EncodeProto"})
 _CATEGORY_CACHE: dict = {}
 
 
 def _category(op: str, attrs) -> tuple[str, str] | None:
-    """(category, detail) if a node of type ``op`` with ``attrs`` (an AttrValue map) is dangerous."""
-    if op in _ATTR_DEPENDENT:
-        return _category_uncached(op, attrs)
+    """(category, detail) if a node of type ``op`` with ``attrs`` (an AttrValue map) is refused; None
+    when ``op`` is on the allow-list (for conditional ops: with these attrs). Checkpoint ops get
+    :data:`CHECKPOINT` (the caller exempts the checkpoint machinery)."""
+    if op in CONDITIONAL:
+        why = condition(op, attrs)
+        return None if why is None else (f"is allowed {CONDITIONAL[op]}", why)
     try:
         return _CATEGORY_CACHE[op]
     except KeyError:
-        cat = _CATEGORY_CACHE[op] = _category_uncached(op, attrs)
+        cat = _CATEGORY_CACHE[op] = _category_uncached(op)
         return cat
 
 
-def _category_uncached(op: str, attrs) -> tuple[str, str] | None:
+def _category_uncached(op: str) -> tuple[str, str] | None:
+    if op in ALLOWED:
+        return None
     if op in CHECKPOINT_OPS:
         return CHECKPOINT, ""
-    if op in _PYTHON_OPS:
-        return PYTHON, ""
-    if op in _FILE_OPS or _READER_PATTERN.search(op):
-        return FILES, ""
-    if op in _NETWORK_OPS or _NETWORK_PATTERN.search(op):
-        return NETWORK, ""
-    if _DATASET_PATTERN.search(op):
-        return DATASET, ""
-    if op in _BLOCKING_OPS:
-        return BLOCKING, ""
-    if op == "PrintV2":
-        stream = _attr_s(attrs, "output_stream") or "stderr"
-        if stream not in _PRINT_STREAMS:
-            return FILES, f" (output_stream {stream!r})"
-    if op in ("Copy", "CopyHost"):
-        specs = _attr_list_s(attrs, "debug_ops_spec")
-        if specs:
-            return FILES, f" (debug_ops_spec {specs[0]!r})"
-    if op in ("DecodeProtoV2", "EncodeProto"):
-        source = _attr_s(attrs, "descriptor_source")
-        if source and source != "local://":
-            return FILES, f" (descriptor_source {source!r})"
-    return None
+    from tensorflow.python.framework import op_def_registry
+
+    return NOT_ALLOWED, "" if op_def_registry.get(op) is not None else _UNREGISTERED
 
 
-def dangerous_ops() -> dict[str, str]:
-    """Every op type the scan refuses unconditionally (by name), with its category; plus, by pattern,
-    ``*Dataset*``, ``*Iterator*``, ``*Reader*``, ``Collective*``, ``Nccl*``; and ``PrintV2`` to a
-    file, ``Copy``/``CopyHost`` with debug specs, ``DecodeProtoV2``/``EncodeProto`` reading a
-    descriptor file."""
-    out = {op: CHECKPOINT for op in CHECKPOINT_OPS}
-    for ops, cat in ((_FILE_OPS, FILES), (_NETWORK_OPS, NETWORK), (_PYTHON_OPS, PYTHON),
-                     (_BLOCKING_OPS, BLOCKING)):
-        out.update({op: cat for op in ops})
-    return dict(sorted(out.items()))
-
-
-def _attr_s(attrs, key: str) -> str:
-    try:
-        if key in attrs:
-            return attrs[key].s.decode("utf-8", "replace")
-    except (AttributeError, TypeError, ValueError):
-        pass
-    return ""
-
-
-def _attr_list_s(attrs, key: str) -> list[str]:
-    try:
-        if key in attrs:
-            return [s.decode("utf-8", "replace") for s in attrs[key].list.s]
-    except (AttributeError, TypeError, ValueError):
-        pass
-    return []
+def allowed_ops() -> dict:
+    """The allow-list as data (see :func:`graphslim.io.allowlist.describe`)."""
+    return describe()
 
 
 # ------------------------------------------------------------------------------------ findings
@@ -298,24 +225,28 @@ def _outer_ancestors(nodes: dict, roots) -> set[str]:
     return seen
 
 
-def _saver_functions(meta, library: set) -> set[str]:
-    """Function names of the object graph's saveable-object save/restore functions."""
+def _saver_functions(meta, library: set) -> tuple[set[str], set[str]]:
+    """Function names of the object graph's saveable-object (save and restore, restore) functions."""
     og = meta.object_graph_def
-    out = set()
+    out, restore = set(), set()
     n = len(og.nodes)
     for obj in og.nodes:
         for so in obj.saveable_objects.values():
-            for nid in (so.save_function, so.restore_function):
-                if 0 <= nid < n:
-                    target = og.nodes[nid]
-                    kind = target.WhichOneof("kind")
-                    if kind == "function":
-                        out.update(f for f in target.function.concrete_functions if f in library)
-                    elif kind == "bare_concrete_function":
-                        name = target.bare_concrete_function.concrete_function_name
-                        if name in library:
-                            out.add(name)
-    return out
+            for nid, restoring in ((so.save_function, False), (so.restore_function, True)):
+                if not 0 <= nid < n:
+                    continue
+                target = og.nodes[nid]
+                kind = target.WhichOneof("kind")
+                names = set()
+                if kind == "function":
+                    names = {f for f in target.function.concrete_functions if f in library}
+                elif kind == "bare_concrete_function":
+                    name = target.bare_concrete_function.concrete_function_name
+                    names = {name} if name in library else set()
+                out |= names
+                if restoring:
+                    restore |= names
+    return out, restore
 
 
 # ------------------------------------------------------------------------------------ second savers
@@ -574,22 +505,25 @@ def _note(notes, text: str) -> None:
         notes.append(text)
 
 
-def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functions=(),
-                   where: str = "", notes: list | None = None) -> list[Finding]:
+def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functions=(), restore_roots=(),
+                   restore_functions=(), where: str = "", notes: list | None = None) -> list[Finding]:
     """Findings in a GraphDef and every function of its library.
 
     ``saver_roots`` are outer node names of the checkpoint machinery (saver_def's save tensor and
     restore op), ``serving_roots`` those of the signatures and init ops, ``saver_functions`` extra
     library functions that are checkpoint machinery (object-graph saveable functions). Without saver
-    roots nothing is exempt. Second savers matching the declared one are exempt too, each with a note
-    appended to ``notes`` (issued as a :class:`ScanNote` warning when ``notes`` is None).
+    roots nothing is exempt. ``restore_roots`` (saver_def's restore op) and ``restore_functions``
+    (object-graph restore functions) are what TensorFlow's loader runs to restore the checkpoint:
+    checkpoint *writes* there are refused although they belong to the machinery. Second savers
+    matching the declared one are exempt too, each with a note appended to ``notes`` (issued as a
+    :class:`ScanNote` warning when ``notes`` is None).
     """
     library = {f.signature.name for f in graph_def.library.function}
     nodes, outer_hits, outer_refs = {}, [], {}
     for nd in graph_def.node:
         name, op = nd.name, nd.op
         nodes.setdefault(name, nd)
-        cat = _category(op, nd.attr)
+        cat = None if op in library else _category(op, nd.attr)  # a call: the function is scanned
         if cat is not None:
             outer_hits.append((nd, cat))
         refs = _node_refs(nd, library)
@@ -600,7 +534,7 @@ def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functio
         fname = f.signature.name
         out = calls.setdefault(fname, set())
         for nd in f.node_def:
-            cat = _category(nd.op, nd.attr)
+            cat = None if nd.op in library else _category(nd.op, nd.attr)
             if cat is not None:
                 fn_hits.append((fname, nd, cat))
             out |= _node_refs(nd, library)
@@ -620,22 +554,47 @@ def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functio
         other_fn_roots |= library - ckpt_funcs
         machinery = ckpt_funcs - _closure(other_fn_roots, calls)
 
+    # What the loader runs to restore: every outer node the restore op depends on, every function
+    # those nodes or the object graph's restore functions reach. Writes there are never machinery.
+    restore_outer, restore_funcs = set(), set()
+    if needs_exemption and (restore_roots or restore_functions):
+        restore_outer = _outer_ancestors(nodes, restore_roots)
+        fn_roots = set(restore_functions)
+        for name in restore_outer:
+            fn_roots |= outer_refs.get(name, set())
+        restore_funcs = _closure(fn_roots, calls)
+    restore_writes = {nd.name for nd, cat in outer_hits
+                      if cat[0] == CHECKPOINT and nd.op in _CHECKPOINT_WRITES and nd.name in restore_outer}
+    ckpt_outer -= restore_writes
+
     exempt, reasons = set(), {}
-    others = [nd for nd, cat in outer_hits if cat[0] == CHECKPOINT and nd.name not in ckpt_outer]
+    others = [nd for nd, cat in outer_hits
+              if cat[0] == CHECKPOINT and nd.name not in ckpt_outer and nd.name not in restore_writes]
     if others and saver_roots:
         exempt, reasons, saver_notes = _second_savers(others, nodes, saver_roots, serving, ckpt_outer,
                                                       where)
         for text in saver_notes:
             _note(notes, text)
 
+    roots = ", ".join(repr(r) for r in restore_roots)
+    on_restore = (f" (on the restore path: TensorFlow's loader runs everything the saver's restore op {roots} "
+                  "depends on, so this write would run whenever the checkpoint is restored)")
+    in_restore_fn = (" (on the restore path: TensorFlow's loader runs this function when it restores the "
+                     "checkpoint, so this write would run then)")
     findings = []
     for nd, cat in outer_hits:
+        if nd.name in restore_writes:
+            findings.append(Finding(nd.op, nd.name, None, cat[0], on_restore, where))
+            continue
         if cat[0] == CHECKPOINT and (nd.name in ckpt_outer or nd.name in exempt):
             continue
         detail = f" ({reasons[nd.name]})" if nd.name in reasons else cat[1]
         findings.append(Finding(nd.op, nd.name, None, cat[0], detail, where))
     for fname, nd, cat in fn_hits:
         if cat[0] == CHECKPOINT and fname in machinery:
+            if nd.op not in _CHECKPOINT_WRITES or fname not in restore_funcs:
+                continue
+            findings.append(Finding(nd.op, nd.name, fname, cat[0], in_restore_fn, where))
             continue
         findings.append(Finding(nd.op, nd.name, fname, cat[0], cat[1], where))
     return findings
@@ -661,21 +620,31 @@ def scan_meta_graph(meta, where: str = "", notes: list | None = None) -> list[Fi
         for text in col.node_list.value:
             serving_roots.append(_node_name(text))
     library = {f.signature.name for f in meta.graph_def.library.function}
+    saver_functions, restore_functions = _saver_functions(meta, library)
+    restore_roots = [_node_name(saver.restore_op_name)] if saver.restore_op_name else []
     return scan_graph_def(meta.graph_def, saver_roots=saver_roots, serving_roots=serving_roots,
-                          saver_functions=_saver_functions(meta, library), where=where, notes=notes)
+                          saver_functions=saver_functions, restore_roots=restore_roots,
+                          restore_functions=restore_functions, where=where, notes=notes)
 
 
 def scan_ir(graph) -> list[Finding]:
     """Findings in an IR graph (what :mod:`graphslim.runtime` would run): its nodes and the
-    FunctionDefs it keeps (``graph.functions``, nested ones included). Nothing is exempt."""
+    FunctionDefs it keeps (``graph.functions``, nested ones included). Nothing is exempt. The IR's
+    ``Weight`` pseudo-op (a Placeholder fed with the checkpoint's value when run) and calls of kept
+    functions are accepted."""
+    from graphslim.ir.graph import WEIGHT_OP
+
+    functions = graph.functions or {}
     findings = []
     for node in graph.nodes():
+        if node.op == WEIGHT_OP or node.op in functions:
+            continue
         cat = _category(node.op, node.attrs)
         if cat is not None:
             findings.append(Finding(node.op, node.name, None, cat[0], cat[1]))
-    for fname, fdef in (graph.functions or {}).items():
+    for fname, fdef in functions.items():
         for nd in fdef.node_def:
-            cat = _category(nd.op, nd.attr)
+            cat = None if nd.op in functions else _category(nd.op, nd.attr)
             if cat is not None:
                 findings.append(Finding(nd.op, nd.name, fname, cat[0], cat[1]))
     return findings
@@ -731,6 +700,11 @@ def check_paths(model_dir, meta=None) -> list[Finding]:
                     bad(p, "is not a regular file (a FIFO, socket or device); refusing to read it")
                 elif name in filenames and p.is_symlink() and not _regular(p):
                     bad(p, "is a link to something that is not a regular file; refusing to read it")
+                elif name in filenames and _links(p) > 1:
+                    # The file (or, for a symlink inside the model, its target) has other names,
+                    # possibly outside the model: reading it would read whatever they hold.
+                    bad(p, f"has {_links(p)} hard links; a hard link can lead outside the model "
+                           "directory; copy the file instead")
     if meta is not None:
         for a in meta.asset_file_def:
             name = a.filename
@@ -747,6 +721,14 @@ def _regular(p: Path) -> bool:
         return stat.S_ISREG(p.stat().st_mode)
     except OSError:
         return False
+
+
+def _links(p: Path) -> int:
+    """The hard-link count of the file ``p`` names (following symlinks), 0 when it cannot be read."""
+    try:
+        return p.stat().st_nlink
+    except OSError:
+        return 0
 
 
 def _target(p: Path) -> str:
@@ -837,12 +819,14 @@ def refusal(findings, where, allow_ops=()) -> UnsafeModelError | None:
     if ops:
         names = ",".join(sorted({f.op for f in ops}))
         hint = (f" If you trust this model, accept these ops knowingly with --allow-ops {names} "
-                f"(allow_ops= in Python); `graphslim scan` lists every finding.")
+                f"(allow_ops= in Python); `graphslim scan MODEL` lists every finding and "
+                f"`graphslim scan --list-allowed` the ops graphslim accepts.")
     elif paths:
         hint = " Copy the model's files into its directory instead of linking to them."
     return UnsafeModelError(f"{where}: refusing the model: {text}{more}. A SavedModel is a program; "
-                            f"graphslim does not handle one that can touch the host when run.{hint}",
-                            left)
+                            f"graphslim accepts only ops on its allow-list of compute-only ops, checkpoint "
+                            f"ops only as the model's checkpoint machinery, and files inside the model "
+                            f"directory.{hint}", left)
 
 
 def check_safe(graph_or_path, allow_ops=(), tags=None) -> None:

@@ -1,7 +1,7 @@
-"""Safety scan (issue 6, item 1): dangerous ops anywhere in the graph or its function library, and
-files leading outside the model, are refused with a message naming op, node and function; the
-checkpoint machinery is recognised precisely; ``--allow-ops`` accepts named ops knowingly; loading
-never executes the model."""
+"""Safety scan (issue 6, item 1; issue 13, item 1): every op outside the allow-list anywhere in the graph
+or its function library, and files leading outside the model, are refused with a message naming op,
+node and function; the checkpoint machinery is recognised precisely (never a write on the restore
+path); ``--allow-ops`` accepts named ops knowingly; loading never executes the model."""
 
 from __future__ import annotations
 
@@ -32,12 +32,20 @@ def test_every_fixture_scans_clean_although_savers_hold_checkpoint_ops(name):
     assert scan_path(fixture_path(name)) == []
 
 
-def test_every_listed_op_exists_in_tensorflow():
-    """A misspelled op name would silently never match."""
+def test_every_allowed_op_is_registered_in_tensorflow():
+    """A misspelled name on the allow-list would allow nothing and hide a gap in the review; the
+    internal ops on it (grappler's fusions) are registered too."""
     from tensorflow.python.framework import op_def_registry
 
-    unknown = [op for op in scan.dangerous_ops() if op_def_registry.get(op) is None]
-    assert not unknown
+    from graphslim.io import allowlist
+
+    listed = allowlist.ALLOWED | allowlist.CHECKPOINT_OPS
+    assert not [op for op in listed if op_def_registry.get(op) is None]
+    assert {op for op in listed if op.startswith("_")} == allowlist.INTERNAL
+    groups = [ops for _, _, ops in allowlist.CATEGORIES]
+    assert sum(map(len, groups)) == len(frozenset().union(*groups))  # one category per op
+    assert not allowlist.ALLOWED & allowlist.CHECKPOINT_OPS
+    assert 900 <= len(allowlist.ALLOWED) < 1000
 
 
 @pytest.mark.parametrize("name", sorted(DANGEROUS))
@@ -95,7 +103,7 @@ def test_scan_command_lists_findings_and_exits_1(dangerous_models):
         "SaveV2", "MergeV2Checkpoints"}
 
     result = invoke("scan", fixture_path("resnet_digits"))
-    assert result.exit_code == 0 and "OK: nothing dangerous found" in result.stdout
+    assert result.exit_code == 0 and "OK: nothing outside the allow-list found" in result.stdout
     assert "function nodes" in result.stdout
 
 
@@ -176,14 +184,22 @@ def test_check_safe_on_an_ir_graph_and_a_path(dangerous_models):
 def test_print_to_stderr_is_fine_but_print_to_a_file_is_not():
     from tensorflow.core.framework import attr_value_pb2
 
-    ok = {"output_stream": attr_value_pb2.AttrValue(s=b"stderr")}
-    bad = {"output_stream": attr_value_pb2.AttrValue(s=b"file:///tmp/x")}
-    assert scan._category("PrintV2", ok) is None
-    assert scan._category("PrintV2", bad)[0] == scan.FILES
+    def attrs(**kw):
+        return {k: attr_value_pb2.AttrValue(**v) for k, v in kw.items()}
+
+    assert scan._category("PrintV2", attrs(output_stream={"s": b"stderr"})) is None
+    assert scan._category("PrintV2", {}) is None  # the default stream is stderr
+    category, detail = scan._category("PrintV2", attrs(output_stream={"s": b"file:///tmp/x"}))
+    assert category.startswith("is allowed only when it prints to stderr") and "file:///tmp/x" in detail
+    assert scan._category("Copy", {}) is None
+    assert "debug_ops_spec" in scan._category("Copy", attrs(debug_ops_spec={"list": {"s": [b"D;file:///x;0"]}}))[0]
+    assert scan._category("DecodeProtoV2", attrs(descriptor_source={"s": b"local://"})) is None
+    assert "/tmp/d.bin" in scan._category("EncodeProto", attrs(descriptor_source={"s": b"/tmp/d.bin"}))[1]
     assert scan._category("Conv2D", {}) is None
-    assert scan._category("ParallelMapDatasetV2", {})[0] == scan.DATASET
-    assert scan._category("CollectiveReduceV2", {})[0] == scan.NETWORK
-    assert scan._category("QueueDequeueV2", {})[0] == scan.BLOCKING
+    for op in ("ParallelMapDatasetV2", "CollectiveReduceV2", "QueueDequeueV2", "DumpTensor", "SleepOp"):
+        assert scan._category(op, {}) == (scan.NOT_ALLOWED, ""), op
+    assert scan._category("SaveV2", {})[0] == scan.CHECKPOINT
+    assert "does not register" in scan._category("NoSuchOpAnywhere", {})[1]
 
 
 def test_console_script_refuses_in_a_subprocess(dangerous_models, tmp_path):
@@ -282,7 +298,7 @@ def test_cli_prints_the_second_saver_note(restored_models, tmp_path):
     model = restored_models["ref"]
     result = invoke("scan", model)
     assert result.exit_code == 0, result.output
-    assert f"note: {SECOND_SAVER_NOTE}" in result.stdout and "OK: nothing dangerous found" in result.stdout
+    assert f"note: {SECOND_SAVER_NOTE}" in result.stdout and "OK: nothing outside the allow-list" in result.stdout
     assert json.loads(invoke("scan", model, "--json").stdout)["notes"][0].startswith(SECOND_SAVER_NOTE)
     out = tmp_path / "out"
     result = invoke("optimize", model, "-o", out)
@@ -361,3 +377,224 @@ def test_second_saver_that_does_not_match_is_refused(restored_models, tmp_path, 
     message = str(info.value)
     assert f"node '{node}' in the graph" in message and why in message, message
     assert "--allow-ops" in message
+
+
+# ------------------------------------------------------------------------------------ allow-list (issue 13)
+def _attr(**kw):
+    return corpus.attr(**kw)
+
+
+SERVING_BODY = "<serving body>"
+# op -> (how it is injected into vgg_digits, the function it lands in). Each passed the deny-list scan.
+INJECTED = {
+    "DumpTensor": (corpus._in_serving_body("DumpTensor", name="dump", T=_attr(type=tf.string.as_datatype_enum),
+                                           log_dir_path=_attr(s=b"/tmp/graphslim_dump"), file_name=_attr(s=b"x")),
+                   SERVING_BODY),
+    "Abort": (corpus._inject_function("Abort", exit_without_error=_attr(b=True)), "__inference_evil_helper_1"),
+    "SleepOp": (corpus._inject_function("SleepOp"), "__inference_evil_helper_1"),
+    "SleepIdentityOp": (corpus._in_serving_body("SleepIdentityOp", name="nap"), SERVING_BODY),
+    "RecordInput": (corpus._inject_function("RecordInput", file_pattern=_attr(s=b"/etc/*")),
+                    "__inference_evil_helper_1"),
+    "FixedUnigramCandidateSampler": (corpus._inject_function("FixedUnigramCandidateSampler",
+                                                             vocab_file=_attr(s=b"/etc/passwd")),
+                                     "__inference_evil_helper_1"),
+    "MutexLock": (corpus._inject_function("MutexLock"), "__inference_evil_helper_1"),
+    "QueueEnqueueV2": (corpus._in_serving_body("QueueEnqueueV2", name="enqueue", timeout_ms=_attr(i=-1)),
+                       SERVING_BODY),
+    "Stage": (corpus._inject_function("Stage"), "__inference_evil_helper_1"),
+    "Foo": (corpus._inject_function("Foo"), "__inference_evil_helper_1"),  # no such op in TensorFlow
+}
+
+
+@pytest.fixture(scope="module")
+def injected(tmp_path_factory):
+    root = tmp_path_factory.mktemp("injected")
+    serving = corpus.serving_body(corpus.read_saved_model(fixture_path(corpus.VGG)).meta_graphs[0]).signature.name
+    return {op: (corpus.edit(corpus.VGG, fn)(root / op), serving if where == SERVING_BODY else where)
+            for op, (fn, where) in INJECTED.items()}
+
+
+@pytest.mark.parametrize("op", sorted(INJECTED))
+def test_op_outside_the_allow_list_is_refused_unless_allowed(injected, tmp_path, op):
+    model, function = injected[op]
+    result = invoke("scan", model)
+    assert result.exit_code == 1, result.output
+    assert op in result.stdout and "not on graphslim's allow-list of compute-only ops" in result.stdout
+    assert f"REFUSED: 1 finding(s); accept knowingly with --allow-ops {op}" in result.stdout
+
+    out = tmp_path / "out"
+    result = invoke("optimize", model, "-o", out)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.output
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert f"op {op} (node " in line and f"in function {function!r}) is not on graphslim's allow-list" in line
+    assert f"--allow-ops {op} " in line and "`graphslim scan --list-allowed`" in line, line
+    assert not leftovers(out)
+
+    result = invoke("scan", model, "--allow-ops", op)
+    assert result.exit_code == 0 and "(1 finding(s) accepted with --allow-ops)" in result.stdout, result.output
+    check_safe(model, allow_ops=[op])
+
+
+def test_an_op_tensorflow_does_not_register_is_refused_by_name(injected):
+    model, function = injected["Foo"]
+    [finding] = scan_path(model)
+    assert (finding.op, finding.node, finding.function) == ("Foo", "evil", function)
+    assert finding.category == scan.NOT_ALLOWED and "TensorFlow does not register" in finding.detail
+    with pytest.raises(UnsafeModelError, match=r"op Foo \(node 'evil' in function '__inference_evil_helper_1'\) "
+                                               r"is not on graphslim's allow-list"):
+        load(model)
+
+
+def test_a_node_calling_a_library_function_by_name_is_a_call_and_the_function_is_scanned():
+    from tensorflow.core.framework import graph_pb2
+
+    gd = graph_pb2.GraphDef()
+    fn = gd.library.function.add()
+    fn.signature.name = "helper_fn"
+    fn.node_def.add(name="inner_call", op="helper_fn")
+    fn.node_def.add(name="dump", op="DumpTensor")
+    gd.node.add(name="call", op="helper_fn")
+    gd.node.add(name="stray", op="helper_fn_missing")
+    found = {(f.op, f.node, f.function) for f in scan.scan_graph_def(gd)}
+    assert found == {("DumpTensor", "dump", "helper_fn"), ("helper_fn_missing", "stray", None)}
+
+
+def test_list_allowed_prints_the_allow_list_by_category():
+    from graphslim.io import allowlist
+
+    result = invoke("scan", "--list-allowed")
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert f"graphslim's allow-list: {len(allowlist.ALLOWED)} op types that only compute" in text
+    for _, title, ops in allowlist.CATEGORIES:
+        assert f"\n{title} ({len(ops)}):\n" in text
+    words = set(text.split())
+    assert {"Conv2D", "StatelessWhile", "TensorListReserve", "NonMaxSuppressionV5", "StridedSlice",
+            "VarHandleOp", "_FusedConv2D"} <= words
+    assert not {op for op, _ in INJECTED.items()} & words
+    assert "PrintV2: is allowed only when it prints to stderr, stdout or the log" in text
+    assert "checkpoint machinery" in text and "SaveV2" in words
+
+    data = json.loads(invoke("scan", "--list-allowed", "--json").stdout)
+    assert data == allowlist.describe()
+    listed = {op for cat in data["categories"] for op in cat["ops"]} | set(data["conditional"])
+    assert listed == allowlist.ALLOWED and data["count"] == len(listed)
+
+    result = invoke("scan")
+    assert result.exit_code == 2 and "Missing argument 'MODEL'" in result.stderr
+    result = invoke("scan", "--list-allowed", fixture_path("vgg_digits"))
+    assert result.exit_code == 2 and "takes no MODEL" in result.stderr
+
+
+def test_scan_table_escapes_control_characters_in_model_names(tmp_path):
+    """A node name holding an ESC sequence that erases the line and writes a verdict cannot forge an
+    "OK" line in the table: it is printed escaped. JSON keeps the name (json.dumps escapes it)."""
+    forged = "evil\x1b[2K\rOK: nothing outside the allow-list found\x1b[8m"
+    model = corpus.edit(corpus.VGG, corpus._in_serving_body("DumpTensor", name=forged))(tmp_path)
+    result = invoke("scan", model)
+    assert result.exit_code == 1, result.output
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+    assert "evil\\x1b[2K\\rOK: nothing" in result.stdout
+    assert not [ln for ln in result.stdout.splitlines() if ln.lstrip().startswith("OK")]
+    assert result.stdout.rstrip().splitlines()[-1].startswith("REFUSED: 1 finding(s)")
+    result = invoke("scan", model, "--json")
+    assert "\x1b" not in result.stdout
+    assert json.loads(result.stdout)["findings"][0]["node"] == forged
+
+
+def test_hard_linked_asset_is_refused(tmp_path):
+    import os
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the model's\n")
+    model = corpus.copy_fixture(corpus.VGG, tmp_path / "m")
+    asset = model / "assets" / "labels.txt"
+    asset.unlink()
+    os.link(outside, asset)
+    [finding] = scan_path(model)
+    assert finding.op == "<path>" and finding.node == str(asset)
+    assert finding.describe() == (f"{asset}: has 2 hard links; a hard link can lead outside the model "
+                                  "directory; copy the file instead")
+    with pytest.raises(UnsafeModelError, match="copy the file instead"):
+        load(model, allow_ops=["ReadFile"])  # files leading out cannot be allowed away
+    out = tmp_path / "out"
+    result = invoke("optimize", model, "-o", out)
+    assert result.exit_code == 2 and "has 2 hard links" in result.stderr, result.output
+    assert not leftovers(out)
+    # a symlink inside the model to a hard-linked file is refused the same way
+    asset.unlink()
+    inner = model / "elsewhere.txt"
+    os.link(outside, inner)
+    os.symlink(inner, asset)
+    assert "has 2 hard links" in scan_path(model)[0].describe()
+
+
+# ------------------------------------------------------------------------------------ the restore path
+SAVE_ON_RESTORE = "on the restore path: TensorFlow's loader runs"
+
+
+def _save_nodes(prefix: str, sep: str = ":output:0"):
+    """A SaveV2 of a string constant to /tmp (names ``prefix...``); ``sep`` "" for outer-graph inputs."""
+    return [corpus.string_const(f"{prefix}path", b"/tmp/graphslim_stolen"),
+            corpus.string_const(f"{prefix}names", b"x"),
+            corpus.node_def(f"{prefix}SaveV2", "SaveV2", [f"{prefix}path{sep}"] + [f"{prefix}names{sep}"] * 3,
+                            dtypes=_attr(list=corpus._type_list(tf.string)))]
+
+
+def _tf1_save_before_restore(meta):
+    """A SaveV2 in the saver's own scope that save/restore_all waits on: the TF1 loader runs it."""
+    meta.graph_def.node.extend(_save_nodes("save/hook_", sep=""))
+    _find(meta, meta.saver_def.restore_op_name).input.append("^save/hook_SaveV2")
+
+
+def _tf2_save_in_traced_restore(meta):
+    corpus.function(meta, "__inference__traced_restore_").node_def.extend(_save_nodes("hook_"))
+
+
+def test_tf1_save_on_the_restore_path_is_refused(tmp_path):
+    model = corpus.edit(corpus.TF1, _tf1_save_before_restore)(tmp_path)
+    [finding] = scan_path(model)
+    assert (finding.op, finding.node, finding.function) == ("SaveV2", "save/hook_SaveV2", None)
+    assert SAVE_ON_RESTORE in finding.detail and "'save/restore_all'" in finding.detail
+    with pytest.raises(UnsafeModelError, match=r"op SaveV2 \(node 'save/hook_SaveV2' in the graph\)"):
+        load(model)
+    load(model, allow_ops=["SaveV2"])  # knowingly
+
+
+def test_tf2_save_in_the_traced_restore_function_is_refused(tmp_path):
+    model = corpus.edit(corpus.VGG, _tf2_save_in_traced_restore)(tmp_path)
+    [finding] = scan_path(model)
+    assert finding.op == "SaveV2" and finding.node == "hook_SaveV2"
+    assert finding.function.startswith("__inference__traced_restore_") and SAVE_ON_RESTORE in finding.detail
+    result = invoke("optimize", model, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "hook_SaveV2" in result.stderr and "restore path" in result.stderr
+
+
+def test_save_in_a_tracked_resources_restore_function_is_refused(tmp_path):
+    """A MutableHashTable's restore function (object graph ``saveable_objects``) is run by
+    ``tf.saved_model.load``; clean as TensorFlow writes it, refused with a SaveV2 in it."""
+
+    class Table(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = tf.lookup.experimental.MutableHashTable(tf.string, tf.int64, -1)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="key")])
+        def __call__(self, key):
+            return {"value": self.table.lookup(key)}
+
+    model = tmp_path / "table"
+    m = Table()
+    tf.saved_model.save(m, str(model), signatures=m.__call__)
+    assert scan_path(model) == []
+    sm = corpus.read_saved_model(model)
+    meta = sm.meta_graphs[0]
+    og = meta.object_graph_def
+    [restore_fn] = [og.nodes[so.restore_function].bare_concrete_function.concrete_function_name
+                    for obj in og.nodes for so in obj.saveable_objects.values()]
+    next(f for f in meta.graph_def.library.function if f.signature.name == restore_fn).node_def.extend(
+        _save_nodes("hook_"))
+    corpus.write_saved_model(model, sm)
+    [finding] = scan_path(model)
+    assert (finding.op, finding.node, finding.function) == ("SaveV2", "hook_SaveV2", restore_fn)
+    assert SAVE_ON_RESTORE in finding.detail
