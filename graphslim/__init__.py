@@ -13,7 +13,7 @@ Importing graphslim is cheap; TensorFlow is imported on first use of the IR, loa
 from graphslim.errors import (EmitError, GraphslimError, LoadError, PassError, PipelineError,
                               VerificationError)
 
-__version__ = "0.1.0"
+from graphslim.version import __version__  # noqa: F401 - re-exported
 
 _LAZY = {"Graph": "graphslim.ir.graph", "Node": "graphslim.ir.graph", "Tensor": "graphslim.ir.graph",
          "Weight": "graphslim.ir.graph", "SignatureArg": "graphslim.ir.graph", "WEIGHT_OP": "graphslim.ir.graph",

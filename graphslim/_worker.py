@@ -231,7 +231,7 @@ def main() -> None:
     tf.config.threading.set_intra_op_parallelism_threads(int(config["threads"]))
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from graphslim import landlock
-    from graphslim.sandbox import _decode_arrays, encode
+    from graphslim.sandbox import decode_arrays, encode
 
     status = landlock.restrict(read=config["read"], write=config["write"])
     os.chdir(config["scratch"])
@@ -241,7 +241,7 @@ def main() -> None:
         try:
             size = int.from_bytes(pipe.read(8), "little")
             header = json.loads(bytes(pipe.read(size)))
-            arrays = _decode_arrays(header.get("arrays", []), pipe.read)
+            arrays = decode_arrays(header.get("arrays", []), pipe.read)
         except EOFError:
             return
         op = header.get("op")

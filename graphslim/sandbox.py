@@ -60,7 +60,7 @@ import numpy as np
 
 from graphslim.errors import GraphslimError
 
-__all__ = ["Child", "ExecutionError", "Limits", "SandboxNote", "default_limits", "set_default_limits",
+__all__ = ["Child", "ExecutionError", "Limits", "SandboxNote", "decode_arrays", "default_limits", "encode", "set_default_limits",
            "shared_child", "close_shared"]
 
 _HEADER_MAX = 64 << 20
@@ -149,7 +149,7 @@ def encode(header: dict, arrays: dict | None = None) -> list:
     return [_LEN.pack(len(head)), head, *blobs]
 
 
-def _decode_arrays(specs, read) -> dict:
+def decode_arrays(specs, read) -> dict:
     out = {}
     if not isinstance(specs, list):
         raise ValueError("arrays is not a list")
@@ -397,7 +397,7 @@ class Child:
             reply = json.loads(bytes(self._read_exact(size, deadline, what, timeout)))
             if not isinstance(reply, dict):
                 raise ValueError("the reply is not an object")
-            arrays = _decode_arrays(reply.get("arrays", []),
+            arrays = decode_arrays(reply.get("arrays", []),
                                     lambda n: self._read_exact(n, deadline, what, timeout))
         except ExecutionError:
             raise

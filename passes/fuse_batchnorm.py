@@ -31,7 +31,6 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from graphslim.ir.canonicalize import _const
 from graphslim.pipeline import PassResult, register_pass
 
 
@@ -161,9 +160,9 @@ def fuse_batchnorm(graph, options) -> PassResult:
                 x, mean = graph.input(ba, 0), sub.output(0)
                 inner.append(ba)
         if gamma is None:
-            gamma = f"{_const(graph, f'{out.name}/ones', np.ones(c, np.float32))}:0"
+            gamma = graph.add_const(f"{out.name}/ones", np.ones(c, np.float32), unique=True).output(0)
         if beta is None:
-            beta = f"{_const(graph, f'{out.name}/zeros', np.zeros(c, np.float32))}:0"
+            beta = graph.add_const(f"{out.name}/zeros", np.zeros(c, np.float32), unique=True).output(0)
         bn = graph.add_node(f"{out.name}/FusedBatchNormV3", "FusedBatchNormV3",
                             [x, gamma, beta, mean, var],
                             attrs={"T": tf.float32, "U": tf.float32, "epsilon": eps,

@@ -43,7 +43,7 @@ from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, b
                                           factorize_graph, kept_energy, lowrank_factors,
                                           refit, relative_error, sibling_name, sole_weight,
                                           whitening)
-from graphslim.ir.graph import Graph, SignatureArg, Tensor
+from graphslim.ir.graph import Graph, SignatureArg
 from graphslim.pipeline import PassResult, register_pass
 
 FULL_PATCH_LIMIT = 2304  # largest K·K·in whose (K·K·in)² second-moment matrix calibration accumulates
@@ -229,8 +229,7 @@ class _Lowrank(Method):
         minis = []
         for factorized in (False, True):
             g = Graph()
-            g.add_node("x", "Placeholder", attrs={"dtype": graph.dtype(graph.input(node, 0)), "shape": tuple(shape)})
-            g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+            g.add_input("x", graph.dtype(graph.input(node, 0)), shape)
             if factorized:
                 out = self._emit(g, cand, "x", "layer")
             else:

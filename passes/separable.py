@@ -58,7 +58,7 @@ from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, b
                                           factorize_graph, kept_energy, refit, relative_error,
                                           separable_factors, sibling_name, sole_weight,
                                           whitening)
-from graphslim.ir.graph import Graph, SignatureArg, Tensor
+from graphslim.ir.graph import Graph, SignatureArg
 from graphslim.pipeline import PassResult, register_pass
 
 RIDGE = 1e-3  # relative ridge of the pointwise refit, pulling towards the closed-form factors
@@ -274,8 +274,7 @@ class _Separable(Method):
 
 def _mini_input(graph, node, shape) -> Graph:
     g = Graph()
-    g.add_node("x", "Placeholder", attrs={"dtype": graph.dtype(graph.input(node, 0)), "shape": tuple(shape)})
-    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+    g.add_input("x", graph.dtype(graph.input(node, 0)), shape)
     return g
 
 

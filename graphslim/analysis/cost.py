@@ -1,15 +1,44 @@
 """Parameter and multiply-accumulate counts per node (per example: axis 0 is the batch).
 
+``graph_cost(graph)`` (what ``graph.cost()`` returns) gives a :class:`Cost`: per-node :class:`NodeCost`
+and totals. This module imports the IR's values (:mod:`graphslim.ir.node`), not :mod:`graphslim.ir.graph`,
+which imports it lazily for ``Graph.cost()``.
+
 MAC rules live in a registry keyed by op type, like every per-op rule in graphslim; ops without a rule
 cost no MACs (element-wise ops are cheap next to convolutions and matmuls and are not counted).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import prod
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from graphslim.ir.graph import WEIGHT_OP, Cost, Graph, Node, NodeCost
+from graphslim.ir.node import WEIGHT_OP, Node
+
+if TYPE_CHECKING:  # annotations only: graph.py delegates Graph.cost() here, so this never imports it
+    from graphslim.ir.graph import Graph
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op: str
+    params: int
+    macs: int
+
+
+@dataclass
+class Cost:
+    """Parameters and multiply-accumulates (per example, batch 1) per node and in total."""
+
+    nodes: list
+    params: int
+    macs: int
+
+    def by_node(self) -> dict:
+        return {c.name: c for c in self.nodes}
+
 
 MAC_RULES: dict[str, Callable[[Graph, Node], int]] = {}
 

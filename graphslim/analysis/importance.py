@@ -224,24 +224,12 @@ KERNEL_OPS = ("Conv2D", "MatMul", "BatchMatMulV2", "BatchMatMulV3", "BatchMatMul
               "DepthwiseConv2dNative")
 
 
-def _readers(graph, weight_name: str) -> list:
-    """(node, port) pairs reading a Weight node, looking through Identity."""
-    out, todo = [], [weight_name]
-    while todo:
-        for node, port in graph.consumers(todo.pop()):
-            if node.op == "Identity":
-                todo.append(node.name)
-            else:
-                out.append((node, port))
-    return out
-
-
 def sink_ops(graph, group: ChannelGroup) -> list:
     """``(sink member, op node, data tensor member)`` for every sink kernel of the group: the op that
     reads the kernel, and the group's activation member that the op reads (its data input)."""
     out = []
     for m in group.sinks:
-        for node, port in _readers(graph, m.name):
+        for node, port in graph.weight_readers(m.name):
             if port != 1 or node.op not in KERNEL_OPS:
                 continue
             data_port = 2 if node.op == "Conv2DBackpropInput" else 0
@@ -259,7 +247,7 @@ def batchnorm_scales(graph, group: ChannelGroup) -> list:
     for m in group.members_of("weight"):
         if m.role is not None or m.axis != 0:
             continue
-        fused = any(n.op.startswith("FusedBatchNorm") and p == 1 for n, p in _readers(graph, m.name))
+        fused = any(n.op.startswith("FusedBatchNorm") and p == 1 for n, p in graph.weight_readers(m.name))
         if fused or m.name.rsplit("/", 1)[-1] == "gamma":
             out.append(m)
     return out
@@ -301,7 +289,7 @@ def _bn(ctx, group):
 def _activation_members(ctx, group) -> list:
     acts = [act for _, _, act in sink_ops(ctx.graph, group)]
     if not acts:  # no kernel reads the channels: the sources' outputs
-        srcs = {n.name for m in group.sources for n, _ in _readers(ctx.graph, m.name)}
+        srcs = {n.name for m in group.sources for n, _ in ctx.graph.weight_readers(m.name)}
         acts = [a for a in group.members_of("tensor") if a.tensor.node in srcs]
     return list({a.name: a for a in acts}.values())
 

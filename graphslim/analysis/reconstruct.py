@@ -36,7 +36,6 @@ import numpy as np
 
 from graphslim.analysis.calibration import ConvGeometry, collect, extract_patches, patch_index
 from graphslim.analysis.channels import combined_positions
-from graphslim.analysis.importance import _readers
 from graphslim.ir.graph import Graph
 
 __all__ = ["LayerFit", "fit_layers", "kept_positions", "sink_layers", "ridge_solve", "MAX_FEATURES"]
@@ -300,7 +299,7 @@ def _bias_after(graph: Graph, node):
     if len(users) == 1 and users[0][0].op == "BiasAdd" and users[0][1] == 0:
         ba = users[0][0]
         w = graph.weight_of(ba, 1)
-        if w is not None and len(_readers(graph, w.name)) == 1:
+        if w is not None and len(graph.weight_readers(w.name)) == 1:
             return ba, w
     return None, None
 

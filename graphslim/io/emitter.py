@@ -52,7 +52,7 @@ import warnings
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
-from graphslim import __version__
+from graphslim.version import __version__
 from graphslim.errors import EmitCheckError, EmitError, XlaCheckWarning
 import itertools
 

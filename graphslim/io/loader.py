@@ -34,22 +34,21 @@ from pathlib import Path
 
 import numpy as np
 from google.protobuf import message as _pb_message
-from google.protobuf import text_format
 
 from graphslim.errors import GraphslimError, LoadError, VerificationError
 from graphslim.ir.graph import WEIGHT_OP, Graph, SignatureArg, Tensor
 from graphslim.ir import attrs as _attrs
 from graphslim.ir.functions import CALL_INPUTS, closure, node_refs, specialize_resource_args
 from graphslim.ir.tfconv import graph_from_node_defs, parse_input
+from graphslim.io.reader import (check_node_def, check_shape_proto, const_limit, dtype_size, first_line,
+                                 parse_graph_def, parse_saved_model, pick_meta_graph, saved_model_file,
+                                 signature_names)
 
 CALL_OPS = {"PartitionedCall", "StatefulPartitionedCall"}
 VARIABLE_OPS = {"VarHandleOp", "VariableV2", "Variable"}
 # ops that only exist to read or describe variables, dropped once reads become Weight edges
 _MAX_INLINE_DEPTH = 64
 _MAX_INLINED_NODES = 200_000  # at least; scaled with the file's own node count (see _flatten)
-_MAX_PROTO_BYTES = 2**31
-_MAX_RANK = 254  # TensorShape's limit
-_MIN_CONST_BYTES_LIMIT = 256 * 2**20  # a constant may declare this many bytes, or 2x the model file
 MAX_ASSET_MB = 64  # per asset file, by default; all assets together: ASSETS_TOTAL_FACTOR times that
 ASSETS_TOTAL_FACTOR = 4
 
@@ -94,7 +93,7 @@ def load(path, signature: str = "serving_default", tags=("serve",), *, scan: boo
                         f"this machine can hold, or it is malformed.") from None
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a clean error, not a traceback
         err = LoadError(f"{path}: graphslim cannot read this model ({type(exc).__name__}: "
-                        f"{_first_line(exc)[:300]}). The SavedModel looks malformed; if TensorFlow itself "
+                        f"{first_line(exc)[:300]}). The SavedModel looks malformed; if TensorFlow itself "
                         f"loads it, this is a graphslim bug: please report it (GRAPHSLIM_DEBUG=1 shows "
                         f"the traceback).")
         err.unexpected = True  # the fuzz harnesses count these as bugs to fix
@@ -113,8 +112,8 @@ def _load(path: Path, signature, tags, scan, allow_ops, max_asset_mb=MAX_ASSET_M
     elif not path.is_dir():
         raise LoadError(f"{path}: not a regular file or directory (a FIFO, socket, device or broken link); "
                         f"pass a SavedModel directory or a frozen GraphDef .pb file.")
-    sm = _parse_saved_model(_saved_model_file(path))
-    meta = _pick_meta_graph(sm, tags, path)
+    sm = parse_saved_model(saved_model_file(path))
+    meta = pick_meta_graph(sm, tags, path)
     if scan:
         from graphslim.io import scan as _scan
 
@@ -124,7 +123,7 @@ def _load(path: Path, signature, tags, scan, allow_ops, max_asset_mb=MAX_ASSET_M
     loader = _SavedModelReader(path, meta, max_asset_mb)
     g = loader.build(signature)
     identity = _signature_identities(meta)
-    g.meta["other_signatures"] = [n for n in _sig_names(meta)
+    g.meta["other_signatures"] = [n for n in signature_names(meta)
                                   if n != signature and identity[n] != identity.get(signature)]
     g.meta["scanned"] = bool(scan)
     g.meta["allowed_ops"] = sorted(_allowed(allow_ops))
@@ -136,80 +135,6 @@ def _allowed(allow_ops):
     from graphslim.io.scan import parse_allow_ops
 
     return parse_allow_ops(allow_ops)
-
-
-def _saved_model_file(path: Path) -> Path:
-    """The saved_model.pb (or .pbtxt) of a SavedModel directory; LoadError when there is none."""
-    pb, pbtxt = path / "saved_model.pb", path / "saved_model.pbtxt"
-    if not pb.exists() and not pbtxt.exists():
-        try:
-            found = sorted(p.name for p in path.iterdir())[:10]
-        except OSError:
-            found = []
-        raise LoadError(f"{path}: not a SavedModel directory: it has no saved_model.pb (it holds: "
-                        f"{', '.join(found) or 'nothing'}). Point graphslim at the folder that contains "
-                        f"saved_model.pb and variables/, or at a frozen GraphDef .pb file.")
-    return pb if pb.exists() else pbtxt
-
-
-def _read_model_file(file: Path) -> bytes:
-    """The bytes of a model file; refuses FIFOs and devices (reading one would hang or never end)."""
-    try:
-        st = file.stat()
-    except OSError as exc:
-        raise LoadError(f"{file}: cannot be read ({exc.strerror or exc}).") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise LoadError(f"{file}: not a regular file (a FIFO, socket or device); refusing to read it.")
-    if st.st_size >= _MAX_PROTO_BYTES:
-        raise LoadError(f"{file}: {st.st_size:,} bytes; a protocol buffer cannot exceed 2 GiB, so this is "
-                        f"not a valid model file.")
-    try:
-        return file.read_bytes()
-    except OSError as exc:
-        raise LoadError(f"{file}: cannot be read ({exc.strerror or exc}).") from None
-
-
-def _parse_proto(file: Path, message, error: str):
-    """Fill ``message`` from ``file`` (binary, or text for ``.pbtxt``); a parse failure raises
-    LoadError with ``error`` formatted with ``file`` and ``why``."""
-    data = _read_model_file(file)
-    try:
-        if file.suffix == ".pbtxt":
-            text_format.Parse(data.decode("utf-8"), message)
-        else:
-            message.ParseFromString(data)
-    except (_pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeError,
-            ValueError, TypeError) as exc:
-        raise LoadError(error.format(file=file, why=_first_line(exc)[:200])) from None
-    return message
-
-
-def _parse_saved_model(file: Path):
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    sm = _parse_proto(file, saved_model_pb2.SavedModel(),
-                      "{file}: corrupt SavedModel: the file cannot be parsed as a SavedModel protocol buffer "
-                      "({why}). Re-export the model, or check that the copy is complete.")
-    if not sm.meta_graphs:
-        raise LoadError(f"{file}: corrupt SavedModel: it contains no MetaGraphDef. Re-export the model, "
-                        f"or check that the copy is complete.")
-    return sm
-
-
-def _pick_meta_graph(sm, tags, path: Path):
-    want = set(tags)
-    available = [sorted(m.meta_info_def.tags) for m in sm.meta_graphs]
-    for m in sm.meta_graphs:
-        if set(m.meta_info_def.tags) == want:
-            return m
-    if len(sm.meta_graphs) == 1 and not sm.meta_graphs[0].meta_info_def.tags:
-        return sm.meta_graphs[0]
-    raise LoadError(f"{path}: no MetaGraphDef with tags {sorted(want)}; it has {available}. "
-                    f"Pass tags= (--tags) with one of those.")
-
-
-def _sig_names(meta) -> list[str]:
-    return sorted(k for k in meta.signature_def if not k.startswith("__"))
 
 
 def _signature_identities(meta) -> dict:
@@ -250,7 +175,7 @@ class _SavedModelReader:
         self._reader = None
         self._ckpt_specs = None
         self._bytes_read = 0
-        self._const_limit = _const_limit(path)
+        self._const_limit = const_limit(path)
         self._node_budget = max(_MAX_INLINED_NODES, 20 * (len(meta.graph_def.node) + sum(
             len(f.node_def) for f in meta.graph_def.library.function)))
 
@@ -258,7 +183,7 @@ class _SavedModelReader:
     def build(self, signature: str) -> Graph:
         tf = _tf()
         if signature not in self.meta.signature_def or signature.startswith("__"):
-            names = _sig_names(self.meta)
+            names = signature_names(self.meta)
             raise LoadError(f"{self.path}: no signature named {signature!r}; the model has "
                             f"{', '.join(repr(n) for n in names) or 'no signatures'}. Pass one of those "
                             f"with signature= (--signature).")
@@ -281,8 +206,8 @@ class _SavedModelReader:
         for kind, table in (("input", sig.inputs), ("output", sig.outputs)):
             for key, info in table.items():
                 where = f"{self.path}: signature {signature!r} {kind} {key!r}"
-                _check_shape_proto(info.tensor_shape, where)
-                _dtype_size(info.dtype, where)
+                check_shape_proto(info.tensor_shape, where)
+                dtype_size(info.dtype, where)
         # Only the part of the graph the outputs need.
         needed = self._ancestors([n for n, _ in outputs.values()])
         self._check_inline_size(needed)
@@ -331,7 +256,7 @@ class _SavedModelReader:
                 self._reader = tf.train.load_checkpoint(str(prefix))
             except Exception as exc:  # noqa: BLE001 - the reader raises several unrelated types
                 raise LoadError(f"{self.path}: cannot read the variables checkpoint {prefix}: "
-                                f"{_first_line(exc)}. The variables files are missing, truncated or from "
+                                f"{first_line(exc)}. The variables files are missing, truncated or from "
                                 f"another model; copy the whole SavedModel directory again.") from None
         return self._reader
 
@@ -344,7 +269,7 @@ class _SavedModelReader:
                 shapes = reader.get_variable_to_shape_map()
                 dtypes = reader.get_variable_to_dtype_map()
             except Exception as exc:  # noqa: BLE001
-                raise LoadError(f"{self.path}: cannot read the variables index: {_first_line(exc)}. The "
+                raise LoadError(f"{self.path}: cannot read the variables index: {first_line(exc)}. The "
                                 f"variables files are corrupt; copy the whole SavedModel directory "
                                 f"again.") from None
             data = 0
@@ -389,7 +314,7 @@ class _SavedModelReader:
             value = reader.get_tensor(key)
         except Exception as exc:  # noqa: BLE001
             raise LoadError(f"{self.path}: cannot read variable {what!r} (checkpoint key {key!r}) from "
-                            f"variables/: {_first_line(exc)}. The variables files are truncated or do not "
+                            f"variables/: {first_line(exc)}. The variables files are truncated or do not "
                             f"belong to this saved_model.pb; copy the whole SavedModel directory again.") from None
         if list(np.shape(value)) != shape:
             raise LoadError(f"{self.path}: variable {what!r} (checkpoint key {key!r}) has shape "
@@ -599,7 +524,7 @@ class _SavedModelReader:
             if name in out:
                 raise LoadError(f"{self.path}: corrupt graph: two nodes are named {name!r} after "
                                 f"inlining; re-export the model.")
-            _check_node_def(nd, pb, self._const_limit, chain[-1] if chain else None)
+            check_node_def(nd, pb, self._const_limit, chain[-1] if chain else None)
             new = node_def_pb2.NodeDef()
             new.CopyFrom(nd)
             new.name = name
@@ -749,7 +674,7 @@ class _SavedModelReader:
         order = _prune_to_outputs(list(weight_defs) + list(nodes.values()),
                                   [resolve(f"{n}:{p}") for n, p in outputs.values()])
         try:
-            g = graph_from_node_defs(order)
+            g = graph_from_node_defs(order, Graph())
         except VerificationError as exc:
             raise LoadError(f"{self.path}: {exc}") from None
         for w in weight_defs:
@@ -962,111 +887,6 @@ def _flatten_function_def(fdef, library, where):
     return body, arg_names, rets
 
 
-def _const_limit(file: Path) -> int:
-    """How many bytes one constant may declare: 256 MiB, or twice the model file (a frozen graph's
-    constants are in the file; a splat constant declaring far more than that would be materialized by
-    shape inference and constant evaluation)."""
-    try:
-        size = file.stat().st_size if file.is_file() else (_saved_model_file(file)).stat().st_size
-    except (OSError, GraphslimError):
-        size = 0
-    return max(_MIN_CONST_BYTES_LIMIT, 2 * size)
-
-
-def _dtype_size(enum: int, where: str) -> int:
-    tf = _tf()
-    try:
-        dt = tf.as_dtype(enum)
-    except TypeError:
-        raise LoadError(f"{where} has an invalid dtype (enum {enum}); the model is corrupt.") from None
-    try:
-        return max(1, dt.size)
-    except (TypeError, ValueError, AttributeError):  # string, resource, variant
-        return 1
-
-
-def _attrs_dt_string() -> int:
-    return 7  # DT_STRING: variable-length elements, no fixed content size
-
-
-def _check_shape_proto(shape, where: str) -> None:
-    if shape.unknown_rank:
-        return
-    if len(shape.dim) > _MAX_RANK:
-        raise LoadError(f"{where} has rank {len(shape.dim)}; TensorFlow allows at most {_MAX_RANK}. "
-                        f"The model is corrupt.")
-    for d in shape.dim:
-        if d.size < -1:
-            raise LoadError(f"{where} has a dimension of size {d.size}; sizes must be >= 0 (or -1 for "
-                            f"unknown). The model is corrupt.")
-
-
-def _dtype_label(enum: int) -> str:
-    try:
-        return _tf().as_dtype(enum).name
-    except TypeError:
-        return f"invalid dtype (enum {enum})"
-
-
-def _check_tensor_proto(t, where: str, limit: int) -> None:
-    _check_shape_proto(t.tensor_shape, where)
-    if t.tensor_shape.unknown_rank:
-        raise LoadError(f"{where} is a constant of unknown rank; the model is corrupt.")
-    n = 1
-    for d in t.tensor_shape.dim:
-        if d.size < 0:
-            raise LoadError(f"{where} is a constant with a dimension of size {d.size}; the model is "
-                            f"corrupt.")
-        n *= d.size
-    values = max(len(t.float_val), len(t.double_val), len(t.int_val), len(t.int64_val), len(t.string_val),
-                 len(t.bool_val), len(t.half_val), len(t.uint32_val), len(t.uint64_val),
-                 len(t.scomplex_val) // 2, len(t.dcomplex_val) // 2, len(getattr(t, "float8_val", b"")))
-    if values > n:  # TensorFlow refuses these; numpy would fail decoding them
-        raise LoadError(f"{where} is a constant of shape {[d.size for d in t.tensor_shape.dim]} with "
-                        f"{values:,} values, more than its {n:,} elements; the model is corrupt.")
-    itemsize = _dtype_size(t.dtype, where)
-    nbytes = n * itemsize
-    if t.tensor_content and t.dtype not in (_attrs_dt_string(),) and len(t.tensor_content) != nbytes:
-        raise LoadError(f"{where} is a constant of shape {[d.size for d in t.tensor_shape.dim]} whose "
-                        f"content has {len(t.tensor_content):,} bytes instead of {nbytes:,}; the model is "
-                        f"corrupt.")
-    if nbytes > limit:
-        raise LoadError(f"{where} declares a constant of shape {[d.size for d in t.tensor_shape.dim]} "
-                        f"({nbytes:,} bytes), more than the {limit:,} bytes graphslim accepts for one "
-                        f"constant of this model (the file is far smaller): the model is corrupt or "
-                        f"hostile.")
-
-
-def _check_node_def(nd, file, limit: int, function: str | None = None) -> None:
-    """Refuse attribute values that would make shape inference or constant evaluation allocate
-    without bound, or that TensorFlow would reject with a crash rather than an error: constants
-    declaring huge shapes, negative or overlong shapes, invalid dtypes."""
-    place = f" in function {function!r}" if function else ""
-    where = f"{file}: node {nd.name!r} ({nd.op}){place}"
-    if nd.op in ("Const", "HostConst") and "value" in nd.attr and "dtype" in nd.attr:
-        # TensorFlow's shape functions trust a constant's dtype attr and read its value as that type:
-        # a mismatch aborts the process (a CHECK failure in tensor.cc), so it is refused here.
-        declared, actual = nd.attr["dtype"].type, nd.attr["value"].tensor.dtype
-        if declared != actual:
-            raise LoadError(f"{where} declares dtype {_dtype_label(declared)} but its value is "
-                            f"{_dtype_label(actual)}; the model is corrupt.")
-    for key, v in nd.attr.items():
-        kind = v.WhichOneof("value")
-        if kind == "tensor":
-            _check_tensor_proto(v.tensor, f"{where} attribute {key!r}", limit)
-        elif kind == "shape":
-            _check_shape_proto(v.shape, f"{where} attribute {key!r}")
-        elif kind == "type":
-            _dtype_size(v.type, f"{where} attribute {key!r}")
-        elif kind == "list":
-            for t in v.list.tensor:
-                _check_tensor_proto(t, f"{where} attribute {key!r}", limit)
-            for sh in v.list.shape:
-                _check_shape_proto(sh, f"{where} attribute {key!r}")
-            for ty in v.list.type:
-                _dtype_size(ty, f"{where} attribute {key!r}")
-
-
 _INVALID_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-/>]")
 
 
@@ -1141,11 +961,9 @@ def _prettify_names(g: Graph) -> None:
     """Drop the ``StatefulPartitionedCall_N/`` path segments that inlining introduced, where the
     shorter name stays unique (``StatefulPartitionedCall/sequential/conv1/Conv2D`` →
     ``sequential/conv1/Conv2D``)."""
-    import networkx as nx
-
     mapping = {}
-    taken = set(g._g.nodes)
-    for name in list(g._g.nodes):
+    taken = set(g.names())
+    for name in g.names():
         if g.node(name).op == WEIGHT_OP:
             continue
         parts = name.split("/")
@@ -1153,14 +971,7 @@ def _prettify_names(g: Graph) -> None:
         if short and short != name and short not in taken:
             mapping[name] = short
             taken.add(short)
-    if not mapping:
-        return
-    nx.relabel_nodes(g._g, mapping, copy=False)
-    for old, new in mapping.items():
-        g._g.nodes[new]["node"].name = new
-    for arg in g.inputs + g.outputs:
-        if arg.tensor.node in mapping:
-            arg.tensor = Tensor(mapping[arg.tensor.node], arg.tensor.port)
+    g.rename_nodes(mapping)
 
 
 def _finish(g: Graph, where) -> None:
@@ -1178,10 +989,11 @@ def _finish(g: Graph, where) -> None:
 def _check_ports(g: Graph) -> None:
     """Every edge and signature tensor names an output port its producer has (checked before the
     canonicalization, whose rewrites assume it; ``verify`` repeats the edge check after)."""
-    for src, dst, d in g._g.edges(data=True):
-        if not d.get("control") and d["src_port"] >= g.node(src).num_outputs:
-            raise VerificationError(f"node {dst!r} reads output {d['src_port']} of {src!r} "
-                                    f"({g.node(src).op}), which has only {g.node(src).num_outputs} outputs")
+    for src, dst, _ in g.data_edges():
+        if src.port >= g.node(src.node).num_outputs:
+            n = g.node(src.node)
+            raise VerificationError(f"node {dst!r} reads output {src.port} of {n.name!r} ({n.op}), which has "
+                                    f"only {n.num_outputs} outputs")
     for kind, args in (("input", g.inputs), ("output", g.outputs)):
         for arg in args:
             if not g.has_node(arg.tensor.node):
@@ -1203,7 +1015,7 @@ def _check_signature_dtypes(g: Graph, sig, signature: str, where) -> None:
             info = table.get(arg.name)
             if info is None or not info.dtype:
                 continue
-            declared = tf.as_dtype(info.dtype)  # validated by _dtype_size at the start of build()
+            declared = tf.as_dtype(info.dtype)  # validated by dtype_size at the start of build()
             actual = g.dtype(arg.tensor)
             if actual is not None and declared.base_dtype != actual.base_dtype:
                 raise LoadError(f"{where}: signature {signature!r} {kind} {arg.name!r} is declared "
@@ -1211,24 +1023,10 @@ def _check_signature_dtypes(g: Graph, sig, signature: str, where) -> None:
                                 f"SavedModel is inconsistent. Re-export it.")
 
 
-def _first_line(exc) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# --------------------------------------------------------------------------------------- frozen
-def _parse_graph_def(file: Path):
-    from tensorflow.core.framework import graph_pb2
-
-    return _parse_proto(file, graph_pb2.GraphDef(),
-                        "{file}: cannot be parsed as a frozen GraphDef ({why}). Pass a SavedModel directory "
-                        "or a binary GraphDef .pb file.")
-
-
 def _load_frozen(file: Path, scan: bool = True, allow_ops=()) -> Graph:
     """A frozen GraphDef: Placeholders are the inputs, nodes nobody reads are the outputs."""
     tf = _tf()
-    gd = _parse_graph_def(file)
+    gd = parse_graph_def(file)
     if not gd.node:
         raise LoadError(f"{file}: the GraphDef has no nodes (or the file is not a GraphDef). Pass a "
                         f"SavedModel directory or a frozen GraphDef .pb file.")
@@ -1238,12 +1036,12 @@ def _load_frozen(file: Path, scan: bool = True, allow_ops=()) -> Graph:
         err = _scan.refusal(_scan.scan_graph_def(gd), file, allow_ops)
         if err is not None:
             raise err
-    limit = _const_limit(file)
+    limit = const_limit(file)
     for nd in gd.node:
-        _check_node_def(nd, file, limit)
+        check_node_def(nd, file, limit)
     for f in gd.library.function:
         for nd in f.node_def:
-            _check_node_def(nd, file, limit, f.signature.name)
+            check_node_def(nd, file, limit, f.signature.name)
     names = [nd.name for nd in gd.node]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -1261,7 +1059,7 @@ def _load_frozen(file: Path, scan: bool = True, allow_ops=()) -> Graph:
     if not outputs:
         raise LoadError(f"{file}: the graph has no output nodes.")
     try:
-        g = graph_from_node_defs(nodes)
+        g = graph_from_node_defs(nodes, Graph())
         g.topo_order()  # a cycle: VerificationError naming it
     except VerificationError as exc:
         raise LoadError(f"{file}: the model's graph is not valid: {exc}") from None
@@ -1275,15 +1073,15 @@ def _load_frozen(file: Path, scan: bool = True, allow_ops=()) -> Graph:
         try:
             value = node.attr("value")
         except (TypeError, ValueError, KeyError) as exc:
-            raise LoadError(f"{file}: constant {node.name!r} cannot be decoded ({_first_line(exc)}); the "
+            raise LoadError(f"{file}: constant {node.name!r} cannot be decoded ({first_line(exc)}); the "
                             f"model is corrupt.") from None
         if isinstance(value, np.ndarray) and value.ndim >= 1 and value.dtype.kind == "f":
             consumers = g.consumers(node.output(0))
             name = node.name
-            g._g.remove_node(name)  # re-added as a Weight under the same name, same edges
+            g.remove_node(name, safe=False)  # re-added as a Weight under the same name, same edges
             g.add_weight(name, value, trainable=True)
             for c, port in consumers:
-                g._g.add_edge(name, c.name, src_port=0, dst_port=port)
+                g.set_input(c, port, Tensor(name, 0))
     g.meta = {"source": str(file), "format": "frozen_graphdef", "signature": "serving_default",
               "scanned": bool(scan), "allowed_ops": sorted(_allowed(allow_ops))}
     _finish(g, file)
@@ -1301,7 +1099,7 @@ def describe(path, tags=("serve",)) -> dict:
         raise
     except Exception as exc:  # noqa: BLE001 - as in load(): a clean error, never a traceback
         err = LoadError(f"{path}: graphslim cannot describe this model ({type(exc).__name__}: "
-                        f"{_first_line(exc)[:300]}). The SavedModel looks malformed.")
+                        f"{first_line(exc)[:300]}). The SavedModel looks malformed.")
         err.unexpected = True
         raise err from exc
 
@@ -1326,10 +1124,10 @@ def _describe(path, tags) -> dict:
         path = path.parent
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory.")
-    sm = _parse_saved_model(_saved_model_file(path))
-    meta = _pick_meta_graph(sm, tags, path)
+    sm = parse_saved_model(saved_model_file(path))
+    meta = pick_meta_graph(sm, tags, path)
     sigs = {}
-    for name in _sig_names(meta):
+    for name in signature_names(meta):
         sd = meta.signature_def[name]
         sigs[name] = {kind: {k: (_dtype_name(v.dtype),
                                  _attrs.shape_from_proto(v.tensor_shape)) for k, v in sorted(table.items())}

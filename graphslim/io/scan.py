@@ -66,6 +66,7 @@ from pathlib import Path
 
 from graphslim.errors import LoadError
 from graphslim.io.allowlist import ALLOWED, CHECKPOINT_OPS, CONDITIONAL, condition, describe
+from graphslim.io.reader import parse_graph_def, parse_saved_model, pick_meta_graph, saved_model_file
 from graphslim.ir.functions import attr_refs
 
 __all__ = ["Finding", "ScanNote", "UnsafeModelError", "allowed_ops", "check_safe", "scan_graph_def",
@@ -743,21 +744,19 @@ def scan_path(path, tags=None, notes: list | None = None) -> list[Finding]:
     """Findings of a model on disk: a SavedModel directory (every MetaGraphDef, or only the one whose
     tag set is ``tags``) or a frozen GraphDef file. Raises LoadError when it cannot be read. Notes go
     to ``notes`` (see :func:`scan_meta_graph`)."""
-    from graphslim.io import loader
-
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
         raise LoadError(f"{path}: no such file or directory. Pass a SavedModel directory or a frozen "
                         f"GraphDef .pb file.")
     if path.is_file() and path.name not in ("saved_model.pb", "saved_model.pbtxt"):
-        gd = loader._parse_graph_def(path)
+        gd = parse_graph_def(path)
         return scan_graph_def(gd, notes=notes)
     if path.is_file():
         path = path.parent
-    sm = loader._parse_saved_model(loader._saved_model_file(path))
+    sm = parse_saved_model(saved_model_file(path))
     metas = list(sm.meta_graphs)
     if tags is not None:
-        metas = [loader._pick_meta_graph(sm, tags, path)]
+        metas = [pick_meta_graph(sm, tags, path)]
     findings = []
     for m in metas:
         where = ",".join(sorted(m.meta_info_def.tags)) if len(sm.meta_graphs) > 1 else ""
@@ -771,18 +770,16 @@ def scan_report(path, tags=None, allow_ops=()) -> dict:
     "function_nodes", "findings": [dict], "allowed": [dict], "notes": [str], "safe": bool}``.
     ``findings`` are those not covered by ``allow_ops``; ``allowed`` those accepted by it; ``notes``
     what was accepted that the user should know about (second savers dropped)."""
-    from graphslim.io import loader
-
     path = Path(path)
     notes: list = []
     findings = scan_path(path, tags=tags, notes=notes)
     if path.is_file() and path.name not in ("saved_model.pb", "saved_model.pbtxt"):
-        gd = loader._parse_graph_def(path)
+        gd = parse_graph_def(path)
         graphs, fmt, metas = [gd], "frozen_graphdef", 0
     else:
         model_dir = path.parent if path.is_file() else path
-        sm = loader._parse_saved_model(loader._saved_model_file(model_dir))
-        chosen = [loader._pick_meta_graph(sm, tags, model_dir)] if tags is not None else list(sm.meta_graphs)
+        sm = parse_saved_model(saved_model_file(model_dir))
+        chosen = [pick_meta_graph(sm, tags, model_dir)] if tags is not None else list(sm.meta_graphs)
         graphs, fmt, metas = [m.graph_def for m in chosen], "saved_model", len(chosen)
     allowed_names = parse_allow_ops(allow_ops)
     refused = [f for f in findings if f.op == "<path>" or f.op not in allowed_names]

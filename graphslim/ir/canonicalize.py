@@ -30,12 +30,6 @@ import tensorflow as tf
 from graphslim.ir.graph import Graph
 
 
-def _const(graph: Graph, name: str, value) -> str:
-    value = np.asarray(value)
-    return graph.add_node(name, "Const", attrs={"dtype": tf.as_dtype(value.dtype), "value": value},
-                          unique=True).name
-
-
 def ungroup_convs(graph: Graph) -> int:
     """Rewrite grouped Conv2D nodes (see the module docstring); returns how many."""
     count = 0
@@ -56,22 +50,23 @@ def ungroup_convs(graph: Graph) -> int:
         strides = node.attr("strides")
         graph.remove_node(node, safe=False)
         if fin == 1 and fmt == "NHWC" and strides[1] == strides[2]:
-            shape = _const(graph, f"{name}/depthwise_shape", np.array([kh, kw, cin, cout // cin], np.int32))
+            shape = graph.add_const(f"{name}/depthwise_shape", np.array([kh, kw, cin, cout // cin], np.int32),
+                                    unique=True)
             r = graph.add_node(f"{name}/depthwise_kernel", "Reshape", inputs=[w, shape],
                                attrs={"T": dtype, "Tshape": tf.int32}, unique=True)
             keep = {k: v for k, v in attrs.items() if k in ("T", "strides", "padding", "explicit_paddings",
                                                              "data_format", "dilations")}
             new = graph.add_node(name, "DepthwiseConv2dNative", inputs=[x, r], attrs=keep)
         else:
-            ax = _const(graph, f"{name}/group_axis", np.array(cax, np.int32))
-            wax = _const(graph, f"{name}/group_kernel_axis", np.array(3, np.int32))
+            ax = graph.add_const(f"{name}/group_axis", np.array(cax, np.int32), unique=True)
+            wax = graph.add_const(f"{name}/group_kernel_axis", np.array(3, np.int32), unique=True)
             xsplit = graph.add_node(f"{name}/groups", "Split", inputs=[ax, x],
                                     attrs={"T": dtype, "num_split": groups}, unique=True)
             wsplit = graph.add_node(f"{name}/group_kernels", "Split", inputs=[wax, w],
                                     attrs={"T": dtype, "num_split": groups}, unique=True)
             convs = [graph.add_node(f"{name}/group_{i}", "Conv2D", inputs=[xsplit.output(i), wsplit.output(i)],
                                     attrs=attrs, unique=True).output(0) for i in range(groups)]
-            cat_ax = _const(graph, f"{name}/concat_axis", np.array(cax, np.int32))
+            cat_ax = graph.add_const(f"{name}/concat_axis", np.array(cax, np.int32), unique=True)
             new = graph.add_node(name, "ConcatV2", inputs=convs + [cat_ax],
                                  attrs={"T": dtype, "N": groups, "Tidx": tf.int32})
         for user, port in users:
@@ -156,7 +151,7 @@ def static_reshape_shapes(graph: Graph) -> int:
             graph.remove_node(node)
         else:
             vec = np.array([-1 if d is None else d for d in value], dtype=graph.dtype(t).as_numpy_dtype)
-            graph.set_input(node, 1, f"{_const(graph, f'{node.name}/static_shape', vec)}:0")
+            graph.set_input(node, 1, graph.add_const(f"{node.name}/static_shape", vec, unique=True).output(0))
         count += 1
         todo = [src]
         while todo:  # the shape computation, once nothing reads it

@@ -12,7 +12,14 @@
 
 Only this module touches networkx. Passes use :meth:`Graph.add_node`, :meth:`Graph.remove_node`,
 :meth:`Graph.producer`, :meth:`Graph.consumers`, :meth:`Graph.replace_all_uses`,
-:meth:`Graph.set_weight` and friends, so use-def information cannot go stale.
+:meth:`Graph.set_weight`, :meth:`Graph.add_const`, :meth:`Graph.add_input`, :meth:`Graph.rename_node`,
+:meth:`Graph.weight_readers`, :meth:`Graph.sole_consumer` and friends, so use-def information cannot go
+stale; :meth:`Graph.format` prints the graph one node a line.
+
+The values (``Node``, ``Tensor``, ``Weight``, ``SignatureArg``) live in :mod:`graphslim.ir.node` and are
+re-exported here. :meth:`Graph.infer_shapes` and :meth:`Graph.cost` delegate to
+:mod:`graphslim.ir.tfconv` and :mod:`graphslim.analysis.cost`, imported when called; neither imports this
+module, so there is no import cycle.
 
 Example::
 
@@ -26,8 +33,7 @@ from __future__ import annotations
 
 import copy as _copy
 import itertools
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator
 
 import networkx as nx
 import numpy as np
@@ -35,113 +41,9 @@ import tensorflow as tf
 
 from graphslim.errors import VerificationError
 from graphslim.ir import attrs as _attrs
+from graphslim.ir.node import WEIGHT_OP, Node, SignatureArg, Tensor, Weight, as_tensor
 
-WEIGHT_OP = "Weight"
-
-
-class Tensor(NamedTuple):
-    """One output of a node: ``(node name, output port)``. Prints as ``name:port``."""
-
-    node: str
-    port: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.node}:{self.port}"
-
-    @staticmethod
-    def parse(text: str) -> "Tensor":
-        """``"conv:1"`` → Tensor("conv", 1); ``"conv"`` → Tensor("conv", 0)."""
-        name, sep, port = text.rpartition(":")
-        if sep and port.isdigit():
-            return Tensor(name, int(port))
-        return Tensor(text, 0)
-
-
-def as_tensor(t) -> Tensor:
-    if isinstance(t, Tensor):
-        return t
-    if isinstance(t, Node):
-        return Tensor(t.name, 0)
-    if isinstance(t, tuple) and len(t) == 2:
-        return Tensor(str(t[0]), int(t[1]))
-    if isinstance(t, str):
-        return Tensor.parse(t)
-    raise TypeError(f"not a tensor reference: {t!r}")
-
-
-@dataclass(eq=False)
-class Node:
-    """One op of the graph. Attributes are stored as ``AttrValue`` protos (exact round trip)."""
-
-    name: str
-    op: str
-    attrs: dict = field(default_factory=dict)
-    device: str = ""
-    dtypes: list = field(default_factory=list)  # tf.DType per output
-    shapes: list = field(default_factory=list)  # tuple (None = unknown dim) or None per output
-
-    def attr(self, key: str, default=None):
-        """The attribute ``key`` as a Python value (``"SAME"``, ``[1, 2, 2, 1]``, ``tf.float32``...)."""
-        if key not in self.attrs:
-            return default
-        return _attrs.from_attr(self.attrs[key])
-
-    def set_attr(self, key: str, value) -> None:
-        """Set attribute ``key`` from a Python value or an ``AttrValue`` proto."""
-        self.attrs[key] = _attrs.to_attr(value)
-
-    def output(self, port: int = 0) -> Tensor:
-        return Tensor(self.name, port)
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self.dtypes)
-
-    def __repr__(self) -> str:
-        shapes = ", ".join(str(s) for s in self.shapes)
-        return f"<Node {self.name} {self.op} -> [{shapes}]>"
-
-
-@dataclass
-class Weight:
-    """A trained parameter: its value, checkpoint name and trainable flag."""
-
-    name: str
-    value: np.ndarray
-    trainable: bool = True
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.value.shape)
-
-
-@dataclass
-class SignatureArg:
-    """A named signature input or output and the tensor it is bound to."""
-
-    name: str
-    tensor: Tensor
-
-
-@dataclass
-class NodeCost:
-    name: str
-    op: str
-    params: int
-    macs: int
-
-
-@dataclass
-class Cost:
-    """Parameters and multiply-accumulates (per example, batch 1) per node and in total."""
-
-    nodes: list
-    params: int
-    macs: int
-
-    def by_node(self) -> dict:
-        return {c.name: c for c in self.nodes}
-
+__all__ = ["WEIGHT_OP", "Graph", "Node", "SignatureArg", "Tensor", "Weight", "as_tensor"]
 
 class Graph:
     """A TensorFlow dataflow graph with a weight table and one signature. See the module docstring."""
@@ -246,6 +148,35 @@ class Graph:
         """Number of data uses of ``tensor``, counting signature outputs."""
         t = as_tensor(tensor)
         return len(self.consumers(t)) + sum(o.tensor == t for o in self.outputs)
+
+    def names(self) -> list[str]:
+        """Every node's name, in insertion order (cheaper than :meth:`nodes`, which sorts)."""
+        return list(self._g.nodes)
+
+    def data_edges(self) -> Iterator[tuple[Tensor, str, int]]:
+        """Every data edge as ``(source tensor, consumer name, consumer input port)``, in insertion order."""
+        for src, dst, data in self._g.edges(data=True):
+            if not data.get("control"):
+                yield Tensor(src, data["src_port"]), dst, data["dst_port"]
+
+    def sole_consumer(self, tensor) -> tuple[Node, int] | None:
+        """``(node, input port)`` of the only use of ``tensor``, or None when it has several uses, none,
+        or is a signature output (rewriting its producer would then change what others see)."""
+        uses = self.consumers(as_tensor(tensor))
+        if len(uses) != 1 or self.is_output(tensor):
+            return None
+        return uses[0]
+
+    def weight_readers(self, name: str) -> list[tuple[Node, int]]:
+        """``(node, input port)`` of every op reading weight ``name``, looking through Identity."""
+        out, todo = [], [name]
+        while todo:
+            for node, port in self.consumers(todo.pop()):
+                if node.op == "Identity":
+                    todo.append(node.name)
+                else:
+                    out.append((node, port))
+        return out
 
     def weight_of(self, node, port: int) -> Weight | None:
         """The Weight read by input ``port`` of ``node`` (looking through Identity), or None."""
@@ -388,6 +319,56 @@ class Graph:
                 return
         self.outputs.append(SignatureArg(name, t))
 
+    def add_const(self, name: str, value, *, dtype=None, unique: bool = False) -> Node:
+        """Add a ``Const`` node holding ``value`` (a numpy array or scalar; ``dtype`` overrides its
+        dtype) and return it. With ``unique=True`` a taken name gets a suffix.
+
+        Example: ``axis = graph.add_const("concat/axis", np.int32(3), unique=True)``."""
+        value = np.asarray(value)
+        if dtype is not None:
+            dtype = tf.as_dtype(dtype)
+            value = value.astype(dtype.as_numpy_dtype)
+        return self.add_node(name, "Const", attrs={"dtype": dtype or tf.as_dtype(value.dtype), "value": value},
+                             unique=unique)
+
+    def add_input(self, name: str, dtype, shape, *, node_name: str | None = None) -> Node:
+        """Add a signature input ``name``: a ``Placeholder`` (called ``node_name``, default ``name``) of
+        ``dtype`` and static ``shape`` (``None`` for an unknown dim), bound in ``graph.inputs``."""
+        dtype = tf.as_dtype(dtype)
+        shape = tuple(shape)
+        node = self.add_node(node_name or name, "Placeholder", attrs={"dtype": dtype, "shape": shape},
+                             dtypes=[dtype], shapes=[shape])
+        self.inputs.append(SignatureArg(name, node.output(0)))
+        return node
+
+    def rename_node(self, old: str, new: str) -> None:
+        """Rename node ``old`` to ``new`` keeping its edges (a Weight node's weight is renamed too)."""
+        self.rename_nodes({old: new})
+
+    def rename_nodes(self, mapping: dict) -> None:
+        """Rename several nodes at once (``{old: new}``), keeping edges and signature bindings. The new
+        names must be free (or freed by the same renaming)."""
+        mapping = {o: n for o, n in mapping.items() if o != n}
+        if not mapping:
+            return
+        for old in mapping:
+            self.node(old)  # KeyError naming it
+        kept = set(self._g.nodes) - set(mapping)
+        clash = sorted(n for n in mapping.values() if n in kept)
+        if clash or len(set(mapping.values())) != len(mapping):
+            raise ValueError(f"cannot rename: name(s) {clash or sorted(mapping.values())} already taken")
+        nx.relabel_nodes(self._g, mapping, copy=False)
+        for old, new in mapping.items():
+            node = self._g.nodes[new]["node"]
+            node.name = new
+            if node.op == WEIGHT_OP and old in self.weights:
+                w = self.weights.pop(old)
+                w.name = new
+                self.weights[new] = w
+        for arg in self.inputs + self.outputs:
+            if arg.tensor.node in mapping:
+                arg.tensor = Tensor(mapping[arg.tensor.node], arg.tensor.port)
+
     # ------------------------------------------------------------------ weights
     def add_weight(self, name: str, value: np.ndarray, trainable: bool = True, unique: bool = False) -> Node:
         """Add a weight and the ``Weight`` node that reads it; returns the node."""
@@ -528,11 +509,50 @@ class Graph:
         if len(set(names)) != len(names):
             raise VerificationError(f"signature output names are not unique: {names}")
 
-    def cost(self) -> Cost:
+    def cost(self):
         """Params and MACs (per example) per node and in total."""
         from graphslim.analysis.cost import graph_cost
 
         return graph_cost(self)
+
+    def format(self) -> str:
+        """The graph as readable text, one node a line, in topological order: ``name = Op(inputs)
+        {attrs} -> dtype[shape]``. An input is ``node`` (port 0), ``node:1`` or ``^node`` (control);
+        attributes starting with ``_`` are left out and long values elided; weights say whether they
+        are trainable; the signature's outputs close the graph.
+
+        Example::
+
+            print(graph.format())
+            # graph serving_default (3 nodes, 1 weights) {
+            #   x = Placeholder() {dtype=float32, shape=[?,4]} -> float32[?,4]
+            #   w = Weight() -> float32[4,2]  // trainable
+            #   y = MatMul(x, w) {T=float32, transpose_a=false, transpose_b=false} -> float32[?,2]
+            #   return {logits: y}
+            # }
+        """
+        lines = [f"graph {self.signature_name} ({len(self)} nodes, {len(self.weights)} weights) {{"]
+        for node in self.topo_order():
+            args = [_tensor_text(t) for t in self.inputs_of(node)]
+            args += [f"^{name}" for name in self.control_inputs_of(node)]
+            attrs = ", ".join(f"{key}={_value_text(node.attr(key))}" for key in sorted(node.attrs)
+                              if not key.startswith("_"))
+            outputs = [_type_text(d, s) for d, s in zip(node.dtypes, node.shapes)]
+            line = f"  {node.name} = {node.op}({', '.join(args)})"
+            line += f" {{{attrs}}}" if attrs else ""
+            if len(outputs) == 1:
+                line += f" -> {outputs[0]}"
+            elif outputs:
+                line += f" -> ({', '.join(outputs)})"
+            if node.name in self.weights:
+                line += "  // trainable" if self.weights[node.name].trainable else "  // not trainable"
+            lines.append(line)
+        results = ", ".join(f"{arg.name}: {_tensor_text(arg.tensor)}" for arg in self.outputs)
+        lines.append(f"  return {{{results}}}")
+        if self.functions:
+            lines.append(f"  // functions: {', '.join(sorted(self.functions))}")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
 
     def summary(self) -> str:
         ops: dict[str, int] = {}
@@ -542,3 +562,38 @@ class Graph:
 
     def __repr__(self) -> str:
         return self.summary()
+
+
+_MAX_VALUE = 60  # characters of one attribute value in format() before it is elided
+
+
+def _tensor_text(tensor: Tensor) -> str:
+    return tensor.node if tensor.port == 0 else f"{tensor.node}:{tensor.port}"
+
+
+def _type_text(dtype, shape) -> str:
+    name = getattr(dtype, "name", str(dtype))
+    if shape is None:
+        return f"{name}[*]"
+    return f"{name}[{','.join('?' if d is None else str(d) for d in shape)}]"
+
+
+def _value_text(value) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (str, bytes)):
+        text = repr(value) if isinstance(value, bytes) else f'"{value}"'
+    elif isinstance(value, tuple):  # a shape
+        text = "[" + ",".join("?" if d is None else str(d) for d in value) + "]"
+    elif isinstance(value, list):
+        text = "[" + ",".join(_value_text(v) for v in value) + "]"
+    elif isinstance(value, np.ndarray):
+        if value.size <= 8:
+            text = f"{value.dtype}{list(value.shape)}:{value.tolist()}"
+        else:
+            text = f"tensor<{value.dtype}[{','.join(map(str, value.shape))}]>"
+    elif isinstance(value, tf.DType):
+        text = value.name
+    else:
+        text = str(value)
+    return text if len(text) <= _MAX_VALUE else text[: _MAX_VALUE - 3] + "..."

@@ -9,13 +9,17 @@ Nothing is executed. A shape conflict (e.g. a kernel sliced to 20 output channel
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2, function_pb2
 
 from graphslim.errors import VerificationError
 from graphslim.ir import attrs as _attrs
-from graphslim.ir.graph import WEIGHT_OP, Graph, Node, Tensor
+from graphslim.ir.node import WEIGHT_OP, Node, Tensor
+
+if TYPE_CHECKING:  # annotations only: Graph.infer_shapes() delegates here, so this never imports graph.py
+    from graphslim.ir.graph import Graph
 
 # Attributes that describe a node's placement or cached shapes rather than its computation; they go
 # stale under rewriting, so the loader drops them and shapes live in ``Node.shapes`` instead.
@@ -38,13 +42,14 @@ def parse_input(text: str) -> tuple[str, int, bool]:
 MAX_OUTPUT_INDEX = 1 << 24
 
 
-def graph_from_node_defs(node_defs, graph: Graph | None = None) -> Graph:
-    """Build IR nodes and edges from NodeDefs (GraphDef input-string syntax).
+def graph_from_node_defs(node_defs, graph: Graph) -> Graph:
+    """Add IR nodes and edges from NodeDefs (GraphDef input-string syntax) to ``graph`` (usually a new,
+    empty ``Graph()``) and return it.
 
     Raises VerificationError naming the node when an input refers to a node that does not exist, or
     when names repeat.
     """
-    g = graph if graph is not None else Graph()
+    g = graph
     nd_list = list(node_defs)
     for nd in nd_list:
         if g.has_node(nd.name):
@@ -52,7 +57,7 @@ def graph_from_node_defs(node_defs, graph: Graph | None = None) -> Graph:
         attrs = {k: v for k, v in nd.attr.items() if k not in STALE_ATTRS}
         g.add_node(nd.name, nd.op, attrs=attrs, device=nd.device)
     for nd in nd_list:
-        port = 0
+        data = []
         for text in nd.input:
             src, src_port, control = parse_input(text)
             if not g.has_node(src):
@@ -64,8 +69,9 @@ def graph_from_node_defs(node_defs, graph: Graph | None = None) -> Graph:
             if control:
                 g.add_control_input(nd.name, src)
             else:
-                g._g.add_edge(src, nd.name, src_port=src_port, dst_port=port)
-                port += 1
+                data.append(Tensor(src, src_port))
+        if data:
+            g.set_inputs(nd.name, data)
     return g
 
 
