@@ -5,6 +5,23 @@ the new classes (and per-class outputs such as ``[N, K, 4]`` boxes along with it
 kernels and biases get new columns (``init=zeros|normal|mean``, seeded), layers that read the class
 axis get zero rows so nothing downstream changes for the old classes. Old logits are identical; the
 new weights are trainable so the head can be fine-tuned. The labels asset grows.
+
+Detectors with their post-processing in the graph grow through it:
+
+- per-class box regression coupled to the scores (Mask R-CNN's second stage feeds NMS one box per
+  class) and class-indexed heads (its mask of each detection's class, a gather by the class ids)
+  grow with the classes. Their new rows start as the mean of the existing classes' (the average
+  class's box or mask, a sensible box before fine-tuning); only the class scores use ``init``;
+- a post-processing unrolled per class in Python (tf-models-official's 'v1' and 'v2' NMS: one NMS
+  per class, concatenated) gets one more chunk per new class, cloned from the last class's once
+  every class's chunk is proved the same computation but for the class index;
+- row merges around a per-row op (``Reshape([-1, N])``, TopK or a gather, ``Reshape`` back: the
+  per-class top-k of 'v2', Keras's ``take_along_axis``) are rewritten as the op on the unmerged
+  tensor (exact), so the class axis can be followed through class-agnostic NMS (YOLOv8's max and
+  argmax over classes).
+
+Old classes' scores are identical; a detection of an old class can only lose its place in the
+top-k to a new class scoring higher.
 """
 
 from __future__ import annotations
@@ -13,8 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphslim.analysis.channels import apply_grow
-from graphslim.analysis.heads import class_group, find_class_head, output_tensor, per_class_outputs
+from graphslim.analysis.channels import apply_grows, group_for
+from graphslim.analysis.heads import (class_group, class_indexed_gathers, find_class_head, grow_unrolled_classes,
+                                      output_tensor, per_class_outputs, unmerge_rows, unrolled_classes)
 from graphslim.errors import PassError
 from graphslim.pipeline import PassResult, register_pass
 
@@ -35,9 +53,13 @@ class ExtendOptions:
     per_class: tuple[str, ...] = field(default=("auto",), metadata={
         "help": "outputs with one slice per class, OUTPUT:AXIS; 'auto' finds them by size, 'none' disables"})
     prior: str = field(default="auto", metadata={
-        "help": "new classes' bias on sigmoid (focal-loss) heads: 'auto' (when a Sigmoid scores the classes or "
-                "the biases sit below -2, as a focal prior leaves them: -log((1-p)/p) with p the existing "
-                "classes' mean probability), 'none', or a probability p"})
+        "help": "new classes' start on sigmoid (focal-loss) heads: bias at -log((1-p)/p), 'auto' when a Sigmoid "
+                "scores the classes or the biases sit below -2 (as a focal prior leaves them) with p the existing "
+                "classes' mean probability; on softmax heads: the average class's weights with the bias lowered "
+                "by -log(p), so a new class's probability is at most p times the best class's and the old "
+                "probabilities do not move ('auto': p=1e-9 where the probabilities feed post-processing in the "
+                "graph, as a detector's NMS; not on a classifier's softmax output); 'none' (init alone), or a "
+                "probability p"})
 
 
 def _bias_names(graph, group) -> set:
@@ -55,12 +77,7 @@ def _prior_bias(graph, group, biases: set, prior: str) -> float | None:
         return None
     values = np.concatenate([np.ravel(graph.weights[b].value) for b in biases]).astype(np.float64)
     if prior != "auto":
-        try:
-            p = float(prior)
-        except ValueError:
-            raise PassError(f"extend: prior must be 'auto', 'none' or a probability, got {prior!r}.") from None
-        if not 0 < p < 1:
-            raise PassError(f"extend: prior must be a probability between 0 and 1, got {p}.")
+        p = float(prior)
     else:
         sigmoid = any(graph.producer(m.tensor).op == "Sigmoid" for m in group.members_of("tensor")
                       if graph.has_node(m.tensor.node))
@@ -70,7 +87,21 @@ def _prior_bias(graph, group, biases: set, prior: str) -> float | None:
     return float(-np.log((1.0 - p) / p))
 
 
-def _initializer(opts: ExtendOptions, rng: np.random.RandomState, biases=(), prior_bias=None):
+def _softmax_gap(group, biases: set, prior: str) -> float | None:
+    """How far below the average class's logit new classes start on a softmax head: -log(p). The
+    average class's logit never exceeds the best class's, so a new class's probability is at most p
+    times the best class's. 'auto' (p=1e-9: far below float32 resolution, the old probabilities do
+    not move) applies where the probabilities feed post-processing in the graph (a detector's NMS,
+    whose detections' scores they are; it is trained on its logits); a classifier's softmax output
+    keeps ``init`` (its logits are the contract, and a loss on clipped probabilities would not train
+    a class that starts at 1e-9). None: no Softmax over the classes, no bias to lower, prior=none."""
+    if prior == "none" or not biases or not group.renormalized_by or (prior == "auto" and group.touches_outputs):
+        return None
+    return float(-np.log(1e-9 if prior == "auto" else float(prior)))
+
+
+def _initializer(opts: ExtendOptions, rng: np.random.RandomState, biases=(), prior_bias=None, regression=(),
+                 softmax_gap=None):
     def init(member, old: np.ndarray) -> np.ndarray:
         n = init.count
         shape = (n,) + old.shape[1:]
@@ -78,9 +109,13 @@ def _initializer(opts: ExtendOptions, rng: np.random.RandomState, biases=(), pri
             return np.zeros(shape, old.dtype)
         if prior_bias is not None and member.name in biases:  # sigmoid head: start at the prior
             return np.full(shape, prior_bias, old.dtype)
+        mean = old.mean(axis=0, keepdims=True)
+        if member.name in regression:  # per-class boxes and masks: the average class's
+            return np.repeat(mean, n, axis=0).astype(old.dtype)
+        if softmax_gap is not None:  # softmax head: the average class, its bias lowered by the gap
+            return np.repeat(mean - (softmax_gap if member.name in biases else 0.0), n, axis=0).astype(old.dtype)
         if opts.init == "zeros":
             return np.zeros(shape, old.dtype)
-        mean = old.mean(axis=0, keepdims=True)
         if opts.init == "mean" or member.role != "source":  # biases, scales: the average class
             return np.repeat(mean, n, axis=0).astype(old.dtype)
         std = float(old.std()) or 1e-2
@@ -88,6 +123,25 @@ def _initializer(opts: ExtendOptions, rng: np.random.RandomState, biases=(), pri
 
     init.count = 0
     return init
+
+
+def _refuse_picks(picks, where: str) -> None:
+    if picks:
+        p = picks[0]
+        raise PassError(f"extend: the class axis of {where} cannot grow: {p.node} reads "
+                        f"{'class ' + str(p.position) if p.position is not None else 'classes chosen at run time'} "
+                        f"of {p.tensor} by index, and graphslim cannot tell what it would read for a new class.")
+
+
+def _expose(graph, head) -> list:
+    """Rewrite row merges in the class axis's post-processing until the group no longer meets one."""
+    done = []
+    for _ in range(8):
+        step = unmerge_rows(graph, group_for(graph, head.tensor, head.axis))
+        if not step:
+            break
+        done += step
+    return done
 
 
 @register_pass("extend", options=ExtendOptions)
@@ -100,6 +154,13 @@ def extend(graph, opts: ExtendOptions) -> PassResult:
         raise PassError("extend: give the new classes either as classes=N or as labels=NAMES (exactly one).")
     if opts.classes < 0:
         raise PassError(f"extend: classes must be positive, got {opts.classes}.")
+    if opts.prior not in ("auto", "none"):
+        try:
+            p = float(opts.prior)
+        except ValueError:
+            raise PassError(f"extend: prior must be 'auto', 'none' or a probability, got {opts.prior!r}.") from None
+        if not 0 < p < 1:
+            raise PassError(f"extend: prior must be a probability between 0 and 1, got {p}.")
     n = opts.classes or len(opts.labels)
     head = find_class_head(graph, opts.output, opts.background, opts.labels_file, "extend")
     if head.labels is not None:
@@ -108,29 +169,64 @@ def extend(graph, opts: ExtendOptions) -> PassResult:
             raise PassError(f"extend: classes {clash} already exist in output {head.output!r}.")
     new_labels = list(opts.labels) or [f"class_{head.size + i}" for i in range(n)]
     rng = np.random.RandomState(opts.seed)
-    group = class_group(graph, head.tensor, head.axis, f"output {head.output!r}", "extend")
+    unmerged = _expose(graph, head) if not graph.is_output(head.tensor) else []
+    group = class_group(graph, head.tensor, head.axis, f"output {head.output!r}", "extend", allow_picks=True)
+    _refuse_picks([p for p in group.picks if p.position is None], f"output {head.output!r}")
+    unrolled = unrolled_classes(graph, group, "extend")  # the fixed picks: one post-processing per class
     groups = [(head.output, group, n)]
     for pc in per_class_outputs(graph, head, opts.per_class, "extend"):
         if group.covers(output_tensor(graph, pc.output), pc.axis):
             continue
         g2 = class_group(graph, output_tensor(graph, pc.output), pc.axis, f"output {pc.output!r}", "extend")
         groups.append((pc.output, g2, n * pc.width))
+    gathers = []
+    for gather, params, axis in class_indexed_gathers(graph, group):  # the mask of each detection's class
+        if any(g.covers(params, axis) for _, g, _ in groups):
+            continue
+        where = f"{params} (gathered by class id at {gather})"
+        g3 = class_group(graph, params, axis, where, "extend", allow_picks=True)
+        _refuse_picks([p for p in g3.picks if p.node != gather], where)
+        groups.append((None, g3, n))
+        gathers.append(gather)
+    scores = graph.ancestors([head.tensor.node]) | {head.tensor.node}
+    regression = {m.name for _, grp, _ in groups for m in grp.members_of("weight")
+                  if m.role != "sink" and m.name not in scores}
+    biases = _bias_names(graph, group) - regression
+    softmax_gap = _softmax_gap(group, biases, opts.prior)
+    prior_bias = None if softmax_gap is not None else _prior_bias(graph, group, biases, opts.prior)
+    init = _initializer(opts, rng, biases, prior_bias, regression, softmax_gap)
+
+    def counted(count):
+        def f(member, old):
+            init.count = count
+            return init(member, old)
+        return f
+
+    apply_grows(graph, [(grp, count, counted(count)) for _, grp, count in groups], allow_picks=True)
+    cloned = grow_unrolled_classes(graph, unrolled, n) if unrolled is not None else []
     grown_weights = []
-    biases = _bias_names(graph, group)
-    prior_bias = _prior_bias(graph, group, biases, opts.prior)
-    init = _initializer(opts, rng, biases, prior_bias)
-    for _, grp, count in groups:
-        init.count = count
-        apply_grow(graph, grp, count, init)
+    for _, grp, _ in groups:
         for m in grp.members:
             if m.kind == "weight" and m.role != "sink":
                 graph.weights[m.name].trainable = True
                 grown_weights.append(m.name)
+    if unmerged or cloned:
+        graph.remove_dead_nodes()
     if head.labels is not None or opts.labels:
         old = head.labels or [f"class_{i}" for i in range(head.size)]
         graph.assets[head.labels_asset or "labels.txt"] = ("\n".join(old + new_labels) + "\n").encode("utf-8")
+    postprocess = []
+    if gathers:
+        postprocess.append(f"heads gathered by class id grown at {', '.join(gathers)}")
+    if unmerged:
+        postprocess.append(f"row merges around {', '.join(unmerged)} undone")
+    if unrolled is not None:
+        postprocess.append(f"unrolled per class ({unrolled.dim} chunks into {', '.join(unrolled.joins)}): "
+                           f"{n} chunk(s) cloned from class {unrolled.template}'s ({len(cloned)} nodes)")
     return PassResult(changed=True, stats={
         "output": head.output, "classes_before": head.size, "classes_after": head.size + n,
-        "new_labels": new_labels, "init": opts.init, "grown_outputs": [g[0] for g in groups],
-        "prior_bias": prior_bias,
+        "new_labels": new_labels, "init": opts.init, "grown_outputs": [g[0] for g in groups if g[0]],
+        "prior_bias": prior_bias, "softmax_gap": softmax_gap, "scores_tensor": str(head.tensor),
+        "postprocess": "; ".join(postprocess) or None,
+        "regression_weights": sorted(regression),
         "grown_weights": sorted(set(grown_weights))})

@@ -46,7 +46,7 @@ from graphslim.ir.graph import WEIGHT_OP, Graph, Node, Tensor, as_tensor
 
 __all__ = ["ChannelError", "Blocked", "IndexMap", "Link", "In", "Out", "Member", "Blocker", "ChannelGroup",
            "CHANNEL_RULES", "channel_rule", "group_for", "channel_groups", "apply_keep", "apply_keeps",
-           "combined_positions", "format_groups", "apply_grow"]
+           "combined_positions", "format_groups", "apply_grow", "apply_grows", "Pick", "pick_vectors"]
 
 
 class ChannelError(PassError):
@@ -330,6 +330,19 @@ class Blocker(NamedTuple):
         return f"{self.node} ({self.op}): {self.reason}"
 
 
+class Pick(NamedTuple):
+    """An op that reads positions of the channel axis by index: one fixed position (``x[..., j]``, a
+    post-processing unrolled per class: ``position`` j) or positions chosen at run time (a gather by
+    class ids, the mask of each detection's class: ``position`` None). It blocks the group (a channel
+    removed or moved would change what it reads) but not growth at the end of the axis, which leaves
+    every old position where it was (:func:`apply_grow` with ``allow_picks``)."""
+
+    node: str
+    tensor: str  # the input whose axis it reads
+    axis: int
+    position: int | None
+
+
 @dataclass
 class Member:
     """One thing a group's change touches.
@@ -346,8 +359,9 @@ class Member:
         input (``tf.slice(scores, [0, 0, 1], [-1, -1, -1])`` drops a background class; a
         ``[boxes | classes]`` tensor split by two slices): its begin/end (or size) are recomputed
         from the positions that survive, which must stay contiguous inside the range;
-      * ``"count"``: element ``axis`` of node ``name``'s constant input ``port`` is the channel count
-        (a Tile's multiple that broadcasts one box to every class): rewritten to the new count;
+      * ``"count"``: element ``axis`` of node ``name``'s constant input ``port`` (or constant element of
+        a Pack) is the channel count (a Tile's multiple that broadcasts one box to every class, a
+        BroadcastTo's target shape): rewritten to the new count;
       * ``"stat"``: ``Mean`` node ``name`` averages the channels (``axis`` of its input) for a layer
         norm: ``role`` ``"mean"`` (``Mean(x)``) or ``"variance"`` (``Mean(SquaredDifference(x, mean))``).
         When channels go, it is corrected to average over all ``dim`` channels with the removed ones
@@ -392,7 +406,9 @@ class ChannelGroup:
     ``size`` is the number of group channels C (indexing ``keep``); ``seed`` the (tensor, axis) it was
     grown from; ``touches_outputs`` / ``touches_inputs`` list (signature name, axis) pairs of signature
     tensors inside the group; ``renormalized_by`` the Softmax-like nodes normalizing over the channels
-    (fine for subset, not for exact pruning).
+    (fine for subset, not for exact pruning); ``reduced_by`` / ``ids`` the ops picking among the
+    channels and their outputs holding channel indices; ``picks`` the blockers that read positions
+    of the channel axis by index (:class:`Pick`: they do not stop :func:`apply_grow`).
     """
 
     seed: tuple
@@ -404,6 +420,7 @@ class ChannelGroup:
     renormalized_by: list = field(default_factory=list)
     reduced_by: list = field(default_factory=list)
     ids: list = field(default_factory=list)
+    picks: list = field(default_factory=list)
     id: int = 0
     _keys: frozenset = field(default=frozenset(), repr=False, compare=False)
 
@@ -479,6 +496,7 @@ class _Walk:
         self.renorm: list = []
         self.reductions: list = []
         self.ids: list = []  # (ids tensor, reduced tensor, axis)
+        self.picks: list = []
         self.queue: deque = deque()
 
     # ---- for rules
@@ -509,11 +527,22 @@ class _Walk:
 
     def count_member(self, node: Node, port: int, element: int) -> None:
         """Element ``element`` of constant input ``port`` of ``node`` is the channel count of its
-        output axis ``element`` (rewritten when channels go or come)."""
-        self.graph.input(node, port)
-        if constant_value(self.graph, self.graph.input(node, port)) is None:
-            raise Blocked(f"input {port} (the channel count) is not a constant")
+        output axis ``element`` (rewritten when channels go or come). The input may also be a Pack of
+        scalars whose element ``element`` is constant (a shape built from the run-time batch size)."""
+        t = self.graph.input(node, port)
+        if constant_value(self.graph, t) is None:
+            src = self.graph.producer(t)
+            if src.op != "Pack" or element >= len(self.graph.inputs_of(src)) or \
+                    constant_value(self.graph, self.graph.input(src, element)) is None:
+                raise Blocked(f"input {port} (the channel count, element {element}) is not a constant")
         self.count_members[node.name] = (port, element)
+
+    def pick(self, node: Node, port: int, axis: int, position: int | None) -> None:
+        """``node`` reads position ``position`` (None: positions chosen at run time) of ``axis`` of its
+        input ``port``; the rule still blocks the group (see :class:`Pick`)."""
+        p = Pick(node.name, str(self.graph.input(node, port)), axis, position)
+        if p not in self.picks:
+            self.picks.append(p)
 
     def reduces(self, node: Node, port: int, axis: int, ids_ports=()) -> None:
         """``node`` picks among the channels of its input ``port`` on ``axis`` (ArgMax, TopK, NMS over
@@ -645,7 +674,7 @@ class _Walk:
         return ChannelGroup(seed=seed, size=size, members=members, blockers=list(self.blockers),
                             touches_outputs=list(dict.fromkeys(self.outputs)),
                             touches_inputs=list(dict.fromkeys(self.inputs)), renormalized_by=list(self.renorm),
-                            reduced_by=list(self.reductions), ids=list(self.ids),
+                            reduced_by=list(self.reductions), ids=list(self.ids), picks=list(self.picks),
                             _keys=frozenset(self.maps))
 
 
@@ -947,12 +976,24 @@ def _rebuild_slice(graph: Graph, node: Node, axis: int, entries: dict, undo: lis
 
 
 def _set_count(graph: Graph, node: Node, port: int, element: int, count: int, undo: list) -> None:
-    """Point constant input ``port`` of ``node`` at a copy whose element ``element`` is ``count``."""
+    """Point constant input ``port`` of ``node`` at a copy whose element ``element`` is ``count`` (for a
+    Pack of scalars: a copy of the Pack with that element replaced)."""
     old_t = graph.input(node, port)
-    value = np.array(constant_value(graph, old_t))
-    value[element] = count
-    c = graph.add_node(f"{node.name}/count", "Const", unique=True,
-                       attrs={"dtype": graph.dtype(old_t), "value": value})
+    value = constant_value(graph, old_t)
+    if value is None:  # Pack(batch, ..., C, ...): the count is one constant element
+        pack = graph.producer(old_t)
+        elems = graph.inputs_of(pack)
+        et = graph.dtype(elems[element])
+        e = graph.add_node(f"{pack.name}/count", "Const", unique=True,
+                           attrs={"dtype": et, "value": np.array(count, dtype=et.as_numpy_dtype)})
+        undo.append(lambda n=e.name: graph.remove_node(n, safe=False))
+        c = graph.add_node(f"{pack.name}/counted", "Pack", elems[:element] + [e.output(0)] + elems[element + 1:],
+                           attrs={k: v for k, v in pack.attrs.items()}, unique=True)
+    else:
+        value = np.array(value)
+        value[element] = count
+        c = graph.add_node(f"{node.name}/count", "Const", unique=True,
+                           attrs={"dtype": graph.dtype(old_t), "value": value})
     undo.append(lambda n=c.name: graph.remove_node(n, safe=False))
     graph.set_input(node, port, c.output(0))
     undo.append(lambda: graph.set_input(node, port, old_t))
@@ -1008,31 +1049,62 @@ def _slice_values(graph: Graph, entries: dict, undo: list) -> None:
                 undo.append(lambda u=user, p=port, t=node.output(0): graph.set_input(u, p, t))
 
 
-def _grow_layout(imap: IndexMap, dim: int) -> str | None:
-    """How channels sit on an axis that can grow: ``"interleaved"`` (position ``c + C·j``: plain
-    channels, Flatten, the detection reshape) or ``"blocked"`` (``c·k + j``: depthwise multiplier,
-    [N, 4K] per-class boxes); None when the axis is not wholly the group's."""
+class _Layout(NamedTuple):
+    """How a member's channels sit on an axis that can grow (see :func:`_grow_layout`)."""
+
+    kind: str  # "tail" | "interleaved" | "blocked"
+    csize: int  # channels the layout counts (the group's, or those past a background slice)
+    start: int  # "tail": the position of the first present channel
+
+
+def _grow_layout(imap: IndexMap, dim: int) -> _Layout | None:
+    """How channels sit on an axis that can grow, or None when they do not fill it regularly:
+
+    * ``tail``: one position per channel, consecutive, up to the end of the axis (plain channels; past
+      a slice that dropped the background; the last part of a Concat, ``[boxes | classes]``): new
+      channels are appended at the end;
+    * ``interleaved``: position ``c + C·j`` (Flatten, the detection reshape ``[N, H·W·A, K]``, boxes
+      decoded per anchor and class ``[N, anchors·K, 4]``);
+    * ``blocked``: position ``c·k + j`` (depthwise multiplier, ``[N, 4K]`` per-class boxes).
+
+    Channels the group does not reach may lead (a background class that only the scores have): with
+    ``C·k`` positions they are counted as the group's (their slices stay as they are), with
+    ``(C − absent)·k`` the layout counts only the present ones."""
     rows = imap.rows
     size, k = rows.shape
     present = imap.present
-    off = int(np.argmax(present)) if present.any() else size
-    if k == 1 and off > 0 and present[off:].all() and dim == size - off and \
-            np.array_equal(rows[off:, 0], np.arange(dim)):
-        return "tail"  # past a slice that dropped the first channels (the background): grows at the end
-    if (rows < 0).any() or dim != size * k:
+    if not present.any():
         return None
-    c, j = np.arange(size)[:, None], np.arange(k)[None, :]
-    if np.array_equal(rows, c + size * j):
-        return "interleaved"
-    if np.array_equal(rows, c * k + j):
-        return "blocked"
+    off = int(np.argmax(present))
+    if not present[off:].all():
+        return None
+    r = rows[off:]
+    if k == 1:
+        p0 = int(r[0, 0])
+        if p0 + size - off == dim and np.array_equal(r[:, 0], np.arange(p0, dim)):
+            return _Layout("tail", size - off, p0)
+    j = np.arange(k)[None, :]
+    for cs, c in ((size, np.arange(off, size)[:, None]), (size - off, np.arange(size - off)[:, None])):
+        if dim != cs * k or (cs != size and not off):
+            continue
+        if np.array_equal(r, c + cs * j):
+            return _Layout("interleaved", cs, 0)
+        if np.array_equal(r, c * k + j):
+            return _Layout("blocked", cs, 0)
     return None
 
 
-def _grow_value(value: np.ndarray, axis: int, layout: str, size: int, k: int, new: np.ndarray) -> np.ndarray:
+def _grown_length(m, lay: _Layout, n: int) -> int:
+    return m.dim + n if lay.kind == "tail" else m.dim // lay.csize * (lay.csize + n)
+
+
+def _grow_value(value: np.ndarray, axis: int, lay: _Layout, k: int, new: np.ndarray) -> np.ndarray:
     v = np.moveaxis(value, axis, 0)
     rest = v.shape[1:]
-    if layout == "interleaved":  # [k, C, ...] → [k, C+n, ...]
+    size = lay.csize
+    if lay.kind == "tail":  # [..., C] → [..., C, n]
+        v = np.concatenate([v, new.reshape(-1, *rest)], axis=0)
+    elif lay.kind == "interleaved":  # [k, C, ...] → [k, C+n, ...]
         v = v.reshape(k, size, *rest)
         v = np.concatenate([v, np.swapaxes(new, 0, 1)], axis=1).reshape(-1, *rest)
     else:  # [C, k, ...] → [C+n, k, ...]
@@ -1040,107 +1112,91 @@ def _grow_value(value: np.ndarray, axis: int, layout: str, size: int, k: int, ne
     return np.ascontiguousarray(np.moveaxis(v, 0, axis))
 
 
-def _channel_blocks(value: np.ndarray, axis: int, layout: str, size: int, k: int) -> np.ndarray:
+def _channel_blocks(value: np.ndarray, axis: int, lay: _Layout, k: int) -> np.ndarray:
     """The existing channels' slices as ``[C, k, ...rest]`` (channel first)."""
     v = np.moveaxis(value, axis, 0)
     rest = v.shape[1:]
-    if layout == "interleaved":
-        return np.swapaxes(v.reshape(k, size, *rest), 0, 1)
-    return v.reshape(size, k, *rest)
+    if lay.kind == "tail":
+        return v[lay.start:lay.start + lay.csize].reshape(lay.csize, 1, *rest)
+    if lay.kind == "interleaved":
+        return np.swapaxes(v.reshape(k, lay.csize, *rest), 0, 1)
+    return v.reshape(lay.csize, k, *rest)
 
 
-def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable) -> None:
+def _grow_slice(graph: Graph, group: ChannelGroup, m: Member, n: int, plan: list) -> None:
+    """Check a slice member before growing. New channels come at the end of the axis (or, interleaved,
+    between the old ones): a range up to the end of the axis takes them (an explicit end is moved by
+    ``n``: appended to ``plan``), a range ending before it (the boxes of ``[boxes | classes]``) does
+    not need them; a range of an interleaved axis cannot follow."""
+    node = graph.node(m.name)
+    src = graph.input(node, 0)
+    dim = graph.shape(src)[m.axis]
+    begin = np.atleast_1d(constant_value(graph, graph.input(node, 1))).astype(np.int64)
+    end = np.atleast_1d(constant_value(graph, graph.input(node, 2))).astype(np.int64)
+    i = _sparse_index(node, m.axis, len(graph.shape(src)), len(begin))
+    lo, hi = _slice_range(node, begin, end, dim, i)
+    try:
+        lay = _grow_layout(group.member(str(src), m.axis).index_map, dim)
+    except KeyError:
+        lay = None
+    if lay is None or (lay.kind == "interleaved" and lay.csize != dim):
+        raise ChannelError(f"cannot add channels to channel group {group.name}: {node.op} {m.name!r} takes positions "
+                           f"[{lo}, {hi}) of axis {m.axis}, where the new channels would not come at the end")
+    if hi == dim:
+        open_end = (node.op == "Slice" and end[i] == -1) or \
+            (node.op == "StridedSlice" and node.attr("end_mask", 0) >> i & 1)
+        if not open_end:
+            plan.append((node, i, n if lay.kind == "tail" else dim // lay.csize * n))
+
+
+def _move_slice_end(graph: Graph, node: Node, i: int, n: int, undo: list) -> None:
+    """Move the explicit end (Slice: size) of entry ``i`` of a slice by ``n``."""
+    old_t = graph.input(node, 2)
+    value = np.array(np.atleast_1d(constant_value(graph, old_t)))
+    if value[i] >= 0:  # a negative end counts from the end, which moves with it
+        value[i] += n
+    c = graph.add_node(f"{node.name}/end", "Const", unique=True,
+                       attrs={"dtype": graph.dtype(old_t), "value": value})
+    undo.append(lambda n=c.name: graph.remove_node(n, safe=False))
+    graph.set_input(node, 2, c.output(0))
+    undo.append(lambda: graph.set_input(node, 2, old_t))
+
+
+def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable, allow_picks: bool = False) -> None:
     """Add ``n`` channels after the group's ``C`` (the inverse of :func:`apply_keep`): every weight and
     Const member grows along its axis, activations and Reshape targets follow, old channels keep
     their values exactly. ``init(member, existing)`` gets the member and its existing channels as an
-    array ``[C, k, ...]`` and returns the new ones ``[n, k, ...]``. Only axes the group covers wholly
-    in a regular layout can grow (plain channels, Flatten, detection reshapes, depthwise multipliers);
-    otherwise :class:`ChannelError` names the member. Validated first, undone on failure. Example::
+    array ``[C, k, ...]`` and returns the new ones ``[n, k, ...]``. Only axes the group covers in a
+    regular layout can grow (plain channels, the last part of a Concat, Flatten, detection reshapes,
+    depthwise multipliers: see :func:`_grow_layout`); otherwise :class:`ChannelError` names the member.
+    With ``allow_picks``, blockers that read positions by index (:class:`Pick`: ``x[..., j]`` of a
+    post-processing unrolled per class, a gather by class ids) do not stop the growth: they read the
+    same old positions afterwards, and the caller makes the new channels reach them (it clones the
+    unrolled classes, grows the gathered axis). Validated first, undone on failure. Example::
 
         head = group_for(g, g.outputs[0].tensor, -1)
         apply_grow(g, head, 2, lambda m, old: np.zeros((2,) + old.shape[1:], old.dtype))
     """
-    if n < 1:
-        raise ChannelError(f"the number of channels to add must be at least 1, got {n}")
-    if group.blockers:
-        raise ChannelError(f"channel group {group.name} (seed {group.seed[0]} axis {group.seed[1]}) cannot be "
-                           f"changed: blocked at " + "; ".join(str(b) for b in group.blockers))
-    if group.normalized_by:
-        raise ChannelError(f"channel group {group.name} (seed {group.seed[0]} axis {group.seed[1]}) cannot grow: "
-                           f"layer norm {group.normalized_by[0]!r} averages over its channels, so new channels "
-                           "would change the existing ones")
-    plan, reshapes, counts = [], {}, {}
-    for m in group.members:
-        if m.kind == "reshape":
-            reshapes[m.name] = m.port
-            continue
-        if m.kind == "count":
-            counts[m.name] = (m.port, m.axis)
-            continue
-        if m.kind == "slice":
-            node = graph.node(m.name)
-            open_end = (node.op == "Slice" and int(np.atleast_1d(constant_value(graph, graph.input(node, 2)))[m.axis]) == -1) \
-                or (node.op == "StridedSlice" and node.attr("end_mask", 0) >> _sparse_index(
-                    node, m.axis, len(graph.shape(graph.input(node, 0))),
-                    len(np.atleast_1d(constant_value(graph, graph.input(node, 1))))) & 1)
-            if not open_end:
-                raise ChannelError(f"cannot add channels to channel group {group.name}: {m.name!r} takes a range "
-                                   f"of its axis {m.axis} that ends before the new channels")
-            continue
-        if _current_dim(graph, m) != m.dim:
-            raise ChannelError(f"channel group {group.name} is stale: {m.kind} {m.name!r} changed; recompute it")
-        layout = _grow_layout(m.index_map, m.dim)
-        if layout is None:
-            raise ChannelError(f"cannot add channels to {m.kind} {m.name!r} axis {m.axis}: the group's channels "
-                               f"do not fill that axis in a regular layout (e.g. it is one input of a Concat)")
-        plan.append((m, layout))
+    apply_grows(graph, [(group, n, init)], allow_picks)
+
+
+def apply_grows(graph: Graph, changes: Sequence[tuple], allow_picks: bool = False) -> None:
+    """:func:`apply_grow` for several groups at once (``changes``: ``(group, n, init)`` each, computed
+    on the current graph): all are validated before the first edit, and a failure undoes them all."""
+    plans = [_plan_grow(graph, group, n, allow_picks) for group, n, _ in changes]
     undo: list[Callable] = []
     replaced: list[Tensor] = []
-    size = group.size
-    def grown_length(m, layout):
-        return m.dim + n if layout == "tail" else m.dim // size * (size + n)
-
     try:
-        for m, layout in plan:
-            if m.kind not in ("weight", "const"):
-                continue
-            k = m.index_map.width
-            lay, csize = ("interleaved", m.dim) if layout == "tail" else (layout, size)
-            old = graph.weight(m.name).value if m.kind == "weight" else graph.node(m.name).attr("value")
-            blocks = _channel_blocks(old, m.axis, lay, csize, k)
-            new = np.asarray(init(m, blocks), dtype=old.dtype)
-            if new.shape != (n,) + blocks.shape[1:]:
-                raise ChannelError(f"init for {m.kind} {m.name!r} returned shape {new.shape}, expected "
-                                   f"{(n,) + blocks.shape[1:]}")
-            grown = _grow_value(old, m.axis, lay, csize, k, new)
-            if m.kind == "weight":
-                graph.set_weight(m.name, grown)
-                undo.append(lambda name=m.name, old=old: graph.set_weight(name, old))
-            else:
-                node = graph.node(m.name)
-                clone = graph.add_node(f"{m.name}/grown", "Const", unique=True,
-                                       attrs={"dtype": node.attr("dtype"), "value": grown})
-                undo.append(lambda c=clone.name: graph.remove_node(c, safe=False))
-                for user, port in m.users:
-                    graph.set_input(user, port, clone.output(0))
-                    undo.append(lambda u=user, p=port, t=node.output(0): graph.set_input(u, p, t))
-        lengths = {(m.name, m.axis): grown_length(m, lay) for m, lay in plan if m.kind == "tensor"}
-        for name, (port, element) in counts.items():
-            node = graph.node(name)
-            new_len = lengths.get((str(node.output(0)), element))
-            if new_len is not None:
-                _set_count(graph, node, port, element, new_len, undo)
-        for name, port in reshapes.items():
-            node = graph.node(name)
-            out = str(node.output(0))
-            new_shape = tuple(lengths.get((out, a), d) for a, d in enumerate(node.shapes[0]))
-            replaced += _rebuild_shape_input(graph, node, port, new_shape, undo)
+        for plan, (_, n, init) in zip(plans, changes):
+            replaced += _grow(graph, plan, n, init, undo)
         graph.infer_shapes()
-        for m, lay in plan:
-            got = _current_dim(graph, m) if m.kind in ("tensor", "weight") else None
-            want = grown_length(m, lay)
-            if got is not None and got != want:
-                raise ChannelError(f"after growing, {m.kind} {m.name!r} axis {m.axis} has length {got}, expected {want}")
+        for plan, (_, n, _) in zip(plans, changes):
+            for m, lay in plan["members"]:
+                got = _current_dim(graph, m) if m.kind in ("tensor", "weight") else None
+                want = _grown_length(m, lay, n)
+                if got is not None and got != want:
+                    raise ChannelError(f"after growing, {m.kind} {m.name!r} axis {m.axis} has length {got}, "
+                                       f"expected {want}")
     except Exception:
         for fn in reversed(undo):
             fn()
@@ -1150,6 +1206,99 @@ def apply_grow(graph: Graph, group: ChannelGroup, n: int, init: Callable) -> Non
             pass
         raise
     _remove_orphans(graph, [t.node for t in replaced])
+
+
+def _plan_grow(graph: Graph, group: ChannelGroup, n: int, allow_picks: bool) -> dict:
+    """Validate growing ``group`` by ``n``: its members with their layouts, Reshapes, counts and
+    slice ends to rewrite (raises :class:`ChannelError`)."""
+    if n < 1:
+        raise ChannelError(f"the number of channels to add must be at least 1, got {n}")
+    picked = {p.node for p in group.picks} if allow_picks else set()
+    blockers = [b for b in group.blockers if b.node not in picked]
+    if blockers:
+        raise ChannelError(f"channel group {group.name} (seed {group.seed[0]} axis {group.seed[1]}) cannot be "
+                           f"changed: blocked at " + "; ".join(str(b) for b in blockers))
+    if group.normalized_by:
+        raise ChannelError(f"channel group {group.name} (seed {group.seed[0]} axis {group.seed[1]}) cannot grow: "
+                           f"layer norm {group.normalized_by[0]!r} averages over its channels, so new channels "
+                           "would change the existing ones")
+    plan = {"members": [], "reshapes": {}, "counts": {}, "slice_ends": []}
+    for m in group.members:
+        if m.kind == "reshape":
+            plan["reshapes"][m.name] = m.port
+            continue
+        if m.kind == "count":
+            plan["counts"][m.name] = (m.port, m.axis)
+            continue
+        if m.kind == "slice":
+            _grow_slice(graph, group, m, n, plan["slice_ends"])
+            continue
+        if _current_dim(graph, m) != m.dim:
+            raise ChannelError(f"channel group {group.name} is stale: {m.kind} {m.name!r} changed; recompute it")
+        layout = _grow_layout(m.index_map, m.dim)
+        if layout is None:
+            raise ChannelError(f"cannot add channels to {m.kind} {m.name!r} axis {m.axis}: the group's channels "
+                               f"do not fill that axis in a regular layout (e.g. it is one input of a Concat)")
+        plan["members"].append((m, layout))
+    layouts = {(m.name, m.axis): lay for m, lay in plan["members"]}
+    for p in group.picks if allow_picks else ():
+        lay = layouts.get((p.tensor, p.axis))
+        if lay is None or lay.kind != "tail":
+            raise ChannelError(f"cannot add channels to channel group {group.name}: {p.node!r} reads positions of "
+                               f"axis {p.axis} of {p.tensor}, where new channels would not come after the old ones")
+    return plan
+
+
+def _grow(graph: Graph, plan: dict, n: int, init: Callable, undo: list) -> list:
+    """Apply one group's plan (undo steps appended); returns the shape vectors no longer read."""
+    replaced: list[Tensor] = []
+    for m, lay in plan["members"]:
+        if m.kind not in ("weight", "const"):
+            continue
+        k = m.index_map.width
+        old = graph.weight(m.name).value if m.kind == "weight" else graph.node(m.name).attr("value")
+        blocks = _channel_blocks(old, m.axis, lay, k)
+        new = np.asarray(init(m, blocks), dtype=old.dtype)
+        if new.shape != (n,) + blocks.shape[1:]:
+            raise ChannelError(f"init for {m.kind} {m.name!r} returned shape {new.shape}, expected "
+                               f"{(n,) + blocks.shape[1:]}")
+        grown = _grow_value(old, m.axis, lay, k, new)
+        if m.kind == "weight":
+            graph.set_weight(m.name, grown)
+            undo.append(lambda name=m.name, old=old: graph.set_weight(name, old))
+        else:
+            node = graph.node(m.name)
+            clone = graph.add_node(f"{m.name}/grown", "Const", unique=True,
+                                   attrs={"dtype": node.attr("dtype"), "value": grown})
+            undo.append(lambda c=clone.name: graph.remove_node(c, safe=False))
+            for user, port in m.users:
+                graph.set_input(user, port, clone.output(0))
+                undo.append(lambda u=user, p=port, t=node.output(0): graph.set_input(u, p, t))
+    lengths = {(m.name, m.axis): _grown_length(m, lay, n) for m, lay in plan["members"] if m.kind == "tensor"}
+    for name, (port, element) in plan["counts"].items():
+        node = graph.node(name)
+        new_len = lengths.get((str(node.output(0)), element))
+        if new_len is not None:
+            _set_count(graph, node, port, element, new_len, undo)
+    for node, i, k in plan["slice_ends"]:
+        _move_slice_end(graph, node, i, k, undo)
+    for name, port in plan["reshapes"].items():
+        node = graph.node(name)
+        out = str(node.output(0))
+        new_shape = tuple(lengths.get((out, a), d) for a, d in enumerate(node.shapes[0]))
+        replaced += _rebuild_shape_input(graph, node, port, new_shape, undo)
+    return replaced
+
+
+def pick_vectors(graph: Graph, pick: Pick, position: int) -> tuple[np.ndarray, np.ndarray]:
+    """The begin and end vectors of StridedSlice ``pick`` (``x[..., j]``) reading ``position``
+    instead: to clone a post-processing unrolled per class for a new class."""
+    node = graph.node(pick.node)
+    begin = np.array(np.atleast_1d(constant_value(graph, graph.input(node, 1))))
+    end = np.array(np.atleast_1d(constant_value(graph, graph.input(node, 2))))
+    i = _sparse_index(node, pick.axis, len(graph.shape(graph.input(node, 0))), len(begin))
+    begin[i], end[i] = position, position + 1
+    return begin, end
 
 
 # ----------------------------------------------------------------------------------------- shape inputs
@@ -1239,7 +1388,7 @@ UNARY = ("Identity", "Snapshot", "StopGradient", "PreventGradient", "CheckNumeri
          "Floor", "Ceil", "Round", "Rint", "Sin", "Cos", "IsNan", "IsFinite", "LogicalNot")
 BINARY = ("AddV2", "Add", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "MulNoNan", "Maximum", "Minimum",
           "SquaredDifference", "Pow", "FloorDiv", "FloorMod", "Greater", "GreaterEqual", "Less", "LessEqual",
-          "Equal", "NotEqual", "LogicalAnd", "LogicalOr")
+          "Equal", "NotEqual", "LogicalAnd", "LogicalOr", "BitwiseAnd", "BitwiseOr", "BitwiseXor")
 
 
 @channel_rule(*UNARY, *BINARY, "AddN", "ClipByValue", "SelectV2")
@@ -1775,6 +1924,8 @@ def _strided_slice(ctx, node, at):
     if i is None:
         return [In(0, a, at.imap), Out(0, kept.index(a), at.imap)]
     if shrink >> i & 1:
+        if at.io == "in" and src[a] is not None and -src[a] <= begin[i] < src[a]:
+            ctx.pick(node, 0, a, int(begin[i]) % src[a])
         raise Blocked(f"takes one position of axis {a} (the channel axis)")
     if strides[i] != 1 or src[a] is None:
         raise Blocked(f"slices axis {a} (the channel axis) with stride {strides[i]}")
@@ -1797,20 +1948,31 @@ def _slice(ctx, node, at):
 
 @channel_rule("GatherV2")
 def _gather(ctx, node, at):
-    """Gathering along another axis passes the channels on; along the channel axis it blocks."""
-    _data_port(node, at)
-    rank = len(ctx.in_shape(node, 0))
+    """Gathering along another axis passes the channels on; the batch axes of a gather with
+    ``batch_dims`` couple params, indices and output. Along the channel axis it blocks; with indices
+    computed at run time (the mask of each detection's class) it is a :class:`Pick`."""
+    rank, irank = len(ctx.in_shape(node, 0)), len(ctx.in_shape(node, 1))
+    bd = int(node.attr("batch_dims", 0) or 0) % (irank + 1)
+    if at.io == "in" and at.port == 2:
+        raise Blocked("a group tensor is the gather axis")
     gax = int(ctx.const(node, 2)) % rank
-    nidx = len(ctx.in_shape(node, 1)) - int(node.attr("batch_dims", 0) or 0)  # index dims in the output
-    if at.io == "in":
+    nidx = irank - bd  # index dims in the output
+    if at.io == "in" and at.port == 1:
+        if at.axis >= bd:
+            raise Blocked(f"a group tensor feeds input {at.port} (not the data input)")
+        a = at.axis
+    elif at.io == "in":
         a = at.axis
     elif gax <= at.axis < gax + nidx:
         raise _not_channel(node, at)
     else:
         a = at.axis if at.axis < gax else at.axis - nidx + 1
     if a == gax:
+        if constant_value(ctx.graph, ctx.graph.input(node, 1)) is None:
+            ctx.pick(node, 0, a, None)
         raise Blocked(f"gathers along axis {a} (the channel axis)")
-    return [In(0, a, at.imap), Out(0, a if a < gax else a + nidx - 1, at.imap)]
+    links = [In(0, a, at.imap), Out(0, a if a < gax else a + nidx - 1, at.imap)]
+    return links + [In(1, a, at.imap)] if a < bd else links
 
 
 @channel_rule("ArgMax", "ArgMin")
@@ -1906,3 +2068,34 @@ def _unpack(ctx, node, at):
     if a == axis:
         raise Blocked(f"unstacks along axis {a} (the channel axis)")
     return [In(0, a, at.imap)] + [Out(p, a if a < axis else a - 1, at.imap) for p in range(node.num_outputs)]
+
+
+@channel_rule("Bitcast")
+def _bitcast(ctx, node, at):
+    """Same-width reinterpretation (float32 → int32: Keras's argmax tells -0.0 from 0.0) is
+    element-wise; a width change adds or removes an axis: blocks."""
+    if len(ctx.in_shape(node, 0)) != len(ctx.out_shape(node)):
+        raise Blocked("changes the element width (and the rank)")
+    return [In(0, at.axis, at.imap), Out(0, at.axis, at.imap)]
+
+
+@channel_rule("BroadcastTo")
+def _broadcast_to(ctx, node, at):
+    """Broadcasting other axes passes the channels on (the target shape's element for the channel axis
+    is a ``count`` member); an axis of length 1 broadcast to the channel count (Keras's
+    ``take_along_axis`` broadcasts one index per detection to every class) starts the channels there."""
+    _data_port(node, at)
+    out, src = ctx.out_shape(node), ctx.in_shape(node, 0)
+    lead = len(out) - len(src)
+    A = at.axis + lead if at.io == "in" else at.axis
+    a = A - lead
+    d = src[a] if a >= 0 else 1
+    if out[A] is None:
+        raise Blocked(f"output axis {A} has no static length")
+    if d == out[A]:
+        ctx.count_member(node, 1, A)
+        return [In(0, a, at.imap), Out(0, A, at.imap)]
+    if at.io == "out" and d == 1:
+        ctx.count_member(node, 1, A)
+        return [Out(0, A, at.imap)]
+    raise Blocked(f"broadcasts axis {A} (the channel axis)")

@@ -29,7 +29,7 @@ import hashlib
 from graphslim.errors import LoadError
 
 __all__ = ["CALL_INPUTS", "attr_refs", "node_refs", "closure", "graph_closure", "specialize_resource_args",
-           "rename_library"]
+           "rename_library", "fingerprint", "attrs_fingerprint"]
 
 DT_RESOURCE = 20
 
@@ -349,3 +349,87 @@ def rename_library(graph_def, suffix: str) -> None:
     for g in graph_def.library.gradient:
         if g.function_name in new:
             g.function_name = new[g.function_name]
+
+
+def _named_refs_to_fingerprints(attr_map, library, memo) -> None:
+    """Replace, in place, every function name in ``func``/``list(func)`` attrs (nested) that
+    ``library`` defines by ``fp:<its fingerprint>``."""
+    stack = list(attr_map.values())
+    while stack:
+        v = stack.pop()
+        kind = v.WhichOneof("value")
+        if kind == "func":
+            if v.func.name in library:
+                v.func.name = "fp:" + fingerprint(v.func.name, library, memo)
+            stack.extend(v.func.attr.values())
+        elif kind == "list":
+            for f in v.list.func:
+                if f.name in library:
+                    f.name = "fp:" + fingerprint(f.name, library, memo)
+                stack.extend(f.attr.values())
+
+
+def fingerprint(name: str, library: dict, memo: dict | None = None) -> str:
+    """A hash of function ``name`` of ``library`` that ignores the names a trace gives (its own, its
+    arguments', nodes' and outputs': by position instead) and the names of the functions it calls
+    (replaced by their own fingerprints): two traces of the same code (a loop body per class of a
+    post-processing unrolled in Python) have the same fingerprint. Example::
+
+        fingerprint("while_body_12", graph.functions) == fingerprint("while_body_57", graph.functions)
+    """
+    memo = {} if memo is None else memo
+    if name in memo:
+        return memo[name] or f"recursive:{name}"
+    memo[name] = None  # a cycle hashes by name
+    fdef = type(library[name])()
+    fdef.CopyFrom(library[name])
+    sig = fdef.signature
+    sig.name = ""
+    # local names (arguments, nodes, outputs) by position: traces name them after their call site
+    ren = {}
+    for i, a in enumerate(sig.input_arg):
+        ren[a.name], a.name = f"a{i}", f"a{i}"
+    for i, nd in enumerate(fdef.node_def):
+        ren[nd.name], nd.name = f"n{i}", f"n{i}"
+
+    def local(ref: str) -> str:
+        ctrl = ref.startswith("^")
+        head, sep, tail = ref.lstrip("^").partition(":")
+        return ("^" if ctrl else "") + ren.get(head, head) + sep + tail
+
+    for arg in fdef.arg_attr.values():
+        arg.attr.pop("_user_specified_name", None)
+    for nd in fdef.node_def:
+        nd.attr.pop("_user_specified_name", None)
+        nd.input[:] = [local(r) for r in nd.input]
+        if nd.op in library:
+            nd.op = "fp:" + fingerprint(nd.op, library, memo)
+        _named_refs_to_fingerprints(nd.attr, library, memo)
+    outs = {a.name: f"o{i}" for i, a in enumerate(sig.output_arg)}
+    for a in sig.output_arg:
+        a.name = outs[a.name]
+    ret = {outs.get(k, k): local(v) for k, v in fdef.ret.items()}
+    fdef.ret.clear()
+    fdef.ret.update(ret)
+    ctl = {c: f"c{i}" for i, c in enumerate(sig.control_output)}
+    sig.control_output[:] = [ctl[c] for c in sig.control_output]
+    cret = {ctl.get(k, k): ren.get(v, v) for k, v in fdef.control_ret.items()}
+    fdef.control_ret.clear()
+    fdef.control_ret.update(cret)
+    memo[name] = hashlib.sha256(fdef.SerializeToString(deterministic=True)).hexdigest()[:32]
+    return memo[name]
+
+
+def attrs_fingerprint(attrs: dict, library: dict, memo: dict | None = None, skip=("_class",)) -> str:
+    """A hash of a node's attrs (``{name: AttrValue}``) with the functions they name replaced by
+    their :func:`fingerprint`; attrs in ``skip`` (colocation names) are left out."""
+    memo = {} if memo is None else memo
+    h = hashlib.sha256()
+    for key in sorted(attrs):
+        if key in skip:
+            continue
+        v = type(attrs[key])()
+        v.CopyFrom(attrs[key])
+        _named_refs_to_fingerprints({key: v}, library or {}, memo)
+        h.update(key.encode() + b"=" + v.SerializeToString(deterministic=True) + b";")
+    return h.hexdigest()[:32]

@@ -994,3 +994,88 @@ def test_pack_and_unpack_carry_the_channels():
     apply_keep(g, grp, [0, 2, 4])
     out = g.outputs[0].name
     np.testing.assert_allclose(run(g, {"x": x})[out], before[out][..., [0, 2, 4]], rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ growing
+def _grow(g, grp, n=2, **kw):
+    from graphslim.analysis.channels import apply_grow
+
+    apply_grow(g, grp, n, lambda m, old: np.full((n,) + old.shape[1:], 0.5, old.dtype), **kw)
+
+
+def test_grow_the_last_part_of_a_concat_and_its_slices():
+    """[boxes | classes]: the class conv is the last input of a Concat; the boxes' slice (ending before
+    the classes) stays, the classes' slices up to the end of the axis (open, or an explicit end) take the
+    new channels, the old ones keep their values."""
+    n = Net((None, 4, 4, 3))
+    box, cls = n.conv("box", n.x, 3, 4), n.conv("cls", n.x, 3, 5)
+    both = n.op("cat", "ConcatV2", box, cls, n.c("ax", 3), N=2)
+    ss = dict(Index=tf.int32, begin_mask=7, end_mask=7)
+    boxes = n.op("boxes", "StridedSlice", both, n.c("b0", [0, 0, 0, 0]), n.c("e0", [0, 0, 0, 4]), n.c("s0", [1] * 4), **ss)
+    open_ = n.op("open", "StridedSlice", both, n.c("b1", [0, 0, 0, 4]), n.c("e1", [0, 0, 0, 0]), n.c("s1", [1] * 4),
+                 Index=tf.int32, begin_mask=7, end_mask=15)
+    explicit = n.op("explicit", "StridedSlice", both, n.c("b2", [0, 0, 0, 4]), n.c("e2", [0, 0, 0, 9]),
+                    n.c("s2", [1] * 4), **ss)
+    g = n.done(boxes, open_, explicit)
+    grp = group_for(g, "cls/BiasAdd:0", 3)
+    assert not grp.blockers and {m.name for m in grp.members_of("slice")} == {"boxes", "open", "explicit"}
+    feed = n.feed()
+    before = run(g, feed)
+    _grow(g, grp)
+    g.verify()
+    after = run(g, feed)
+    np.testing.assert_allclose(after["y0"], before["y0"], rtol=1e-6)
+    for key in ("y1", "y2"):
+        assert after[key].shape[-1] == 7
+        np.testing.assert_allclose(after[key][..., :5], before[key], rtol=1e-6)
+
+
+def test_take_along_axis_parts_carry_the_channels():
+    """Keras's take_along_axis over classes, unmerged: indices ``[N, 1, K]`` broadcast to every class
+    (BroadcastTo to a Pack of the batch size and the class count), a gather with ``batch_dims=2``:
+    params, indices and output share the class axis; the Pack's class count is rewritten on growth."""
+    n = Net((None, 6))
+    g = n.g
+    scores = n.reshape("scores", n.dense("cls", n.x, 6, 8 * 5), [-1, 8, 5])  # [N, anchors, classes]
+    params = n.op("params", "Transpose", scores, n.c("perm", [0, 2, 1]), Tperm=tf.int32)  # [N, C, anchors]
+    g.add_node("idx", "Placeholder", attrs={"dtype": tf.int32, "shape": (None, 1, 3)})
+    g.inputs.append(SignatureArg("idx", Tensor("idx", 0)))
+    batch = n.op("batch", "StridedSlice", n.op("shape", "Shape", "idx:0", T=tf.int32, out_type=tf.int32),
+                 n.c("b", [0]), n.c("e", [1]), n.c("s", [1]), T=tf.int32, Index=tf.int32, shrink_axis_mask=1)
+    target = n.op("target", "Pack", batch, n.c("classes", 5), n.c("k", 3), T=tf.int32, N=3, axis=0)
+    idx = n.op("bcast", "BroadcastTo", "idx:0", target, T=tf.int32, Tidx=tf.int32)
+    got = n.op("take", "GatherV2", params, idx, n.c("axis", 2), Tparams=F, Tindices=tf.int32, Taxis=tf.int32,
+               batch_dims=2, no_t=True)
+    bits = n.op("bits", "Bitcast", got, type=tf.int32)
+    g = n.done(got, bits)
+    grp = group_for(g, "scores:0", 2)
+    assert not grp.blockers, format_groups([grp])
+    assert grp.covers("bcast:0", 1) and grp.covers("take:0", 1) and grp.covers("bits:0", 1)
+    assert [m.name for m in grp.members_of("count")] == ["bcast"]
+    feed = {"x": np.random.RandomState(0).randn(2, 6).astype("f"),
+            "idx": np.random.RandomState(1).randint(0, 8, size=(2, 1, 3)).astype("int32")}
+    before = run(g, feed)
+    _grow(g, grp)
+    after = run(g, feed)
+    assert after["y0"].shape == (2, 7, 3)
+    np.testing.assert_array_equal(after["y0"][:, :5], before["y0"])
+
+
+def test_picks_of_single_channels_block_but_allow_growth():
+    """x[..., j] (a post-processing unrolled per class) blocks a group and is recorded as a Pick; growth
+    with allow_picks leaves it reading the same old channel."""
+    n = Net((None, 6))
+    scores = n.dense("cls", n.x, 6, 4)
+    pick = n.op("pick", "StridedSlice", scores, n.c("b", [0, 2]), n.c("e", [0, 3]), n.c("s", [1, 1]),
+                Index=tf.int32, begin_mask=1, end_mask=1, shrink_axis_mask=2)
+    g = n.done(pick)
+    grp = group_for(g, "cls/BiasAdd:0", 1)
+    assert [b.node for b in grp.blockers] == ["pick"]
+    assert [(p.node, p.axis, p.position) for p in grp.picks] == [("pick", 1, 2)]
+    with pytest.raises(ChannelError, match="blocked at pick"):
+        _grow(g, grp)
+    feed = n.feed()
+    before = run(g, feed)
+    _grow(g, grp, allow_picks=True)
+    assert g.weights["cls/kernel"].value.shape == (6, 6)
+    np.testing.assert_array_equal(run(g, feed)["y0"], before["y0"])

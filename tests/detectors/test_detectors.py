@@ -11,6 +11,9 @@ What holds, per family:
 - class-agnostic NMS (keras-cv YOLOv8): the kept classes' scores going into the post-processing are
   identical; a dropped class's box that suppressed a kept one is gone, so a few kept detections may
   change, and the test says how many may.
+- extend by 2, every family: the old classes' logits identical, every original detection kept unless
+  a new class outscores it, ids of new classes after the old ones, and a gradient step on the new
+  classes' logits (the graph cut down to them) moves the new classes' weights and nothing old.
 """
 
 import importlib.util
@@ -22,7 +25,7 @@ import pytest
 import tensorflow as tf
 
 import graphslim
-from graphslim.errors import PipelineError
+from graphslim.ir.graph import SignatureArg, as_tensor
 from graphslim.testing import detections
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -31,14 +34,14 @@ detectors = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(detectors)
 
 KEEP20 = list(range(20))  # with background=true on tf-models (class 0 is the background)
-# name -> (subset options, NMS kind, whether extend can follow the post-processing)
+# name -> (subset options, NMS kind)
 CASES = {
-    "keras_hub_retinanet": ("", None, True),
-    "tfm_retinanet": (" background=true", "per_class", False),
-    "tfm_retinanet_batched": (" background=true", "per_class", True),
-    "tfm_retinanet_nms_v1": (" background=true", "per_class", False),
-    "tfm_maskrcnn": (" background=true", "softmax", False),
-    "keras_cv_yolov8": ("", "agnostic", False),
+    "keras_hub_retinanet": ("", None),
+    "tfm_retinanet": (" background=true", "per_class"),
+    "tfm_retinanet_batched": (" background=true", "per_class"),
+    "tfm_retinanet_nms_v1": (" background=true", "per_class"),
+    "tfm_maskrcnn": (" background=true", "softmax"),
+    "keras_cv_yolov8": ("", "agnostic"),
 }
 
 
@@ -84,7 +87,7 @@ def test_round_trip_samedetections(detector, tmp_path):
 @pytest.mark.parametrize("ids", ["new", "original"])
 def test_subset_to_20_classes(detector, tmp_path, ids):
     name, path, feed, before = detector
-    opts, kind, _ = CASES[name]
+    opts, kind = CASES[name]
     g = graphslim.load(path)
     cost0 = g.cost()
     rep = graphslim.run_pipeline(g, f"subset{{keep={','.join(map(str, KEEP20))}{opts} ids={ids}}},dce")
@@ -115,46 +118,64 @@ def test_subset_to_20_classes(detector, tmp_path, ids):
         assert missing <= max(2, total // 10), f"{missing} of {total} kept detections lost"
 
 
+def _logits(g, stats) -> str:
+    """The class logits extend grew (before a Sigmoid/Softmax scoring them)."""
+    t = stats["scores_tensor"]
+    node = g.producer(t)
+    return str(g.input(node, 0)) if node.op in ("Sigmoid", "Softmax") else t
+
+
+def _head_model(g, tensor, path):
+    """``g`` cut down to one output, ``tensor`` (no post-processing: NMS has no gradient), saved."""
+    h = g.copy()
+    h.outputs = [SignatureArg("logits", as_tensor(tensor))]
+    h.remove_dead_nodes()
+    return graphslim.save(h, path)
+
+
 def test_extend_by_2(detector, tmp_path):
     name, path, feed, before = detector
-    opts, kind, follows = CASES[name]
+    opts, kind = CASES[name]
     g = graphslim.load(path)
-    text = f"extend{{classes=2{' background=true' if 'background' in opts else ''}}}"
-    if not follows:
-        # refused, naming the op (or tensor) in the way and why
-        with pytest.raises(PipelineError, match=r"blocked at .*\(\w+\)|cannot add channels to tensor '[^']+'"):
-            graphslim.run_pipeline(g, text)
-        return
-    rep = graphslim.run_pipeline(g, text)
-    grown = rep.passes[0]["stats"]["grown_weights"]
+    rep = graphslim.run_pipeline(g, f"extend{{classes=2{' background=true' if 'background' in opts else ''}}}")
+    stats = rep.passes[0]["stats"]
+    assert stats["classes_after"] == 93
     out = graphslim.save(g, tmp_path / "out")
     after = _tf_run(out, feed)
+    # the old classes' logits are the original's
+    logits = _logits(g, stats)
+    g0 = graphslim.load(path)
+    old = _tf_run(_head_model(g0, logits, tmp_path / "head0"), feed)["logits"]
+    head = _head_model(g, logits, tmp_path / "head")
+    new = _tf_run(head, feed)["logits"]
+    assert new.shape[-1] == old.shape[-1] + 2
+    _scaled_close(new[..., :-2], old, 1e-6)
     if kind is None:
         _scaled_close(after["cls_logits"][..., :91], before["cls_logits"], 1e-6)
-        assert after["cls_logits"].shape[-1] == 93
-        # a gradient step on the new classes moves their weights
-        model = tf.saved_model.load(str(out))
-        x = tf.constant(next(iter(feed.values())))
-        with tf.GradientTape() as tape:
-            logits = model.signatures["serving_default"](images=x)["cls_logits"]
-            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(tf.ones_like(logits[..., 91:]),
-                                                                          logits[..., 91:]))
-        variables = [v for v in model.trainable_variables if any(v.name.startswith(w) for w in grown)]
-        kernel = next(v for v in variables if "kernel" in v.name)
-        old = kernel.numpy().copy()
-        grads = tape.gradient(loss, variables)
-        for v, gr in zip(variables, grads):
-            if gr is not None:
-                v.assign_sub(0.1 * gr)
-        delta = np.abs(kernel.numpy() - old).reshape(-1, kernel.shape[-1])
-        assert delta.max() > 0
-        return
-    for i in range(len(before["num_detections"])):
-        got = detections(after, i)
-        best_new = max([s for c, s, _ in got if c >= 91], default=0.0)
-        if kind == "per_class":
+    else:  # every original detection, unless a new class outscores it; new ids after the old ones
+        for i in range(len(before["num_detections"])):
+            got = detections(after, i)
+            best_new = max([s for c, s, _ in got if c >= 91], default=0.0)
             assert {d for d in detections(before, i) if d[1] > best_new} <= got
-        assert all(c < 93 for c, _, _ in got)
+            assert all(c < 93 for c, _, _ in got)
+    # a gradient step on the new classes' logits moves the new classes' weights, nothing old
+    model = tf.saved_model.load(str(head))
+    scoring = set(stats["grown_weights"]) - set(stats["regression_weights"])
+    variables = [v for v in model.trainable_variables if v.name.split(":")[0] in scoring]
+    assert variables, (scoring, [v.name for v in model.trainable_variables][:5])
+    x = {k: tf.constant(v) for k, v in feed.items()}
+    fn = model.signatures["serving_default"]
+    with tf.GradientTape() as tape:
+        lg = fn(**x)["logits"][..., -2:]
+        loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(tf.ones_like(lg), lg))
+    grads = tape.gradient(loss, variables)
+    assert float(tf.linalg.global_norm([gr for gr in grads if gr is not None])) > 0
+    for v, gr in zip(variables, grads):
+        if gr is not None:
+            v.assign_sub(0.1 * gr)
+    stepped = fn(**x)["logits"].numpy()
+    _scaled_close(stepped[..., :-2], new[..., :-2], 1e-5)
+    assert np.abs(stepped[..., -2:] - new[..., -2:]).max() > 0
 
 
 def test_prune_keeps_shapes_and_loads(detector, tmp_path):
