@@ -34,6 +34,15 @@ original model; ``reconstruct=true`` refits those layers' weights (and bias) by 
 layer from input to output, and a classifier head read by a Softmax on the KL divergence to the original's
 probabilities (:mod:`graphslim.analysis.reconstruct`).
 
+Stages: resolve targets (the options → candidate groups, explicit keeps, exclusions) → score (the
+criterion) → allocate (keep counts, hence the kept channels) → :class:`~graphslim.analysis.prune_plan.PrunePlan`
+→ apply (slice every group) → reconstruct (with calibration data: measure or refit the readers). The plan
+is data: it is ``stats["plan"]`` in the report, ``save_plan=plan.json`` writes it (atomically; never over
+an input), and ``plan=plan.json`` (that file, or a ``--report`` holding one prune plan) replaces the
+first three stages: the recorded channels are kept on another checkpoint of the same architecture (after
+more training, say), bit for bit the same prune on the same model; a plan whose layers, channel counts,
+shapes or ops differ from the model's is refused with the group and layer named.
+
 Example: ``--passes "prune{macs=0.5 criterion=thinet calib=calib.npz reconstruct=true},dce"``
 """
 
@@ -43,15 +52,20 @@ import fnmatch
 import heapq
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
 
 from graphslim.analysis.channels import ChannelGroup, channel_groups
+from graphslim.analysis.prune_plan import PrunePlan, check_plan_path, group_channels
 from graphslim.errors import PassError
 from graphslim.ir.graph import Tensor
 from graphslim.pipeline import PassResult, register_pass
+
+
+#: options that choose which channels go: meaningless with plan= (ratio/macs/threshold/layer/exclude too)
+_CHOOSERS = ("criterion", "allocation", "min_channels", "round_to", "sensitivity_levels", "sensitivity_samples")
 
 
 @dataclass(frozen=True)
@@ -92,8 +106,21 @@ class PruneOptions:
     seed: int = field(default=0, metadata={"help": "seed of the calibration sampling"})
     allow_ops: tuple[str, ...] = field(default=(), metadata={
         "help": "ops the safety check accepts before calibration runs the model"})
+    plan: str | None = field(default=None, metadata={
+        "help": "apply the kept channels recorded in this plan file (save_plan= or a --report) instead of "
+                "scoring; refused when the model's layers differ"})
+    save_plan: str | None = field(default=None, metadata={
+        "help": "write this prune's plan (kept channels per group) to this JSON file, to replay it with plan="})
 
     def __post_init__(self):
+        if self.plan is not None:
+            chooser = [f"{k}=" for k in ("ratio", "macs", "threshold") if getattr(self, k) is not None]
+            chooser += [f"{k}=" for k in ("layer", "exclude") if getattr(self, k)]
+            chooser += [f"{f.name}=" for f in fields(self)
+                        if f.name in _CHOOSERS and getattr(self, f.name) != f.default]
+            if chooser:
+                raise ValueError("plan= applies the channels recorded in the plan; drop " + ", ".join(chooser)
+                                 + " (they choose channels; calib=, reconstruct= and ridge= still apply)")
         given = [k for k in ("ratio", "macs", "threshold") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError("give at most one of ratio=, macs=, threshold= (got "
@@ -249,21 +276,10 @@ def _member_channels(group: ChannelGroup, key, positions: list, text: str) -> li
     m = next((m for m in group.members if m.tensor is not None and m.tensor == t and m.axis == axis), None)
     if m is None:
         raise PassError(f"prune: {text}: the layer's axis is not in its channel group")
-    owner = {}
-    for c in range(group.size):
-        for p in m.index_map[c]:
-            owner[int(p)] = c
-    out = []
-    for p in positions:
-        if p not in owner:
-            raise PassError(f"prune: {text}: channel {p} is out of range (the layer has {m.dim} channels)")
-        c = owner[p]
-        if c not in out:
-            out.append(c)
-    if sum(len(m.index_map[c]) for c in out) != len(set(positions)):
-        raise PassError(f"prune: {text}: the kept channels must cover whole group channels (each group "
-                        f"channel spans {m.index_map.width} positions of this layer)")
-    return sorted(out)
+    try:
+        return group_channels(m, group.size, positions)
+    except ValueError as exc:
+        raise PassError(f"prune: {text}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------- keep counts
@@ -546,29 +562,21 @@ def _check_safe(graph, allow_ops) -> None:
     check_safe(graph, allow_ops=allow_ops)
 
 
-# ----------------------------------------------------------------------------------------- the pass
-@register_pass("prune", options=PruneOptions)
-def prune(graph, opts: PruneOptions) -> PassResult:
-    """Remove the least important channels of every prunable channel group (shapes shrink, names stay).
+# ----------------------------------------------------------------------------------------- stages
+@dataclass
+class _Targets:
+    """What the options name: the groups that may change (``candidates``, in group order), the explicit
+    keeps (``explicit``: gid → (text, count or None, group channels kept or None)) and the exclusions
+    (``excluded``: gid → the entries that excluded it)."""
 
-    Example: ``--passes "prune{ratio=0.3 criterion=l1 round_to=8},dce"``
-    """
-    from graphslim.analysis.importance import get_criterion, score_groups
+    candidates: list
+    explicit: dict
+    excluded: dict
 
-    if opts.ratio is None and opts.macs is None and opts.threshold is None and not opts.layer:
-        raise PassError("prune: give a target: ratio= (fraction of channels removed per group), macs= (fraction "
-                        "of MACs kept), threshold= (score), or layer=NAME:COUNT; e.g. prune{ratio=0.3}")
-    seconds = {}
-    t0 = time.perf_counter()
-    crit = get_criterion(opts.criterion)
-    if crit.needs_data and not opts.calib:
-        raise PassError(f"prune: criterion {crit.name!r} needs calibration data: add calib=data.npz (a .npz or a "
-                        f"directory of .npy arrays keyed by signature input name)")
-    groups = channel_groups(graph)
+
+def _resolve_targets(graph, groups: list, opts: PruneOptions) -> _Targets:
+    """Stage 1: options → the groups that may change, the explicit keeps, the exclusions."""
     names = _Names(graph, groups)
-    not_prunable = [{"group": g.name, "sources": [m.name for m in g.sources], "channels": g.size,
-                     "reason": g.why_not()} for g in groups if not g.prunable]
-
     excluded: dict[int, list] = {}
     for text in opts.exclude:
         keys = names.keys(text)
@@ -579,7 +587,7 @@ def prune(graph, opts: PruneOptions) -> PassResult:
             if grp is not None:
                 excluded.setdefault(grp.id, []).append(text)
 
-    explicit: dict[int, tuple] = {}  # gid -> (text, count or None, group channels kept or None)
+    explicit: dict[int, tuple] = {}
     for text, name, count, keep in _parse_layers(opts.layer):
         keys = names.keys(name)
         if not keys:
@@ -607,26 +615,41 @@ def prune(graph, opts: PruneOptions) -> PassResult:
 
     has_target = any(getattr(opts, k) is not None for k in ("ratio", "macs", "threshold"))
     candidates = [g for g in groups if g.prunable and g.id not in excluded and (has_target or g.id in explicit)]
-    seconds["analysis"] = time.perf_counter() - t0
+    return _Targets(candidates, explicit, excluded)
 
-    data = None
-    if opts.calib:
-        t = time.perf_counter()
-        from graphslim.analysis.calibration import load_calibration
 
-        _check_safe(graph, opts.allow_ops)
-        data = load_calibration(opts.calib, graph, max_examples=opts.calib_samples)
-        seconds["calibration_load"] = time.perf_counter() - t
-
+def _load_data(graph, opts: PruneOptions, seconds: dict) -> dict | None:
+    """Calibration inputs (after the safety scan), or None without ``calib=``."""
+    if not opts.calib:
+        return None
     t = time.perf_counter()
-    to_score = [g for g in candidates if not (g.id in explicit and explicit[g.id][2] is not None)]
+    from graphslim.analysis.calibration import load_calibration
+
+    _check_safe(graph, opts.allow_ops)
+    data = load_calibration(opts.calib, graph, max_examples=opts.calib_samples)
+    seconds["calibration_load"] = time.perf_counter() - t
+    return data
+
+
+def _score(graph, targets: _Targets, crit, data, opts: PruneOptions) -> tuple[dict, list]:
+    """Stage 2: the criterion's scores of every candidate group without an explicit keep list."""
+    from graphslim.analysis.importance import score_groups
+
+    explicit = targets.explicit
+    to_score = [g for g in targets.candidates if not (g.id in explicit and explicit[g.id][2] is not None)]
+    if not to_score:
+        return {}, []
     scores, notes = score_groups(graph, to_score, crit, data=data if crit.needs_data else None, seed=opts.seed,
-                                 positions=opts.calib_positions, batch_size=opts.calib_batch) \
-        if to_score else ({}, [])
-    notes = list(notes)
-    seconds["scoring"] = time.perf_counter() - t
+                                 positions=opts.calib_positions, batch_size=opts.calib_batch)
+    return scores, list(notes)
 
-    t = time.perf_counter()
+
+def _allocate(graph, targets: _Targets, scores: dict, crit, data, opts: PruneOptions,
+              seconds: dict) -> tuple[list, dict]:
+    """Stage 3: how many channels each group loses (ratio, threshold, macs with an allocation, explicit
+    counts and keep lists), and so which it keeps. Returns the ``(group, sorted keep)`` changes of the
+    groups that lose channels, in group order, and the target's stats."""
+    candidates, explicit = targets.candidates, targets.explicit
     orders, counts, removed_n = {}, {}, {}
     for g in candidates:
         if g.id in explicit and explicit[g.id][2] is not None:
@@ -641,7 +664,6 @@ def prune(graph, opts: PruneOptions) -> PassResult:
             removed_n[g.id] = g.size - explicit[g.id][1]
     free = [g for g in candidates if g.id not in explicit]
     target_stats: dict = {}
-    model = None
     if opts.ratio is not None:
         for g in free:
             removed_n[g.id] = g.size - _snap(counts[g.id], g.size - round(opts.ratio * g.size))
@@ -669,46 +691,117 @@ def prune(graph, opts: PruneOptions) -> PassResult:
             removal = _global_allocation(model, free, fixed, counts, costs, target)
         removed_n.update(removal)
         target_stats.update({"macs": opts.macs, "allocation": opts.allocation})
-
     changes = []
-    group_rows = []
     for g in candidates:
         r = removed_n.get(g.id, 0)
-        if r <= 0:
-            continue
-        keep = np.sort(orders[g.id][r:])
-        changes.append((g, keep.tolist()))
-        group_rows.append({"group": g.name, "sources": [m.name for m in g.sources],
-                           "channels": [g.size, int(len(keep))],
-                           "removed": np.sort(orders[g.id][:r]).tolist()})
-    seconds["allocation"] = time.perf_counter() - t
+        if r > 0:
+            changes.append((g, np.sort(orders[g.id][r:]).tolist()))
+    return changes, target_stats
 
-    original = graph.copy() if (changes and data is not None) else None
-    before_cost = graph.cost() if changes else None
+
+def _apply(graph, changes: list, data, opts: PruneOptions, seconds: dict) -> tuple[dict, list]:
+    """Stages 5 and 6: slice every changed group, then (with calibration data) measure or refit the
+    layers reading pruned channels. Returns the fits by layer and the per-layer stats rows."""
+    if not changes:
+        return {}, []
+    from graphslim.analysis.channels import apply_keeps
+
+    original = graph.copy() if data is not None else None
+    t = time.perf_counter()
+    if data is not None:
+        from graphslim.analysis.reconstruct import kept_positions, sink_layers
+
+        kept = kept_positions(changes)
+        layers = sink_layers(graph, changes)
+    before_graph = original if original is not None else graph.copy()
+    apply_keeps(graph, changes)
+    seconds["apply"] = time.perf_counter() - t
     fits = {}
-    if changes:
-        from graphslim.analysis.channels import apply_keeps
+    if data is not None:
+        from graphslim.analysis.reconstruct import fit_layers
 
         t = time.perf_counter()
-        kept = None
-        if data is not None:
-            from graphslim.analysis.reconstruct import kept_positions, sink_layers
+        fits = fit_layers(graph, original, layers, data, kept, refit=opts.reconstruct, ridge=opts.ridge,
+                          positions=opts.calib_positions, batch_size=opts.calib_batch, seed=opts.seed)
+        seconds["reconstruct" if opts.reconstruct else "errors"] = time.perf_counter() - t
+    return fits, _layer_rows(before_graph, graph, fits)
 
-            kept = kept_positions(changes)
-            layers = sink_layers(graph, changes)
-        before_graph = original if original is not None else graph.copy()
-        apply_keeps(graph, changes)
-        seconds["apply"] = time.perf_counter() - t
-        if data is not None:
-            from graphslim.analysis.reconstruct import fit_layers
 
-            t = time.perf_counter()
-            fits = fit_layers(graph, original, layers, data, kept, refit=opts.reconstruct, ridge=opts.ridge,
-                              positions=opts.calib_positions, batch_size=opts.calib_batch, seed=opts.seed)
-            seconds["reconstruct" if opts.reconstruct else "errors"] = time.perf_counter() - t
-        layer_rows = _layer_rows(before_graph, graph, fits)
+def _plan_options(opts: PruneOptions) -> dict:
+    """The options that chose the channels, as recorded in the plan (those not at their default)."""
+    out = {}
+    for f in fields(opts):
+        v = getattr(opts, f.name)
+        if f.name in ("plan", "save_plan", "allow_ops") or v == f.default:
+            continue
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _plan_inputs(graph, opts: PruneOptions) -> list:
+    """What ``save_plan=`` must not overwrite: the model, the plan read, the calibration data."""
+    return [graph.meta.get("source"), opts.plan, opts.calib]
+
+
+# ----------------------------------------------------------------------------------------- the pass
+@register_pass("prune", options=PruneOptions)
+def prune(graph, opts: PruneOptions) -> PassResult:
+    """Remove the least important channels of every prunable channel group (shapes shrink, names stay).
+
+    Stages: resolve targets → score → allocate → :class:`~graphslim.analysis.prune_plan.PrunePlan` →
+    apply → reconstruct; ``plan=`` replaces the first three by a recorded plan.
+
+    Example: ``--passes "prune{ratio=0.3 criterion=l1 round_to=8},dce"``
+    """
+    from graphslim.analysis.importance import get_criterion
+
+    if opts.plan is None and opts.ratio is None and opts.macs is None and opts.threshold is None \
+            and not opts.layer:
+        raise PassError("prune: give a target: ratio= (fraction of channels removed per group), macs= (fraction "
+                        "of MACs kept), threshold= (score), layer=NAME:COUNT, or plan=plan.json (a recorded "
+                        "prune); e.g. prune{ratio=0.3}")
+    if opts.save_plan:
+        check_plan_path(opts.save_plan, _plan_inputs(graph, opts))
+    seconds = {}
+    t0 = time.perf_counter()
+    crit = None
+    if opts.plan is None:
+        crit = get_criterion(opts.criterion)
+        if crit.needs_data and not opts.calib:
+            raise PassError(f"prune: criterion {crit.name!r} needs calibration data: add calib=data.npz (a .npz or "
+                            f"a directory of .npy arrays keyed by signature input name)")
+    groups = channel_groups(graph)
+    not_prunable = [{"group": g.name, "sources": [m.name for m in g.sources], "channels": g.size,
+                     "reason": g.why_not()} for g in groups if not g.prunable]
+    notes: list = []
+    if opts.plan is not None:  # resolve, score, allocate: replaced by the recorded plan
+        recorded = PrunePlan.load(opts.plan)
+        changes = recorded.resolve(graph, groups, where=opts.plan)  # refuses a plan that does not fit
+        targets = _Targets([g for g, _ in changes], {}, {})
+        seconds["analysis"] = time.perf_counter() - t0
+        data = _load_data(graph, opts, seconds)
+        criterion, plan_options = recorded.criterion, recorded.options
+        target_stats = {"plan": opts.plan, "fingerprint": recorded.fingerprint}
     else:
-        layer_rows = []
+        targets = _resolve_targets(graph, groups, opts)
+        seconds["analysis"] = time.perf_counter() - t0
+        data = _load_data(graph, opts, seconds)
+        t = time.perf_counter()
+        scores, notes = _score(graph, targets, crit, data, opts)
+        seconds["scoring"] = time.perf_counter() - t
+        t = time.perf_counter()
+        allocated, target_stats = _allocate(graph, targets, scores, crit, data, opts, seconds)
+        criterion, plan_options = crit.name, _plan_options(opts)
+        # the plan is the hand-over: what is applied is what it says, exactly as a replay applies it
+        changes = PrunePlan.from_changes(graph, allocated, criterion, plan_options).resolve(graph, groups,
+                                                                                            where="just made")
+        seconds["allocation"] = time.perf_counter() - t
+    plan = PrunePlan.from_changes(graph, changes, criterion=criterion, options=plan_options)
+    group_rows = [{"group": g.name, "sources": [m.name for m in g.sources], "channels": [g.size, len(keep)],
+                   "removed": sorted(set(range(g.size)) - set(keep))} for g, keep in changes]
+
+    before_cost = graph.cost() if changes else None
+    fits, layer_rows = _apply(graph, changes, data, opts, seconds)
     after_cost = graph.cost()
     b_macs = before_cost.macs if before_cost else after_cost.macs
     b_params = before_cost.params if before_cost else after_cost.params
@@ -719,8 +812,8 @@ def prune(graph, opts: PruneOptions) -> PassResult:
                          f"round_to={opts.round_to}, the excluded and the not prunable groups: kept "
                          f"{target_stats['achieved']:.3f} of the MACs")
     stats = {
-        "criterion": crit.name,
-        "target": target_stats or {"layers": [e[0] for e in explicit.values()]},
+        "criterion": criterion,
+        "target": target_stats or {"layers": [e[0] for e in targets.explicit.values()]},
         "macs": {"before": int(b_macs), "after": int(after_cost.macs),
                  "ratio": after_cost.macs / b_macs if b_macs else 1.0},
         "params": {"before": int(b_params), "after": int(after_cost.params),
@@ -730,10 +823,13 @@ def prune(graph, opts: PruneOptions) -> PassResult:
         "groups": group_rows,
         "layers": layer_rows,
         "not_prunable": not_prunable,
-        "excluded": [{"group": f"g{gid}", "by": by} for gid, by in excluded.items()],
+        "excluded": [{"group": f"g{gid}", "by": by} for gid, by in targets.excluded.items()],
         "notes": list(dict.fromkeys(notes)),
         "calibrated": data is not None,
         "reconstructed": bool(opts.reconstruct and fits),
         "seconds": seconds,
+        "plan": plan.to_json(),
     }
+    if opts.save_plan:
+        plan.save(opts.save_plan, _plan_inputs(graph, opts))
     return PassResult(changed=bool(changes), stats=stats)
