@@ -252,6 +252,9 @@ class _SavedModelReader:
             if not index.exists():
                 raise LoadError(f"{self.path}: the model has variables but {index} is missing. Copy the "
                                 f"whole SavedModel directory, including variables/.")
+            from graphslim.io.ckpt_index import check_index
+
+            check_index(index)  # what TensorFlow's reader would abort the process on
             try:
                 self._reader = tf.train.load_checkpoint(str(prefix))
             except Exception as exc:  # noqa: BLE001 - the reader raises several unrelated types

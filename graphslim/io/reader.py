@@ -156,7 +156,17 @@ def _dtype_label(enum: int) -> str:
         return f"invalid dtype (enum {enum})"
 
 
+_DT_VARIANT = 21
+
+
 def check_tensor_proto(t, where: str, limit: int) -> None:
+    if t.dtype == _DT_VARIANT or len(t.variant_val):
+        # TensorFlow decodes variant values (TensorLists, datasets...) in native code, from
+        # model-chosen bytes: a malformed one crashes it or leaves its graph locked. No exporter
+        # writes them as constants.
+        raise LoadError(f"{where} is a constant of type variant; graphslim does not read variant "
+                        "constants (TensorFlow decodes them in native code, and a malformed one crashes "
+                        "it): the model is malformed or hostile.")
     check_shape_proto(t.tensor_shape, where)
     if t.tensor_shape.unknown_rank:
         raise LoadError(f"{where} is a constant of unknown rank; the model is corrupt.")

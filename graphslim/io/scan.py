@@ -145,7 +145,7 @@ class Finding:
             return f"{self.node}: {self.category}"
         place = f"in function {self.function!r}" if self.function else "in the graph"
         tags = f" of MetaGraphDef {self.where}" if self.where else ""
-        return f"op {self.op} (node {self.node!r} {place}{tags}) {self.category}{self.detail}"
+        return f"op {self.op!r} (node {self.node!r} {place}{tags}) {self.category}{self.detail}"
 
     def to_dict(self) -> dict:
         return {"op": self.op, "node": self.node, "function": self.function, "category": self.category,
@@ -814,7 +814,7 @@ def refusal(findings, where, allow_ops=()) -> UnsafeModelError | None:
     more = f"; and {len(left) - len(shown)} more" if len(left) > len(shown) else ""
     hint = ""
     if ops:
-        names = ",".join(sorted({f.op for f in ops}))
+        names = ",".join(sorted({f.op if re.fullmatch(r"[A-Za-z0-9_>.-]+", f.op) else repr(f.op) for f in ops}))
         hint = (f" If you trust this model, accept these ops knowingly with --allow-ops {names} "
                 f"(allow_ops= in Python); `graphslim scan MODEL` lists every finding and "
                 f"`graphslim scan --list-allowed` the ops graphslim accepts.")

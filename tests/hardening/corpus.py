@@ -668,7 +668,158 @@ def build_all(out: Path, cases) -> dict:
     return paths
 
 
+# ------------------------------------------------------------------------------------ checkpoint tables
+# variables.index is a table in TensorFlow's format (leveldb's): data blocks of prefix-compressed entries
+# with restart points, each followed by a trailer (compression type, masked CRC32C); an index block
+# mapping each data block's last key to its handle; an empty metaindex block; a 48-byte footer (two
+# handles, the magic). The keys are checkpoint keys, the values BundleEntryProtos (the empty key: the
+# BundleHeaderProto). Used by benchmarks/fuzz.py (ckptindex) and by the reproducers in attacks.py.
+_TABLE_MAGIC = 0xDB4775248B80FB57
+_FOOTER = 48
+
+
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), as TensorFlow's tables and checkpoints use it."""
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def masked_crc(data: bytes) -> int:
+    """The CRC-32C of ``data`` masked as leveldb stores it (block trailers, BundleEntryProto.crc32c)."""
+    c = crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("bad varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def _block_entries(contents: bytes) -> list:
+    n = int.from_bytes(contents[-4:], "little")
+    end = len(contents) - 4 * (n + 1)
+    entries, pos, key = [], 0, b""
+    while pos < end:
+        shared, pos = _get_varint(contents, pos)
+        unshared, pos = _get_varint(contents, pos)
+        vlen, pos = _get_varint(contents, pos)
+        key = key[:shared] + contents[pos:pos + unshared]
+        pos += unshared
+        entries.append((key, contents[pos:pos + vlen]))
+        pos += vlen
+    return entries
+
+
+def read_table(raw: bytes, verify: bool = False) -> tuple[list, list]:
+    """(entries [(key, value)], blocks [(offset, size)] of data, index and metaindex) of a table;
+    ``verify``: block checksums too (ValueError when one is wrong)."""
+    footer = raw[-_FOOTER:]
+    if len(raw) < _FOOTER or int.from_bytes(footer[-8:], "little") != _TABLE_MAGIC:
+        raise ValueError("not a table")
+
+    def block(off, size):
+        if off + size + 5 > len(raw):
+            raise ValueError("block out of range")
+        stored = int.from_bytes(raw[off + size + 1:off + size + 5], "little")
+        if verify and masked_crc(raw[off:off + size + 1]) != stored:
+            raise ValueError("bad block checksum")
+        return raw[off:off + size]
+
+    meta_off, pos = _get_varint(footer, 0)
+    meta_size, pos = _get_varint(footer, pos)
+    index_off, pos = _get_varint(footer, pos)
+    index_size, pos = _get_varint(footer, pos)
+    entries, blocks = [], [(meta_off, meta_size), (index_off, index_size)]
+    for _, handle in _block_entries(block(index_off, index_size)):
+        off, p = _get_varint(handle, 0)
+        size, _ = _get_varint(handle, p)
+        blocks.append((off, size))
+        entries.extend(_block_entries(block(off, size)))
+    return entries, blocks
+
+
+def _block(entries, restart: int) -> bytes:
+    out, restarts, prev = bytearray(), [], b""
+    for i, (key, value) in enumerate(entries):
+        shared = 0
+        if i % restart == 0:
+            restarts.append(len(out))
+        else:
+            while shared < min(len(prev), len(key)) and prev[shared] == key[shared]:
+                shared += 1
+        out += _varint(shared) + _varint(len(key) - shared) + _varint(len(value)) + key[shared:] + value
+        prev = key
+    restarts = restarts or [0]
+    for r in restarts:
+        out += r.to_bytes(4, "little")
+    out += len(restarts).to_bytes(4, "little")
+    return bytes(out)
+
+
+def write_table(entries, per_block: int = 16, restart: int = 16, bad_crc: int = -1) -> bytes:
+    """A table of ``entries`` in the given order (unsorted or duplicate keys stay so); block number
+    ``bad_crc`` gets a wrong checksum."""
+    out = bytearray()
+    count = [0]
+
+    def put(contents: bytes) -> bytes:
+        handle = _varint(len(out)) + _varint(len(contents))
+        crc = masked_crc(contents + b"\x00")
+        if count[0] == bad_crc:
+            crc ^= 0x5A5A
+        count[0] += 1
+        out.extend(contents + b"\x00" + crc.to_bytes(4, "little"))
+        return handle
+
+    index = []
+    for i in range(0, len(entries), max(1, per_block)):
+        chunk = entries[i:i + max(1, per_block)]
+        index.append((chunk[-1][0], put(_block(chunk, restart))))
+    meta = put(_block([], restart))
+    idx = put(_block(index, 1))
+    footer = (meta + idx).ljust(_FOOTER - 8, b"\x00") + _TABLE_MAGIC.to_bytes(8, "little")
+    return bytes(out + footer)
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1])
     for name, path in build_all(root, BAD_INPUTS + DANGEROUS).items():
+        print(name, path)
+    from tests.hardening import attacks  # issue 13's attacks (their markers and secrets in attacks/outside)
+
+    for name, (_, path) in attacks.build_cases(root / "attacks", root / "attacks" / "outside").items():
         print(name, path)

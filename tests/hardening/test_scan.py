@@ -152,7 +152,7 @@ def test_loading_never_executes_the_graph(tmp_path):
     tf.saved_model.save(m, str(model), signatures=m.__call__)
     findings = scan_path(model)
     assert {f.op for f in findings} == {"WriteFile"}
-    with pytest.raises(UnsafeModelError, match=r"op WriteFile \(node '[^']+' in function '__inference"):
+    with pytest.raises(UnsafeModelError, match=r"op 'WriteFile' \(node '[^']+' in function '__inference"):
         load(model)
     g = load(model, allow_ops=["WriteFile"])
     result = invoke("-q", "optimize", model, "-o", tmp_path / "out", "--allow-ops", "WriteFile")
@@ -174,7 +174,7 @@ def test_check_safe_on_an_ir_graph_and_a_path(dangerous_models):
     check_safe(g)
     check_safe(fixture_path("tf_module"))
     g.add_node("evil_py", "PyFunc", attrs={"token": "pyfunc_9"})
-    with pytest.raises(UnsafeModelError, match=r"op PyFunc \(node 'evil_py' in the graph\)"):
+    with pytest.raises(UnsafeModelError, match=r"op 'PyFunc' \(node 'evil_py' in the graph\)"):
         check_safe(g)
     check_safe(g, allow_ops="PyFunc")
     with pytest.raises(UnsafeModelError, match="EagerPyFunc"):
@@ -426,7 +426,7 @@ def test_op_outside_the_allow_list_is_refused_unless_allowed(injected, tmp_path,
     result = invoke("optimize", model, "-o", out)
     assert result.exit_code == 2 and "Traceback" not in result.stderr, result.output
     [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
-    assert f"op {op} (node " in line and f"in function {function!r}) is not on graphslim's allow-list" in line
+    assert f"op {op!r} (node " in line and f"in function {function!r}) is not on graphslim's allow-list" in line
     assert f"--allow-ops {op} " in line and "`graphslim scan --list-allowed`" in line, line
     assert not leftovers(out)
 
@@ -440,7 +440,7 @@ def test_an_op_tensorflow_does_not_register_is_refused_by_name(injected):
     [finding] = scan_path(model)
     assert (finding.op, finding.node, finding.function) == ("Foo", "evil", function)
     assert finding.category == scan.NOT_ALLOWED and "TensorFlow does not register" in finding.detail
-    with pytest.raises(UnsafeModelError, match=r"op Foo \(node 'evil' in function '__inference_evil_helper_1'\) "
+    with pytest.raises(UnsafeModelError, match=r"op 'Foo' \(node 'evil' in function '__inference_evil_helper_1'\) "
                                                r"is not on graphslim's allow-list"):
         load(model)
 
@@ -556,7 +556,7 @@ def test_tf1_save_on_the_restore_path_is_refused(tmp_path):
     [finding] = scan_path(model)
     assert (finding.op, finding.node, finding.function) == ("SaveV2", "save/hook_SaveV2", None)
     assert SAVE_ON_RESTORE in finding.detail and "'save/restore_all'" in finding.detail
-    with pytest.raises(UnsafeModelError, match=r"op SaveV2 \(node 'save/hook_SaveV2' in the graph\)"):
+    with pytest.raises(UnsafeModelError, match=r"op 'SaveV2' \(node 'save/hook_SaveV2' in the graph\)"):
         load(model)
     load(model, allow_ops=["SaveV2"])  # knowingly
 
