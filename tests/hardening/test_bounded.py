@@ -64,6 +64,7 @@ _MEASURE = textwrap.dedent("""
     import tensorflow  # imported first: its ~2 s import and ~600 MB are not the walk's
     import graphslim
     from graphslim.errors import LoadError
+    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # TensorFlow and graphslim imported
     start = time.perf_counter()
     try:
         graphslim.load(sys.argv[1])
@@ -72,27 +73,31 @@ _MEASURE = textwrap.dedent("""
         outcome = "refused: " + str(exc)
     seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(f"{seconds:.3f} {peak_kib / 1024:.0f} {outcome}")
+    print(f"{seconds:.3f} {peak_kib / 1024:.0f} {(peak_kib - base_kib) / 1024:.0f} {outcome}")
 """)
 
 
-def measure_load(model: Path, timeout: float = 120) -> tuple[float, float, str]:
-    """(seconds spent in load(), peak RSS in MB of the child process, TensorFlow included, outcome)
+def measure_load(model: Path, timeout: float = 120) -> tuple[float, float, float, str]:
+    """(seconds spent in load(), peak RSS in MB of the child process (TensorFlow included), what the
+    load added to the peak after TensorFlow's import, outcome)
     of loading ``model`` in a fresh interpreter (``RUSAGE_SELF`` read by the child itself: pytest's
     ``RUSAGE_CHILDREN`` would be the largest of all the children it ever ran)."""
     proc = subprocess.run([sys.executable, "-c", _MEASURE, str(model)], capture_output=True, text=True,
                           env=clean_env(), cwd=ROOT, timeout=timeout, preexec_fn=limits(None))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seconds, peak_mb, outcome = proc.stdout.strip().splitlines()[-1].split(" ", 2)
-    return float(seconds), float(peak_mb), outcome
+    seconds, peak_mb, added_mb, outcome = proc.stdout.strip().splitlines()[-1].split(" ", 3)
+    return float(seconds), float(peak_mb), float(added_mb), outcome
 
 
 def test_cyclic_object_graph_walk_is_linear(tmp_path):
     model = cyclic_object_graph(tmp_path)
-    seconds, peak_mb, outcome = measure_load(model)
-    print(f"60k-object cyclic object graph: {seconds:.2f} s in load(), peak RSS {peak_mb:.0f} MB, {outcome}")
+    seconds, peak_mb, added_mb, outcome = measure_load(model)
+    print(f"60k-object cyclic object graph: {seconds:.2f} s in load(), peak RSS {peak_mb:.0f} MB "
+          f"({added_mb:.0f} MB over TensorFlow's import), {outcome}")
     assert seconds < 20, outcome
-    assert peak_mb < 1024, outcome
+    # TensorFlow's own footprint after import varies with the machine's load (thread arenas): the
+    # bound is on what loading the model adds
+    assert added_mb < 1024, outcome
     assert outcome == "loaded" or outcome.startswith("refused: "), outcome
 
 
