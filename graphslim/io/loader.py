@@ -41,8 +41,8 @@ from graphslim.ir import attrs as _attrs
 from graphslim.ir.functions import CALL_INPUTS, closure, node_refs, specialize_resource_args
 from graphslim.ir.tfconv import graph_from_node_defs, parse_input
 from graphslim.io.reader import (check_node_def, check_shape_proto, const_limit, dtype_size, first_line,
-                                 parse_graph_def, parse_saved_model, pick_meta_graph, saved_model_file,
-                                 signature_names)
+                                 parse_graph_def, parse_saved_model, pick_meta_graph, refuse_variant_constants,
+                                 saved_model_file, signature_names)
 
 CALL_OPS = {"PartitionedCall", "StatefulPartitionedCall"}
 VARIABLE_OPS = {"VarHandleOp", "VariableV2", "Variable"}
@@ -165,6 +165,9 @@ class _SavedModelReader:
         self.meta = meta
         self.max_asset_mb = max_asset_mb
         self.library = {f.signature.name: f for f in meta.graph_def.library.function}
+        for f in self.library.values():  # before any function can reach TensorFlow (shape inference)
+            for nd in f.node_def:
+                refuse_variant_constants(nd, path / "saved_model.pb", f.signature.name)
         self.nodes = {}
         for nd in meta.graph_def.node:
             if nd.name in self.nodes:

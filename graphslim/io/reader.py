@@ -159,6 +159,21 @@ def _dtype_label(enum: int) -> str:
 _DT_VARIANT = 21
 
 
+def refuse_variant_constants(nd, file, function: str | None = None) -> None:
+    """Refuse a node holding a variant-typed tensor value (see :func:`check_tensor_proto`), checked on
+    every function of the library before any of it reaches TensorFlow."""
+    for key, v in nd.attr.items():
+        kind = v.WhichOneof("value")
+        tensors = [v.tensor] if kind == "tensor" else list(v.list.tensor) if kind == "list" else []
+        for t in tensors:
+            if t.dtype == _DT_VARIANT or len(t.variant_val):
+                place = f" in function {function!r}" if function else ""
+                raise LoadError(f"{file}: node {nd.name!r} ({nd.op}){place} attribute {key!r} is a constant "
+                                "of type variant; graphslim does not read variant constants (TensorFlow "
+                                "decodes them in native code, and a malformed one crashes it): the model "
+                                "is malformed or hostile.")
+
+
 def check_tensor_proto(t, where: str, limit: int) -> None:
     if t.dtype == _DT_VARIANT or len(t.variant_val):
         # TensorFlow decodes variant values (TensorLists, datasets...) in native code, from
