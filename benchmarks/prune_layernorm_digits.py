@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import graphslim  # noqa: E402
-import graphslim.analysis.channels as channels  # noqa: E402
+import graphslim.analysis.channel_apply as channel_apply  # noqa: E402
 from graphslim.runtime import run  # noqa: E402
 from graphslim.testing import digits, layernorm_net  # noqa: E402
 
@@ -55,12 +55,12 @@ def correction(on: bool):
     if on:
         yield
         return
-    saved = channels._correct_stats
-    channels._correct_stats = lambda graph, entries, undo: None
+    saved = channel_apply._correct_stats
+    channel_apply._correct_stats = lambda graph, entries, undo: None
     try:
         yield
     finally:
-        channels._correct_stats = saved
+        channel_apply._correct_stats = saved
 
 
 def accuracy(g, d) -> float:

@@ -218,6 +218,23 @@ def _saved_model_engine(tf, path, signature):
     return engine
 
 
+def _check_saved_model(tf, path, signature, full):
+    """The emitter's load check (:meth:`graphslim.sandbox.Child.check_saved_model`): every function of
+    the library imports; with ``full``, ``tf.saved_model.load`` revives the model with ``signature``."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow.python.saved_model import function_deserialization
+
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        sm.ParseFromString(f.read())
+    meta = sm.meta_graphs[0]
+    function_deserialization.load_function_def_library(meta.graph_def.library, meta.object_graph_def)
+    if full:
+        loaded = tf.saved_model.load(path)
+        if signature not in loaded.signatures:
+            raise ValueError(f"the loaded model has no signature {signature!r}")
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
     pipe = _Pipe(os.dup(0), os.dup(1))
@@ -264,6 +281,8 @@ def main() -> None:
                 engine = _saved_model_engine(tf, header["path"], header["signature"])
                 engines[header["id"]] = engine
                 reply = {"inputs": engine.specs, "outputs": list(engine.outputs)}
+            elif op == "check_saved_model":
+                _check_saved_model(tf, header["path"], header["signature"], bool(header["full"]))
             elif op == "run":
                 feed = {k[3:]: v for k, v in arrays.items()}
                 out = engines[header["id"]].run(feed, header.get("fetch"))

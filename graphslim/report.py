@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from graphslim.ir import ops
+
 __all__ = ["LayerInfo", "Snapshot", "compact_stats", "dir_size", "human_bytes", "jsonable",
            "layer_rows", "layer_snapshot", "optimize_report", "output_channels", "ratio",
            "ratio_text", "shape_text"]
@@ -165,11 +167,7 @@ def output_channels(node) -> int | None:
     shape = node.shapes[0] if node.shapes else None
     if not shape:
         return None
-    data_format = node.attr("data_format")
-    if isinstance(data_format, bytes):
-        data_format = data_format.decode("ascii", "replace")
-    axis = 1 if isinstance(data_format, str) and data_format.startswith("NC") and len(shape) > 1 else -1
-    dim = shape[axis]
+    dim = shape[ops.channel_axis(node, len(shape))]
     return None if dim is None or dim < 0 else int(dim)
 
 

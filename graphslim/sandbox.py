@@ -22,7 +22,8 @@ there, never in the caller's process for the model's sake) with:
 The child runs graphslim's *own* IR of the model (a GraphDef and the weights the loader read with
 the checkpoint reader), never the input's restore functions or save/restore ops. Only
 :meth:`Child.load_saved_model` (the ``--trusted`` comparison of ``graphslim verify``) lets
-TensorFlow's loader run a SavedModel, and still inside the child.
+TensorFlow's loader run a SavedModel, and still inside the child; :meth:`Child.check_saved_model`
+is the emitter's check that what graphslim wrote loads (a copy in the scratch directory, nothing run).
 
 Messages are length-prefixed JSON headers followed by raw array bytes; the parent accepts only
 numeric, boolean and byte-string arrays whose declared shape matches their size (no pickle: a child
@@ -68,6 +69,8 @@ _LEN = struct.Struct("<Q")
 _CHUNK = 1 << 20
 _DTYPE = re.compile(r"^[<>|=]?[biufc]\d{1,2}$")
 _STARTUP_SECONDS = 300.0
+#: the least time :meth:`Child.check_saved_model` is given (a short --timeout is meant for model runs)
+CHECK_SECONDS = 300.0
 
 
 class ExecutionError(GraphslimError):
@@ -222,9 +225,7 @@ def _python_read_paths() -> list[str]:
         paths.add(site.getusersitepackages())
     except Exception:  # noqa: BLE001 - a minimal interpreter may lack site's helpers
         pass
-    import graphslim
-
-    paths.add(str(Path(graphslim.__file__).resolve().parent))
+    paths.add(str(Path(__file__).resolve().parent))  # graphslim itself (this file's package)
     try:
         import passes
 
@@ -441,6 +442,27 @@ class Child:
         reply, _ = self._request({"op": "load_saved_model", "id": handle, "path": str(path),
                                   "signature": signature}, None, f"loading {self.label} with TensorFlow")
         return handle, {k: (v[0], v[1]) for k, v in reply["inputs"].items()}, reply["outputs"]
+
+    def check_saved_model(self, path, signature: str, full: bool = True) -> None:
+        """Check in the child that TensorFlow loads the SavedModel at ``path`` (what the emitter just
+        wrote): every function of its library imports and, with ``full``, ``tf.saved_model.load``
+        revives it with the signature ``signature`` (nothing is run, nothing kept). The child may read
+        only its scratch directory, so the files are copied there first (a copy, not a link: the child
+        cannot change the originals) and removed afterwards; without ``full`` only ``saved_model.pb``.
+        The request's time limit is at least :data:`CHECK_SECONDS`. ExecutionError when TensorFlow
+        refuses the model or the child fails (crash, limit, timeout)."""
+        self._next += 1
+        copy = self.scratch / f"check-{self._next}"
+        try:
+            if full:
+                shutil.copytree(path, copy, symlinks=True)
+            else:
+                copy.mkdir()
+                shutil.copyfile(Path(path) / "saved_model.pb", copy / "saved_model.pb")
+            self._request({"op": "check_saved_model", "path": str(copy), "signature": signature, "full": full},
+                          None, f"checking {self.label}", max(self.limits.timeout, CHECK_SECONDS))
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
 
     def run(self, handle: int, inputs: dict, fetch=None) -> dict:
         _, arrays = self._request({"op": "run", "id": handle, "fetch": fetch},

@@ -1,5 +1,5 @@
 """``fold-batchnorm``: fold inference batch norms (and any per-channel affine op) into the preceding
-Conv2D / DepthwiseConv2dNative / MatMul.
+linear op (``linear=True`` in :mod:`graphslim.ir.ops`: Conv2D, DepthwiseConv2dNative, MatMul).
 
 After a linear op ``y = x ⊛ W`` (optionally ``+ b`` through BiasAdd), a chain of per-channel affine ops
 ``y * s + t`` is folded exactly: ``W' = W · s`` (per output channel), ``b' = b · s + t``. Recognised links:
@@ -29,9 +29,9 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.constants import EVAL_BUDGET_BYTES, ConstantBudgetError, constant_value
+from graphslim.ir import ops
 from graphslim.pipeline import PassResult, register_pass
 
-LINEAR_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,8 @@ BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 
 
 def _channel_axis(graph, node) -> int:
-    if node.op == "MatMul":
-        return -1
-    fmt = node.attr("data_format", "NHWC")
-    return 1 if fmt.startswith("NC") else -1
+    axis = ops.channel_axis(node, 4)
+    return 1 if axis == 1 else -1
 
 
 def _per_channel(value: np.ndarray, out_rank: int, axis: int, channels: int) -> np.ndarray | None:
@@ -173,13 +171,7 @@ def _rewrite(graph, lin, axis, scale, shift, bias_node, last):
     BiasAdd; make ``last``'s users read the result."""
     kernel = graph.weight_of(lin, 1)
     w = kernel.value.astype(np.float64)
-    if lin.op == "Conv2D":
-        w = w * scale.reshape(1, 1, 1, -1)
-    elif lin.op == "DepthwiseConv2dNative":
-        kh, kw, cin, mult = w.shape
-        w = (w.reshape(kh, kw, cin * mult) * scale).reshape(kh, kw, cin, mult)
-    else:
-        w = w * (scale.reshape(-1, 1) if lin.attr("transpose_b", False) else scale.reshape(1, -1))
+    w = ops.matrix_to_kernel(lin, ops.kernel_matrix(lin, w) * scale.reshape(1, -1), w.shape)
     dtype = kernel.value.dtype
     graph.set_weight(kernel.name, w.astype(dtype))
     if bias_node is not None:
@@ -222,7 +214,7 @@ def _branch_linear(graph, tensor):
         if graph.uses(node.output(0)) != 1 or graph.weight_of(bias_node, 1) is None \
                 or graph.uses(graph.input(bias_node, 1)) != 1:
             return None
-    if node.op not in LINEAR_OPS or graph.uses(node.output(0)) != 1:
+    if not ops.facts(node.op) or not ops.facts(node.op).linear or graph.uses(node.output(0)) != 1:
         return None
     geo = _linear_geometry(graph, node)
     return None if geo is None else (node, bias_node, geo)
@@ -268,7 +260,7 @@ def fold_batchnorm(graph, options: FoldBatchNormOptions | None) -> PassResult:
     budget = _Budget(options.max_eval_mb * 2**20)
     graph.infer_shapes()
     layers = []
-    for lin in graph.nodes(op=LINEAR_OPS):
+    for lin in graph.nodes(op=ops.ops_where(linear=True)):
         if graph.has_node(lin.name):
             done = _fold_one(graph, lin, budget)
             if done:

@@ -39,9 +39,9 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.calibration import ConvGeometry, FeatureMoments, PatchMoments, Regression
-from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, bias_after, pointwise_conv,
+from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, pointwise_conv,
                                           factorize_graph, kept_energy, lowrank_factors,
-                                          refit, relative_error, sibling_name, sole_weight,
+                                          refit, relative_error, sibling_name,
                                           whitening)
 from graphslim.ir.graph import Graph, SignatureArg
 from graphslim.pipeline import PassResult, register_pass
@@ -87,7 +87,7 @@ class _Lowrank(Method):
                 continue
             if node.op == "Conv2D" and not self._conv_ok(graph, node, kshape, c):
                 continue
-            kernel, why = sole_weight(graph, node, 1)
+            kernel, why = graph.sole_weight(node, 1)
             if kernel is None:
                 c.skip(why)
                 continue
@@ -103,7 +103,7 @@ class _Lowrank(Method):
                 known = hw is not None and None not in hw
                 c.data.update(w2=w.reshape(-1, w.shape[-1]), positions=hw[0] * hw[1] if known else 1,
                               positions_known=known, geo=ConvGeometry.of(graph, node), nchw=nchw)
-            c.data["bias_node"], c.data["bias"] = bias_after(graph, node)
+            c.data["bias_node"], c.data["bias"] = graph.bias_after(node)
         return out
 
     def _conv_ok(self, graph, node, kshape, c) -> bool:

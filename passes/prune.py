@@ -60,6 +60,7 @@ import numpy as np
 from graphslim.analysis.channels import ChannelGroup, channel_groups
 from graphslim.analysis.prune_plan import PrunePlan, check_plan_path, group_channels
 from graphslim.errors import PassError
+from graphslim.ir import ops
 from graphslim.ir.graph import Tensor
 from graphslim.pipeline import PassResult, register_pass
 
@@ -142,31 +143,14 @@ class PruneOptions:
 
 
 # ----------------------------------------------------------------------------------------- layer names
-#: op → its kernel's output-channel axis (kernel = input 1)
-def _kernel_out_axis(node) -> int | None:
-    if node.op == "Conv2D":
-        return 3
-    if node.op == "DepthwiseConv2dNative":
-        return 2  # the depthwise conv's channels are its input's
-    if node.op == "Conv2DBackpropInput":
-        return 2
-    if node.op == "MatMul":
-        return 0 if node.attr("transpose_b", False) else 1
-    if node.op in ("BatchMatMulV2", "BatchMatMulV3", "BatchMatMul"):
-        return -2 if node.attr("adj_y", False) else -1
-    return None
-
-
 def _kernel_nodes(graph) -> list:
-    """(node, kernel weight, output axis) for every op reading a kernel weight at input 1."""
+    """(node, kernel weight, output axis) for every kernel op (:func:`graphslim.ir.ops.kernel_ops`)
+    whose kernel is a weight."""
     out = []
-    for node in graph.nodes():
-        axis = _kernel_out_axis(node)
-        if axis is None:
-            continue
-        w = graph.weight_of(node, 1)
+    for node in graph.nodes(op=ops.kernel_ops()):
+        w = graph.weight_of(node, ops.facts(node.op).kernel_port)
         if w is not None:
-            out.append((node, w, axis % w.value.ndim))
+            out.append((node, w, ops.kernel_axes(node, w.value.ndim)[1]))
     return out
 
 
@@ -203,10 +187,10 @@ class _Names:
             return [(Tensor(text, 0), 0)] if v.ndim == 1 else []
         if g.has_node(text):
             node = g.node(text)
-            axis = _kernel_out_axis(node)
-            w = g.weight_of(node, 1) if axis is not None else None
+            entry = ops.facts(node.op)
+            w = g.weight_of(node, entry.kernel_port) if entry and entry.kernel_port is not None else None
             if w is not None:
-                return [(Tensor(w.name, 0), axis % w.value.ndim)]
+                return [(Tensor(w.name, 0), ops.kernel_axes(node, w.value.ndim)[1])]
             shape = node.shapes[0] if node.shapes else None
             if not shape:
                 return []
@@ -304,8 +288,6 @@ class _MacModel:
     order): a conv's MACs scale with its kernel's input × output lengths, a depthwise conv's with its
     channels, a MatMul's with K × N. Ops without a kernel weight keep their MACs."""
 
-    AXES = {"Conv2D": (2, 3), "Conv2DBackpropInput": (2, 3), "DepthwiseConv2dNative": (2,), "MatMul": (0, 1)}
-
     def __init__(self, graph, groups, orders: dict):
         cost = graph.cost()
         self.total0 = cost.macs
@@ -316,14 +298,12 @@ class _MacModel:
             if not c.macs:
                 continue
             node = graph.node(c.name)
-            w = graph.weight_of(node, 1)
-            axes = self.AXES.get(node.op)
-            if node.op.startswith("BatchMatMul"):
-                axes = (-2, -1)
-            if w is None or axes is None:
+            entry = ops.facts(node.op)
+            w = graph.weight_of(node, entry.kernel_port) if entry and entry.kernel_port is not None else None
+            if w is None:
                 self.fixed += c.macs
                 continue
-            keys = [(w.name, a % w.value.ndim) for a in axes]
+            keys = [(w.name, a) for a in sorted(set(ops.kernel_axes(node, w.value.ndim)))]
             for k in keys:
                 dims[k] = w.value.shape[k[1]]
             self.nodes.append((c.macs, keys))
@@ -530,12 +510,7 @@ def _layer_rows(before_graph, after_graph, fits: dict) -> list:
         if w_after is None or w_after.value.shape == w.value.shape:
             continue
         shape_b, shape_a = w.value.shape, w_after.value.shape
-        if node.op == "MatMul":
-            in_axis = 1 - out_axis
-        elif node.op == "Conv2DBackpropInput":
-            in_axis = 3
-        else:
-            in_axis = 2
+        in_axis = ops.kernel_axes(node, len(shape_b))[0]
         row = {"layer": node.name, "op": node.op, "kernel": w.name,
                "in_channels": [int(shape_b[in_axis]), int(shape_a[in_axis])],
                "out_channels": [int(shape_b[out_axis] * (shape_b[3] if node.op == "DepthwiseConv2dNative" else 1)),

@@ -53,10 +53,10 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.calibration import ConvGeometry, PatchMoments, Regression
-from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, bias_after, pointwise_conv,
+from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, pointwise_conv,
                                           channel_svd, compose_separable, derived_name,
                                           factorize_graph, kept_energy, refit, relative_error,
-                                          separable_factors, sibling_name, sole_weight,
+                                          separable_factors, sibling_name,
                                           whitening)
 from graphslim.ir.graph import Graph, SignatureArg
 from graphslim.pipeline import PassResult, register_pass
@@ -105,7 +105,7 @@ class _Separable(Method):
             if not node.dtypes or not node.dtypes[0].is_floating:
                 c.skip(f"dtype {node.dtypes[0].name if node.dtypes else '?'} is not floating point")
                 continue
-            kernel, why = sole_weight(graph, node, 1)
+            kernel, why = graph.sole_weight(node, 1)
             if kernel is None:
                 c.skip(why)
                 continue
@@ -122,7 +122,7 @@ class _Separable(Method):
                     c.skip("dilated or unequal-stride conv with unknown input height/width")
                     continue
             oh, ow = _hw(node.shapes[0] if node.shapes else None, nchw)
-            bias_node, bias = bias_after(graph, node)
+            bias_node, bias = graph.bias_after(node)
             c.data.update(geo=geo, native=native, nchw=nchw, hw=(h, w), ohw=(oh, ow),
                           positions_known=oh is not None and ow is not None,
                           bias_node=bias_node, bias=bias)

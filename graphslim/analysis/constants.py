@@ -15,15 +15,16 @@ evaluated once per call (a chain of ``Add(x, x)`` is linear, not exponential).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from graphslim.errors import GraphslimError
+from graphslim.ir import ops
 from graphslim.ir.graph import WEIGHT_OP, Graph, Tensor, as_tensor
 
-EVAL_RULES: dict[str, Callable] = {}
-BROADCASTING: set[str] = set()  # ops whose result has the broadcast shape of their operands
+#: op type → ``(node, args) -> array``: a live view of the ``evaluate`` hooks in the per-op facts table
+#: (:mod:`graphslim.ir.ops`); an entry's ``broadcasting`` fact says its result has the broadcast shape
+#: of its operands.
+EVAL_RULES = ops.hooks("evaluate")
 EVAL_BUDGET_BYTES = 2**30  # the arrays one constant_value() call may create, together
 _MAX_DEPTH = 64
 
@@ -37,15 +38,13 @@ class ConstantBudgetError(GraphslimError):
         self.node, self.shape, self.nbytes, self.budget = node, shape, nbytes, budget
 
 
-def eval_rule(*ops: str, broadcasting: bool = False):
+def eval_rule(*op_types: str, broadcasting: bool = False):
     """Register ``fn(node, args) -> array`` as the numpy rule of ``ops``. The budget charges each
     result the broadcast of the operands' shapes (``broadcasting``) or, for every other rule, the
     operands' total size: the rule must not create a larger array than that."""
     def deco(fn):
-        for op in ops:
-            EVAL_RULES[op] = fn
-            if broadcasting:
-                BROADCASTING.add(op)
+        for op in op_types:
+            ops.define_op(op, evaluate=fn, **({"broadcasting": True} if broadcasting else {}))
         return fn
 
     return deco
@@ -141,7 +140,8 @@ def _size(nbytes: int) -> str:
 
 def _result_shape(node, args) -> tuple:
     """An upper bound of the shape of what ``node``'s rule returns, from its operands' shapes alone."""
-    if node.op in BROADCASTING:
+    entry = ops.facts(node.op)
+    if entry is not None and entry.broadcasting:
         return tuple(np.broadcast_shapes(*(np.shape(a) for a in args)))  # ValueError: incompatible
     return (sum(int(np.size(a)) for a in args),)
 

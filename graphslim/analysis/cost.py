@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
+from graphslim.ir import ops
 from graphslim.ir.node import WEIGHT_OP, Node
 
 if TYPE_CHECKING:  # annotations only: graph.py delegates Graph.cost() here, so this never imports it
@@ -40,18 +41,15 @@ class Cost:
         return {c.name: c for c in self.nodes}
 
 
-MAC_RULES: dict[str, Callable[[Graph, Node], int]] = {}
+#: op type → ``(graph, node) -> MACs per example``: a live view of the ``macs`` hooks in the per-op
+#: facts table (:mod:`graphslim.ir.ops`).
+MAC_RULES = ops.hooks("macs")
 
 
-def mac_rule(*ops: str):
-    """Register a function ``(graph, node) -> MACs per example`` for the given op types."""
-
-    def deco(fn):
-        for op in ops:
-            MAC_RULES[op] = fn
-        return fn
-
-    return deco
+def mac_rule(*op_types: str):
+    """Register a function ``(graph, node) -> MACs per example`` for the given op types (the ``macs``
+    hook of their entries in :mod:`graphslim.ir.ops`)."""
+    return ops.register_hook("macs", *op_types)
 
 
 def _per_example(shape) -> int | None:

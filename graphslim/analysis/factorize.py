@@ -334,7 +334,7 @@ class Method:
         node = cand.node
         old_kernel = graph.input(node, 1)
         self._emit(graph, cand, graph.input(node, 0), node.name, reuse=node)
-        drop_unused(graph, old_kernel)
+        graph.remove_unused([old_kernel], keep_weights=False)
         if cand.data.get("bias_shift") is not None:
             shift_bias(graph, cand.data["bias"], cand.data["bias_shift"])
 
@@ -370,39 +370,6 @@ def _matches(patterns, names) -> str | None:
     return None
 
 
-def sole_weight(graph, node, port: int):
-    """The Weight feeding ``node``'s input ``port`` (through Identity) if nothing else reads it;
-    else ``(None, reason)``."""
-    from graphslim.ir.graph import WEIGHT_OP
-
-    t = graph.input(node, port)
-    src = graph.producer(t)
-    chain = [t]
-    while src.op == "Identity":
-        t = graph.input(src, 0)
-        chain.append(t)
-        src = graph.producer(t)
-    if src.op != WEIGHT_OP:
-        return None, f"input {port} is computed ({src.op}), not a trained weight"
-    if any(graph.uses(x) != 1 for x in chain):
-        return None, f"kernel {src.name} is shared with other ops"
-    return graph.weights[src.name], None
-
-
-def drop_unused(graph, tensor) -> None:
-    """Remove the producer of ``tensor`` (and Identity/Weight chains above it) once nothing uses it."""
-    from graphslim.ir.graph import WEIGHT_OP, as_tensor
-
-    node = graph.producer(as_tensor(tensor))
-    while node.op in ("Identity", WEIGHT_OP) and graph.uses(node.output(0)) == 0 \
-            and not graph.control_consumers(node):
-        up = graph.inputs_of(node)
-        graph.remove_node(node)
-        if not up:
-            break
-        node = graph.producer(up[0])
-
-
 def derived_name(kernel_name: str, kind: str) -> str:
     """``block1_conv2/kernel`` + ``depthwise`` → ``block1_conv2/depthwise_kernel``; names not ending in
     ``kernel`` get ``_<kind>``."""
@@ -415,19 +382,6 @@ def sibling_name(graph, node_name: str, suffix: str) -> str:
     """A free node name next to ``node_name``: ``scope/conv`` → ``scope/<suffix>``."""
     scope = node_name.rsplit("/", 1)[0] + "/" if "/" in node_name else ""
     return graph.unique_name(scope + suffix)
-
-
-def bias_after(graph, node):
-    """``(BiasAdd node, its bias Weight)`` when ``node``'s only use is a BiasAdd of an unshared
-    weight, else ``(None, None)``."""
-    users = graph.consumers(node.output(0))
-    if len(users) != 1 or graph.is_output(node.output(0)):
-        return None, None
-    user, port = users[0]
-    if user.op != "BiasAdd" or port != 0:
-        return None, None
-    w, _ = sole_weight(graph, user, 1)
-    return (user, w) if w is not None else (None, None)
 
 
 def shift_bias(graph, bias, shift) -> None:

@@ -54,6 +54,7 @@ import numpy as np
 
 from graphslim.analysis.channels import ChannelGroup, IndexMap
 from graphslim.errors import PassError
+from graphslim.ir import ops
 
 __all__ = ["Criterion", "CRITERIA", "ImportanceContext", "importance", "get_criterion", "score_groups",
            "per_channel", "source_slices", "sink_ops", "batchnorm_scales", "ChannelGram", "thinet_order",
@@ -220,20 +221,16 @@ def _norm_criterion(ctx, group, p: int) -> np.ndarray:
     return _normalized_sum(parts, present) + np.zeros(group.size)
 
 
-KERNEL_OPS = ("Conv2D", "MatMul", "BatchMatMulV2", "BatchMatMulV3", "BatchMatMul", "Conv2DBackpropInput",
-              "DepthwiseConv2dNative")
-
-
 def sink_ops(graph, group: ChannelGroup) -> list:
     """``(sink member, op node, data tensor member)`` for every sink kernel of the group: the op that
     reads the kernel, and the group's activation member that the op reads (its data input)."""
     out = []
     for m in group.sinks:
         for node, port in graph.weight_readers(m.name):
-            if port != 1 or node.op not in KERNEL_OPS:
+            entry = ops.facts(node.op)
+            if entry is None or port != entry.kernel_port:
                 continue
-            data_port = 2 if node.op == "Conv2DBackpropInput" else 0
-            t = str(graph.input(node, data_port))
+            t = str(graph.input(node, entry.data_ports[0]))
             act = next((a for a in group.members_of("tensor") if a.name == t), None)
             if act is not None:
                 out.append((m, node, act))
@@ -423,15 +420,12 @@ def _thinet_requests(ctx, group):
         rows = m.index_map.rows
         for c in range(group.size):
             labels[rows[c][rows[c] >= 0]] = c
-        if node.op == "Conv2D" and m.axis == 2:
-            geo = ConvGeometry.of(ctx.graph, node)
-            kernel = w.reshape(-1, w.shape[3])
-        elif node.op == "MatMul" and not node.attr("transpose_a", False):
-            geo = None
-            kernel = w.T if node.attr("transpose_b", False) else w
-        else:
+        entry = ops.facts(node.op)
+        if not entry.refit or m.axis != ops.kernel_axes(node, w.ndim)[0] or node.attr("transpose_a", False):
             ctx.note(group, f"thinet: sink {node.name} ({node.op}) is not a Conv2D or MatMul; it is left out")
             continue
+        geo = ConvGeometry.of(ctx.graph, node) if w.ndim == 4 else None
+        kernel = ops.kernel_matrix(node, w)
         reqs[f"sink{i}"] = (act.name, ChannelGram(kernel, labels, group.size, geo, ctx.positions,
                                                   rng=ctx.rng(group, i)))
     return reqs

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ import numpy as np
 
 from graphslim.analysis.channels import ChannelGroup, Member
 from graphslim.errors import PassError
+from graphslim.fileio import write_text_atomic
 from graphslim.ir.graph import Tensor
 
 PLAN_FORMAT = "graphslim.prune_plan"
@@ -174,12 +174,9 @@ class PrunePlan:
         check_plan_path(path, inputs)
         path = Path(path)
         text = _compact_lists(json.dumps(self.to_json(), indent=1, allow_nan=False)) + "\n"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomic(path, text)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise PassError(f"prune: cannot write the plan {path}: {exc.strerror or exc}") from None
 
     # ------------------------------------------------------------------ replaying

@@ -36,6 +36,7 @@ import numpy as np
 
 from graphslim.analysis.calibration import ConvGeometry, collect, extract_patches, patch_index
 from graphslim.analysis.channels import combined_positions
+from graphslim.ir import ops
 from graphslim.ir.graph import Graph
 
 __all__ = ["LayerFit", "fit_layers", "kept_positions", "sink_layers", "ridge_solve", "MAX_FEATURES"]
@@ -79,8 +80,9 @@ def kept_positions(changes) -> dict:
 
 
 def sink_layers(graph: Graph, changes) -> list[str]:
-    """Names of the Conv2D / MatMul nodes reading a sink kernel of the changed groups, in topological
-    order (other sink ops, e.g. BatchMatMul, are not refit)."""
+    """Names of the refittable nodes (``refit=True`` in :mod:`graphslim.ir.ops`: Conv2D, MatMul) reading
+    a sink kernel of the changed groups, in topological order (other sink ops, e.g. BatchMatMul, are
+    not refit)."""
     from graphslim.analysis.importance import sink_ops
 
     names = set()
@@ -88,7 +90,7 @@ def sink_layers(graph: Graph, changes) -> list[str]:
         if len(keep) == group.size:
             continue
         for m, node, _ in sink_ops(graph, group):
-            if node.op in ("Conv2D", "MatMul"):
+            if ops.facts(node.op).refit:
                 names.add(node.name)
     return [n.name for n in graph.nodes() if n.name in names]
 
@@ -121,27 +123,20 @@ class _Layer:
         okernel = original.weight_of(onode, 1)
         if okernel is None or okernel.name != self.kernel.name:
             raise ValueError("its kernel differs from the original's")
-        self.bias_node, self.bias = _bias_after(pruned, node)
-        _, obias = _bias_after(original, onode)
-        if self.op == "Conv2D":
-            if node.attr("data_format", "NHWC").startswith("NC"):
-                raise ValueError("NCHW convolution")
-            self.geo = ConvGeometry.of(pruned, node)
-            self.out_axis = 3
-            k = self.kernel.value
-            self.w0 = k.reshape(-1, k.shape[3]).astype(np.float64)
-            ko = okernel.value
-            w_orig = ko.reshape(-1, ko.shape[3]).astype(np.float64)
-        elif self.op == "MatMul":
-            if node.attr("transpose_a", False):
-                raise ValueError("MatMul with transpose_a")
-            self.geo = None
-            self.tb = bool(node.attr("transpose_b", False))
-            self.out_axis = 0 if self.tb else 1
-            self.w0 = (self.kernel.value.T if self.tb else self.kernel.value).astype(np.float64)
-            w_orig = (okernel.value.T if self.tb else okernel.value).astype(np.float64)
-        else:
+        self.bias_node, self.bias = pruned.bias_after(node)
+        _, obias = original.bias_after(onode)
+        entry = ops.facts(self.op)
+        if entry is None or not entry.refit:
             raise ValueError(f"op {self.op} is not refit")
+        if str(node.attr("data_format", "NHWC")).startswith("NC"):
+            raise ValueError("NCHW convolution")
+        if node.attr("transpose_a", False):
+            raise ValueError(f"{self.op} with transpose_a")
+        k = self.kernel.value
+        self.geo = ConvGeometry.of(pruned, node) if k.ndim == 4 else None  # im2col patches, or rows
+        self.out_axis = ops.kernel_axes(node, k.ndim)[1]
+        self.w0 = ops.kernel_matrix(node, k).astype(np.float64)
+        w_orig = ops.kernel_matrix(onode, okernel.value).astype(np.float64)
         cols = kept.get((self.kernel.name, self.out_axis))
         if cols is None:
             cols = np.arange(w_orig.shape[1])
@@ -154,7 +149,7 @@ class _Layer:
         self.x_orig = original.input(onode, 0)
         # a classifier head: MatMul (+ BiasAdd) → Softmax, all classes kept
         self.softmax = None
-        if self.op == "MatMul" and len(cols) == w_orig.shape[1]:
+        if self.geo is None and len(cols) == w_orig.shape[1]:
             users = pruned.consumers((self.bias_node or node).output(0))
             if len(users) == 1 and users[0][0].op == "Softmax":
                 self.softmax = users[0][0].name
@@ -293,17 +288,6 @@ def softmax_refit(f: np.ndarray, p: np.ndarray, b_init: np.ndarray, b0: np.ndarr
     return b
 
 
-def _bias_after(graph: Graph, node):
-    """The BiasAdd right after ``node`` (its only reader) and its bias weight, or (None, None)."""
-    users = graph.consumers(node.output(0))
-    if len(users) == 1 and users[0][0].op == "BiasAdd" and users[0][1] == 0:
-        ba = users[0][0]
-        w = graph.weight_of(ba, 1)
-        if w is not None and len(graph.weight_readers(w.name)) == 1:
-            return ba, w
-    return None, None
-
-
 def _depends(graph: Graph, names: list[str]) -> dict:
     """For each layer, the other layers among ``names`` it depends on."""
     s = set(names)
@@ -315,10 +299,7 @@ def _write(graph: Graph, layer: _Layer, b: np.ndarray) -> str:
     w, bias = b[:-1], b[-1]
     k = layer.kernel
     dtype = k.value.dtype
-    if layer.op == "Conv2D":
-        new = w.reshape(k.value.shape)
-    else:
-        new = w.T if layer.tb else w
+    new = ops.matrix_to_kernel(graph.node(layer.name), w, k.value.shape)
     graph.set_weight(k.name, np.ascontiguousarray(new.astype(dtype)))
     if layer.bias is not None:
         graph.set_weight(layer.bias.name, bias.astype(layer.bias.value.dtype))

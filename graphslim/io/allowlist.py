@@ -9,8 +9,8 @@ How the list was made: every op registered in TensorFlow 2.21 (``TF_GetAllOpList
 input/output types, attrs of type string and func) was reviewed by category. On the list are ops that only
 compute on tensors in memory. Off the list, whatever else they do: files, checkpoints (see below), the
 network, devices and collectives (TPU, NCCL, XLA host transfers, DTensor, Send/Recv, RPC), Python and native
-code (PyFunc, XlaCallModule, MlirPassthroughOp), debugging (Debug*, DumpTensor), summaries, tf.data datasets
-and iterators, readers, queues, staging areas, barriers, accumulators, mutexes, batching (Batch,
+code (PyFunc, XlaCallModule, XlaCustomCall, MlirPassthroughOp), debugging (Debug*, DumpTensor), summaries, tf.data
+datasets and iterators, readers, queues, staging areas, barriers, accumulators, mutexes, batching (Batch,
 BatchFunction), sessions, sleeping (SleepOp, SleepIdentityOp), aborting (Abort), uninitialized memory
 (Empty), clocks (Timestamp), estimator resources (BoostedTrees*, Sdca*), experimental ops (Risc*),
 TensorFlow's test ops, ops that are not pure enough to be sure of (SymbolicGradient,
@@ -33,7 +33,7 @@ decide, and add them to the right group with the reason in its comment.
 
 from __future__ import annotations
 
-__all__ = ["ALLOWED", "CATEGORIES", "CHECKPOINT_OPS", "CONDITIONAL", "condition", "describe"]
+__all__ = ["ALLOWED", "CATEGORIES", "CHECKPOINT_OPS", "CONDITIONAL", "REFUSED_DETAIL", "condition", "describe"]
 
 # Placeholders are fed by the caller; constants are data carried in the graph (their size is bounded by the loader).
 INPUTS = frozenset({
@@ -41,15 +41,17 @@ INPUTS = frozenset({
 })
 
 # Functional control flow and calls (the functions they call are library functions, scanned like the graph), TF1
-# frame ops (Switch/Merge/Enter/Exit/NextIteration/LoopCond), no-ops and identities, Assert and Print (to stderr),
-# the Optional ops cond_v2/while_v2 use to carry intermediates, and the in-memory StackV2 ops of TF1 while-loop
-# gradients. A loop may not end: that is for the contained execution's time limit, not for the scan.
+# frame ops (Switch/Merge/Enter/Exit/NextIteration/LoopCond, RefSelect), no-ops and identities, Assert, CheckPinned
+# (an assertion) and Print (to stderr), the Optional ops cond_v2/while_v2 use to carry intermediates, the in-memory
+# StackV2 ops of TF1 while-loop gradients, and DeviceIndex (the index of the device type among names: with a Case,
+# how ``execute_fn_for_device`` picks a per-device implementation, e.g. in tf.nn.ctc_loss). A loop may not end: that
+# is for the contained execution's time limit, not for the scan.
 CONTROL_FLOW = frozenset({
-    "Assert", "Case", "ControlTrigger", "Enter", "Exit", "FakeParam", "For", "Identity", "IdentityN", "If",
-    "LoopCond", "Merge", "NextIteration", "NoOp", "OptionalFromValue", "OptionalGetValue", "OptionalHasValue",
-    "OptionalNone", "PartitionedCall", "Print", "RefEnter", "RefExit", "RefMerge", "RefNextIteration",
-    "RefSwitch", "StackCloseV2", "StackPopV2", "StackPushV2", "StackV2", "StatefulPartitionedCall",
-    "StatelessCase", "StatelessIf", "StatelessWhile", "Switch", "While",
+    "Assert", "Case", "CheckPinned", "ControlTrigger", "DeviceIndex", "Enter", "Exit", "FakeParam", "For",
+    "Identity", "IdentityN", "If", "LoopCond", "Merge", "NextIteration", "NoOp", "OptionalFromValue",
+    "OptionalGetValue", "OptionalHasValue", "OptionalNone", "PartitionedCall", "Print", "RefEnter", "RefExit",
+    "RefMerge", "RefNextIteration", "RefSelect", "RefSwitch", "StackCloseV2", "StackPopV2", "StackPushV2",
+    "StackV2", "StatefulPartitionedCall", "StatelessCase", "StatelessIf", "StatelessWhile", "Switch", "While",
 })
 
 # TensorList/TensorMap values (variants) and TensorArrayV3 resources: in-memory containers of while loops, RNNs and
@@ -99,28 +101,28 @@ MATH = frozenset({
 })
 
 # Convolutions, pooling, activations, normalizations, softmax and losses, RNN cells (cuDNN kernels included: Keras 2
-# LSTM/GRU exports carry a cuDNN variant of each layer), CTC decoders, top-k, and their gradients.
+# LSTM/GRU exports carry a cuDNN variant of each layer), CTC decoders, top-k (with the TPU-oriented helpers
+# KthOrderStatistic, MakeUnique, TopKUnique, TopKWithUnique, which have CPU kernels), and their gradients.
 NN = frozenset({
     "ApproxTopK", "AvgPool", "AvgPool3D", "AvgPool3DGrad", "AvgPoolGrad", "BatchNormWithGlobalNormalization",
     "BatchNormWithGlobalNormalizationGrad", "BiasAdd", "BiasAddGrad", "BiasAddV1", "BlockLSTM", "BlockLSTMGrad",
-    "BlockLSTMGradV2", "BlockLSTMV2", "CTCBeamSearchDecoder", "CTCGreedyDecoder", "CTCLoss", "CTCLossV2",
-    "Conv", "Conv2D", "Conv2DBackpropFilter", "Conv2DBackpropFilterV2", "Conv2DBackpropInput",
-    "Conv2DBackpropInputV2", "Conv3D", "Conv3DBackpropFilter", "Conv3DBackpropFilterV2", "Conv3DBackpropInput",
-    "Conv3DBackpropInputV2", "CudnnRNN", "CudnnRNNBackprop", "CudnnRNNBackpropV2", "CudnnRNNBackpropV3",
-    "CudnnRNNCanonicalToParams", "CudnnRNNCanonicalToParamsV2", "CudnnRNNParamsSize",
-    "CudnnRNNParamsToCanonical", "CudnnRNNParamsToCanonicalV2", "CudnnRNNV2", "CudnnRNNV3", "DataFormatDimMap",
-    "DataFormatVecPermute", "DepthwiseConv2dNative", "DepthwiseConv2dNativeBackpropFilter",
-    "DepthwiseConv2dNativeBackpropInput", "Dilation2D", "Dilation2DBackpropFilter", "Dilation2DBackpropInput",
-    "Elu", "EluGrad", "FractionalAvgPool", "FractionalAvgPoolGrad", "FractionalMaxPool",
-    "FractionalMaxPoolGrad", "FusedBatchNorm", "FusedBatchNormGrad", "FusedBatchNormGradV2",
-    "FusedBatchNormGradV3", "FusedBatchNormV2", "FusedBatchNormV3", "FusedPadConv2D", "FusedResizeAndPadConv2D",
-    "GRUBlockCell", "GRUBlockCellGrad", "InTopK", "InTopKV2", "L2Loss", "LRN", "LRNGrad", "LSTMBlockCell",
-    "LSTMBlockCellGrad", "LeakyRelu", "LeakyReluGrad", "LogSoftmax", "MaxPool", "MaxPool3D", "MaxPool3DGrad",
-    "MaxPool3DGradGrad", "MaxPoolGrad", "MaxPoolGradGrad", "MaxPoolGradGradV2", "MaxPoolGradGradWithArgmax",
-    "MaxPoolGradV2", "MaxPoolGradWithArgmax", "MaxPoolV2", "MaxPoolWithArgmax", "NthElement", "Relu", "Relu6",
-    "Relu6Grad", "ReluGrad", "Selu", "SeluGrad", "Sigmoid", "SigmoidGrad", "Softmax",
-    "SoftmaxCrossEntropyWithLogits", "Softplus", "SoftplusGrad", "Softsign", "SoftsignGrad", "Tanh", "TanhGrad",
-    "TopK", "TopKV2",
+    "BlockLSTMGradV2", "BlockLSTMV2", "CTCBeamSearchDecoder", "CTCGreedyDecoder", "CTCLoss", "CTCLossV2", "Conv",
+    "Conv2D", "Conv2DBackpropFilter", "Conv2DBackpropFilterV2", "Conv2DBackpropInput", "Conv2DBackpropInputV2",
+    "Conv3D", "Conv3DBackpropFilter", "Conv3DBackpropFilterV2", "Conv3DBackpropInput", "Conv3DBackpropInputV2",
+    "CudnnRNN", "CudnnRNNBackprop", "CudnnRNNBackpropV2", "CudnnRNNBackpropV3", "CudnnRNNCanonicalToParams",
+    "CudnnRNNCanonicalToParamsV2", "CudnnRNNParamsSize", "CudnnRNNParamsToCanonical", "CudnnRNNParamsToCanonicalV2",
+    "CudnnRNNV2", "CudnnRNNV3", "DataFormatDimMap", "DataFormatVecPermute", "DepthwiseConv2dNative",
+    "DepthwiseConv2dNativeBackpropFilter", "DepthwiseConv2dNativeBackpropInput", "Dilation2D",
+    "Dilation2DBackpropFilter", "Dilation2DBackpropInput", "Elu", "EluGrad", "FractionalAvgPool",
+    "FractionalAvgPoolGrad", "FractionalMaxPool", "FractionalMaxPoolGrad", "FusedBatchNorm", "FusedBatchNormGrad",
+    "FusedBatchNormGradV2", "FusedBatchNormGradV3", "FusedBatchNormV2", "FusedBatchNormV3", "FusedPadConv2D",
+    "FusedResizeAndPadConv2D", "GRUBlockCell", "GRUBlockCellGrad", "InTopK", "InTopKV2", "KthOrderStatistic",
+    "L2Loss", "LRN", "LRNGrad", "LSTMBlockCell", "LSTMBlockCellGrad", "LeakyRelu", "LeakyReluGrad", "LogSoftmax",
+    "MakeUnique", "MaxPool", "MaxPool3D", "MaxPool3DGrad", "MaxPool3DGradGrad", "MaxPoolGrad", "MaxPoolGradGrad",
+    "MaxPoolGradGradV2", "MaxPoolGradGradWithArgmax", "MaxPoolGradV2", "MaxPoolGradWithArgmax", "MaxPoolV2",
+    "MaxPoolWithArgmax", "NthElement", "Relu", "Relu6", "Relu6Grad", "ReluGrad", "Selu", "SeluGrad", "Sigmoid",
+    "SigmoidGrad", "Softmax", "SoftmaxCrossEntropyWithLogits", "Softplus", "SoftplusGrad", "Softsign",
+    "SoftsignGrad", "Tanh", "TanhGrad", "TopK", "TopKUnique", "TopKV2", "TopKWithUnique",
 })
 
 # Shapes, reshapes, slicing, gather and scatter into new tensors (not into variables), concat/split/stack, padding,
@@ -145,24 +147,25 @@ ARRAY = frozenset({
     "UniqueWithCounts", "UniqueWithCountsV2", "Unpack", "UnravelIndex", "UpperBound", "Where", "ZerosLike",
 })
 
-# SparseTensor and CSR sparse-matrix ops, set operations, and (de)serialization of SparseTensors to strings.
+# SparseTensor and CSR sparse-matrix ops, set operations, (de)serialization of SparseTensors to strings, and the
+# in-memory SparseTensorsMap of TF1 (AddSparseToTensorsMap & co.: a container of the session, like a hash table).
 SPARSE = frozenset({
-    "CSRSparseMatrixComponents", "CSRSparseMatrixToDense", "CSRSparseMatrixToSparseTensor",
-    "DenseToCSRSparseMatrix", "DenseToDenseSetOperation", "DenseToSparseSetOperation", "DeserializeManySparse",
-    "DeserializeSparse", "SerializeManySparse", "SerializeSparse", "SetSize", "SparseAdd", "SparseAddGrad",
-    "SparseBincount", "SparseConcat", "SparseCountSparseOutput", "SparseCross", "SparseCrossHashed",
-    "SparseCrossV2", "SparseDenseCwiseAdd", "SparseDenseCwiseDiv", "SparseDenseCwiseMul", "SparseFillEmptyRows",
-    "SparseFillEmptyRowsGrad", "SparseMatMul", "SparseMatrixAdd", "SparseMatrixMatMul", "SparseMatrixMul",
-    "SparseMatrixNNZ", "SparseMatrixOrderingAMD", "SparseMatrixSoftmax", "SparseMatrixSoftmaxGrad",
-    "SparseMatrixSparseCholesky", "SparseMatrixSparseMatMul", "SparseMatrixTranspose", "SparseMatrixZeros",
-    "SparseReduceMax", "SparseReduceMaxSparse", "SparseReduceSum", "SparseReduceSumSparse", "SparseReorder",
-    "SparseReshape", "SparseSegmentMean", "SparseSegmentMeanGrad", "SparseSegmentMeanGradV2",
-    "SparseSegmentMeanWithNumSegments", "SparseSegmentSqrtN", "SparseSegmentSqrtNGrad",
+    "AddManySparseToTensorsMap", "AddSparseToTensorsMap", "CSRSparseMatrixComponents", "CSRSparseMatrixToDense",
+    "CSRSparseMatrixToSparseTensor", "DenseToCSRSparseMatrix", "DenseToDenseSetOperation",
+    "DenseToSparseSetOperation", "DeserializeManySparse", "DeserializeSparse", "SerializeManySparse",
+    "SerializeSparse", "SetSize", "SparseAdd", "SparseAddGrad", "SparseBincount", "SparseConcat",
+    "SparseCountSparseOutput", "SparseCross", "SparseCrossHashed", "SparseCrossV2", "SparseDenseCwiseAdd",
+    "SparseDenseCwiseDiv", "SparseDenseCwiseMul", "SparseFillEmptyRows", "SparseFillEmptyRowsGrad", "SparseMatMul",
+    "SparseMatrixAdd", "SparseMatrixMatMul", "SparseMatrixMul", "SparseMatrixNNZ", "SparseMatrixOrderingAMD",
+    "SparseMatrixSoftmax", "SparseMatrixSoftmaxGrad", "SparseMatrixSparseCholesky", "SparseMatrixSparseMatMul",
+    "SparseMatrixTranspose", "SparseMatrixZeros", "SparseReduceMax", "SparseReduceMaxSparse", "SparseReduceSum",
+    "SparseReduceSumSparse", "SparseReorder", "SparseReshape", "SparseSegmentMean", "SparseSegmentMeanGrad",
+    "SparseSegmentMeanGradV2", "SparseSegmentMeanWithNumSegments", "SparseSegmentSqrtN", "SparseSegmentSqrtNGrad",
     "SparseSegmentSqrtNGradV2", "SparseSegmentSqrtNWithNumSegments", "SparseSegmentSum", "SparseSegmentSumGrad",
-    "SparseSegmentSumGradV2", "SparseSegmentSumWithNumSegments", "SparseSlice", "SparseSliceGrad",
-    "SparseSoftmax", "SparseSoftmaxCrossEntropyWithLogits", "SparseSparseMaximum", "SparseSparseMinimum",
-    "SparseSplit", "SparseTensorDenseAdd", "SparseTensorDenseMatMul", "SparseTensorToCSRSparseMatrix",
-    "SparseToDense", "SparseToSparseSetOperation",
+    "SparseSegmentSumGradV2", "SparseSegmentSumWithNumSegments", "SparseSlice", "SparseSliceGrad", "SparseSoftmax",
+    "SparseSoftmaxCrossEntropyWithLogits", "SparseSparseMaximum", "SparseSparseMinimum", "SparseSplit",
+    "SparseTensorDenseAdd", "SparseTensorDenseMatMul", "SparseTensorToCSRSparseMatrix", "SparseToDense",
+    "SparseToSparseSetOperation", "TakeManySparseFromTensorsMap",
 })
 
 # RaggedTensor ops.
@@ -251,17 +254,18 @@ QUANTIZATION = frozenset({
 })
 
 # Resource and TF1 reference variables as the loader and the checkpoint machinery use them: creation, reads,
-# assignments and scatter updates, all in memory.
+# assignments and scatter updates, all in memory (AssignVariableXlaConcatND/ReadVariableXlaSplitND: a variable
+# written from / read as the shards of a TPU-partitioned tensor, on the host).
 VARIABLES = frozenset({
     "Assign", "AssignAdd", "AssignAddVariableOp", "AssignSub", "AssignSubVariableOp", "AssignVariableOp",
-    "CountUpTo", "DisableCopyOnRead", "IsVariableInitialized", "ReadVariableOp", "RefIdentity",
-    "ResourceCountUpTo", "ResourceGather", "ResourceGatherNd", "ResourceScatterAdd", "ResourceScatterDiv",
-    "ResourceScatterMax", "ResourceScatterMin", "ResourceScatterMul", "ResourceScatterNdAdd",
-    "ResourceScatterNdMax", "ResourceScatterNdMin", "ResourceScatterNdSub", "ResourceScatterNdUpdate",
-    "ResourceScatterSub", "ResourceScatterUpdate", "ResourceStridedSliceAssign", "ScatterAdd", "ScatterDiv",
-    "ScatterMax", "ScatterMin", "ScatterMul", "ScatterNdAdd", "ScatterNdMax", "ScatterNdMin", "ScatterNdSub",
-    "ScatterNdUpdate", "ScatterSub", "ScatterUpdate", "StridedSliceAssign", "VarHandleOp", "VarIsInitializedOp",
-    "Variable", "VariableShape", "VariableV2",
+    "AssignVariableXlaConcatND", "CountUpTo", "DisableCopyOnRead", "IsVariableInitialized", "ReadVariableOp",
+    "ReadVariableXlaSplitND", "RefIdentity", "ResourceCountUpTo", "ResourceGather", "ResourceGatherNd",
+    "ResourceScatterAdd", "ResourceScatterDiv", "ResourceScatterMax", "ResourceScatterMin", "ResourceScatterMul",
+    "ResourceScatterNdAdd", "ResourceScatterNdMax", "ResourceScatterNdMin", "ResourceScatterNdSub",
+    "ResourceScatterNdUpdate", "ResourceScatterSub", "ResourceScatterUpdate", "ResourceStridedSliceAssign",
+    "ScatterAdd", "ScatterDiv", "ScatterMax", "ScatterMin", "ScatterMul", "ScatterNdAdd", "ScatterNdMax",
+    "ScatterNdMin", "ScatterNdSub", "ScatterNdUpdate", "ScatterSub", "ScatterUpdate", "StridedSliceAssign",
+    "VarHandleOp", "VarIsInitializedOp", "Variable", "VariableShape", "VariableV2",
 })
 
 # Optimizer steps (Apply*/ResourceApply*/SparseApply*): in-memory updates of variables, found in the training
@@ -285,8 +289,14 @@ TRAINING = frozenset({
     "SparseApplyRMSProp",
 })
 
-# Hash tables, their lookups, inserts, imports and exports. Tables initialized from a file
-# (InitializeTableFromTextFile*) or a dataset stay off.
+# Hash tables, their lookups, inserts, imports and exports: computation on tables in memory (HashTableV2,
+# LookupTableFindV2, LookupTableImportV2, ...). Off: InitializeTableFromDataset (runs a tf.data pipeline) and
+# InitializeTableFromTextFile(V2), which read the file a *tensor* names when the model is initialized. That is safe
+# only when the tensor is provably one of the model's assets, and proving it means following the name from
+# asset_file_def (TF1: a placeholder the loader feeds, stored into a variable, read and passed through calls) or from
+# the object graph's bound asset (TF2) to every initializer, the way the scan follows the checkpoint prefix. graphslim
+# does not do that (its IR does not run table initializers either), so they stay refused with a message saying why
+# (REFUSED_DETAIL); a trusted model is accepted with --allow-ops InitializeTableFromTextFileV2.
 TABLES = frozenset({
     "AnonymousHashTable", "AnonymousMutableDenseHashTable", "AnonymousMutableHashTable",
     "AnonymousMutableHashTableOfTensors", "HashTable", "HashTableV2", "InitializeTable", "InitializeTableV2",
@@ -296,14 +306,43 @@ TABLES = frozenset({
     "MutableHashTableOfTensors", "MutableHashTableOfTensorsV2", "MutableHashTableV2",
 })
 
+# XLA's operations as TensorFlow ops (tf2xla; jax2tf without native serialization and TPU-trained exports carry
+# them): each wraps one HLO instruction and computes only, on tensors (the reducers, comparators and branches of
+# XlaReduce/XlaReduceWindow/XlaScatter/XlaSelectAndScatter/XlaVariadicSort/XlaIf/XlaWhile are library functions,
+# scanned like the graph); sharding and dynamic-shape annotations (XlaSharding, XlaSpmd*, XlaSetBound, ...) are
+# identities. They have kernels only under XLA (a graph with them runs with jit_compile, e.g. ``bench --xla``).
+# Off: XlaCallModule (a serialized StableHLO module: custom calls and host callbacks into Python), XlaCustomCall(V2)
+# (native code by target name), XlaHostCompute, XlaSendToHost/XlaRecvFromHost, XlaSend/XlaRecv and the _XlaRecvAtHost/
+# _XlaSendFromHost/_XlaHostComputeMlir family (host and device transfers), XlaAllReduce and XlaReduceScatter
+# (collectives across replicas), XlaLaunch(V2), _XlaCompile, _XlaRun, _XlaMerge, XlaClusterOutput,
+# _XlaAotOnlyVarHandleOp, _XlaCompileMlirPlaceholderProgramKey (made by XLA's own compilation passes at run time,
+# never exported), and the TPU embedding and SparseCore ops (XlaRecvTPUEmbedding*, XlaSendTPUEmbedding*,
+# XlaSparseCore*, XlaSparseDenseMatmul*, XlaSparseActivationsUnstack, XlaSparseGradientsStack: TPU devices).
+XLA = frozenset({
+    "XlaBroadcastHelper", "XlaConcatND", "XlaConv", "XlaConvV2", "XlaDequantize", "XlaDot", "XlaDotV2",
+    "XlaDynamicSlice", "XlaDynamicUpdateSlice", "XlaEinsum", "XlaGather", "XlaIf", "XlaKeyValueSort",
+    "XlaOptimizationBarrier", "XlaPad", "XlaReduce", "XlaReducePrecision", "XlaReduceWindow",
+    "XlaRemoveDynamicDimensionSize", "XlaReplicaId", "XlaRngBitGenerator", "XlaScatter", "XlaSelectAndScatter",
+    "XlaSelfAdjointEig", "XlaSetBound", "XlaSetDynamicDimensionSize", "XlaSharding", "XlaSort", "XlaSplitND",
+    "XlaSpmdFullToShardShape", "XlaSpmdShardToFullShape", "XlaSvd", "XlaVariadicReduce", "XlaVariadicReduceV2",
+    "XlaVariadicSort", "XlaWhile",
+})
+
 # Leading-underscore ops are TensorFlow-internal; only these are allowed. Grappler's remapper writes them into a
 # GraphDef (tensorflow.python.grappler.tf_optimizer.OptimizeGraph on a placed graph turns Conv2D+BiasAdd+Relu into
-# _FusedConv2D, with oneDNN on or off), so frozen graphs exported after grappler carry them; they compute only.
+# _FusedConv2D, with oneDNN on or off), so frozen graphs exported after grappler carry them; they compute only. So do
+# _TensorToHashBucketFast (the remapper's AsString + StringToHashBucketFast) and _UnaryOpsComposition (the arithmetic
+# optimizer's chain of element-wise unary ops, named in its op_names attr and checked against a fixed table).
 # The _Mkl*/_MklNative* ops are created later, by the oneDNN layout pass while a session partitions its graph, are
 # never exported, and some expect oneDNN layout tensors beside their inputs: off, like _Arg/_Retval/_Send/_Recv,
-# _ReadVariablesOp/_VarHandlesOp and the other runtime-only rewrites.
+# _ReadVariablesOp/_VarHandlesOp and the other runtime-only rewrites. The oneDNN quantized fusions
+# (_FusedQuantizedConv2D, _FusedQuantizedDepthwiseConv2D, _QuantizedMatMul, _QuantizedMaxPool3D) compute only but have
+# kernels only in oneDNN builds and come from quantization tools rather than TensorFlow's export: off until a model
+# that carries them is reviewed. Also off: _ParallelConcatStart (uninitialized memory, like Empty), _SwitchN, _If,
+# _While, _ScopedAllocator*, _HostCast, _EagerConst, _ArrayToList/_ListToArray (runtime lowering, never exported).
 INTERNAL = frozenset({
     "_FusedBatchNormEx", "_FusedConv2D", "_FusedConv3D", "_FusedDepthwiseConv2dNative", "_FusedMatMul",
+    "_TensorToHashBucketFast", "_UnaryOpsComposition",
 })
 
 # Allowed only with these attr values (see condition()); each text completes "is allowed ...".
@@ -319,6 +358,13 @@ CONDITIONAL = {
 # saver_def names, the object graph's saveable functions), which graphslim.io.scan recognises.
 CHECKPOINT_OPS = frozenset({"Save", "SaveV2", "SaveSlices", "Restore", "RestoreV2", "RestoreSlice",
                             "MergeV2Checkpoints"})
+
+# Why some ops off the list are refused, beyond "not on the allow-list" (the detail of the scan's finding).
+REFUSED_DETAIL = {
+    op: (" (it fills a lookup table from the file a tensor names, read when the model is initialized; graphslim does "
+         "not check that the name is one of the model's assets, so the file could be any file the process can read)")
+    for op in ("InitializeTableFromTextFile", "InitializeTableFromTextFileV2")
+}
 
 # (key, title, ops) in the order --list-allowed prints them.
 CATEGORIES = (
@@ -338,6 +384,7 @@ CATEGORIES = (
     ("variables", "variables", VARIABLES),
     ("training", "optimizer updates of variables", TRAINING),
     ("tables", "lookup tables filled from tensors", TABLES),
+    ("xla", "XLA operations (compiled with XLA)", XLA),
     ("internal", "grappler fusions (internal ops)", INTERNAL),
 )
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import pathlib
@@ -52,13 +53,11 @@ import warnings
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
-from graphslim.version import __version__
 from graphslim.errors import EmitCheckError, EmitError, XlaCheckWarning
-import itertools
-
-from graphslim.ir.functions import graph_closure, rename_library
+from graphslim.ir.functions import rename_library
 from graphslim.ir.graph import WEIGHT_OP, Graph, Tensor
 from graphslim.ir.tfconv import graph_to_graph_def, parse_input
+from graphslim.version import __version__
 
 __all__ = ["save", "xla_cpu_caveats"]
 
@@ -199,12 +198,16 @@ FULL_LOAD_CHECK_BYTES = 1 << 30
 
 
 def _check_loads(graph: Graph, model_dir: pathlib.Path) -> None:
-    """What was just written must load in TensorFlow: its function library is closed and every
-    function imports (loading never runs the model's computation), and, unless the weights are
-    larger than FULL_LOAD_CHECK_BYTES, ``tf.saved_model.load`` revives it with its signature.
-    A failure is graphslim's fault, not the input's: EmitCheckError (exit 3)."""
+    """What was just written must load in TensorFlow: its function library is closed (checked here, on
+    the protos) and every function imports (loading never runs the model's computation), and, unless
+    the weights are larger than FULL_LOAD_CHECK_BYTES, ``tf.saved_model.load`` revives it with its
+    signature. TensorFlow's part runs in the shared execution child (:mod:`graphslim.sandbox`), on a
+    copy of the files in its scratch directory: a model that makes TensorFlow's loader crash, abort or
+    hang ends that child (killed at its time limit), never this process. A failure is graphslim's fault,
+    not the input's: EmitCheckError (exit 3)."""
     from tensorflow.core.protobuf import saved_model_pb2
-    from tensorflow.python.saved_model import function_deserialization
+
+    from graphslim.sandbox import ExecutionError, shared_child
 
     try:
         sm = saved_model_pb2.SavedModel()
@@ -221,15 +224,13 @@ def _check_loads(graph: Graph, model_dir: pathlib.Path) -> None:
         missing = sorted(closure(roots, library) - set(library))
         if missing:
             raise ValueError(f"its function library lacks {', '.join(map(repr, missing[:5]))}")
-        function_deserialization.load_function_def_library(meta.graph_def.library, meta.object_graph_def)
-        if sum(w.value.nbytes for w in graph.weights.values()) <= FULL_LOAD_CHECK_BYTES:
-            loaded = tf.saved_model.load(str(model_dir))
-            if graph.signature_name not in loaded.signatures:
-                raise ValueError(f"the loaded model has no signature {graph.signature_name!r}")
+        full = sum(w.value.nbytes for w in graph.weights.values()) <= FULL_LOAD_CHECK_BYTES
+        shared_child("the SavedModel graphslim wrote").check_saved_model(model_dir, graph.signature_name, full)
     except Exception as exc:  # noqa: BLE001 - whatever TensorFlow says, the model must not be written
+        why = _describe(exc) if not isinstance(exc, ExecutionError) else _shorten(str(exc))
         raise EmitCheckError(
             f"internal error: the SavedModel graphslim wrote does not load in TensorFlow "
-            f"({_describe(exc)}); nothing was written. This is a graphslim bug: please report it with the "
+            f"({why}); nothing was written. This is a graphslim bug: please report it with the "
             f"model's op types (graphslim inspect) and the pipeline.") from exc
 
 
@@ -544,6 +545,10 @@ def _where(exc: BaseException, graph: Graph) -> str:
         if graph.has_node(name):
             return f" at node {name!r} ({graph.node(name).op})"
     return ""
+
+
+def _shorten(text: str, limit: int = 600) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _describe(exc: BaseException) -> str:

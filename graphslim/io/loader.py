@@ -6,16 +6,9 @@ from the checkpoint (``variables/``) with TensorFlow's checkpoint reader. It nev
 ``tf.saved_model.load``: that revives Python objects (and fails on SavedModels written by older
 TensorFlow versions, e.g. Keras models saved with optimizer slot variables), and it is slow.
 
-How variables are found:
-
-* TF2 SavedModels (``tf.saved_model.save``, Keras ``model.export``): the signature's call op passes the
-  captured variable handles as its trailing inputs. ``object_graph_def.concrete_functions[f].bound_inputs``
-  names the SavedObjectGraph nodes of those variables; the checkpoint's own object graph
-  (``_CHECKPOINTABLE_OBJECT_GRAPH``), matched path by path from the root, gives each one's checkpoint key
-  and its original name (``full_name``, e.g. ``conv2d_1/kernel``).
-* TF1 SavedModels (``VariableV2`` + Saver): the checkpoint key is the variable's op name; the
-  ``trainable_variables`` collection gives the trainable flags.
-* Frozen GraphDefs: floating-point constants of rank ≥ 1 become weights named after their node.
+Function inlining is :mod:`graphslim.io.inline`; how variables are found and read (TF2 object graphs,
+TF1 collections) is :mod:`graphslim.io.variables`. Frozen GraphDefs: floating-point constants of
+rank ≥ 1 become weights named after their node.
 
 Example::
 
@@ -29,26 +22,21 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections import deque
 from pathlib import Path
 
 import numpy as np
-from google.protobuf import message as _pb_message
 
 from graphslim.errors import GraphslimError, LoadError, VerificationError
 from graphslim.ir.graph import WEIGHT_OP, Graph, SignatureArg, Tensor
 from graphslim.ir import attrs as _attrs
 from graphslim.ir.functions import CALL_INPUTS, closure, node_refs, specialize_resource_args
 from graphslim.ir.tfconv import graph_from_node_defs, parse_input
+from graphslim.io.inline import FunctionInliner
 from graphslim.io.reader import (check_node_def, check_shape_proto, const_limit, dtype_size, first_line,
                                  parse_graph_def, parse_saved_model, pick_meta_graph, refuse_variant_constants,
                                  saved_model_file, signature_names)
+from graphslim.io.variables import CheckpointVariables, check_var_value
 
-CALL_OPS = {"PartitionedCall", "StatefulPartitionedCall"}
-VARIABLE_OPS = {"VarHandleOp", "VariableV2", "Variable"}
-# ops that only exist to read or describe variables, dropped once reads become Weight edges
-_MAX_INLINE_DEPTH = 64
-_MAX_INLINED_NODES = 200_000  # at least; scaled with the file's own node count (see _flatten)
 MAX_ASSET_MB = 64  # per asset file, by default; all assets together: ASSETS_TOTAL_FACTOR times that
 ASSETS_TOTAL_FACTOR = 4
 
@@ -174,13 +162,8 @@ class _SavedModelReader:
                 raise LoadError(f"{path / 'saved_model.pb'}: corrupt graph: two nodes are named {nd.name!r}. "
                                 f"Re-export the model.")
             self.nodes[nd.name] = nd
-        self._fn_cache: dict = {}
-        self._reader = None
-        self._ckpt_specs = None
-        self._bytes_read = 0
-        self._const_limit = const_limit(path)
-        self._node_budget = max(_MAX_INLINED_NODES, 20 * (len(meta.graph_def.node) + sum(
-            len(f.node_def) for f in meta.graph_def.library.function)))
+        self.inliner = FunctionInliner(path, meta.graph_def, self.library, self.nodes)
+        self.variables = CheckpointVariables(path, meta, self.nodes)
 
     # ------------------------------------------------------------------ top level
     def build(self, signature: str) -> Graph:
@@ -213,9 +196,9 @@ class _SavedModelReader:
                 dtype_size(info.dtype, where)
         # Only the part of the graph the outputs need.
         needed = self._ancestors([n for n, _ in outputs.values()])
-        self._check_inline_size(needed)
-        var_info = self._variable_info(needed)
-        nodes, aliases = self._flatten(needed)
+        self.inliner.check_size(needed)
+        var_info = self.variables.variable_info(needed)
+        nodes, aliases = self.inliner.flatten(needed)
         g = self._to_ir(nodes, aliases, var_info, inputs, outputs, sig)
         g.signature_name = signature
         g.assets = self._assets()
@@ -245,302 +228,6 @@ class _SavedModelReader:
                                         f"node {src!r} exists. Re-export the model.")
                     stack.append(src)
         return [n for n in self.nodes if n in seen]  # keep file order
-
-    # ------------------------------------------------------------------ variables
-    def _checkpoint(self):
-        if self._reader is None:
-            tf = _tf()
-            prefix = self.path / "variables" / "variables"
-            index = Path(str(prefix) + ".index")
-            if not index.exists():
-                raise LoadError(f"{self.path}: the model has variables but {index} is missing. Copy the "
-                                f"whole SavedModel directory, including variables/.")
-            from graphslim.io.ckpt_index import check_index
-
-            check_index(index)  # what TensorFlow's reader would abort the process on
-            try:
-                self._reader = tf.train.load_checkpoint(str(prefix))
-            except Exception as exc:  # noqa: BLE001 - the reader raises several unrelated types
-                raise LoadError(f"{self.path}: cannot read the variables checkpoint {prefix}: "
-                                f"{first_line(exc)}. The variables files are missing, truncated or from "
-                                f"another model; copy the whole SavedModel directory again.") from None
-        return self._reader
-
-    def _checkpoint_specs(self):
-        """(key → shape list, key → tf.DType, bytes of the variables data files), read from the index
-        only: what the checkpoint *claims*, checked before any tensor is read."""
-        if self._ckpt_specs is None:
-            reader = self._checkpoint()
-            try:
-                shapes = reader.get_variable_to_shape_map()
-                dtypes = reader.get_variable_to_dtype_map()
-            except Exception as exc:  # noqa: BLE001
-                raise LoadError(f"{self.path}: cannot read the variables index: {first_line(exc)}. The "
-                                f"variables files are corrupt; copy the whole SavedModel directory "
-                                f"again.") from None
-            data = 0
-            for f in (self.path / "variables").glob("variables.data-*"):
-                try:
-                    data += f.stat().st_size
-                except OSError:
-                    pass
-            self._ckpt_specs = (shapes, dtypes, data)
-        return self._ckpt_specs
-
-    def _read_tensor(self, key: str, what: str, node=None):
-        """The checkpoint value of ``key``. Its recorded dtype and shape are checked against the
-        variable ``node`` (when given) and its size against the data files *before* reading, so a
-        forged index cannot make the reader allocate blindly."""
-        reader = self._checkpoint()
-        shapes, dtypes, data_bytes = self._checkpoint_specs()
-        if key not in shapes or key not in dtypes:
-            raise LoadError(f"{self.path}: variable {what!r} (checkpoint key {key!r}) is not in the "
-                            f"checkpoint. The variables files do not belong to this saved_model.pb; copy "
-                            f"the whole SavedModel directory again.")
-        shape, dtype = list(shapes[key]), dtypes[key]
-        _check_var_spec(self.path, what, node, dtype, shape)
-        numel = 1
-        for d in shape:
-            if d < 0:
-                raise LoadError(f"{self.path}: the checkpoint records variable {what!r} with shape {shape}; "
-                                f"the variables index is corrupt.")
-            numel *= d
-        try:
-            itemsize = max(1, dtype.size)
-        except (TypeError, ValueError, AttributeError):
-            itemsize = 1  # strings: at least one byte each
-        nbytes = numel * itemsize
-        self._bytes_read += nbytes
-        if nbytes > data_bytes + 4096 or self._bytes_read > data_bytes + 4096 * max(1, len(shapes)):
-            raise LoadError(f"{self.path}: the checkpoint claims variable {what!r} (key {key!r}) is "
-                            f"{dtype.name} of shape {shape} ({nbytes:,} bytes), but the variables data "
-                            f"files hold only {data_bytes:,} bytes: the variables index is corrupt or "
-                            f"forged; copy the whole SavedModel directory again.")
-        try:
-            value = reader.get_tensor(key)
-        except Exception as exc:  # noqa: BLE001
-            raise LoadError(f"{self.path}: cannot read variable {what!r} (checkpoint key {key!r}) from "
-                            f"variables/: {first_line(exc)}. The variables files are truncated or do not "
-                            f"belong to this saved_model.pb; copy the whole SavedModel directory again.") from None
-        if list(np.shape(value)) != shape:
-            raise LoadError(f"{self.path}: variable {what!r} (checkpoint key {key!r}) has shape "
-                            f"{list(np.shape(value))} in the data files but {shape} in the index; the "
-                            f"variables files are corrupt.")
-        return value
-
-    def _variable_info(self, needed) -> dict:
-        """Outer variable node name → (weight name, checkpoint key, trainable)."""
-        info = {}
-        var_nodes = [n for n in needed if self.nodes[n].op in VARIABLE_OPS]
-        if not var_nodes:
-            return info
-        og = self.meta.object_graph_def
-        if len(og.nodes):
-            ckpt_of = self._object_checkpoint_map()
-            for name in needed:
-                nd = self.nodes[name]
-                if nd.op not in CALL_OPS:
-                    continue
-                fname = nd.attr["f"].func.name
-                cf = og.concrete_functions.get(fname)
-                if cf is None:
-                    continue
-                data_inputs = [i for i in nd.input if not i.startswith("^")]
-                bound = list(cf.bound_inputs)
-                captured = data_inputs[len(data_inputs) - len(bound):] if bound else []
-                for text, node_id in zip(captured, bound):
-                    src = parse_input(text)[0]
-                    obj = og.nodes[node_id] if 0 <= node_id < len(og.nodes) else None
-                    if obj is None or obj.WhichOneof("kind") != "variable" or src in info:
-                        continue
-                    key, full_name = ckpt_of.get(node_id, (None, None))
-                    if key is None:
-                        continue
-                    info[src] = (full_name or obj.variable.name or src, key, bool(obj.variable.trainable))
-        # TF1 variables (or TF2 handles not captured through a call): key = op name / shared name.
-        trainable = self._tf1_trainable()
-        for name in var_nodes:
-            if name in info:
-                continue
-            nd = self.nodes[name]
-            shared = nd.attr["shared_name"].s.decode("utf-8", "replace") if "shared_name" in nd.attr else ""
-            for key in (name, shared):
-                if key and key in self._checkpoint_specs()[0]:
-                    info[name] = (key, key, trainable.get(key, True) if trainable else True)
-                    break
-            else:
-                raise LoadError(f"{self.path}: variable node {name!r} ({nd.op}) has no value in the "
-                                f"checkpoint (looked for keys {name!r}"
-                                f"{' and ' + repr(shared) if shared else ''} and the object graph). The "
-                                f"variables files do not belong to this saved_model.pb.")
-        return info
-
-    def _object_checkpoint_map(self) -> dict:
-        """SavedObjectGraph node id → (checkpoint key, full_name), matching both graphs by child path."""
-        from tensorflow.core.protobuf import trackable_object_graph_pb2
-
-        if "_CHECKPOINTABLE_OBJECT_GRAPH" not in self._checkpoint_specs()[0]:
-            raise LoadError(f"{self.path}: the variables checkpoint has no object graph "
-                            f"(_CHECKPOINTABLE_OBJECT_GRAPH), but saved_model.pb is a TF2 SavedModel; the "
-                            f"variables files do not belong to it. Copy the whole SavedModel directory again.")
-        raw = self._read_tensor("_CHECKPOINTABLE_OBJECT_GRAPH", "object graph")
-        tog = trackable_object_graph_pb2.TrackableObjectGraph()
-        try:
-            if not isinstance(raw, (bytes, np.ndarray, np.bytes_)) or (
-                    isinstance(raw, np.ndarray) and raw.shape != ()):
-                raise _pb_message.DecodeError("not a scalar string")
-            tog.ParseFromString(bytes(raw.item() if hasattr(raw, "item") else raw))
-        except (_pb_message.DecodeError, TypeError, ValueError):
-            raise LoadError(f"{self.path}: the checkpoint's object graph is corrupt; copy the whole "
-                            f"SavedModel directory again.") from None
-        return _match_object_graphs(self.meta.object_graph_def, tog)
-
-    def _tf1_trainable(self) -> dict:
-        from tensorflow.core.framework import variable_pb2
-
-        out = {}
-        cols = self.meta.collection_def
-        for col, flag in (("variables", False), ("trainable_variables", True)):
-            if col not in cols:
-                continue
-            for raw in cols[col].bytes_list.value:
-                vd = variable_pb2.VariableDef()
-                try:
-                    vd.ParseFromString(raw)
-                except _pb_message.DecodeError:
-                    continue
-                key = vd.variable_name.split(":")[0]
-                out[key] = flag or out.get(key, False)
-        return out
-
-    # ------------------------------------------------------------------ flattening
-    def _function_graph(self, fname: str):
-        """(body NodeDefs with GraphDef-style inputs, arg names, flat ret tensors) of a library function."""
-        if fname not in self._fn_cache:
-            fdef = self.library.get(fname)
-            if fdef is None:
-                raise LoadError(f"{self.path}: the graph calls function {fname!r}, which is not in the "
-                                f"function library. The SavedModel is incomplete; re-export it.")
-            self._fn_cache[fname] = _flatten_function_def(fdef, self.library, self.path)
-        return self._fn_cache[fname]
-
-    def _callee(self, nd) -> str | None:
-        if nd.op in CALL_OPS:
-            return nd.attr["f"].func.name if "f" in nd.attr else ""
-        return nd.op if nd.op in self.library else None
-
-    def _check_inline_size(self, needed) -> None:
-        """Before inlining anything: refuse recursive functions (naming the cycle), nesting deeper
-        than the limit, and call patterns whose inlined size explodes (f calls g twice, g calls h
-        twice, ...), by computing every function's inlined node count once (memoized)."""
-        memo: dict = {}
-        budget = self._node_budget
-
-        def size(fname: str, chain: tuple) -> int:
-            if fname in memo:
-                return memo[fname]
-            if fname in chain:
-                loop = " -> ".join(chain[chain.index(fname):] + (fname,))
-                raise LoadError(f"{self.path}: function {fname!r} calls itself ({loop}); TensorFlow "
-                                f"functions cannot recurse, so the model is malformed and cannot be "
-                                f"flattened.")
-            if len(chain) >= _MAX_INLINE_DEPTH:
-                raise LoadError(f"{self.path}: function calls nest deeper than {_MAX_INLINE_DEPTH} "
-                                f"levels ({' -> '.join(chain[:3])} -> ... -> {fname}); cannot flatten "
-                                f"the graph.")
-            fdef = self.library.get(fname)
-            total = 0
-            for nd in (fdef.node_def if fdef is not None else ()):
-                callee = self._callee(nd)
-                total += 1 + (size(callee, chain + (fname,)) if callee else 0)
-                if total > budget:
-                    raise LoadError(f"{self.path}: inlining function {fname!r} would produce more than "
-                                    f"{budget:,} nodes; its functions call each other in an exploding "
-                                    f"pattern. The model is malformed or hostile.")
-            memo[fname] = total
-            return total
-
-        total = 0
-        for name in needed:
-            callee = self._callee(self.nodes[name])
-            total += 1 + (size(callee, ()) if callee else 0)
-            if total > budget:
-                raise LoadError(f"{self.path}: inlining the signature's function calls would produce "
-                                f"more than {budget:,} nodes; the functions call each other in an "
-                                f"exploding pattern. The model is malformed or hostile.")
-
-    def _flatten(self, needed):
-        """Inline every call. Returns (ordered NodeDefs, aliases "call:i" → "inner:j")."""
-        from tensorflow.core.framework import node_def_pb2
-
-        out: dict[str, object] = {}
-        aliases: dict[str, str] = {}
-        work = deque((self.nodes[n], "", {}, ()) for n in needed)  # popleft/extendleft: linear
-        # (node_def, name prefix, arg name -> outer tensor, call chain of function names)
-        pb = self.path / "saved_model.pb"
-        produced = 0
-        while work:
-            nd, prefix, argmap, chain = work.popleft()
-            name = prefix + nd.name
-            produced += 1
-            if produced > self._node_budget:
-                raise LoadError(f"{self.path}: inlining the signature's function calls produces more than "
-                                f"{self._node_budget:,} nodes (at {name!r}); the functions call each other "
-                                f"in an exploding pattern. The model is malformed or hostile.")
-            depth = len(chain)
-
-            def remap(text, prefix=prefix, argmap=argmap):
-                src, port, control = parse_input(text)
-                if src in argmap:
-                    if control:
-                        return None
-                    return argmap[src]
-                full = prefix + src
-                return ("^" + full) if control else f"{full}:{port}"
-
-            fname = None
-            if nd.op in CALL_OPS:
-                fname = nd.attr["f"].func.name
-            elif nd.op in self.library:
-                fname = nd.op
-            if fname is not None:
-                if fname in chain:
-                    loop = " -> ".join(chain[chain.index(fname):] + (fname,))
-                    raise LoadError(f"{self.path}: function {fname!r} calls itself ({loop}, at node "
-                                    f"{name!r}); TensorFlow functions cannot recurse, so the model is "
-                                    f"malformed and cannot be flattened.")
-                if depth >= _MAX_INLINE_DEPTH:
-                    raise LoadError(f"{self.path}: function calls nest deeper than {_MAX_INLINE_DEPTH} "
-                                    f"levels at {name!r} (recursive functions?); cannot flatten the graph.")
-                body, arg_names, rets = self._function_graph(fname)
-                data_in = [remap(i) for i in nd.input if not i.startswith("^")]
-                if len(data_in) != len(arg_names):
-                    raise LoadError(f"{self.path}: call {name!r} passes {len(data_in)} inputs to "
-                                    f"{fname!r}, which takes {len(arg_names)}.")
-                inner_args = dict(zip(arg_names, data_in))
-                inner_prefix = name + "/"
-                for i, ret in enumerate(rets):
-                    rsrc, rport, _ = parse_input(ret)
-                    target = inner_args[rsrc] if rsrc in inner_args else f"{inner_prefix}{rsrc}:{rport}"
-                    aliases[f"{name}:{i}"] = target
-                arg_set = set(arg_names)
-                work.extendleft(reversed([(b, inner_prefix, inner_args, chain + (fname,)) for b in body
-                                          if b.name not in arg_set]))  # the body next, in order
-                continue
-            if name in out:
-                raise LoadError(f"{self.path}: corrupt graph: two nodes are named {name!r} after "
-                                f"inlining; re-export the model.")
-            check_node_def(nd, pb, self._const_limit, chain[-1] if chain else None)
-            new = node_def_pb2.NodeDef()
-            new.CopyFrom(nd)
-            new.name = name
-            del new.input[:]
-            for text in nd.input:
-                if text.startswith("^"):
-                    continue  # control edges are dropped: the serving graph is pure dataflow
-                new.input.append(remap(text))
-            out[name] = new
-        return out, aliases
 
     # ------------------------------------------------------------------ IR
     def _to_ir(self, nodes, aliases, var_info, inputs, outputs, sig) -> Graph:
@@ -572,8 +259,8 @@ class _SavedModelReader:
         handle_to_weight = {}
         for vname, (wname, key, trainable) in var_info.items():
             nd_var = nodes.get(vname)
-            value = self._read_tensor(key, wname, nd_var)
-            _check_var_value(self.path, vname, nd_var, value)
+            value = self.variables.read_tensor(key, wname, nd_var)
+            check_var_value(self.path, vname, nd_var, value)
             base = wname = _valid_node_name(wname)
             if base in weights or (base in taken and base != vname):
                 i = 1
@@ -775,124 +462,6 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.1f} MiB"
 
 
-def _match_object_graphs(og, tog) -> dict:
-    """SavedObjectGraph node id → (checkpoint key, full_name) of its variable, matching the
-    SavedModel's object graph ``og`` with the checkpoint's ``tog`` by child names from both roots.
-
-    Breadth first, each saved object matched once (its shortest path wins; object graphs are not
-    trees: Keras reaches a variable as ``variables/0`` and ``_all_variables/0``, and a hostile model
-    can link objects in cycles), and each checkpoint object's children indexed once: time and memory
-    are linear in the two graphs' sizes. (Walking pairs of nodes instead goes round two cycles of
-    coprime lengths together: quadratic.)"""
-    n_saved, n_ckpt = len(og.nodes), len(tog.nodes)
-    out: dict = {}
-    if not n_saved or not n_ckpt:
-        return out
-    matched = {0: 0}  # saved object id → checkpoint object id
-    children: dict = {}  # checkpoint object id → {local name: child id}, built once
-    queue = deque([0])
-    while queue:
-        sid = queue.popleft()
-        cid = matched[sid]
-        ckpt = tog.nodes[cid]
-        for attr in ckpt.attributes:
-            if attr.name == "VARIABLE_VALUE":
-                out[sid] = (attr.checkpoint_key, attr.full_name)
-        ckids = children.get(cid)
-        if ckids is None:
-            ckids = children[cid] = {}
-            for c in ckpt.children:
-                if 0 <= c.node_id < n_ckpt:
-                    ckids.setdefault(c.local_name, c.node_id)
-        for c in og.nodes[sid].children:
-            child = c.node_id
-            if 0 <= child < n_saved and child not in matched and c.local_name in ckids:
-                matched[child] = ckids[c.local_name]
-                queue.append(child)
-    return out
-
-
-_MAX_OUTPUT_ARGS = 100_000
-
-
-def _num_args(arg_def, nd) -> int:
-    if arg_def.number_attr:
-        n = nd.attr[arg_def.number_attr].i if arg_def.number_attr in nd.attr else 0
-    elif arg_def.type_list_attr:
-        n = len(nd.attr[arg_def.type_list_attr].list.type) if arg_def.type_list_attr in nd.attr else 0
-    else:
-        n = 1
-    if not 0 <= n <= _MAX_OUTPUT_ARGS:
-        raise LoadError(f"node {nd.name!r} ({nd.op}) declares {n} values for its {arg_def.name!r} "
-                        f"argument; the model is corrupt.")
-    return n
-
-
-def _flatten_function_def(fdef, library, where):
-    """FunctionDef → body NodeDefs whose inputs use GraphDef syntax (``node:3``), its argument names,
-    and its outputs as flat tensor names. FunctionDef bodies name tensors ``node:out_arg:idx``; the
-    flat port is found from the op's (or called function's) output arguments."""
-    from tensorflow.core.framework import node_def_pb2
-    from tensorflow.python.framework import op_def_registry
-
-    arg_names = [a.name for a in fdef.signature.input_arg]
-    names = set(arg_names)
-    if len(names) != len(arg_names):
-        raise LoadError(f"{where}: function {fdef.signature.name!r} has two arguments with the same "
-                        f"name; the model is corrupt.")
-    for nd in fdef.node_def:
-        if nd.name in names:
-            raise LoadError(f"{where}: function {fdef.signature.name!r} has two nodes (or a node and an "
-                            f"argument) named {nd.name!r}; the model is corrupt.")
-        names.add(nd.name)
-    flat = {}
-    for a in arg_names:
-        flat[a] = f"{a}:0"
-    for nd in fdef.node_def:
-        if nd.op in library:
-            op_def = library[nd.op].signature
-        else:
-            op_def = op_def_registry.get(nd.op)
-            if op_def is None:
-                raise LoadError(f"{where}: function {fdef.signature.name!r} uses op type {nd.op!r} "
-                                f"(node {nd.name!r}), which this TensorFlow does not know. The model needs a "
-                                f"custom op library; graphslim cannot read it.")
-        port = 0
-        for out in op_def.output_arg:
-            try:
-                n = _num_args(out, nd)
-            except LoadError as exc:
-                raise LoadError(f"{where}: function {fdef.signature.name!r}: {exc}") from None
-            for i in range(n):
-                flat[f"{nd.name}:{out.name}:{i}"] = f"{nd.name}:{port + i}"
-            port += n
-    body = []
-    for nd in fdef.node_def:
-        new = node_def_pb2.NodeDef()
-        new.CopyFrom(nd)
-        del new.input[:]
-        for text in nd.input:
-            if text.startswith("^"):
-                new.input.append(text)
-                continue
-            if text in flat:
-                new.input.append(flat[text])
-            elif text.count(":") == 0 and text in arg_names:
-                new.input.append(f"{text}:0")
-            else:
-                raise LoadError(f"{where}: function {fdef.signature.name!r}: node {nd.name!r} reads "
-                                f"{text!r}, which no node of the function produces.")
-        body.append(new)
-    rets = []
-    for out in fdef.signature.output_arg:
-        ret = fdef.ret.get(out.name)
-        if ret is None or (ret not in flat and ret.split(":")[0] not in arg_names):
-            raise LoadError(f"{where}: function {fdef.signature.name!r} output {out.name!r} is not "
-                            f"produced by any node.")
-        rets.append(flat.get(ret, f"{ret.split(':')[0]}:0"))
-    return body, arg_names, rets
-
-
 _INVALID_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-/>]")
 
 
@@ -909,43 +478,6 @@ def _weight(name, value, trainable):
 
     return Weight(name, np.asarray(value), bool(trainable))
 
-
-def _check_var_spec(path, vname, nd, dtype, shape) -> None:
-    """The checkpoint's recorded dtype and shape against the variable node's, before reading."""
-    if nd is None:
-        return
-
-    class _Spec:
-        pass
-
-    spec = _Spec()
-    spec.dtype, spec.shape, spec.ndim = dtype, tuple(shape), len(shape)
-    _check_var_value(path, vname, nd, spec)
-
-
-def _check_var_value(path, vname, nd, value):
-    if nd is None:
-        return
-    tf = _tf()
-    if "dtype" in nd.attr and nd.attr["dtype"].type:
-        try:
-            want = tf.as_dtype(nd.attr["dtype"].type).base_dtype
-            have = tf.as_dtype(value.dtype)
-        except TypeError:
-            raise LoadError(f"{path}: variable {vname!r} has an invalid dtype (enum "
-                            f"{nd.attr['dtype'].type}) in the graph; the model is corrupt.") from None
-        if want != have:
-            raise LoadError(f"{path}: variable {vname!r} is {want.name} in the graph but "
-                            f"{have.name} in the checkpoint; the variables files do not belong to this "
-                            f"saved_model.pb.")
-    if "shape" in nd.attr and not nd.attr["shape"].shape.unknown_rank:
-        want = _attrs.shape_from_proto(nd.attr["shape"].shape)
-        if want is not None and len(want) == value.ndim and any(
-                w is not None and w != v for w, v in zip(want, value.shape)) or (
-                want is not None and len(want) != value.ndim and len(want) > 0):
-            raise LoadError(f"{path}: variable {vname!r} has shape {list(want)} in the graph but "
-                            f"{list(value.shape)} in the checkpoint; the variables files do not belong "
-                            f"to this saved_model.pb.")
 
 
 def _prune_to_outputs(node_defs, output_tensors):

@@ -25,14 +25,21 @@ from nothing else (no signature, no other function). Anywhere else they are refu
 TensorFlow's loader runs everything the restore op depends on, and a tracked resource's restore
 function: a write (``SaveV2``, ``Save``, ``SaveSlices``, ``MergeV2Checkpoints``) among the ancestors of
 ``saver_def``'s restore op or in a function reachable from the restore side is never machinery, and is
-refused. (Restore ops, which read the checkpoint, stay accepted there.)
+refused. (Restore ops, which read the checkpoint, stay accepted there.) A restore op of the machinery
+reads the file TensorFlow's loader names only when its file prefix is exactly ``saver_def``'s
+``filename_tensor_name`` (TF1 ``save/Const:0``, TF2 ``saver_filename:0``), the tensor the loader feeds
+with the model's ``variables/variables``; inside a library function, an argument every call passes
+that tensor. Any other prefix (a constant such as ``"/etc/passwd"``, the unfed default behind
+``save/Const``, a computed string) would read another file whenever the model is restored: refused,
+naming the node and its function (:mod:`graphslim.io.savers`).
 
 A TF1 model restored with ``tf.compat.v1.train.Saver`` and then written with ``SavedModelBuilder``
 carries a second saver (``save/...`` beside the declared ``save_1/...``). Such a name scope is
 accepted as a second copy of the checkpoint machinery, and reported as a note (:class:`ScanNote`),
 only when all of it is: no signature, init op or collection reaches any of its nodes and nothing
 outside it uses them; it holds only saver ops; every file name its save/restore ops use comes from
-constants and ``PlaceholderWithDefault``\ s of the scope itself; its ``SaveV2`` ops write, under constant
+constants and ``PlaceholderWithDefault``\ s of the scope itself, and its restore ops read the scope's
+own file name input ``<scope>/Const:0`` (what ``Saver.restore`` feeds); its ``SaveV2`` ops write, under constant
 names, exactly variables of the graph (or their reads) and its ``RestoreV2`` outputs only feed
 ``Assign``/``AssignVariableOp`` into variables; and it saves and restores the same checkpoint keys into
 the same variables as the saver ``saver_def`` declares. Otherwise its ops are refused, and the
@@ -65,8 +72,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graphslim.errors import LoadError
-from graphslim.io.allowlist import ALLOWED, CHECKPOINT_OPS, CONDITIONAL, condition, describe
+from graphslim.io.allowlist import ALLOWED, CHECKPOINT_OPS, CONDITIONAL, REFUSED_DETAIL, condition, describe
 from graphslim.io.reader import parse_graph_def, parse_saved_model, pick_meta_graph, saved_model_file
+from graphslim.io.savers import PREFIX_READERS, restore_prefix_problems, second_savers
 from graphslim.ir.functions import attr_refs
 
 __all__ = ["Finding", "ScanNote", "UnsafeModelError", "allowed_ops", "check_safe", "scan_graph_def",
@@ -91,6 +99,7 @@ class ScanNote(UserWarning):
 # ------------------------------------------------------------------------------------ op categories
 NOT_ALLOWED = "is not on graphslim's allow-list of compute-only ops"
 CHECKPOINT = "reads or writes checkpoint files outside the checkpoint machinery"
+ELSEWHERE = "would restore from a file other than the model's own checkpoint"
 _UNREGISTERED = " (TensorFlow does not register an op of this name: a custom op of another library)"
 # Checkpoint ops that write: never machinery on the restore path, which TensorFlow's loader runs.
 _CHECKPOINT_WRITES = frozenset({"Save", "SaveV2", "SaveSlices", "MergeV2Checkpoints"})
@@ -117,6 +126,8 @@ def _category_uncached(op: str) -> tuple[str, str] | None:
         return None
     if op in CHECKPOINT_OPS:
         return CHECKPOINT, ""
+    if op in REFUSED_DETAIL:
+        return NOT_ALLOWED, REFUSED_DETAIL[op]
     from tensorflow.python.framework import op_def_registry
 
     return NOT_ALLOWED, "" if op_def_registry.get(op) is not None else _UNREGISTERED
@@ -250,255 +261,6 @@ def _saver_functions(meta, library: set) -> tuple[set[str], set[str]]:
     return out, restore
 
 
-# ------------------------------------------------------------------------------------ second savers
-_VARIABLE_OPS = frozenset({"VariableV2", "Variable", "VarHandleOp"})
-_READ_OPS = frozenset({"Identity", "ReadVariableOp"})
-_ASSIGN_OPS = frozenset({"Assign", "AssignVariableOp"})
-_SAVE_DATA_START = {"SaveV2": 3, "SaveSlices": 3}  # first saved tensor among the data inputs
-_RESTORE_OPS = frozenset({"RestoreV2"})
-_FILENAME_OPS = frozenset({"Const", "PlaceholderWithDefault", "Identity", "StaticRegexFullMatch",
-                           "Select", "SelectV2", "StringJoin", "ShardedFilename", "ShardedFilespec",
-                           "Pack"})
-_HANDLE_USERS = _READ_OPS | {"DisableCopyOnRead"}  # may take a variable from outside the saver
-_SAVER_OPS = (_FILENAME_OPS | _HANDLE_USERS | _ASSIGN_OPS | set(_SAVE_DATA_START) | _RESTORE_OPS
-              | {"MergeV2Checkpoints", "NoOp"})
-_DT_STRING = 7
-
-
-def _split_input(text: str) -> tuple[str, int]:
-    """``"node:2"`` → ("node", 2); ``"node"`` → ("node", 0); control inputs → (name, -1)."""
-    if text.startswith("^"):
-        return text[1:], -1
-    base, sep, port = text.rpartition(":")
-    return (base, int(port)) if sep and port.isdigit() else (text, 0)
-
-
-def _data_inputs(nd) -> list[str]:
-    return [t for t in nd.input if not t.startswith("^")]
-
-
-def _consumers(nodes: dict) -> dict:
-    """{node: [(consumer, output port or -1 for control, input index)]} of the outer graph."""
-    out: dict = {}
-    for name, nd in nodes.items():
-        for i, text in enumerate(nd.input):
-            src, port = _split_input(text)
-            out.setdefault(src, []).append((name, port, i))
-    return out
-
-
-def _scope(name: str) -> str:
-    return name.rpartition("/")[0]
-
-
-def _variable_of(nodes: dict, text: str, hops: int = 4) -> str | None:
-    """The variable node whose value tensor ``text`` is (the variable itself, or ``Identity`` /
-    ``ReadVariableOp`` reads of it), or None."""
-    for _ in range(hops + 1):
-        name, port = _split_input(text)
-        nd = nodes.get(name)
-        if nd is None or port != 0:
-            return None
-        if nd.op in _VARIABLE_OPS:
-            return name
-        data = _data_inputs(nd)
-        if nd.op not in _READ_OPS or len(data) != 1:
-            return None
-        text = data[0]
-    return None
-
-
-def _is_variable(nodes: dict, text: str) -> bool:
-    name, port = _split_input(text)
-    return port == 0 and name in nodes and nodes[name].op in _VARIABLE_OPS
-
-
-def _string_const(nodes: dict, text: str, members) -> list[str] | None:
-    name, port = _split_input(text)
-    nd = nodes.get(name)
-    if nd is None or port != 0 or name not in members or nd.op != "Const":
-        return None
-    value = nd.attr["value"].tensor if "value" in nd.attr else None
-    if value is None or value.dtype != _DT_STRING:
-        return None
-    return [v.decode("utf-8", "replace") for v in value.string_val]
-
-
-def _filename_problem(nodes: dict, text: str, members, user: str) -> str | None:
-    """Why the file name ``user`` reads from ``text`` is not made inside its saver (None when it is)."""
-    stack, seen = [_split_input(text)[0]], set()
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        nd = nodes.get(name)
-        if nd is None or name not in members:
-            return f"the file name of {user!r} comes from {name!r}, outside the saver"
-        if nd.op not in _FILENAME_OPS:
-            return f"the file name of {user!r} comes from {name!r} ({nd.op})"
-        stack.extend(_split_input(t)[0] for t in _data_inputs(nd))
-    return None
-
-
-def _restored_into(nodes: dict, consumers: dict, members, restore: str, port: int) -> set | str:
-    """The variables output ``port`` of RestoreV2 ``restore`` is assigned to (through Identity), or
-    why it is used otherwise."""
-    targets, stack, seen = set(), [(restore, port)], set()
-    while stack:
-        src, src_port = stack.pop()
-        for user, p, index in consumers.get(src, ()):
-            if p != src_port or (user, index) in seen:
-                continue
-            seen.add((user, index))
-            nd = nodes[user]
-            if user not in members:
-                return f"{user!r}, outside the saver, uses what {restore!r} restores"
-            if nd.op == "Identity":
-                stack.append((user, 0))
-            elif nd.op in _ASSIGN_OPS and index == 1 and _is_variable(nodes, nd.input[0]):
-                targets.add(_split_input(nd.input[0])[0])
-            else:
-                return f"{restore!r} feeds {user!r} ({nd.op}), not an assignment to a variable"
-    return targets
-
-
-def _read_saver(nodes: dict, consumers: dict, members) -> tuple[dict, dict] | str:
-    """({(checkpoint key, slice): variable} saved, the same restored) by the save/restore ops among
-    ``members``, or why they are not a saver of variables."""
-    saved, restored = {}, {}
-    for name in sorted(members):
-        nd = nodes[name]
-        data = _data_inputs(nd)
-        if nd.op in _SAVE_DATA_START or nd.op in _RESTORE_OPS:
-            start = _SAVE_DATA_START.get(nd.op, 3)
-            if len(data) < 3:
-                return f"{nd.op} {name!r} has {len(data)} inputs"
-            problem = _filename_problem(nodes, data[0], members, name)
-            if problem:
-                return problem
-            keys = _string_const(nodes, data[1], members)
-            slices = _string_const(nodes, data[2], members)
-            if keys is None or slices is None:
-                return f"the tensor names or slices of {nd.op} {name!r} are not string constants of the saver"
-            if nd.op in _RESTORE_OPS:
-                count = len(nd.attr["dtypes"].list.type) if "dtypes" in nd.attr else -1
-                if len(data) != 3 or not (len(keys) == len(slices) == count):
-                    return f"{nd.op} {name!r} restores {count} tensors under {len(keys)} names"
-                for port, key in enumerate(zip(keys, slices)):
-                    targets = _restored_into(nodes, consumers, members, name, port)
-                    if isinstance(targets, str):
-                        return targets
-                    if len(targets) != 1:
-                        return (f"{nd.op} {name!r} restores {key[0]!r} into {len(targets)} "
-                                "variables, not one")
-                    var = targets.pop()
-                    if restored.setdefault(key, var) != var:
-                        return f"{key[0]!r} is restored into two variables"
-                continue
-            tensors = data[start:]
-            if not (len(keys) == len(slices) == len(tensors)):
-                return f"{nd.op} {name!r} writes {len(tensors)} tensors under {len(keys)} names"
-            for key, text in zip(zip(keys, slices), tensors):
-                var = _variable_of(nodes, text)
-                if var is None:
-                    return f"{nd.op} {name!r} writes {_split_input(text)[0]!r}, which is not a variable"
-                if saved.setdefault(key, var) != var:
-                    return f"{key[0]!r} is saved from two variables"
-        elif nd.op == "MergeV2Checkpoints":
-            for text in data:
-                problem = _filename_problem(nodes, text, members, name)
-                if problem:
-                    return problem
-    return saved, restored
-
-
-def _extra_saver_problem(scope: str, nodes: dict, consumers: dict, serving: set, declared) -> str | None:
-    """Why name scope ``scope`` is not a second saver of the variables ``declared`` (what
-    :func:`_declared_saver` returns) that nothing else uses; None when it is."""
-    if not scope:
-        return "it is not inside a saver's name scope"
-    prefix = scope + "/"
-    members = {n for n in nodes if n.startswith(prefix)}
-    for name in sorted(members):
-        nd = nodes[name]
-        if name in serving:
-            return f"a signature, init op or collection reaches {name!r}"
-        if nd.op not in _SAVER_OPS:
-            return f"{name!r} ({nd.op}) is not saver machinery"
-        for user, _, _ in consumers.get(name, ()):
-            if user not in members:
-                return f"{user!r}, outside the saver, uses {name!r}"
-        for index, text in enumerate(nd.input):
-            src, port = _split_input(text)
-            if src in members:
-                continue
-            if port < 0:
-                return f"{name!r} waits on {src!r}, outside the saver"
-            if not (nd.op in _SAVE_DATA_START and index >= _SAVE_DATA_START[nd.op]
-                    or nd.op in _ASSIGN_OPS and index == 0
-                    or nd.op in _HANDLE_USERS) or _variable_of(nodes, text) is None:
-                return f"{name!r} reads {src!r}, outside the saver and not a variable"
-    read = _read_saver(nodes, consumers, members)
-    if isinstance(read, str):
-        return read
-    saved, restored = read
-    if not saved or saved != restored:
-        return "it does not save and restore the same variables"
-    if isinstance(declared, str):
-        return declared
-    if saved != declared:
-        diff = sorted({key for (key, _), _ in set(saved.items()) ^ set(declared.items())})
-        shown = ", ".join(repr(k) for k in diff[:3]) + (", ..." if len(diff) > 3 else "")
-        return (f"its {len(saved)} checkpoint entries differ from the {len(declared)} of the "
-                f"MetaGraphDef's saver in {shown}")
-    return None
-
-
-def _declared_saver(nodes: dict, consumers: dict, machinery: set) -> dict | str:
-    """{(checkpoint key, slice): variable} of the declared saver (its nodes ``machinery``), or why
-    it is not one to compare a second saver with."""
-    read = _read_saver(nodes, consumers, machinery)
-    if isinstance(read, str):
-        return f"the MetaGraphDef's own saver is not a plain saver of variables ({read})"
-    saved, restored = read
-    if not saved or saved != restored:
-        return "the MetaGraphDef's own saver does not save and restore the same variables"
-    return saved
-
-
-def _second_savers(hits, nodes: dict, saver_roots, serving: set, ckpt_outer: set, where: str):
-    """(exempt node names, {node: reason refused}, notes) for outer checkpoint ``hits`` outside the
-    declared saver."""
-    consumers = _consumers(nodes)
-    declared = _declared_saver(nodes, consumers, ckpt_outer)
-    declared_scopes = {_scope(r) for r in saver_roots}
-    exempt, reasons, notes = set(), {}, []
-    by_scope: dict = {}
-    for nd in hits:
-        by_scope.setdefault(_scope(nd.name), []).append(nd)
-    for scope, members in sorted(by_scope.items()):
-        if scope in declared_scopes:
-            problem = "it sits in the MetaGraphDef's saver scope but is not part of that saver"
-        else:
-            problem = _extra_saver_problem(scope, nodes, consumers, serving, declared)
-        if problem:
-            for nd in members:
-                reasons[nd.name] = "a signature, init op or collection reaches it" if nd.name in serving \
-                    else f"not a second copy of the MetaGraphDef's saver: {problem}"
-            continue
-        exempt.update(nd.name for nd in members)
-        names = [f"{nd.op} {nd.name!r}" for nd in members]
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        place = f"MetaGraphDef {where}: " if where else ""
-        own = sorted(declared_scopes)[0] if declared_scopes else ""
-        notes.append(f"{place}dropped a second saver {scope!r} ({shown}): no signature or init op "
-                     f"reaches it and it saves and restores the same {len(set(declared.values()))} "
-                     f"variable(s) as the MetaGraphDef's saver {own!r} (left by restoring a checkpoint "
-                     "before writing the model)")
-    return exempt, reasons, notes
-
-
 def _note(notes, text: str) -> None:
     if notes is None:
         warnings.warn(text, ScanNote, stacklevel=4)
@@ -507,7 +269,8 @@ def _note(notes, text: str) -> None:
 
 
 def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functions=(), restore_roots=(),
-                   restore_functions=(), where: str = "", notes: list | None = None) -> list[Finding]:
+                   restore_functions=(), filename_tensor: str = "", where: str = "",
+                   notes: list | None = None) -> list[Finding]:
     """Findings in a GraphDef and every function of its library.
 
     ``saver_roots`` are outer node names of the checkpoint machinery (saver_def's save tensor and
@@ -515,7 +278,9 @@ def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functio
     library functions that are checkpoint machinery (object-graph saveable functions). Without saver
     roots nothing is exempt. ``restore_roots`` (saver_def's restore op) and ``restore_functions``
     (object-graph restore functions) are what TensorFlow's loader runs to restore the checkpoint:
-    checkpoint *writes* there are refused although they belong to the machinery. Second savers
+    checkpoint *writes* there are refused although they belong to the machinery, and so is every
+    restore op of the machinery whose file prefix is not ``filename_tensor`` (saver_def's
+    ``filename_tensor_name``, what the loader feeds; see :mod:`graphslim.io.savers`). Second savers
     matching the declared one are exempt too, each with a note appended to ``notes`` (issued as a
     :class:`ScanNote` warning when ``notes`` is None).
     """
@@ -572,11 +337,16 @@ def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functio
     others = [nd for nd, cat in outer_hits
               if cat[0] == CHECKPOINT and nd.name not in ckpt_outer and nd.name not in restore_writes]
     if others and saver_roots:
-        exempt, reasons, saver_notes = _second_savers(others, nodes, saver_roots, serving, ckpt_outer,
-                                                      where)
+        exempt, reasons, saver_notes = second_savers(others, nodes, saver_roots, serving, ckpt_outer, where,
+                                                     filename_tensor)
         for text in saver_notes:
             _note(notes, text)
 
+    elsewhere = {}
+    if any(nd.op in PREFIX_READERS for nd, _ in outer_hits) or any(nd.op in PREFIX_READERS for _, nd, _ in fn_hits):
+        fdefs = {f.signature.name: f for f in graph_def.library.function if f.signature.name in machinery}
+        elsewhere = restore_prefix_problems(nodes, ckpt_outer, fdefs, filename_tensor,
+                                            lambda nd: _node_refs(nd, library), saver_functions)
     roots = ", ".join(repr(r) for r in restore_roots)
     on_restore = (f" (on the restore path: TensorFlow's loader runs everything the saver's restore op {roots} "
                   "depends on, so this write would run whenever the checkpoint is restored)")
@@ -587,11 +357,17 @@ def scan_graph_def(graph_def, *, saver_roots=(), serving_roots=(), saver_functio
         if nd.name in restore_writes:
             findings.append(Finding(nd.op, nd.name, None, cat[0], on_restore, where))
             continue
+        if (None, nd.name) in elsewhere:
+            findings.append(Finding(nd.op, nd.name, None, ELSEWHERE, f" ({elsewhere[None, nd.name]})", where))
+            continue
         if cat[0] == CHECKPOINT and (nd.name in ckpt_outer or nd.name in exempt):
             continue
         detail = f" ({reasons[nd.name]})" if nd.name in reasons else cat[1]
         findings.append(Finding(nd.op, nd.name, None, cat[0], detail, where))
     for fname, nd, cat in fn_hits:
+        if cat[0] == CHECKPOINT and (fname, nd.name) in elsewhere:
+            findings.append(Finding(nd.op, nd.name, fname, ELSEWHERE, f" ({elsewhere[fname, nd.name]})", where))
+            continue
         if cat[0] == CHECKPOINT and fname in machinery:
             if nd.op not in _CHECKPOINT_WRITES or fname not in restore_funcs:
                 continue
@@ -625,7 +401,8 @@ def scan_meta_graph(meta, where: str = "", notes: list | None = None) -> list[Fi
     restore_roots = [_node_name(saver.restore_op_name)] if saver.restore_op_name else []
     return scan_graph_def(meta.graph_def, saver_roots=saver_roots, serving_roots=serving_roots,
                           saver_functions=saver_functions, restore_roots=restore_roots,
-                          restore_functions=restore_functions, where=where, notes=notes)
+                          restore_functions=restore_functions, filename_tensor=saver.filename_tensor_name,
+                          where=where, notes=notes)
 
 
 def scan_ir(graph) -> list[Finding]:

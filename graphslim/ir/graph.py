@@ -167,6 +167,32 @@ class Graph:
             return None
         return uses[0]
 
+    def sole_weight(self, node, port: int) -> tuple[Weight | None, str | None]:
+        """``(weight, None)`` when input ``port`` of ``node`` is a Weight (through Identity) that nothing
+        else reads; else ``(None, why not)``."""
+        t = self.input(node, port)
+        src = self.producer(t)
+        chain = [t]
+        while src.op == "Identity":
+            t = self.input(src, 0)
+            chain.append(t)
+            src = self.producer(t)
+        if src.op != WEIGHT_OP:
+            return None, f"input {port} is computed ({src.op}), not a trained weight"
+        if any(self.uses(x) != 1 for x in chain):
+            return None, f"kernel {src.name} is shared with other ops"
+        return self.weights[src.name], None
+
+    def bias_after(self, node) -> tuple[Node | None, Weight | None]:
+        """``(BiasAdd node, its bias Weight)`` when ``node``'s only use is a BiasAdd (at its data input)
+        of a weight nothing else reads, and ``node``'s output is no signature output; else
+        ``(None, None)``."""
+        use = self.sole_consumer(self.node(node).output(0) if isinstance(node, str) else node.output(0))
+        if use is None or use[0].op != "BiasAdd" or use[1] != 0:
+            return None, None
+        w, _ = self.sole_weight(use[0], 1)
+        return (use[0], w) if w is not None else (None, None)
+
     def weight_readers(self, name: str) -> list[tuple[Node, int]]:
         """``(node, input port)`` of every op reading weight ``name``, looking through Identity."""
         out, todo = [], [name]
@@ -258,6 +284,26 @@ class Graph:
         if n.op == WEIGHT_OP:
             self.weights.pop(name, None)
         self.inputs = [a for a in self.inputs if a.tensor.node != name]
+
+    def remove_unused(self, names, keep_weights: bool = True) -> list[str]:
+        """Remove each node of ``names`` that nothing reads (no data or control consumer, no signature
+        output), then, in turn, its inputs that became unread; the one local dead-code remover (the
+        whole-graph one is :meth:`remove_dead_nodes`). Placeholders stay; Weights stay unless
+        ``keep_weights`` is false (then they leave the weight table too). Returns the removed names."""
+        removed, todo = [], [n.name if isinstance(n, Node) else as_tensor(n).node for n in names]
+        keep = {"Placeholder"} | ({WEIGHT_OP} if keep_weights else set())
+        while todo:
+            name = todo.pop()
+            if not self.has_node(name):
+                continue
+            node = self.node(name)
+            if node.op in keep or self.consumers(node) or self.control_consumers(node) \
+                    or any(o.tensor.node == name for o in self.outputs):
+                continue
+            todo += [t.node for t in self.inputs_of(node)] + self.control_inputs_of(node)
+            self.remove_node(name)
+            removed.append(name)
+        return removed
 
     def set_input(self, node, port: int, tensor) -> None:
         """Rewire input ``port`` of ``node`` to ``tensor``."""

@@ -15,9 +15,10 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from graphslim.report import jsonable
 
 
 @dataclass(frozen=True)
@@ -100,17 +101,5 @@ class PipelineReport:
             "seconds": self.seconds,
             "changed": self.changed,
             "input_verify_seconds": self.input_verify_seconds,
-            "passes": [_jsonable(record) for record in self.passes],
+            "passes": [jsonable(record) for record in self.passes],
         }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return _jsonable(value.tolist())
-    return str(value)

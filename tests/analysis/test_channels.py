@@ -759,7 +759,7 @@ def test_keras_applications(keras_app):
     ((1,), 0, (1, 1), None),                # a size-1 channel axis is ambiguous
 ])
 def test_unsqueeze_fast_path(src, axis, dst, want, monkeypatch):
-    import graphslim.analysis.channels as ch
+    import graphslim.analysis.channel_rules as ch
 
     assert ch._unsqueeze_axis(src, axis, dst) == want
     if want is not None:  # the general path (fast path off) agrees
@@ -771,7 +771,7 @@ def test_unsqueeze_fast_path(src, axis, dst, want, monkeypatch):
 def test_reshape_map_solves_the_unknown_dim_from_either_side():
     """tf.tensordot: [N, H, W, C] → [N·H·W, C] → [N, H, W, C']: the batch-like dim is unknown on both
     sides, and only one side can be filled (the other is solved)."""
-    from graphslim.analysis.channels import _concretize
+    from graphslim.analysis.channel_rules import _concretize
 
     assert _concretize((None, 4, 4, 8), (None, 8), 2) == ([2, 4, 4, 8], [32, 8])
     assert _concretize((None, 8), (None, 4, 4, 8), 2) == ([32, 8], [2, 4, 4, 8])

@@ -202,6 +202,37 @@ def tf2_restore_fn_saves(marker: Path) -> Callable[[Path], Path]:
     return build
 
 
+def restore_reads_elsewhere(fixture: str, stolen: Path) -> Callable[[Path], Path]:
+    """``fixture`` whose saver's restore op reads the checkpoint ``stolen`` (a copy of the model's own,
+    written outside the model, so that restoring from it succeeds) instead of the file name TensorFlow's
+    loader feeds it: in ``tf1_model`` ``save/RestoreV2``'s prefix is a constant of the outer graph; in
+    ``vgg_digits`` the ``RestoreV2`` of ``__inference__traced_restore_N`` reads a constant of the function
+    instead of its ``file_prefix`` argument. TensorFlow's loader would restore the weights from a file
+    outside the model (any checkpoint the process can read). The scan refuses the restore op, naming node
+    and function; accepted with ``--allow-ops``, graphslim never runs it (``verify`` exit 0, the model's
+    own weights)."""
+    def fn(meta):
+        prefix = str(stolen).encode()
+        if fixture == TF1:
+            meta.graph_def.node.append(string_const("attack/prefix", prefix))
+            restore = next(n for n in meta.graph_def.node if n.name == "save/RestoreV2")
+            restore.input[0] = "attack/prefix"
+            return
+        body = next(f for f in meta.graph_def.library.function
+                    if f.signature.name.startswith("__inference__traced_restore_"))
+        body.node_def.append(string_const("attack_prefix", prefix))
+        restore = next(n for n in body.node_def if n.op == "RestoreV2")
+        restore.input[0] = "attack_prefix:output:0"
+
+    def build(dst: Path) -> Path:
+        model = edit(fixture, fn)(dst)
+        stolen.parent.mkdir(parents=True, exist_ok=True)
+        for src in (model / "variables").iterdir():  # variables.index -> <stolen>.index, .data-* alike
+            shutil.copy(src, stolen.parent / src.name.replace("variables", stolen.name, 1))
+        return model
+    return build
+
+
 # ------------------------------------------------------------------------------------ files
 def dump_tensor(marker: Path) -> Callable[[Path], Path]:
     """``DumpTensor`` (the quantizer's calibration op) writing the signature's output to
@@ -535,6 +566,12 @@ def cases(outside: Path) -> list[Attack]:
                refuses=("SaveV2",), run=NEVER, marker=m("tf1_restore_all_saves")),
         Attack("tf2_restore_fn_saves", tf2_restore_fn_saves(m("tf2_restore_fn_saves")), ("SaveV2",),
                refuses=("SaveV2",), run=NEVER, marker=m("tf2_restore_fn_saves")),
+        Attack("tf1_restore_reads_elsewhere", restore_reads_elsewhere(TF1, outside / "tf1_stolen_ckpt"),
+               ("RestoreV2", "save/RestoreV2", "file prefix comes from 'attack/prefix'"), refuses=("RestoreV2",),
+               run=NEVER, secret=outside / "tf1_stolen_ckpt.index"),
+        Attack("tf2_restore_reads_elsewhere", restore_reads_elsewhere(VGG, outside / "tf2_stolen_ckpt"),
+               ("RestoreV2", "__inference__traced_restore_", "'attack_prefix' (Const)"), refuses=("RestoreV2",),
+               run=NEVER, secret=outside / "tf2_stolen_ckpt.index"),
         Attack("dump_tensor", dump_tensor(m("dump_tensor")), ("DumpTensor",), refuses=("DumpTensor",),
                run=FILES, marker=m("dump_tensor")),
         Attack("unigram_vocab_file", unigram_vocab(secret), ("FixedUnigramCandidateSampler",),

@@ -106,7 +106,7 @@ def test_object_graph_match_visits_each_object_once():
     ids: every variable found once, by its shortest path, nothing indexed out of range."""
     from tensorflow.core.protobuf import saved_object_graph_pb2, trackable_object_graph_pb2
 
-    from graphslim.io.loader import _match_object_graphs
+    from graphslim.io.variables import match_object_graphs
 
     og = saved_object_graph_pb2.SavedObjectGraph()
     tog = trackable_object_graph_pb2.TrackableObjectGraph()
@@ -121,9 +121,9 @@ def test_object_graph_match_visits_each_object_once():
         var.children.add(local_name="far", node_id=10**6)
     key = "variables/0/.ATTRIBUTES/VARIABLE_VALUE"
     tog.nodes[3].attributes.add(name="VARIABLE_VALUE", checkpoint_key=key, full_name="dense/kernel")
-    assert _match_object_graphs(og, tog) == {3: (key, "dense/kernel")}
+    assert match_object_graphs(og, tog) == {3: (key, "dense/kernel")}
     del tog.nodes[:]
-    assert _match_object_graphs(og, tog) == {}
+    assert match_object_graphs(og, tog) == {}
 
 
 # ------------------------------------------------------------------------------------ constants

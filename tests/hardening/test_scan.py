@@ -344,6 +344,12 @@ def _restores_into_non_variable(meta):
     _find(meta, "save/Assign").input[0] = "x"
 
 
+def _restores_from_own_constant(meta):
+    """The second saver's restore reads a constant of its own scope, not its file name input."""
+    meta.graph_def.node.append(corpus.string_const("save/stolen", b"/etc/passwd"))
+    _find(meta, "save/RestoreV2").input[0] = "save/stolen"
+
+
 def _other_keys(meta):
     """The second saver saves and restores the variables under other checkpoint keys than the
     declared saver (a different variable set)."""
@@ -357,6 +363,8 @@ def _other_keys(meta):
     (_saves_signature_input, "save/SaveV2", "'save/SaveV2' reads 'x', outside the saver and not a variable"),
     (_filename_from_signature, "save/SaveV2", "'save/Const' reads 'path', outside the saver"),
     (_restores_into_non_variable, "save/RestoreV2", "'save/Assign' reads 'x', outside the saver"),
+    (_restores_from_own_constant, "save/RestoreV2", "'save/RestoreV2' restores from 'save/stolen', not from "
+                                                    "the saver's file name input 'save/Const:0'"),
     (_other_keys, "save/SaveV2", "its 4 checkpoint entries differ from the 4 of the MetaGraphDef's "
                                  "saver in 'dense_0/bias', 'elsewhere/dense_0/bias'"),
 ], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
@@ -570,9 +578,9 @@ def test_tf2_save_in_the_traced_restore_function_is_refused(tmp_path):
     assert result.exit_code == 2 and "hook_SaveV2" in result.stderr and "restore path" in result.stderr
 
 
-def test_save_in_a_tracked_resources_restore_function_is_refused(tmp_path):
-    """A MutableHashTable's restore function (object graph ``saveable_objects``) is run by
-    ``tf.saved_model.load``; clean as TensorFlow writes it, refused with a SaveV2 in it."""
+def _hooked_table(tmp_path, nodes):
+    """A tf.Module tracking a MutableHashTable (clean as TensorFlow writes it) whose restore function
+    (object graph ``saveable_objects``, run by ``tf.saved_model.load``) gains ``nodes``: (model, function)."""
 
     class Table(tf.Module):
         def __init__(self):
@@ -592,9 +600,204 @@ def test_save_in_a_tracked_resources_restore_function_is_refused(tmp_path):
     og = meta.object_graph_def
     [restore_fn] = [og.nodes[so.restore_function].bare_concrete_function.concrete_function_name
                     for obj in og.nodes for so in obj.saveable_objects.values()]
-    next(f for f in meta.graph_def.library.function if f.signature.name == restore_fn).node_def.extend(
-        _save_nodes("hook_"))
+    next(f for f in meta.graph_def.library.function if f.signature.name == restore_fn).node_def.extend(nodes)
     corpus.write_saved_model(model, sm)
+    return model, restore_fn
+
+
+def test_save_in_a_tracked_resources_restore_function_is_refused(tmp_path):
+    """A MutableHashTable's restore function is run by ``tf.saved_model.load``: refused with a SaveV2 in it."""
+    model, restore_fn = _hooked_table(tmp_path, _save_nodes("hook_"))
     [finding] = scan_path(model)
     assert (finding.op, finding.node, finding.function) == ("SaveV2", "hook_SaveV2", restore_fn)
     assert SAVE_ON_RESTORE in finding.detail
+
+
+# ------------------------------------------------------------------------------------ restore prefixes
+ELSEWHERE = "would restore from a file other than the model's own checkpoint"
+
+
+def _tf1_prefix(source: str):
+    """save/RestoreV2 reads ``source``: a constant, the unfed default behind save/Const, or Identity(save/Const)."""
+    def fn(meta):
+        g = meta.graph_def
+        if source == "const":
+            g.node.append(corpus.string_const("stolen/prefix", b"/etc/passwd"))
+            _find(meta, "save/RestoreV2").input[0] = "stolen/prefix"
+        elif source == "default":
+            _find(meta, "save/RestoreV2").input[0] = "save/filename"
+        else:
+            g.node.append(corpus.node_def("save/prefix_copy", "Identity", ["save/Const"],
+                                          T=_attr(type=tf.string.as_datatype_enum)))
+            _find(meta, "save/RestoreV2").input[0] = "save/prefix_copy"
+    return fn
+
+
+@pytest.mark.parametrize("source, where", [("const", "'stolen/prefix' (Const)"),
+                                           ("default", "'save/filename' (PlaceholderWithDefault)"),
+                                           ("identity", None)])
+def test_tf1_restore_must_read_the_fed_file_name(tmp_path, source, where):
+    model = corpus.edit(corpus.TF1, _tf1_prefix(source))(tmp_path)
+    findings = scan_path(model)
+    if where is None:  # Identity of the fed tensor is the fed tensor
+        assert findings == []
+        return
+    [finding] = findings
+    assert (finding.op, finding.node, finding.function, finding.category) == (
+        "RestoreV2", "save/RestoreV2", None, ELSEWHERE)
+    assert f"file prefix comes from {where}, not from the saver's file name input 'save/Const:0'" in finding.detail
+    with pytest.raises(UnsafeModelError) as info:
+        load(model)
+    message = str(info.value)
+    assert "\n" not in message and "op 'RestoreV2' (node 'save/RestoreV2' in the graph) " + ELSEWHERE in message
+    assert "--allow-ops RestoreV2" in message
+    load(model, allow_ops=["RestoreV2"])  # knowingly
+
+
+def _tf2_const_prefix(meta):
+    body = corpus.function(meta, "__inference__traced_restore_")
+    body.node_def.append(corpus.string_const("stolen", b"../../other/variables"))
+    next(n for n in body.node_def if n.op == "RestoreV2").input[0] = "stolen:output:0"
+
+
+def _tf2_call_passes_a_constant(meta):
+    meta.graph_def.node.append(corpus.string_const("stolen", b"../../other/variables"))
+    _find(meta, meta.saver_def.restore_op_name).input[0] = "stolen"
+
+
+def _tf2_second_call(meta):
+    """A second call of the traced restore function, passing a constant, wired before the restore op."""
+    call = type(_find(meta, meta.saver_def.restore_op_name))()
+    call.CopyFrom(_find(meta, meta.saver_def.restore_op_name))
+    call.name = "sneaky_restore"
+    call.input[0] = "stolen"
+    meta.graph_def.node.extend([corpus.string_const("stolen", b"/etc/passwd"), call])
+    _find(meta, meta.saver_def.restore_op_name).input.append("^sneaky_restore")
+
+
+@pytest.mark.parametrize("edit_fn, why", [
+    (_tf2_const_prefix, "its file prefix is 'stolen' (Const) inside the function, not the saver's file name "
+                        "input 'saver_filename:0'"),
+    (_tf2_call_passes_a_constant, "its file prefix is argument 'file_prefix' of the function, and not every call "
+                                  "of it passes the saver's file name input 'saver_filename:0'"),
+    (_tf2_second_call, "argument 'file_prefix' of the function, and not every call"),
+], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+def test_tf2_traced_restore_must_read_the_fed_file_name(tmp_path, edit_fn, why):
+    model = corpus.edit(corpus.VGG, edit_fn)(tmp_path)
+    [finding] = scan_path(model)
+    assert finding.op == "RestoreV2" and finding.node == "RestoreV2" and finding.category == ELSEWHERE
+    assert finding.function.startswith("__inference__traced_restore_") and why in finding.detail, finding.detail
+    out = tmp_path / "out"
+    result = invoke("optimize", model, "-o", out)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.output
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert f"in function '{finding.function}') {ELSEWHERE}" in line and "--allow-ops RestoreV2" in line, line
+    assert not leftovers(out)
+
+
+def _prefix_graph(second_call_prefix: str | None):
+    """saver_filename -> call(outer_fn) -> call(inner_fn) -> RestoreV2(Identity(arg)), the restore op
+    ``restore``; ``second_call_prefix`` adds another call of inner_fn, from the outer graph, passing that
+    tensor."""
+    from tensorflow.core.framework import graph_pb2
+
+    gd = graph_pb2.GraphDef()
+    gd.node.add(name="saver_filename", op="Placeholder")
+    gd.node.add(name="restore", op="StatefulPartitionedCall", input=["saver_filename"]).attr["f"].func.name = "outer_fn"
+    outer = gd.library.function.add()
+    outer.signature.name = "outer_fn"
+    outer.signature.input_arg.add(name="prefix")
+    outer.node_def.add(name="call", op="PartitionedCall", input=["prefix"]).attr["f"].func.name = "inner_fn"
+    inner = gd.library.function.add()
+    inner.signature.name = "inner_fn"
+    inner.signature.input_arg.add(name="p")
+    inner.node_def.add(name="copy", op="Identity", input=["p"])
+    inner.node_def.add(name="read", op="RestoreV2", input=["copy:output:0", "names", "slices"])
+    if second_call_prefix is not None:
+        gd.node.add(name="other", op="Const")
+        second = gd.node.add(name="restore_2", op="StatefulPartitionedCall", input=[second_call_prefix])
+        second.attr["f"].func.name = "inner_fn"
+        gd.node[1].input.append("^restore_2")
+    return gd
+
+
+@pytest.mark.parametrize("second", [None, "saver_filename", "other"])
+def test_a_prefix_passed_through_nested_calls_must_be_the_fed_one_at_every_call(second):
+    gd = _prefix_graph(second)
+    found = scan.scan_graph_def(gd, saver_roots=["restore"], restore_roots=["restore"],
+                                filename_tensor="saver_filename:0")
+    if second in (None, "saver_filename"):
+        assert found == []
+    else:
+        [finding] = found
+        assert (finding.node, finding.function, finding.category) == ("read", "inner_fn", ELSEWHERE)
+    # without a file name input declared, no prefix is the loader's
+    [finding] = scan.scan_graph_def(_prefix_graph(None), saver_roots=["restore"], restore_roots=["restore"])
+    assert "names none" in finding.detail
+
+
+def test_restore_in_a_tracked_resources_restore_function_is_refused(tmp_path):
+    """The object graph's restore functions are called by the loader with tensors: a RestoreV2 there
+    has no file prefix the loader feeds."""
+    model, restore_fn = _hooked_table(tmp_path, [
+        corpus.string_const("stolen", b"/etc/passwd"), corpus.string_const("names", b"x"),
+        corpus.node_def("hook_RestoreV2", "RestoreV2", ["stolen:output:0"] + ["names:output:0"] * 2,
+                        dtypes=_attr(list=corpus._type_list(tf.string)))])
+    [finding] = scan_path(model)
+    assert (finding.op, finding.node, finding.function, finding.category) == (
+        "RestoreV2", "hook_RestoreV2", restore_fn, ELSEWHERE)
+    assert "'stolen' (Const) inside the function" in finding.detail
+
+
+# ------------------------------------------------------------------------------------ allow-list review (issue 13)
+def test_xla_compute_ops_are_allowed_and_xla_escapes_are_not():
+    """XLA's compute ops (jax2tf and TPU exports) are on the list; modules, custom calls, host transfers,
+    collectives and the compiler's own run-time ops are not."""
+    for op in ("XlaConv", "XlaConvV2", "XlaDot", "XlaDotV2", "XlaReduce", "XlaGather", "XlaDynamicSlice",
+               "XlaPad", "XlaSelectAndScatter", "XlaReduceWindow", "XlaSharding", "XlaWhile", "XlaIf"):
+        assert scan._category(op, {}) is None, op
+    for op in ("XlaCallModule", "XlaCustomCall", "XlaCustomCallV2", "XlaHostCompute", "XlaSendToHost",
+               "XlaRecvFromHost", "XlaSend", "XlaRecv", "XlaAllReduce", "XlaReduceScatter", "XlaLaunch", "_XlaRun",
+               "XlaRecvTPUEmbeddingActivations", "XlaSparseDenseMatmulWithCsrInput"):
+        assert scan._category(op, {})[0] == scan.NOT_ALLOWED, op
+
+
+def test_a_reducer_of_an_xla_op_is_scanned_like_any_function():
+    """XlaReduce's reducer is a library function: an op in it is found."""
+    from tensorflow.core.framework import graph_pb2
+
+    gd = graph_pb2.GraphDef()
+    reducer = gd.library.function.add()
+    reducer.signature.name = "reducer_fn"
+    reducer.node_def.add(name="leak", op="WriteFile")
+    gd.node.add(name="reduce", op="XlaReduce").attr["reducer"].func.name = "reducer_fn"
+    assert {(f.op, f.node, f.function) for f in scan.scan_graph_def(gd)} == {("WriteFile", "leak", "reducer_fn")}
+
+
+def test_lookup_tables_compute_but_a_table_read_from_a_file_is_refused_with_a_reason(tmp_path):
+    """HashTableV2, LookupTableFindV2, LookupTableImportV2 compute on tables in memory;
+    InitializeTableFromTextFileV2 reads the file a tensor names: refused, saying why, unless allowed."""
+    for op in ("HashTableV2", "LookupTableFindV2", "LookupTableImportV2"):
+        assert scan._category(op, {}) is None, op
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("a\nb\nc\n")
+
+    class Vocab(tf.Module):
+        def __init__(self):
+            self.table = tf.lookup.StaticHashTable(tf.lookup.TextFileInitializer(
+                str(vocab), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE, tf.int64,
+                tf.lookup.TextFileIndex.LINE_NUMBER), -1)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="key")])
+        def __call__(self, key):
+            return {"id": self.table.lookup(key)}
+
+    model = tmp_path / "vocab_model"
+    m = Vocab()
+    tf.saved_model.save(m, str(model), signatures=m.__call__)
+    [finding] = scan_path(model)
+    assert finding.op == "InitializeTableFromTextFileV2" and finding.function.startswith("__inference__initializer")
+    assert "not check that the name is one of the model's assets" in finding.detail
+    with pytest.raises(UnsafeModelError, match="--allow-ops InitializeTableFromTextFileV2"):
+        check_safe(model)
+    check_safe(model, allow_ops=["InitializeTableFromTextFileV2"])

@@ -86,13 +86,14 @@ def test_error_printer_escapes_every_error(monkeypatch):
     from click.testing import CliRunner
 
     from graphslim import cli
+    from graphslim.commands import inspect as inspect_command
     from graphslim.errors import LoadError
 
     for exc, code in ((LoadError(f"node {EVIL}\u202e bad"), 2), (RuntimeError(f"x{EVIL}\u202e"), 3)):
         def boom(*args, exc=exc, **kwargs):
             raise exc
 
-        monkeypatch.setattr(cli, "_load", boom)
+        monkeypatch.setattr(inspect_command, "load_model", boom)
         result = CliRunner().invoke(cli.cli, ["inspect", "somewhere"])
         assert result.exit_code == code, result.output
         assert_escaped(result.output)
@@ -104,11 +105,11 @@ def test_progress_spinner_takes_no_markup_from_paths():
     closing tag must neither raise nor restyle."""
     from rich.console import Console
 
-    from graphslim.cli import _Steps
+    from graphslim.commands.output import Steps
 
     stream = io.StringIO()
     console = Console(file=stream, force_terminal=True, markup=False, width=100)
-    with _Steps(console, enabled=True) as steps:
+    with Steps(console, enabled=True) as steps:
         steps.start(f"loading models/[/green]{EVIL}")
         steps.start("pass 1/1: dce")
     shown = stream.getvalue()

@@ -315,6 +315,56 @@ def test_missing_parent_directories_are_created_and_removed_on_failure(graph, tm
     assert (out / "saved_model.pb").is_file()
 
 
+# ------------------------------------------------------------------------------------------------ load check
+def test_the_load_check_runs_in_the_execution_child(graph, tmp_path, monkeypatch, x):
+    """TensorFlow's loader never runs in graphslim's process for the check: it runs in the shared
+    execution child, on a copy in its scratch directory, which is removed afterwards."""
+    from tensorflow.python.saved_model import function_deserialization
+
+    from graphslim.sandbox import shared_child
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the load check ran in graphslim's own process")
+
+    with monkeypatch.context() as m:
+        m.setattr(tf.saved_model, "load", refuse)
+        m.setattr(function_deserialization, "load_function_def_library", refuse)
+        out = save(graph, tmp_path / "model")
+    child = shared_child()
+    assert child.alive and not list(child.scratch.glob("check-*"))
+    loaded = tf.saved_model.load(str(out))
+    assert_outputs(loaded.serve(x), reference(graph, x))
+
+
+def test_a_load_check_that_kills_its_process_is_a_clean_error(graph, tmp_path, monkeypatch):
+    """The child dies during the check (as on a crash in TensorFlow's loader): EmitCheckError (exit 3)
+    naming the signal, nothing written, graphslim's process unharmed; the next save starts a new child."""
+    import os
+    import signal
+
+    from graphslim.errors import EmitCheckError
+    from graphslim.sandbox import Child
+
+    request = Child._request
+
+    def killed(self, header, *args, **kwargs):
+        if header.get("op") == "check_saved_model":
+            os.kill(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+        return request(self, header, *args, **kwargs)
+
+    out = tmp_path / "model"
+    with monkeypatch.context() as m:
+        m.setattr(Child, "_request", killed)
+        with pytest.raises(EmitCheckError, match="does not load in TensorFlow") as err:
+            save(graph, out)
+    message = str(err.value)
+    assert "SIGKILL" in message and "nothing was written" in message and "\n" not in message, message
+    assert err.value.exit_code == 3
+    assert _siblings(out) == []
+    assert (save(graph, out) / "saved_model.pb").is_file()
+
+
 # ------------------------------------------------------------------------------------------------ XLA
 def _must_compile(saved_model_dir: Path) -> dict:
     """``{function name: _XlaMustCompile}`` of the functions in the SavedModel that hold a Conv2D."""

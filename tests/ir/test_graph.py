@@ -93,3 +93,83 @@ def test_signature_output_port_out_of_range_detected():
     g.set_output("y", Tensor("conv/Relu", 2))
     with pytest.raises(VerificationError, match=r"signature tensor 'y' is conv/Relu:2"):
         g.verify()
+
+
+# ------------------------------------------------------------------ the IR's graph mechanics (issue 14)
+def test_add_const_and_add_input_are_typed_and_bound():
+    g = conv_graph()
+    c = g.add_const("conv/axis", np.int32(3))
+    assert c.op == "Const" and c.attr("dtype") == tf.int32 and g.constant_value(c.output(0)) == 3
+    assert g.add_const("conv/axis", np.float32(1), dtype=tf.float64, unique=True).name == "conv/axis_1"
+    assert g.node("conv/axis_1").attr("dtype") == tf.float64
+    p = g.add_input("mask", tf.bool, (None, 8))
+    assert p.op == "Placeholder" and [a.name for a in g.inputs] == ["x", "mask"]
+    assert g.shape(p.output(0)) == (None, 8)
+    g.verify()
+
+
+def test_rename_node_keeps_edges_weights_and_signature():
+    g = conv_graph()
+    g.rename_node("conv/kernel", "conv1/kernel")
+    g.rename_nodes({"conv/Relu": "out", "conv/Conv2D": "c"})
+    assert "conv1/kernel" in g.weights and "conv/kernel" not in g.weights
+    assert g.weight_of(g.node("c"), 1).name == "conv1/kernel"
+    assert g.outputs[0].tensor == Tensor("out", 0) and g.producer("out:0").op == "Relu"
+    with pytest.raises(ValueError):
+        g.rename_node("c", "conv/BiasAdd")  # taken
+    g.verify()
+
+
+def test_weight_readers_sole_consumer_sole_weight_and_bias_after():
+    g = conv_graph()
+    ident = g.add_node("conv/kernel/read", "Identity", inputs=["conv/kernel"], attrs={"T": tf.float32})
+    g.set_input(g.node("conv/Conv2D"), 1, ident.output(0))
+    g.infer_shapes()
+    assert [(n.name, p) for n, p in g.weight_readers("conv/kernel")] == [("conv/Conv2D", 1)]
+    assert g.sole_consumer("conv/Conv2D:0")[0].name == "conv/BiasAdd"
+    assert g.sole_consumer("conv/Relu:0") is None  # a signature output
+    w, why = g.sole_weight(g.node("conv/Conv2D"), 1)
+    assert w.name == "conv/kernel" and why is None
+    ba, bias = g.bias_after(g.node("conv/Conv2D"))
+    assert ba.name == "conv/BiasAdd" and bias.name == "conv/bias"
+    # a second reader of the kernel: no longer the sole weight
+    g.add_node("probe", "Identity", inputs=[ident.output(0)], attrs={"T": tf.float32})
+    w, why = g.sole_weight(g.node("conv/Conv2D"), 1)
+    assert w is None and "shared" in why
+    assert g.sole_weight(g.node("conv/BiasAdd"), 0) == (None, "input 0 is computed (Conv2D), not a trained weight")
+    assert g.bias_after(g.node("conv/BiasAdd")) == (None, None)  # Relu after it
+
+
+def test_remove_unused_walks_up_and_keeps_weights_by_choice():
+    g = conv_graph()
+    k2 = g.add_weight("k2", np.ones((3,), np.float32))
+    i2 = g.add_node("k2/read", "Identity", inputs=[k2], attrs={"T": tf.float32})
+    neg = g.add_node("k2/neg", "Neg", inputs=[i2], attrs={"T": tf.float32})
+    assert g.remove_unused([neg]) == ["k2/neg", "k2/read"]
+    assert "k2" in g.weights and g.has_node("k2")  # weights stay by default
+    assert g.remove_unused(["k2"], keep_weights=False) == ["k2"] and "k2" not in g.weights
+    assert g.remove_unused(["conv/Relu", "x"]) == []  # a signature output, a Placeholder
+    g.verify()
+
+
+def test_format_is_one_line_per_node_with_signature():
+    g = conv_graph()
+    text = g.format()
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[0].startswith("graph serving_default (6 nodes, 2 weights)"), text
+    assert "conv/Conv2D = Conv2D(x, conv/kernel) {T=float32, padding=\"SAME\", strides=[1,1,1,1]} " \
+           "-> float32[?,8,8,4]" in lines, text
+    assert "conv/kernel = Weight() -> float32[3,3,3,4]  // trainable" in lines, text
+    assert lines[-2:] == ["return {y: conv/Relu}", "}"], text
+    assert len(lines) == 6 + 3
+
+
+def test_restore_rolls_back_to_a_copy_sharing_weights():
+    g = conv_graph()
+    saved = g.copy()
+    g.set_weight("conv/kernel", np.zeros((3, 3, 3, 2), np.float32))
+    g.remove_node("conv/Relu", safe=False)
+    g.restore(saved)
+    assert g.has_node("conv/Relu") and g.weights["conv/kernel"].value.shape == (3, 3, 3, 4)
+    assert g.weights["conv/kernel"].value is saved.weights["conv/kernel"].value
+    g.verify()
