@@ -6,7 +6,7 @@ before Flatten→Dense removes the matching Dense rows. Only groups that touch n
 and have no blocker are pruned; the others are listed in the stats with the reason. Variables keep their
 names (``conv1/kernel`` stays ``conv1/kernel``, now with fewer filters) and stay trainable.
 
-Targets (one of ``ratio=``, ``macs=``, ``threshold=``, and/or ``layer=``):
+Targets (one of ``ratio=``, ``macs=``, ``latency=``, ``threshold=``, and/or ``layer=``):
 
 * ``ratio=0.3``: remove 30% of the channels of every prunable group;
 * ``macs=0.5``: keep 50% of the model's MACs; removal is distributed over the groups (``allocation=global``:
@@ -17,6 +17,13 @@ Targets (one of ``ratio=``, ``macs=``, ``threshold=``, and/or ``layer=``):
   calibration data is measured (KL divergence for a Softmax output, relative L2 otherwise), and the same
   greedy runs on those measured costs). The achieved
   fraction is in the stats;
+* ``latency=0.5 runtime=tf|xla|litert``: keep 50% of the model's latency measured on that runtime at batch 1
+  (``threads=``, default all cores). Each conv or matmul with its per-channel element-wise ops is timed alone
+  at a grid of widths in the contained child process (cached on disk per machine, runtime and threads:
+  :mod:`graphslim.analysis.latency`), the same allocations as ``macs=`` run against that latency model, then
+  the pruned model is timed side by side with the original and the modelled target corrected until the
+  measured ratio meets the target (rounds, predicted and measured ratios in the stats) or a warning says by
+  how much it falls short;
 * ``threshold=0``: remove the channels whose score is at most this (``threshold=0`` with ``l1``: exactly
   the all-zero filters);
 * ``layer=conv1:20`` (keep 20 channels) or ``layer="conv1:keep=0,3,5"`` (keep these): a layer is a node name
@@ -49,7 +56,6 @@ Example: ``--passes "prune{macs=0.5 criterion=thinet calib=calib.npz reconstruct
 from __future__ import annotations
 
 import fnmatch
-import heapq
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -57,6 +63,8 @@ from typing import Literal
 
 import numpy as np
 
+from graphslim.analysis.allocation import (MacModel, allowed_counts, global_allocation, group_costs, snap,
+                                          uniform_allocation)
 from graphslim.analysis.channels import ChannelGroup, channel_groups
 from graphslim.analysis.prune_plan import PrunePlan, check_plan_path, group_channels
 from graphslim.errors import PassError
@@ -77,6 +85,13 @@ class PruneOptions:
         "help": "fraction of the channels removed from every prunable group (0..1)"})
     macs: float | None = field(default=None, metadata={
         "help": "fraction of the model's MACs to keep (0..1]; removal distributed over groups by importance"})
+    latency: float | None = field(default=None, metadata={
+        "help": "fraction of the model's measured latency to keep (0..1] on runtime=, batch 1: removal "
+                "allocated against per-layer latency tables measured on this machine, then the pruned "
+                "model is timed and the allocation corrected until it meets the target"})
+    runtime: str = field(default="tf", metadata={
+        "help": "with latency=: the runtime measured: tf (graph executor), xla, litert"})
+    threads: int = field(default=0, metadata={"help": "with latency=: threads of the runtime (0: all cores)"})
     threshold: float | None = field(default=None, metadata={
         "help": "remove the channels whose criterion score is at most this (0 with l1: all-zero filters)"})
     layer: tuple[str, ...] = field(default=(), metadata={
@@ -89,7 +104,8 @@ class PruneOptions:
     criterion: str = field(default="l1", metadata={
         "help": "importance criterion: l1, l2, bn; with calib: activation, apoz, thinet, lsq; or a registered one"})
     allocation: Literal["global", "uniform", "sensitivity"] = field(default="global", metadata={
-        "help": "with macs=: global (least importance per MAC first), uniform (one ratio, solved), or "
+        "help": "with macs= or latency=: global (least importance per MAC or second first), uniform (one ratio, "
+                "solved), or "
                 "sensitivity (measured model-output error per MAC; needs calib)"})
     sensitivity_levels: int = field(default=8, metadata={
         "help": "allocation=sensitivity: keep fractions tried per group (1/N ... (N-1)/N)"})
@@ -115,21 +131,29 @@ class PruneOptions:
 
     def __post_init__(self):
         if self.plan is not None:
-            chooser = [f"{k}=" for k in ("ratio", "macs", "threshold") if getattr(self, k) is not None]
+            chooser = [f"{k}=" for k in ("ratio", "macs", "latency", "threshold") if getattr(self, k) is not None]
             chooser += [f"{k}=" for k in ("layer", "exclude") if getattr(self, k)]
             chooser += [f"{f.name}=" for f in fields(self)
                         if f.name in _CHOOSERS and getattr(self, f.name) != f.default]
             if chooser:
                 raise ValueError("plan= applies the channels recorded in the plan; drop " + ", ".join(chooser)
                                  + " (they choose channels; calib=, reconstruct= and ridge= still apply)")
-        given = [k for k in ("ratio", "macs", "threshold") if getattr(self, k) is not None]
+        given = [k for k in ("ratio", "macs", "latency", "threshold") if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError("give at most one of ratio=, macs=, threshold= (got "
+            raise ValueError("give at most one of ratio=, macs=, latency=, threshold= (got "
                              + " and ".join(f"{k}=" for k in given) + ")")
         if self.ratio is not None and not 0 <= self.ratio < 1:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
         if self.macs is not None and not 0 < self.macs <= 1:
             raise ValueError(f"macs must be in (0, 1], got {self.macs}")
+        if self.latency is not None and not 0 < self.latency <= 1:
+            raise ValueError(f"latency must be in (0, 1], got {self.latency}")
+        from graphslim.analysis.latency import RUNTIMES
+
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         for k in ("min_channels", "round_to", "calib_samples", "calib_batch", "calib_positions",
                   "sensitivity_levels", "sensitivity_samples"):
             if getattr(self, k) < 1:
@@ -266,163 +290,6 @@ def _member_channels(group: ChannelGroup, key, positions: list, text: str) -> li
         raise PassError(f"prune: {text}: {exc}") from None
 
 
-# ----------------------------------------------------------------------------------------- keep counts
-def _allowed_counts(size: int, min_channels: int, round_to: int) -> list[int]:
-    """Keep counts a group may take, descending from ``size``."""
-    lo = min(size, max(1, min_channels))
-    if round_to <= 1 or size <= round_to:
-        return list(range(size, lo - 1, -1))
-    lo = max(lo, round_to)
-    lo = -(-lo // round_to) * round_to
-    counts = [size] + [k for k in range((size - 1) // round_to * round_to, lo - 1, -round_to)]
-    return [k for k in counts if k >= 1]
-
-
-def _snap(counts: list[int], k: float) -> int:
-    """The allowed count nearest to ``k`` (ties: the larger)."""
-    return min(counts, key=lambda c: (abs(c - k), -c))
-
-
-class _MacModel:
-    """MACs of the kernel ops as a function of how many channels each group removes (in its removal
-    order): a conv's MACs scale with its kernel's input × output lengths, a depthwise conv's with its
-    channels, a MatMul's with K × N. Ops without a kernel weight keep their MACs."""
-
-    def __init__(self, graph, groups, orders: dict):
-        cost = graph.cost()
-        self.total0 = cost.macs
-        self.fixed = 0
-        self.nodes = []  # (macs0, [keys])
-        dims = {}
-        for c in cost.nodes:
-            if not c.macs:
-                continue
-            node = graph.node(c.name)
-            entry = ops.facts(node.op)
-            w = graph.weight_of(node, entry.kernel_port) if entry and entry.kernel_port is not None else None
-            if w is None:
-                self.fixed += c.macs
-                continue
-            keys = [(w.name, a) for a in sorted(set(ops.kernel_axes(node, w.value.ndim)))]
-            for k in keys:
-                dims[k] = w.value.shape[k[1]]
-            self.nodes.append((c.macs, keys))
-        self.dims = dims
-        self.cum: dict = {}  # key → {gid: cumulative positions removed by the first r channels}
-        self.node_groups: dict = {}
-        for grp in groups:
-            order = orders[grp.id]
-            for m in grp.members_of("weight"):
-                k = (m.name, m.axis)
-                if k not in dims:
-                    continue
-                widths = (m.index_map.rows >= 0).sum(axis=1)[order]
-                self.cum.setdefault(k, {})[grp.id] = np.concatenate([[0], np.cumsum(widths)])
-        for i, (_, keys) in enumerate(self.nodes):
-            for k in keys:
-                for gid in self.cum.get(k, {}):
-                    self.node_groups.setdefault(gid, set()).add(i)
-
-    def node_macs(self, i: int, removed: dict) -> float:
-        macs, keys = self.nodes[i]
-        f = float(macs)
-        for k in keys:
-            d = self.dims[k]
-            gone = sum(int(cum[removed.get(gid, 0)]) for gid, cum in self.cum.get(k, {}).items())
-            f *= max(d - gone, 0) / d
-        return f
-
-    def total(self, removed: dict) -> float:
-        return self.fixed + sum(self.node_macs(i, removed) for i in range(len(self.nodes)))
-
-    def saving(self, gid: int, removed: dict, new_r: int) -> float:
-        nodes = self.node_groups.get(gid, ())
-        before = sum(self.node_macs(i, removed) for i in nodes)
-        trial = dict(removed)
-        trial[gid] = new_r
-        return before - sum(self.node_macs(i, trial) for i in nodes)
-
-
-def _group_costs(scores: np.ndarray, order: np.ndarray, cumulative: bool) -> np.ndarray:
-    """Normalized cost of removing the first r channels of the order, r = 0..C (removing all costs 1
-    for additive criteria; cumulative criteria give it directly)."""
-    s = np.maximum(scores[order], 0.0)
-    if cumulative:
-        return np.concatenate([[0.0], s])
-    total = s.sum()
-    c = np.concatenate([[0.0], np.cumsum(s)])
-    return c / total if total > 0 else c
-
-
-def _global_allocation(model: _MacModel, free: list, fixed_removed: dict, counts: dict, costs: dict,
-                       target: float) -> dict:
-    """Greedy: repeatedly take the group step (to its next allowed keep count) with the least cost per
-    MAC saved, until the modelled MACs reach ``target``. Returns ``{gid: channels removed}``."""
-    removed = dict(fixed_removed)
-    step = {g.id: 0 for g in free}
-    for g in free:
-        removed[g.id] = 0
-    size = {g.id: g.size for g in free}
-    cur = model.total(removed)
-
-    def entry(gid):
-        i = step[gid]
-        if i + 1 >= len(counts[gid]):
-            return None
-        new_r = size[gid] - counts[gid][i + 1]
-        sav = model.saving(gid, removed, new_r)
-        cost = costs[gid][new_r] - costs[gid][removed[gid]]
-        if sav <= 0:
-            return (np.inf, gid, new_r, sav)
-        return (max(cost, 0.0) / sav, gid, new_r, sav)
-
-    heap = [e for e in (entry(g.id) for g in free) if e is not None]
-    heapq.heapify(heap)
-    while heap and cur > target:
-        ratio, gid, new_r, sav = heapq.heappop(heap)
-        fresh = entry(gid)
-        if fresh is None:
-            continue
-        if fresh[:3] != (ratio, gid, new_r) and heap and fresh[0] > heap[0][0]:
-            heapq.heappush(heap, fresh)  # stale: another group's step changed this one's saving
-            continue
-        ratio, gid, new_r, sav = fresh
-        if not np.isfinite(ratio):
-            continue
-        if cur - sav < target and (target - (cur - sav)) > (cur - target):
-            break  # the step would overshoot more than stopping short
-        removed[gid] = new_r
-        step[gid] += 1
-        cur -= sav
-        nxt = entry(gid)
-        if nxt is not None:
-            heapq.heappush(heap, nxt)
-    return removed
-
-
-def _uniform_allocation(model: _MacModel, free: list, fixed_removed: dict, counts: dict, target: float) -> dict:
-    def removal(r):
-        out = dict(fixed_removed)
-        for g in free:
-            out[g.id] = g.size - _snap(counts[g.id], g.size - round(r * g.size))
-        return out
-
-    lo, hi = 0.0, 1.0
-    best = removal(0.0)
-    best_err = abs(model.total(best) - target)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        rem = removal(mid)
-        macs = model.total(rem)
-        if abs(macs - target) < best_err:
-            best, best_err = rem, abs(macs - target)
-        if macs > target:
-            lo = mid
-        else:
-            hi = mid
-    return best
-
-
 def _output_measures(graph) -> list:
     """What the sensitivity measures per floating-point signature output: ``(tensor, "kl")`` for a
     Softmax output (mean KL divergence from the original's probabilities: insensitive to logit shifts
@@ -470,7 +337,7 @@ def _sensitivity_costs(graph, free: list, orders: dict, counts: dict, data: dict
     levels = opts.sensitivity_levels
     for g in free:
         allowed = counts[g.id]
-        grid = sorted({_snap(allowed, g.size * i / levels) for i in range(1, levels)} - {g.size}, reverse=True)
+        grid = sorted({snap(allowed, g.size * i / levels) for i in range(1, levels)} - {g.size}, reverse=True)
         measured = {0: 0.0}
         for k in grid:
             keep = np.sort(orders[g.id][g.size - k:]).tolist()
@@ -588,7 +455,7 @@ def _resolve_targets(graph, groups: list, opts: PruneOptions) -> _Targets:
                                 f"{grp.name} with different keeps")
             explicit[grp.id] = entry
 
-    has_target = any(getattr(opts, k) is not None for k in ("ratio", "macs", "threshold"))
+    has_target = any(getattr(opts, k) is not None for k in ("ratio", "macs", "latency", "threshold"))
     candidates = [g for g in groups if g.prunable and g.id not in excluded and (has_target or g.id in explicit)]
     return _Targets(candidates, explicit, excluded)
 
@@ -634,14 +501,14 @@ def _allocate(graph, targets: _Targets, scores: dict, crit, data, opts: PruneOpt
             removed_n[g.id] = len(gone)
             continue
         orders[g.id] = np.argsort(scores[g.id], kind="stable")
-        counts[g.id] = _allowed_counts(g.size, opts.min_channels, opts.round_to)
+        counts[g.id] = allowed_counts(g.size, opts.min_channels, opts.round_to)
         if g.id in explicit:
             removed_n[g.id] = g.size - explicit[g.id][1]
     free = [g for g in candidates if g.id not in explicit]
     target_stats: dict = {}
     if opts.ratio is not None:
         for g in free:
-            removed_n[g.id] = g.size - _snap(counts[g.id], g.size - round(opts.ratio * g.size))
+            removed_n[g.id] = g.size - snap(counts[g.id], g.size - round(opts.ratio * g.size))
         target_stats["ratio"] = opts.ratio
     elif opts.threshold is not None:
         for g in free:
@@ -649,23 +516,33 @@ def _allocate(graph, targets: _Targets, scores: dict, crit, data, opts: PruneOpt
             ok = [k for k in counts[g.id] if k >= above]
             removed_n[g.id] = g.size - (min(ok) if ok else g.size)
         target_stats["threshold"] = opts.threshold
-    elif opts.macs is not None:
-        model = _MacModel(graph, candidates, orders)
+    elif opts.macs is not None or opts.latency is not None:
         fixed = {gid: removed_n[gid] for gid in removed_n}
-        target = opts.macs * model.total0
-        if opts.allocation == "uniform":
-            removal = _uniform_allocation(model, free, fixed, counts, target)
+        costs = None
+        if opts.allocation == "sensitivity":
+            t_s = time.perf_counter()
+            costs, sens_rows = _sensitivity_costs(graph, free, orders, counts, data, opts)
+            target_stats["sensitivity"] = sens_rows
+            seconds["sensitivity"] = time.perf_counter() - t_s
+        elif opts.allocation == "global":
+            costs = {g.id: group_costs(scores[g.id], orders[g.id], crit.cumulative) for g in free}
+        if opts.latency is not None:
+            from graphslim.analysis.latency import allocate_latency
+
+            _check_safe(graph, opts.allow_ops)  # the model runs to be timed
+            t_l = time.perf_counter()
+            removal, latency_stats = allocate_latency(graph, candidates, free, orders, counts, costs, fixed, opts)
+            seconds["latency"] = time.perf_counter() - t_l
+            target_stats.update(latency_stats)
         else:
-            if opts.allocation == "sensitivity":
-                t_s = time.perf_counter()
-                costs, sens_rows = _sensitivity_costs(graph, free, orders, counts, data, opts)
-                target_stats["sensitivity"] = sens_rows
-                seconds["sensitivity"] = time.perf_counter() - t_s
+            model = MacModel(graph, candidates, orders)
+            target = opts.macs * model.total0
+            if opts.allocation == "uniform":
+                removal = uniform_allocation(model, free, fixed, counts, target)
             else:
-                costs = {g.id: _group_costs(scores[g.id], orders[g.id], crit.cumulative) for g in free}
-            removal = _global_allocation(model, free, fixed, counts, costs, target)
+                removal = global_allocation(model, free, fixed, counts, costs, target)
+            target_stats.update({"macs": opts.macs, "allocation": opts.allocation})
         removed_n.update(removal)
-        target_stats.update({"macs": opts.macs, "allocation": opts.allocation})
     changes = []
     for g in candidates:
         r = removed_n.get(g.id, 0)
@@ -730,11 +607,11 @@ def prune(graph, opts: PruneOptions) -> PassResult:
     """
     from graphslim.analysis.importance import get_criterion
 
-    if opts.plan is None and opts.ratio is None and opts.macs is None and opts.threshold is None \
-            and not opts.layer:
+    if opts.plan is None and opts.ratio is None and opts.macs is None and opts.latency is None \
+            and opts.threshold is None and not opts.layer:
         raise PassError("prune: give a target: ratio= (fraction of channels removed per group), macs= (fraction "
-                        "of MACs kept), threshold= (score), layer=NAME:COUNT, or plan=plan.json (a recorded "
-                        "prune); e.g. prune{ratio=0.3}")
+                        "of MACs kept), latency= (fraction of measured latency kept), threshold= (score), "
+                        "layer=NAME:COUNT, or plan=plan.json (a recorded prune); e.g. prune{ratio=0.3}")
     if opts.save_plan:
         check_plan_path(opts.save_plan, _plan_inputs(graph, opts))
     seconds = {}
@@ -807,4 +684,25 @@ def prune(graph, opts: PruneOptions) -> PassResult:
     }
     if opts.save_plan:
         plan.save(opts.save_plan, _plan_inputs(graph, opts))
-    return PassResult(changed=bool(changes), stats=stats)
+    warnings = _elementwise_bn_warning(graph, changes)
+    if target_stats.get("met") is False:
+        warnings.append(f"latency={opts.latency} not reached on {opts.runtime}: the pruned model measured "
+                        f"{target_stats['measured']:.3f} of the original's latency ({target_stats['speedup']:.2f}x "
+                        f"faster), {target_stats['shortfall']:.3f} short, within min_channels={opts.min_channels}, "
+                        f"round_to={opts.round_to}, the excluded and the not prunable groups")
+    return PassResult(changed=bool(changes), stats=stats, warnings=warnings)
+
+
+def _elementwise_bn_warning(graph, changes) -> list[str]:
+    """Batch norms left as element-wise ops (as Keras 3 exports them) shrink only linearly with the
+    channels: the pruned model gains less speed than MACs unless they are fused."""
+    from graphslim.passes.fuse_batchnorm import elementwise_batchnorms
+
+    bns = elementwise_batchnorms(graph) if changes else []
+    if not bns:
+        return []
+    return [f"{len(bns)} batch norm(s) (e.g. {bns[0]!r}) are element-wise ops, as Keras exports them; "
+            "their time shrinks only linearly with the channels, so the pruned model gains less speed than "
+            "MACs. Put fuse-batchnorm (keeps them trainable) or fold-batchnorm in --passes (before prune, "
+            "so that importance sees the fused convolutions) to fuse them into the convolutions "
+            "(benchmarks/prune_resnet50.py measures the difference)"]

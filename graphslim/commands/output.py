@@ -117,6 +117,17 @@ class Steps:
         else:
             self._status.update(markup(text))
 
+    def update(self, text: str) -> None:
+        """Change the current step's text (progress inside a step): on a terminal the spinner line; in
+        a pipe or log a plain line at most every 5 seconds."""
+        if not self.enabled or self._text is None:
+            return
+        if self.live and self._status is not None:
+            self._status.update(markup(text))
+        elif not self.live and time.perf_counter() - getattr(self, "_last_plain", 0.0) >= 5.0:
+            self._last_plain = time.perf_counter()
+            self.console.print(safe_text(f"  {text}"))
+
     def finish(self, note: str = "") -> None:
         if self._text is not None and self.live:
             elapsed = time.perf_counter() - self._start
@@ -141,7 +152,13 @@ class ProgressInstrument(PassInstrument):
 
     def run_before_pass(self, spec, graph) -> None:
         self.index += 1
-        self.steps.start(f"pass {self.index}/{self.total}: {spec}")
+        self.current = f"pass {self.index}/{self.total}: {spec}"
+        self.steps.start(self.current)
+
+    def on_progress(self, text: str) -> None:
+        """What a pass reports with :func:`graphslim.pipeline.progress.progress`, shown after its name
+        (install with ``graphslim.pipeline.progress.listen(instrument.on_progress)``)."""
+        self.steps.update(f"{getattr(self, 'current', 'pass')}: {text}")
 
     def run_after_pass(self, spec, graph, result, seconds) -> None:
         self.steps.finish(", changed" if result.changed else ", unchanged")

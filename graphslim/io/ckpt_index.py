@@ -16,7 +16,7 @@ from pathlib import Path
 
 from graphslim.errors import LoadError
 
-__all__ = ["check_index"]
+__all__ = ["check_index", "read_varint", "block_entries"]
 
 _MAGIC = 0xDB4775248B80FB57
 _FOOTER = 48
@@ -28,7 +28,9 @@ _MAX_ELEMENTS = 1 << 62
 _PLAIN = frozenset(range(1, 20)) | {22, 23} | frozenset(range(24, 32))
 
 
-def _varint(buf, pos: int) -> tuple[int, int]:
+def read_varint(buf, pos: int) -> tuple[int, int]:
+    """The unsigned LEB128 varint at ``pos`` of ``buf`` and the position after it (ValueError when
+    it runs past the end or past 64 bits)."""
     shift = value = 0
     while True:
         if pos >= len(buf) or shift > 63:
@@ -49,7 +51,9 @@ def _block(raw: bytes, off: int, size: int) -> bytes:
     return raw[off:off + size]
 
 
-def _entries(contents: bytes):
+def block_entries(contents: bytes):
+    """The ``(key, value)`` entries of one uncompressed leveldb table block, prefix-compressed keys
+    expanded (ValueError when the block is corrupt)."""
     if len(contents) < 4:
         raise ValueError("a block is too short")
     n = int.from_bytes(contents[-4:], "little")
@@ -58,9 +62,9 @@ def _entries(contents: bytes):
         raise ValueError("a block's restart array is corrupt")
     pos, key = 0, b""
     while pos < end:
-        shared, pos = _varint(contents, pos)
-        unshared, pos = _varint(contents, pos)
-        vlen, pos = _varint(contents, pos)
+        shared, pos = read_varint(contents, pos)
+        unshared, pos = read_varint(contents, pos)
+        vlen, pos = read_varint(contents, pos)
         if shared > len(key) or pos + unshared + vlen > end:
             raise ValueError("an entry lies outside its block")
         key = key[:shared] + contents[pos:pos + unshared]
@@ -73,14 +77,14 @@ def _table(raw: bytes):
     if len(raw) < _FOOTER or int.from_bytes(raw[-8:], "little") != _MAGIC:
         raise ValueError("it is not a checkpoint index (no table footer)")
     footer = raw[-_FOOTER:]
-    _, pos = _varint(footer, 0)  # metaindex handle: unused by bundles
-    _, pos = _varint(footer, pos)
-    index_off, pos = _varint(footer, pos)
-    index_size, pos = _varint(footer, pos)
-    for _, handle in _entries(_block(raw, index_off, index_size)):
-        off, p = _varint(handle, 0)
-        size, _ = _varint(handle, p)
-        yield from _entries(_block(raw, off, size))
+    _, pos = read_varint(footer, 0)  # metaindex handle: unused by bundles
+    _, pos = read_varint(footer, pos)
+    index_off, pos = read_varint(footer, pos)
+    index_size, pos = read_varint(footer, pos)
+    for _, handle in block_entries(_block(raw, index_off, index_size)):
+        off, p = read_varint(handle, 0)
+        size, _ = read_varint(handle, p)
+        yield from block_entries(_block(raw, off, size))
 
 
 def _check_entry(entry, name: str) -> str | None:

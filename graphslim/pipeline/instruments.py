@@ -175,83 +175,12 @@ class PrintIRBefore(_PrintIR):
 
 
 # --------------------------------------------------------------------------------------------------
-# The graph as text (until the IR has its own Graph.format())
+# The graph as text
 # --------------------------------------------------------------------------------------------------
-
-_MAX_VALUE = 60  # characters of one attribute value before it is elided
 
 
 def format_graph(graph: Any) -> str:
-    """A compact, readable text of a graphslim :class:`~graphslim.ir.Graph`, one node a line.
-
-    Nodes in topological order as ``name = Op(inputs) {attrs} -> dtype[shape]``; an input is
-    ``node`` (port 0), ``node:1`` or ``^node`` (control); attributes whose name starts with ``_``
-    are left out and long values elided; weights say whether they are trainable. The signature's
-    outputs close the graph. Uses only the public Graph API (no TensorFlow import here).
-
-    Example::
-
-        print(format_graph(graph))
-        # graph serving_default (3 nodes, 1 weights) {
-        #   x = Placeholder() {dtype=float32, shape=[?,4]} -> float32[?,4]
-        #   w = Weight() -> float32[4,2]  // trainable
-        #   y = MatMul(x, w) {T=float32, transpose_a=false, transpose_b=false} -> float32[?,2]
-        #   return {logits: y}
-        # }
-    """
-    weights = graph.weights
-    lines = [f"graph {graph.signature_name} ({len(graph)} nodes, {len(weights)} weights) {{"]
-    for node in graph.topo_order():
-        args = [_tensor_text(t) for t in graph.inputs_of(node)]
-        args += [f"^{name}" for name in graph.control_inputs_of(node)]
-        attrs = ", ".join(
-            f"{key}={_value_text(node.attr(key))}" for key in sorted(node.attrs) if not key.startswith("_")
-        )
-        outputs = [_type_text(d, s) for d, s in zip(node.dtypes, node.shapes)]
-        line = f"  {node.name} = {node.op}({', '.join(args)})"
-        line += f" {{{attrs}}}" if attrs else ""
-        if len(outputs) == 1:
-            line += f" -> {outputs[0]}"
-        elif outputs:
-            line += f" -> ({', '.join(outputs)})"
-        if node.name in weights:
-            line += "  // trainable" if weights[node.name].trainable else "  // not trainable"
-        lines.append(line)
-    results = ", ".join(f"{arg.name}: {_tensor_text(arg.tensor)}" for arg in graph.outputs)
-    lines.append(f"  return {{{results}}}")
-    if graph.functions:
-        lines.append(f"  // functions: {', '.join(sorted(graph.functions))}")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def _tensor_text(tensor: Any) -> str:
-    return tensor.node if tensor.port == 0 else f"{tensor.node}:{tensor.port}"
-
-
-def _type_text(dtype: Any, shape: Any) -> str:
-    name = getattr(dtype, "name", str(dtype))
-    if shape is None:
-        return f"{name}[*]"
-    return f"{name}[{','.join('?' if d is None else str(d) for d in shape)}]"
-
-
-def _value_text(value: Any) -> str:
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, (str, bytes)):
-        text = repr(value) if isinstance(value, bytes) else f'"{value}"'
-    elif isinstance(value, tuple):  # a shape
-        text = "[" + ",".join("?" if d is None else str(d) for d in value) + "]"
-    elif isinstance(value, list):
-        text = "[" + ",".join(_value_text(v) for v in value) + "]"
-    elif hasattr(value, "shape") and hasattr(value, "dtype"):  # a tensor (numpy array)
-        if value.size <= 8:
-            text = f"{value.dtype}{list(value.shape)}:{value.tolist()}"
-        else:
-            text = f"tensor<{value.dtype}[{','.join(map(str, value.shape))}]>"
-    elif hasattr(value, "name") and hasattr(value, "as_numpy_dtype"):  # a tf.DType
-        text = value.name
-    else:
-        text = str(value)
-    return text if len(text) <= _MAX_VALUE else text[: _MAX_VALUE - 3] + "..."
+    """The graph's own text dump, :meth:`graphslim.ir.graph.Graph.format` (one node a line:
+    ``name = Op(inputs) {attrs} -> dtype[shape]``, the signature's outputs last). Any graph-like object
+    with a ``format()`` method works (the pipeline needs no TensorFlow import here)."""
+    return graph.format()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from graphslim.io.ckpt_index import block_entries, read_varint
 from graphslim.testing import fixture_path
 
 VGG, TF1, TF_MODULE, FROZEN = "vgg_digits", "tf1_model", "tf_module", "frozen_vgg"
@@ -716,34 +717,6 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("bad varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, pos
-
-
-def _block_entries(contents: bytes) -> list:
-    n = int.from_bytes(contents[-4:], "little")
-    end = len(contents) - 4 * (n + 1)
-    entries, pos, key = [], 0, b""
-    while pos < end:
-        shared, pos = _get_varint(contents, pos)
-        unshared, pos = _get_varint(contents, pos)
-        vlen, pos = _get_varint(contents, pos)
-        key = key[:shared] + contents[pos:pos + unshared]
-        pos += unshared
-        entries.append((key, contents[pos:pos + vlen]))
-        pos += vlen
-    return entries
-
-
 def read_table(raw: bytes, verify: bool = False) -> tuple[list, list]:
     """(entries [(key, value)], blocks [(offset, size)] of data, index and metaindex) of a table;
     ``verify``: block checksums too (ValueError when one is wrong)."""
@@ -759,16 +732,16 @@ def read_table(raw: bytes, verify: bool = False) -> tuple[list, list]:
             raise ValueError("bad block checksum")
         return raw[off:off + size]
 
-    meta_off, pos = _get_varint(footer, 0)
-    meta_size, pos = _get_varint(footer, pos)
-    index_off, pos = _get_varint(footer, pos)
-    index_size, pos = _get_varint(footer, pos)
+    meta_off, pos = read_varint(footer, 0)
+    meta_size, pos = read_varint(footer, pos)
+    index_off, pos = read_varint(footer, pos)
+    index_size, pos = read_varint(footer, pos)
     entries, blocks = [], [(meta_off, meta_size), (index_off, index_size)]
-    for _, handle in _block_entries(block(index_off, index_size)):
-        off, p = _get_varint(handle, 0)
-        size, _ = _get_varint(handle, p)
+    for _, handle in block_entries(block(index_off, index_size)):
+        off, p = read_varint(handle, 0)
+        size, _ = read_varint(handle, p)
         blocks.append((off, size))
-        entries.extend(_block_entries(block(off, size)))
+        entries.extend(block_entries(block(off, size)))
     return entries, blocks
 
 

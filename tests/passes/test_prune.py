@@ -406,3 +406,13 @@ def test_keras_mobilenetv2(tmp_path):
     got = _emit_and_run(g, x, tmp_path / "pruned")
     assert got["output_0"].shape == (2, 1000) and np.isfinite(got["output_0"]).all()
     np.testing.assert_allclose(got["output_0"], run(g, x)["output_0"], rtol=1e-5, atol=1e-6)
+
+
+def test_prune_warns_about_batch_norms_left_element_wise(loaded):
+    """The warning comes from the pass (PassResult.warnings), not from the CLI: Keras 3's element-wise
+    batch norms are named; after fold-batchnorm there are none to name."""
+    report = PassManager("prune{ratio=0.5}").run(loaded("resnet_digits"))
+    msgs = [m for _, m in report.warnings]
+    assert len(msgs) == 1 and "are element-wise ops" in msgs[0] and "fold-batchnorm" in msgs[0], msgs
+    report = PassManager("prune{ratio=0.5}").run(loaded("resnet_digits", fold=True))
+    assert not [m for _, m in report.warnings if "element-wise" in m]
