@@ -6,6 +6,7 @@ Example::
     g = graphslim.load("model/")
     report = graphslim.run_pipeline(g, "fold-batchnorm,dce")
     graphslim.save(g, "model_small/")
+    Path("model_small.tflite").write_bytes(graphslim.to_tflite(g))    # LiteRT's format
 
 Importing graphslim is cheap; TensorFlow is imported on first use of the IR, loader or emitter.
 """
@@ -19,7 +20,7 @@ _LAZY = {"Graph": "graphslim.ir.graph", "Node": "graphslim.ir.graph", "Tensor": 
          "Weight": "graphslim.ir.graph", "SignatureArg": "graphslim.ir.graph", "WEIGHT_OP": "graphslim.ir.graph",
          "register_pass": "graphslim.pipeline", "PassResult": "graphslim.pipeline",
          "PassManager": "graphslim.pipeline", "parse_pipeline": "graphslim.pipeline",
-         "compare": "graphslim.checks", "bench": "graphslim.checks"}
+         "compare": "graphslim.checks", "bench": "graphslim.checks", "to_tflite": "graphslim.runtime"}
 
 
 def __getattr__(name):
@@ -58,6 +59,6 @@ def run_pipeline(graph, pipeline, *, verify: bool = True, instruments=()):
     return PassManager(pipeline, verify=verify, instruments=instruments).run(graph)
 
 
-__all__ = ["load", "save", "run_pipeline", "Graph", "Node", "Tensor", "Weight", "SignatureArg",
+__all__ = ["load", "save", "run_pipeline", "to_tflite", "Graph", "Node", "Tensor", "Weight", "SignatureArg",
            "WEIGHT_OP", "register_pass", "PassResult", "PassManager", "parse_pipeline",
            "GraphslimError", "LoadError", "EmitError", "PipelineError", "VerificationError", "PassError"]

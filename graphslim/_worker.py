@@ -16,6 +16,8 @@ import signal
 import sys
 import time
 
+import graphslim._litert as litert
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -76,12 +78,17 @@ class _Engine:
     outputs: dict
 
 
+def _graph_def(arrays):
+    from tensorflow.core.framework import graph_pb2
+
+    gd = graph_pb2.GraphDef()
+    gd.ParseFromString(arrays.pop("graph_def").tobytes())
+    return gd
+
+
 class _GraphEngine(_Engine):
     def __init__(self, tf, np, header, arrays, threads):
-        from tensorflow.core.framework import graph_pb2
-
-        gd = graph_pb2.GraphDef()
-        gd.ParseFromString(arrays.pop("graph_def").tobytes())
+        gd = _graph_def(arrays)
         self.tf = tf
         self.inputs = dict(header["inputs"])
         self.outputs = dict(header["outputs"])
@@ -176,10 +183,7 @@ class _EagerEngine(_Engine):
 
 
 def _xla_engine(tf, np, header, arrays):
-    from tensorflow.core.framework import graph_pb2
-
-    gd = graph_pb2.GraphDef()
-    gd.ParseFromString(arrays.pop("graph_def").tobytes())
+    gd = _graph_def(arrays)
     inputs, outputs = dict(header["inputs"]), dict(header["outputs"])
     weights = header["weights"]
 
@@ -199,6 +203,27 @@ def _xla_engine(tf, np, header, arrays):
         return pruned(*[kw[n] for n in names], *values)
 
     return _EagerEngine(tf, compiled, inputs, outputs)
+
+
+def _tflite(tf, header, arrays) -> bytes:
+    """The graph of a ``load``/``to_tflite`` request as a TFLite flatbuffer (:mod:`graphslim._litert`)."""
+    gd = _graph_def(arrays)
+    weights = {name: arrays.pop(f"w:{name}") for name in header["weights"]}
+    return litert.convert(tf, gd, dict(header["inputs"]), dict(header["outputs"]), weights)
+
+
+def _load(tf, np, header, arrays, threads):
+    """(engine, reply) of a ``load`` request."""
+    engine = header["engine"]
+    if engine == "graph":
+        return _GraphEngine(tf, np, header, arrays, threads), {}
+    if engine == "xla":
+        return _xla_engine(tf, np, header, arrays), {}
+    if engine == "litert":
+        flatbuffer = _tflite(tf, header, arrays)
+        loaded = litert.LiteRTEngine(tf, flatbuffer, dict(header["inputs"]), dict(header["outputs"]), threads)
+        return loaded, {"interpreter": loaded.interpreter, "tflite_bytes": loaded.flatbuffer_size}
+    raise ValueError(f"unknown engine {engine!r}")
 
 
 def _saved_model_engine(tf, path, signature):
@@ -274,9 +299,9 @@ def main() -> None:
             elif op == "exit":
                 return
             elif op == "load":
-                engine = (_GraphEngine(tf, np, header, arrays, int(config["threads"])) if header["engine"] == "graph"
-                          else _xla_engine(tf, np, header, arrays))
-                engines[header["id"]] = engine
+                engines[header["id"]], reply = _load(tf, np, header, arrays, int(config["threads"]))
+            elif op == "to_tflite":
+                out = {"tflite": np.frombuffer(_tflite(tf, header, arrays), dtype=np.uint8)}
             elif op == "load_saved_model":
                 engine = _saved_model_engine(tf, header["path"], header["signature"])
                 engines[header["id"]] = engine
@@ -298,7 +323,7 @@ def main() -> None:
                 reply = {"error": f"unknown request {op!r}"}
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises a clean error
             text = " ".join(str(exc).split()) or type(exc).__name__
-            reply = {"error": f"{type(exc).__name__}: {text[:800]}"}
+            reply = {**getattr(exc, "details", {}), "error": f"{type(exc).__name__}: {text[:800]}"}
             out = None
         first = False
         del arrays

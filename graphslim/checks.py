@@ -6,6 +6,7 @@ prints), so build systems call them without a subprocess::
     import graphslim
     result = graphslim.compare("model/", "model_slim/", rtol=1e-4)      # result["ok"], result["outputs"]
     timing = graphslim.bench(["model/", "model_slim/"], rounds=9)       # timing["models"][i]["speedup"]
+    timing = graphslim.bench(["model/"], runtimes=("tf", "litert"))    # a row per model and runtime
 
 Both *execute* the models, and only in a contained child process (:mod:`graphslim.sandbox`:
 Landlock, memory and CPU limits, a wall-clock timeout): each model as graphslim reads it (after the
@@ -24,9 +25,10 @@ from typing import Callable
 
 import numpy as np
 
-from graphslim.errors import GraphslimError, LoadError
+from graphslim.errors import ConversionError, GraphslimError, LoadError
 
-__all__ = ["bench", "compare", "compare_arrays", "random_input", "read_inputs", "saved_model_dir"]
+__all__ = ["RUNTIMES", "bench", "compare", "compare_arrays", "random_input", "read_inputs", "runtime_list",
+           "saved_model_dir"]
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 
@@ -298,20 +300,58 @@ def compare(a, b, *, inputs=None, batch: int = 8, seed: int = 0, signature: str 
 
 
 # ------------------------------------------------------------------------------------ bench
+#: ``bench``'s runtimes: TensorFlow's graph executor (a model written with jit_compile runs through XLA,
+#: as TensorFlow would run it), XLA (``tf.function(jit_compile=True)``), LiteRT (converted to TFLite in
+#: the child, run on XNNPACK) → the contained child's engine
+RUNTIMES = {"tf": "graph", "xla": "xla", "litert": "litert"}
+
+
+def runtime_list(runtimes, xla: bool = False) -> list[str]:
+    """``runtimes`` (names, or comma-separated lists of names) in order, each once; ``xla=True`` adds
+    ``xla``. An unknown name is a GraphslimError listing the valid ones."""
+    if isinstance(runtimes, str):
+        runtimes = [runtimes]
+    names = [n.strip() for item in runtimes for n in str(item).split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNTIMES]
+    if unknown:
+        raise GraphslimError(f"unknown runtime {', '.join(map(repr, unknown))}; the runtimes are "
+                             f"{', '.join(RUNTIMES)}")
+    names += ["xla"] if xla else []
+    if not names:
+        raise GraphslimError(f"no runtime given; the runtimes are {', '.join(RUNTIMES)}")
+    return list(dict.fromkeys(names))
+
+
+def _load_engine(child, graph, path: Path, model, runtime: str) -> tuple[str, str, int]:
+    """(row label, runtime as run, handle) of one model in one runtime."""
+    if runtime == "tf" and saved_for_xla(path):
+        return str(model), "xla (saved)", child.load_graph(graph, "xla")
+    label = str(model) if runtime == "tf" else f"{model} ({runtime})"
+    try:
+        return label, RUNTIMES[runtime], child.load_graph(graph, RUNTIMES[runtime])
+    except ConversionError as exc:
+        raise ConversionError(f"{exc} Time it in another runtime (--runtime tf or xla).", exc.ops) from None
+
+
 def bench(models, *, inputs=None, batch: int = 1, threads: int | None = None, rounds: int = 15,
-          calls: int = 3, xla: bool = False, signature: str = "serving_default", allow_ops=(),
-          limits=None, max_asset_mb: float | None = None, progress: Callable[[str], None] = _noop,
+          calls: int = 3, runtimes=("tf",), xla: bool = False, signature: str = "serving_default",
+          allow_ops=(), limits=None, max_asset_mb: float | None = None, progress: Callable[[str], None] = _noop,
           warn: Callable[[str], None] = _noop) -> dict:
-    """Time SavedModels side by side on the same inputs, in one contained child process. The models
-    take turns within each round; each figure is the median over the rounds of the mean time of one
-    call (timed in the child); ``speedup`` is the first model's median over this one's, within a
-    runtime kind (as saved; ``xla`` with ``xla=True``). Returns the dict ``graphslim bench --json``
-    prints."""
+    """Time SavedModels side by side on the same inputs, in one contained child process, in each of
+    ``runtimes`` (:data:`RUNTIMES`: ``tf``, ``xla``, ``litert``; ``xla=True`` adds ``xla``). The
+    models and runtimes take turns within each round; each figure is the median over the rounds of
+    the mean time of one call (timed in the child). One row per (model, runtime); its ``runtime`` is
+    what ran: ``graph`` (TensorFlow's graph executor, for ``tf``), ``xla (saved)`` (a model written
+    for XLA, for ``tf``), ``xla`` or ``litert``. ``speedup`` is the first model's median over this
+    one's within a runtime; ``vs_tf``, this model's ``tf`` median over this row's (``xla_gain`` for
+    ``xla`` rows, as before). Returns the dict ``graphslim bench --json`` prints. A model that TFLite
+    cannot convert raises ConversionError naming its ops."""
     import os
 
     from graphslim.sandbox import Child, default_limits
 
     models = list(models)
+    runtimes = runtime_list(runtimes, xla)
     paths = [saved_model_dir(m, "bench") for m in models]
     if isinstance(inputs, (str, Path)) and not Path(inputs).is_file():
         raise GraphslimError(f"--inputs {inputs}: no such file")
@@ -322,21 +362,21 @@ def bench(models, *, inputs=None, batch: int = 1, threads: int | None = None, ro
         graphs.append(_load_ir(path, signature, allow_ops, warn, max_asset_mb))
     progress("starting the execution process")
     with Child(limits, label=str(models[0])) as child:
-        entries = []  # (label, model, runtime, handle, specs)
+        entries = []  # (label, model, runtime asked, runtime as run, handle, specs)
         for model, path, (graph, specs) in zip(models, paths, graphs):
-            child.label = str(model)
-            saved_xla = saved_for_xla(path)
-            entries.append((str(model), model, "xla (saved)" if saved_xla else "graph",
-                            child.load_graph(graph, "xla" if saved_xla else "graph"), specs))
-            if xla:
-                entries.append((f"{model} (XLA)", model, "xla", child.load_graph(graph, "xla"), specs))
+            for runtime in runtimes:
+                child.label = str(model)
+                progress(f"loading {model} ({runtime})")
+                label, ran, handle = _load_engine(child, graph, path, model, runtime)
+                entries.append((label, model, runtime, ran, handle, specs))
+        interpreter = next((child.engine_info[e[4]].get("interpreter") for e in entries if e[2] == "litert"), None)
         specs = {}
         for entry in reversed(entries):
-            specs.update(entry[4])
+            specs.update(entry[5])
         values, source = _inputs(inputs, specs, batch, 0, warn)
         if inputs is None:
             source = f"random (batch {batch})"
-        for label, model, runtime, handle, model_specs in entries:
+        for label, _, _, _, handle, model_specs in entries:
             progress(f"warming up {label}")
             child.label = label
             feed = _feed(model_specs, values, label)
@@ -345,21 +385,21 @@ def bench(models, *, inputs=None, batch: int = 1, threads: int | None = None, ro
         times = [[] for _ in entries]
         for r in range(rounds):
             progress(f"round {r + 1}/{rounds}")
-            for i, (label, model, runtime, handle, model_specs) in enumerate(entries):
+            for i, (label, _, _, _, handle, _) in enumerate(entries):
                 child.label = label
                 times[i].append(child.time(handle, calls))
     medians = [statistics.median(t) for t in times]
-    # Rows compare within a kind: each model as saved (the graph executor, or XLA if it was written
-    # for it), and each model compiled by XLA (xla=True).
-    first, saved_median, rows = {}, {}, []
-    for (label, model, runtime, _, _), m, t in zip(entries, medians, times):
-        kind = "xla" if runtime == "xla" else "saved"
-        first.setdefault(kind, m)
-        if kind == "saved":
-            saved_median[str(model)] = m
-        rows.append({"model": str(model), "runtime": runtime, "median_ms": 1e3 * m,
-                     "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t), "speedup": first[kind] / m,
-                     "xla_gain": saved_median[str(model)] / m if kind == "xla" else None})
+    first, tf_median, rows = {}, {}, []
+    for (_, model, runtime, _, _, _), m in zip(entries, medians):
+        first.setdefault(runtime, m)
+        if runtime == "tf":
+            tf_median[str(model)] = m
+    for (_, model, runtime, ran, _, _), m, t in zip(entries, medians, times):
+        vs_tf = tf_median[str(model)] / m if runtime != "tf" and str(model) in tf_median else None
+        rows.append({"model": str(model), "runtime": ran, "median_ms": 1e3 * m, "min_ms": 1e3 * min(t),
+                     "max_ms": 1e3 * max(t), "speedup": first[runtime] / m, "vs_tf": vs_tf,
+                     "xla_gain": vs_tf if runtime == "xla" else None})
     return {"signature": signature, "inputs": source,
             "input_shapes": {k: list(np.shape(v)) for k, v in values.items()},
-            "threads": threads, "rounds": rounds, "calls": calls, "models": rows}
+            "threads": threads, "rounds": rounds, "calls": calls, "runtimes": runtimes,
+            "litert_interpreter": interpreter, "models": rows}

@@ -43,6 +43,15 @@ class PassError(GraphslimError):
     """A pass refuses the graph it was given (e.g. an op without a channel rule)."""
 
 
+class ConversionError(GraphslimError):
+    """The model cannot be converted for another runtime (TFLite/LiteRT): the message names the ops the
+    runtime lacks, or the converter's reason. ``ops``: those op types (may be empty)."""
+
+    def __init__(self, message: str, ops=()):
+        super().__init__(message)
+        self.ops = list(ops)
+
+
 class XlaCheckWarning(UserWarning):
     """``save(..., jit_compile=True)`` could not lower the model to XLA at the shapes it assumed for
     unknown input dimensions; the model was written anyway (the CLI prints this as a warning)."""

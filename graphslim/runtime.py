@@ -10,6 +10,7 @@ Example::
 
     out = graphslim.runtime.run(g, {"input_1": x})                   # signature outputs by name
     acts = graphslim.runtime.run(g, {"input_1": x}, fetch=["conv1/Relu:0"])
+    flatbuffer = graphslim.to_tflite(g)                                # a .tflite file's bytes
 """
 
 from __future__ import annotations
@@ -76,3 +77,21 @@ def run(graph: Graph, inputs: dict, fetch=None) -> dict:
     """Run ``graph`` once on ``inputs`` (signature input name → array)."""
     with Runner(graph) as r:
         return r.run(inputs, fetch)
+
+
+def to_tflite(graph: Graph, allow_ops=None) -> bytes:
+    """``graph`` as a TFLite flatbuffer (the bytes of a ``.tflite`` file): graphslim's IR converted with
+    TensorFlow's TFLite converter (builtin ops only) in the contained child, after the safety scan (the
+    converter evaluates constant subgraphs). ConversionError names the ops TFLite lacks or the
+    converter's reason.
+
+    Example::
+
+        Path("model.tflite").write_bytes(graphslim.to_tflite(graphslim.load("model/")))
+    """
+    from graphslim.io.scan import check_safe
+    from graphslim.sandbox import shared_child
+
+    check_safe(graph, allow_ops=graph.meta.get("allowed_ops", ()) if allow_ops is None else allow_ops)
+    return shared_child(f"the model {graph.meta.get('source', '')}".rstrip()).to_tflite(graph)
+

@@ -20,7 +20,9 @@ there, never in the caller's process for the model's sake) with:
   with the parent (``PR_SET_PDEATHSIG``).
 
 The child runs graphslim's *own* IR of the model (a GraphDef and the weights the loader read with
-the checkpoint reader), never the input's restore functions or save/restore ops. Only
+the checkpoint reader), never the input's restore functions or save/restore ops: in TensorFlow's graph
+executor, compiled by XLA, or converted to TFLite there and run by LiteRT (``engine="litert"``;
+:meth:`Child.to_tflite` returns the converted flatbuffer). Only
 :meth:`Child.load_saved_model` (the ``--trusted`` comparison of ``graphslim verify``) lets
 TensorFlow's loader run a SavedModel, and still inside the child; :meth:`Child.check_saved_model`
 is the emitter's check that what graphslim wrote loads (a copy in the scratch directory, nothing run).
@@ -59,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphslim.errors import GraphslimError
+from graphslim.errors import ConversionError, GraphslimError
 
 __all__ = ["Child", "ExecutionError", "Limits", "SandboxNote", "decode_arrays", "default_limits", "encode", "set_default_limits",
            "shared_child", "close_shared"]
@@ -252,6 +254,7 @@ class Child:
         self._dead: str | None = None
         self._next = 0
         self._released: list[int] = []  # handles to drop with the next request (see release)
+        self.engine_info: dict[int, dict] = {}
         config = {
             "scratch": str(self.scratch),
             "read": _python_read_paths() + [str(Path(p).resolve()) for p in read],
@@ -411,27 +414,61 @@ class Child:
                                      f"({exc}); it was killed") from None
             raise
         if "error" in reply:
+            if reply.get("kind") == "tflite":
+                ops = reply.get("ops")
+                raise ConversionError(str(reply.get("reason") or reply["error"])[:2000],
+                                      ops=[str(op)[:200] for op in ops[:20]] if isinstance(ops, list) else [])
             raise ExecutionError(f"{what}: {reply['error']}")
         return reply, arrays
 
     # ------------------------------------------------------------------ API
-    def load_graph(self, graph, engine: str = "graph") -> int:
-        """Send ``graph`` (graphslim IR: GraphDef + weights) to the child; returns a handle. ``engine``:
-        ``graph`` (a TF1-style session: TensorFlow's graph executor with Grappler) or ``xla``
-        (``tf.function(jit_compile=True)``)."""
+    def _graph_request(self, graph, header: dict, what: str, timeout: float | None = None):
+        """Send ``graph`` (graphslim IR: its GraphDef and the weights the loader read) with ``header``;
+        a TFLite conversion failure is a ConversionError naming the label and nodes of the ops."""
         from graphslim.ir.tfconv import graph_to_graph_def
 
-        gd = graph_to_graph_def(graph)
-        self._next += 1
-        handle = self._next
-        arrays = {"graph_def": np.frombuffer(gd.SerializeToString(), dtype=np.uint8)}
+        arrays = {"graph_def": np.frombuffer(graph_to_graph_def(graph).SerializeToString(), dtype=np.uint8)}
         for name, w in graph.weights.items():
             arrays[f"w:{name}"] = w.value
-        self._request({"op": "load", "id": handle, "engine": engine,
-                       "inputs": [[a.name, str(a.tensor)] for a in graph.inputs],
-                       "outputs": [[a.name, str(a.tensor)] for a in graph.outputs],
-                       "weights": list(graph.weights)}, arrays, f"loading {self.label}")
+        header = {**header, "inputs": [[a.name, str(a.tensor)] for a in graph.inputs],
+                  "outputs": [[a.name, str(a.tensor)] for a in graph.outputs], "weights": list(graph.weights)}
+        try:
+            return self._request(header, arrays, what, timeout)
+        except ConversionError as exc:
+            nodes = [f"{op} at {', '.join(repr(n.name) for n in graph.nodes(op)[:3])}" for op in exc.ops
+                     if graph.nodes(op)]
+            where = f" (nodes: {'; '.join(nodes)})" if nodes else ""
+            raise ConversionError(f"{self.label} cannot be converted to TFLite: {exc}{where}.",
+                                  ops=exc.ops) from None
+
+    def load_graph(self, graph, engine: str = "graph") -> int:
+        """Send ``graph`` (graphslim IR: GraphDef + weights) to the child; returns a handle. ``engine``:
+        ``graph`` (a TF1-style session: TensorFlow's graph executor with Grappler), ``xla``
+        (``tf.function(jit_compile=True)``) or ``litert`` (converted to TFLite with builtin ops in
+        the child and run by the LiteRT interpreter, XNNPACK, ``Limits.threads`` threads; it returns
+        the signature's outputs only). A graph TFLite cannot convert raises ConversionError. What the
+        child said about the engine (``interpreter``, ``tflite_bytes``) is in ``engine_info[handle]``."""
+        self._next += 1
+        handle = self._next
+        converting = engine == "litert"
+        reply, _ = self._graph_request(
+            graph, {"op": "load", "id": handle, "engine": engine},
+            f"loading {self.label}" + (" into LiteRT" if converting else ""),
+            max(self.limits.timeout, CHECK_SECONDS) if converting else None)
+        self.engine_info[handle] = {k: v if isinstance(v, (int, float)) else str(v)[:200]
+                                    for k, v in reply.items() if k in ("interpreter", "tflite_bytes")}
         return handle
+
+    def to_tflite(self, graph) -> bytes:
+        """The TFLite flatbuffer of ``graph``, converted in the child (TensorFlow's TFLite converter,
+        builtin ops; see :mod:`graphslim._litert`). ConversionError names the ops TFLite lacks or
+        the converter's reason. The request's time limit is at least :data:`CHECK_SECONDS`."""
+        _, arrays = self._graph_request(graph, {"op": "to_tflite"}, f"converting {self.label} to TFLite",
+                                        max(self.limits.timeout, CHECK_SECONDS))
+        flatbuffer = arrays.get("tflite")
+        if flatbuffer is None or flatbuffer.dtype != np.uint8 or flatbuffer.ndim != 1:
+            raise ExecutionError(f"converting {self.label} to TFLite: the child sent no flatbuffer")
+        return flatbuffer.tobytes()
 
     def load_saved_model(self, path, signature: str = "serving_default") -> tuple[int, dict, list]:
         """TensorFlow's own loader on ``path`` inside the child (trusted inputs only: it runs the
@@ -482,8 +519,10 @@ class Child:
     def release(self, handle: int) -> None:
         """Drop ``handle`` with the next request (safe from ``__del__``: sends nothing now)."""
         self._released.append(handle)
+        self.engine_info.pop(handle, None)
 
     def drop(self, handle: int) -> None:
+        self.engine_info.pop(handle, None)
         if self.alive:
             self._request({"op": "drop", "id": handle}, None, f"releasing {self.label}")
 

@@ -262,7 +262,7 @@ def test_optimize_prune_suggests_fusing_elementwise_batch_norms(tmp_path):
     def warned(passes):
         result = run("optimize", RESNET, "-o", tmp_path / passes.split("{")[0], "--passes", passes)
         assert result.exit_code == 0, result.stderr
-        return [line for line in result.stderr.splitlines() if line.startswith("warning: prune:")]
+        return [line for line in result.stderr.splitlines() if line.startswith("warning: prune{")]
 
     hint = warned("prune{ratio=0.5}")
     assert len(hint) == 1 and "batch norm(s)" in hint[0] and "fuse-batchnorm" in hint[0], hint

@@ -4,6 +4,7 @@ JSON report), print a summary of what changed.
 Example::
 
     graphslim optimize model/ -o model_small/ --passes "fold-batchnorm,dce" --report report.json
+    graphslim optimize model/ -o model_small/ --passes "fold-batchnorm" --tflite model_small.tflite
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from graphslim.commands.options import (allow_ops_option, apply_limits, limits_o
                                         max_asset_option, parse_tags)
 from graphslim.commands.output import App, ProgressInstrument, count_text, new_table, safe_text
 from graphslim.errors import EmitError, GraphslimError, XlaCheckWarning
-from graphslim.fileio import write_text_atomic
+from graphslim.fileio import write_bytes_atomic, write_text_atomic
+from graphslim.pipeline.progress import listen
 
 _SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 
@@ -33,10 +35,10 @@ def _model_dir(path: Path) -> Path:
 
 
 def _check_output_paths(model: Path, out: Path, force: bool, report_path: Path | None,
-                        inputs=()) -> None:
-    """Before anything is read or written: -o and --report must not be the input model, lie inside
-    it, or (for -o, which --force replaces whole) contain it; nor be one of the other files the run
-    reads (``inputs``: --config, --plugin files). Paths are compared resolved (symlinks followed)."""
+                        inputs=(), tflite_path: Path | None = None) -> None:
+    """Before anything is read or written: -o, --report and --tflite must not be the input model, lie
+    inside it, or (for -o, which --force replaces whole) contain it; nor be one of the other files the
+    run reads (``inputs``: --config, --plugin files). Paths are compared resolved (symlinks followed)."""
     src, dst = _model_dir(model).resolve(), out.resolve()
     if dst == src or src in dst.parents:
         raise EmitError(f"-o {out} is the input model or inside it; write the optimized model somewhere "
@@ -51,25 +53,49 @@ def _check_output_paths(model: Path, out: Path, force: bool, report_path: Path |
                             "model somewhere else")
     if (out.exists() or out.is_symlink()) and not force:
         raise EmitError(f"the output {out} exists; pass --force to replace it, or choose another -o")
-    if report_path is not None:
-        rep = report_path.resolve()
-        if rep == src or src in rep.parents:
-            raise EmitError(f"--report {report_path} is the input model or a file inside it; writing it "
-                            f"would change the input {model}. Write the report somewhere else")
-        if rep == dst:
-            raise EmitError(f"--report {report_path} is the output directory -o {out}; give the report "
-                            "its own file name (it may be inside -o)")
-        for given, resolved in others:
-            if rep == resolved:
-                raise EmitError(f"--report {report_path} is {given}, an input of this run; write the "
-                                "report somewhere else")
-        if report_path.is_dir():
-            raise GraphslimError(f"--report {report_path} is a directory; give a file name like "
-                                 "report.json")
-        parent = report_path.parent
-        if not parent.is_dir():
-            raise GraphslimError(f"cannot write the report {report_path}: the directory {parent} does "
-                                 "not exist")
+    files = [(flag, path, what, example) for flag, path, what, example in (
+        ("--report", report_path, "report", "report.json"), ("--tflite", tflite_path, "TFLite model", "model.tflite"))
+        if path is not None]
+    for flag, path, what, example in files:
+        _check_file_option(flag, path, what, example, model, src, out, dst, others)
+    if len(files) == 2 and report_path.resolve() == tflite_path.resolve():
+        raise EmitError(f"--tflite {tflite_path} is also the --report file; give each its own file name")
+
+
+def _check_file_option(flag: str, path: Path, what: str, example: str, model: Path, src: Path, out: Path,
+                       dst: Path, others) -> None:
+    """A file option (--report, --tflite) must not be or lie inside the input, be -o itself or an input of
+    the run, nor be a directory; its directory must exist (or be -o, written first)."""
+    resolved = path.resolve()
+    if resolved == src or src in resolved.parents:
+        raise EmitError(f"{flag} {path} is the input model or a file inside it; writing it would change the "
+                        f"input {model}. Write the {what} somewhere else")
+    if resolved == dst:
+        raise EmitError(f"{flag} {path} is the output directory -o {out}; give the {what} its own file name "
+                        "(it may be inside -o)")
+    for given, other in others:
+        if resolved == other:
+            raise EmitError(f"{flag} {path} is {given}, an input of this run; write the {what} somewhere "
+                            "else")
+    if path.is_dir():
+        raise GraphslimError(f"{flag} {path} is a directory; give a file name like {example}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise GraphslimError(f"cannot write the {what} {path}: the directory {parent} does not exist")
+
+
+def _write_tflite(graph, path: Path) -> tuple[dict, GraphslimError | None]:
+    """Convert the graph just written and write ``path``: (the report's ``tflite`` entry, the failure)."""
+    start = time.perf_counter()
+    try:
+        flatbuffer = graphslim.to_tflite(graph)
+        write_bytes_atomic(path, flatbuffer)
+    except GraphslimError as exc:
+        return {"path": str(path), "size_bytes": None, "error": str(exc)}, exc
+    except OSError as exc:
+        failure = GraphslimError(f"cannot write the TFLite model {path}: {exc.strerror or exc}.")
+        return {"path": str(path), "size_bytes": None, "error": str(failure)}, failure
+    return {"path": str(path), "size_bytes": len(flatbuffer), "seconds": time.perf_counter() - start}, None
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -104,14 +130,18 @@ def _write_json(path: Path, data: Any) -> None:
                    "per input shape). Often faster on CPU (pruned ResNet50), but several times slower "
                    "with depthwise convolutions: time it with `graphslim bench --xla` first. Refused, "
                    "naming the op, if XLA cannot compile the model.")
+@click.option("--tflite", "tflite_path", type=click.Path(path_type=Path), metavar="OUT.tflite", default=None,
+              help="Also write the optimized model as a TFLite flatbuffer for LiteRT (graphslim's graph "
+                   "converted with TensorFlow's TFLite converter, builtin ops only, in the contained child "
+                   "process). Refused, naming the ops, if TFLite lacks one; the SavedModel is still written.")
 @allow_ops_option
 @max_asset_option
 @limits_options
 @click.pass_obj
 def optimize(app: App, model: Path, out: Path, passes: str | None, config: Path | None, plugins,
              report_path: Path | None, signature: str, tags: str, no_verify: bool,
-             force: bool, jit_compile: bool, allow_ops, max_asset_mb: float | None, timeout,
-             max_memory) -> None:
+             force: bool, jit_compile: bool, tflite_path: Path | None, allow_ops, max_asset_mb: float | None,
+             timeout, max_memory) -> None:
     """Load MODEL, run the pipeline over it and write the result to -o OUT.
 
     MODEL is a SavedModel directory or a frozen GraphDef .pb. Without --passes or --config the
@@ -121,7 +151,8 @@ def optimize(app: App, model: Path, out: Path, passes: str | None, config: Path 
         raise click.UsageError("--passes and --config cannot be used together: give the pipeline "
                                "either as text or as a TOML file")
     _check_output_paths(model, out, force, report_path,
-                        inputs=[p for p in [config, *map(Path, plugins)] if p is not None and p.is_file()])
+                        inputs=[p for p in [config, *map(Path, plugins)] if p is not None and p.is_file()],
+                        tflite_path=tflite_path)
     verify = not no_verify
     tag_set = parse_tags(tags)
     apply_limits(timeout, max_memory)  # for passes that run the model (calibration data)
@@ -131,7 +162,8 @@ def optimize(app: App, model: Path, out: Path, passes: str | None, config: Path 
         from graphslim.pipeline import PassManager, load_pipeline_config, parse_pipeline
 
         pipeline = load_pipeline_config(config) if config is not None else parse_pipeline(passes or "")
-        manager = PassManager(pipeline, verify=verify, instruments=[ProgressInstrument(steps)])
+        shown = ProgressInstrument(steps)
+        manager = PassManager(pipeline, verify=verify, instruments=[shown])
 
         steps.start(f"loading {model}")
         start = time.perf_counter()
@@ -149,7 +181,8 @@ def optimize(app: App, model: Path, out: Path, passes: str | None, config: Path 
             steps.start("verifying the input graph")
         else:
             steps.finish()
-        pipeline_report = manager.run(graph)
+        with listen(shown.on_progress):  # passes report progress inside their step
+            pipeline_report = manager.run(graph)
         steps.finish()
         for text, message in pipeline_report.warnings:  # any pass may warn (PassResult.warnings)
             app.warn(f"{text}: {message}")
@@ -172,17 +205,6 @@ def optimize(app: App, model: Path, out: Path, passes: str | None, config: Path 
         # fail the run while nothing has been written yet.
         json.dumps(make_report(None, 0.0), allow_nan=False)
 
-        if any(p["name"] == "prune" and p["changed"] for p in pipeline_report.passes):
-            from graphslim.passes.fuse_batchnorm import elementwise_batchnorms
-
-            bns = elementwise_batchnorms(graph)
-            if bns:
-                app.warn(f"prune: {len(bns)} batch norm(s) (e.g. {bns[0]!r}) are element-wise ops, as "
-                         "Keras exports them; their time shrinks only linearly with the channels, so the "
-                         "pruned model gains less speed than MACs. Put fuse-batchnorm (keeps them "
-                         "trainable) or fold-batchnorm before prune in --passes to fuse them into the "
-                         "convolutions (benchmarks/prune_resnet50.py measures the difference)")
-
         if jit_compile:
             from graphslim.io.emitter import xla_cpu_caveats
 
@@ -199,10 +221,20 @@ def optimize(app: App, model: Path, out: Path, passes: str | None, config: Path 
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         save_seconds = time.perf_counter() - start
+        failure = None
+        if tflite_path is not None:
+            steps.start(f"converting to TFLite {tflite_path}")
+            tflite, failure = _write_tflite(graph, tflite_path)
         steps.finish()
     data = make_report(_report.dir_size(written or out), save_seconds)
+    if tflite_path is not None:
+        data["tflite"] = tflite
     if report_path is not None:
         _write_json(report_path, data)
+    if failure is not None:
+        wrote = f"The SavedModel {out} was written" + (f" (and the report {report_path})" if report_path else "")
+        raise type(failure)(f"{failure} {wrote}; the TFLite model {tflite_path} was not. Deploy the SavedModel "
+                            "with TensorFlow, or leave out --tflite.")
     if not app.quiet:
         _print_optimize_summary(app, data, report_path)
 
@@ -240,4 +272,7 @@ def _print_optimize_summary(app: App, data: dict, report_path: Path | None) -> N
     seconds = data["seconds"]
     console.print(f"time: load {seconds['load']:.2f}s, passes {seconds['passes']:.2f}s "
                   f"(+{seconds['input_verify'] or 0.0:.2f}s input check), write {seconds['save']:.2f}s")
-    console.print(safe_text(f"wrote {data['output']}" + (f", report {report_path}" if report_path else "")))
+    tflite = data.get("tflite")
+    console.print(safe_text(f"wrote {data['output']}" + (f", report {report_path}" if report_path else "")
+                            + (f", TFLite {tflite['path']} ({_report.human_bytes(tflite['size_bytes'])})"
+                               if tflite else "")))

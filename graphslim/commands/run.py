@@ -5,7 +5,7 @@ scan): ``verify`` (compare two models' outputs) and ``bench`` (time models side 
 Example::
 
     graphslim verify model/ model_small/ -n 16 --atol 1e-4
-    graphslim bench model/ model_small/ --threads 2 --xla
+    graphslim bench model/ model_small/ --threads 2 --runtime tf,xla,litert
 """
 
 from __future__ import annotations
@@ -103,6 +103,19 @@ def verify(app: App, model_a: Path, model_b: Path, inputs_path: Path | None, bat
         raise click.exceptions.Exit(1)
 
 
+def _runtimes(ctx, param, value) -> list[str]:
+    """--runtime values (repeatable, comma-separated) checked against graphslim.checks.RUNTIMES."""
+    from graphslim.checks import runtime_list
+    from graphslim.errors import GraphslimError
+
+    if not value:
+        return []
+    try:
+        return runtime_list(value)
+    except GraphslimError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 @click.command()
 @click.argument("models", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), metavar="DATA.npz",
@@ -115,9 +128,12 @@ def verify(app: App, model_a: Path, model_b: Path, inputs_path: Path | None, bat
               help="Rounds; each runs every model --calls times, the models taking turns.")
 @click.option("--calls", type=click.IntRange(min=1), default=3, show_default=True,
               help="Calls per model per round.")
-@click.option("--xla", is_flag=True,
-              help="Also time each model compiled with XLA (wrapped in tf.function(jit_compile=True), "
-                   "as `optimize --jit-compile` would write it).")
+@click.option("--runtime", "runtimes", multiple=True, metavar="tf|xla|litert", callback=_runtimes,
+              help="Runtime(s) to time each model in (repeatable or comma-separated; default tf): tf "
+                   "(TensorFlow's graph executor), xla (compiled by XLA, as `optimize --jit-compile` would "
+                   "write it), litert (converted to TFLite with builtin ops, run by the LiteRT "
+                   "interpreter on XNNPACK with --threads).")
+@click.option("--xla", is_flag=True, help="Same as adding --runtime xla.")
 @click.option("--signature", default="serving_default", show_default=True,
               help="Signature to call in every model.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -126,7 +142,7 @@ def verify(app: App, model_a: Path, model_b: Path, inputs_path: Path | None, bat
 @max_asset_option
 @click.pass_obj
 def bench(app: App, models, inputs_path: Path | None, batch: int, threads: int | None, rounds: int,
-          calls: int, xla: bool, signature: str, as_json: bool, timeout, max_memory, allow_ops,
+          calls: int, runtimes: list, xla: bool, signature: str, as_json: bool, timeout, max_memory, allow_ops,
           max_asset_mb) -> None:
     """Time SavedModels side by side on the same inputs: median latency per call and speedup.
 
@@ -134,17 +150,19 @@ def bench(app: App, models, inputs_path: Path | None, batch: int, threads: int |
     child process (see `verify`; --timeout applies to each timing round). The models take turns
     within each round, so a noisy machine slows all of them alike; each figure is the median over
     the rounds of the mean time of one call, timed inside the child, and the speedup of a model is
-    the first model's median over its own (as saved against as saved, --xla against --xla). A model
-    written with `optimize --jit-compile` runs through XLA as saved (runtime "xla (saved)").
-    With --xla each model is also timed compiled by XLA, which is faster for some models and much
-    slower for others (depthwise convolutions on CPU): time before choosing `optimize --jit-compile`.
+    the first model's median over its own within a runtime. --runtime tf runs each model as saved in
+    TensorFlow (runtime "graph"; a model written with `optimize --jit-compile` runs through XLA as
+    saved: "xla (saved)"). --runtime xla compiles each model with XLA, which is faster for some models
+    and much slower for others (depthwise convolutions on CPU): time before choosing `optimize
+    --jit-compile`. --runtime litert converts graphslim's reading of each model to TFLite in the child
+    (builtin ops; a model with ops TFLite lacks is refused, naming them) and runs it with LiteRT.
     """
     from graphslim.checks import bench as run_bench
 
     limits = apply_limits(timeout, max_memory)
     with app.steps() as steps:
         data = run_bench(models, inputs=inputs_path, batch=batch, threads=threads, rounds=rounds, calls=calls,
-                         xla=xla, signature=signature, allow_ops=allow_ops, limits=limits,
+                         runtimes=runtimes or ("tf",), xla=xla, signature=signature, allow_ops=allow_ops, limits=limits,
                          max_asset_mb=max_asset_mb, progress=steps.start, warn=app.warn)
     rows = data["models"]
     if as_json:
@@ -156,16 +174,18 @@ def bench(app: App, models, inputs_path: Path | None, batch: int, threads: int |
                   f"{threads or os.cpu_count()} intra-op thread(s); "
                   f"median of {rounds} rounds x {calls} calls")
     table = new_table()
+    versus = "tf" in data["runtimes"] and len(data["runtimes"]) > 1
     columns = [("model", "left"), ("runtime", "left"), ("median", "right"), ("min..max", "right"),
-               ("speedup", "right")] + ([("XLA vs graph", "right")] if xla else [])
+               ("speedup", "right")] + ([("vs tf", "right")] if versus else [])
     for column, justify in columns:
         table.add_column(column, justify=justify, overflow="fold")
     for r in rows:
         cells = [safe_text(r["model"]), r["runtime"], f"{r['median_ms']:.2f} ms",
                  f"{r['min_ms']:.2f}..{r['max_ms']:.2f}", f"{r['speedup']:.2f}x"]
-        if xla:
-            cells.append("-" if r["xla_gain"] is None else f"{r['xla_gain']:.2f}x")
+        if versus:
+            cells.append("-" if r["vs_tf"] is None else f"{r['vs_tf']:.2f}x")
         table.add_row(*cells)
     console.print(table)
-    console.print("speedup: the first model's median over this one's (as saved against as saved, xla "
-                  "against xla)" + ("; XLA vs graph: this model's median as saved over its XLA one" if xla else ""))
+    console.print("speedup: the first model's median over this one's, within a runtime"
+                  + ("; vs tf: this model's median in TensorFlow as saved over this runtime's" if versus else "")
+                  + (f"; LiteRT: {clean(data['litert_interpreter'])}" if data["litert_interpreter"] else ""))

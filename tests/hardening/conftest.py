@@ -21,6 +21,18 @@ sys.path.insert(0, str(HERE))
 
 import corpus  # noqa: E402
 
+#: files whose tests check refusals, containment and messages (what a hostile model can make graphslim do),
+#: not numerics or fused op names: TensorFlow's oneDNN setting changes nothing they look at, so .ci/run
+#: runs them once, in its oneDNN-on pass (test_sandbox.py, which compares run outputs, runs in both)
+ONEDNN_NEUTRAL = {"test_attacks.py", "test_bad_inputs.py", "test_bounded.py", "test_faults.py",
+                  "test_fuzz_smoke.py", "test_scan.py", "test_terminal.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in ONEDNN_NEUTRAL and item.path.parent == HERE:
+            item.add_marker(pytest.mark.onednn_neutral)
+
 ADDRESS_SPACE = 6 * 2**30  # TensorFlow's CPU runtime maps ~1.6 GiB of address space; 8 GB claims must fail
 
 
