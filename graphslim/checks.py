@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from graphslim.errors import ConversionError, GraphslimError, LoadError
+from graphslim.sandbox import RUNTIMES
 
 __all__ = ["RUNTIMES", "bench", "compare", "compare_arrays", "random_input", "read_inputs", "runtime_list",
            "saved_model_dir"]
@@ -303,7 +304,6 @@ def compare(a, b, *, inputs=None, batch: int = 8, seed: int = 0, signature: str 
 #: ``bench``'s runtimes: TensorFlow's graph executor (a model written with jit_compile runs through XLA,
 #: as TensorFlow would run it), XLA (``tf.function(jit_compile=True)``), LiteRT (converted to TFLite in
 #: the child, run on XNNPACK) → the contained child's engine
-RUNTIMES = {"tf": "graph", "xla": "xla", "litert": "litert"}
 
 
 def runtime_list(runtimes, xla: bool = False) -> list[str]:

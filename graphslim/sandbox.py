@@ -63,9 +63,11 @@ import numpy as np
 
 from graphslim.errors import ConversionError, GraphslimError
 
-__all__ = ["Child", "ExecutionError", "Limits", "SandboxNote", "decode_arrays", "default_limits", "encode", "set_default_limits",
+__all__ = ["RUNTIMES", "Child", "ExecutionError", "Limits", "SandboxNote", "decode_arrays", "default_limits", "encode", "set_default_limits",
            "shared_child", "close_shared"]
 
+#: runtime name (what users write: ``--runtime``, ``runtime=``) → the child's engine that runs it
+RUNTIMES = {"tf": "graph", "xla": "xla", "litert": "litert"}
 _HEADER_MAX = 64 << 20
 _LEN = struct.Struct("<Q")
 _CHUNK = 1 << 20

@@ -188,14 +188,15 @@ def relative_error(w: np.ndarray, approx: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------- latency
-def measure_latency(graphs: dict, runs: int = 7, min_seconds: float = 0.02) -> dict:
-    """Median seconds per call of each graph (one input, first output), timed in TensorFlow.
+def measure_latency(graphs: dict, runs: int = 7, min_seconds: float = 0.02, runtime: str = "tf") -> dict:
+    """Median seconds per call of each graph (one input, first output), timed on ``runtime`` (``tf``:
+    TensorFlow's graph executor, ``xla``, ``litert``) in the shared contained child.
 
     The graphs' inputs must have fully known shapes (e.g. batch 1). Each graph is warmed up, then
     timed ``runs`` times, interleaved across graphs; each timing repeats calls for at least
     ``min_seconds``. Returns ``{key: median seconds per call}``.
     """
-    from graphslim.sandbox import shared_child
+    from graphslim.sandbox import RUNTIMES, shared_child
 
     child = shared_child("the layers being timed")
     handles = {}
@@ -203,7 +204,7 @@ def measure_latency(graphs: dict, runs: int = 7, min_seconds: float = 0.02) -> d
         for k, g in graphs.items():
             x_arg = g.inputs[0]
             x = np.random.default_rng(0).normal(size=g.shape(x_arg.tensor)).astype(g.dtype(x_arg.tensor).as_numpy_dtype)
-            handles[k] = child.load_graph(g)
+            handles[k] = child.load_graph(g, RUNTIMES[runtime])
             child.set_inputs(handles[k], {x_arg.name: x})
         reps = {}
         for k, h in handles.items():
@@ -249,7 +250,9 @@ class FactorizeOptions:
     calib_positions: int = field(default=64, metadata={
         "help": "spatial positions sampled per example and layer for calibration statistics"})
     cost: Literal["macs", "latency"] = field(default="macs", metadata={
-        "help": "macs: decide by MACs; latency: also time each layer in TF (batch 1), apply only if faster"})
+        "help": "macs: decide by MACs; latency: also time each layer on runtime= (batch 1), apply only if faster"})
+    runtime: Literal["tf", "xla", "litert"] = field(default="tf", metadata={
+        "help": "with cost=latency: the runtime timed: tf (graph executor), xla, litert (TFLite on XNNPACK)"})
     latency_runs: int = field(default=7, metadata={"help": "timed runs per layer and form (median)"})
     min_time_saving: float = field(default=0.05, metadata={
         "help": "with cost=latency, apply only if the factorized layer is faster by more than this fraction"})
@@ -532,11 +535,12 @@ def factorize_graph(graph, opts: FactorizeOptions, method: Method):
             if isinstance(minis, str):
                 c.skip(f"cannot be timed: {minis}")
                 continue
-            t = measure_latency({"original": minis[0], "factorized": minis[1]}, runs=opts.latency_runs)
+            t = measure_latency({"original": minis[0], "factorized": minis[1]}, runs=opts.latency_runs,
+                                runtime=opts.runtime)
             c.record.update(ms_before=_round(t["original"] * 1e3, 4), ms_after=_round(t["factorized"] * 1e3, 4))
             if not t["factorized"] < t["original"] * (1 - opts.min_time_saving):
-                c.skip(f"slower when timed ({t['original'] * 1e3:.3g} ms -> {t['factorized'] * 1e3:.3g} ms, "
-                       f"batch 1; needs > {opts.min_time_saving:.0%} faster)")
+                c.skip(f"slower when timed on {opts.runtime} ({t['original'] * 1e3:.3g} ms -> "
+                       f"{t['factorized'] * 1e3:.3g} ms, batch 1; needs > {opts.min_time_saving:.0%} faster)")
                 continue
         method.rewrite(graph, c)
         c.record["action"] = "factorized"

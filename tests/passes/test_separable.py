@@ -336,18 +336,21 @@ def test_bad_calibration_file_names_the_inputs(tmp_path):
         graphslim.run_pipeline(g, f'separable{{rank=2 calib="{bad}"}}')
 
 
-def test_latency_cost_applies_only_faster_layers():
+@pytest.mark.parametrize("runtime", ["tf", "litert"])
+def test_latency_cost_applies_only_layers_faster_on_the_runtime(runtime):
+    """cost=latency runtime=R: the original and factorized layers are timed on R (LiteRT: converted and
+    run on XNNPACK); the decision follows those figures and the model stays exact when a layer is kept."""
     g = conv_graph(cin=32, cout=32, hw=(32, 32), seed=5)
     x = np.random.default_rng(0).normal(size=(1, 32, 32, 32)).astype(np.float32)
     before = run(g, {"x": x})["y"]
-    st = stats_of(graphslim.run_pipeline(g, "separable{rank=1 cost=latency latency_runs=3}"))
+    st = stats_of(graphslim.run_pipeline(g, f"separable{{rank=1 cost=latency runtime={runtime} latency_runs=3}}"))
     rec = st["layers"][0]
     assert rec["ms_before"] > 0 and rec["ms_after"] > 0
     if rec["action"] == "factorized":
         assert rec["ms_after"] < rec["ms_before"]
         assert g.nodes(op="DepthwiseConv2dNative")
     else:
-        assert rec["reason"].startswith("slower when timed")
+        assert rec["reason"].startswith(f"slower when timed on {runtime}")
         np.testing.assert_array_equal(run(g, {"x": x})["y"], before)
 
 
