@@ -144,3 +144,42 @@ def test_prune_latency_measures_and_reports_rounds(resnet):
 def test_bad_latency_options_are_refused(text, msg):
     with pytest.raises(GraphslimError, match=msg):
         PassManager(text)
+
+
+def _two_convs(path):
+    """x [?, 32, 32, 8] → conv1 (3×3, 64 filters) → ReLU → conv2 (3×3, 16) → y, as a SavedModel."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+
+    class M(tf.Module):
+        def __init__(self):
+            self.k1 = tf.Variable(rng.normal(size=(3, 3, 8, 64)).astype(np.float32) * 0.1, name="conv1/kernel")
+            self.k2 = tf.Variable(rng.normal(size=(3, 3, 64, 16)).astype(np.float32) * 0.1, name="conv2/kernel")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 8], tf.float32, name="x")])
+        def __call__(self, x):
+            h = tf.nn.relu(tf.nn.conv2d(x, self.k1, 1, "SAME"))
+            return {"y": tf.nn.conv2d(h, self.k2, 1, "SAME")}
+
+    m = M()
+    tf.saved_model.save(m, str(path), signatures=m.__call__)
+    return graphslim.load(path)
+
+
+def test_prune_latency_on_litert_measures_there(tmp_path):
+    """runtime=litert: the units and the pruned model are converted and timed in LiteRT (the tables are
+    cached under the litert runtime's own key); conv1 shrinks and the model still runs."""
+    from graphslim.runtime import run
+
+    g = _two_convs(tmp_path / "m")
+    report = PassManager("prune{latency=0.6 runtime=litert round_to=8}").run(g)
+    target = report.passes[-1]["stats"]["target"]
+    assert target["runtime"] == "litert" and target["tables"]["units"] == 2
+    litert = LatencyTables("litert", target["threads"])
+    assert litert.path != LatencyTables("tf", target["threads"]).path  # a file per runtime
+    assert len(litert.times) == 2  # both units' tables, cached
+    assert g.weights["conv1/kernel"].value.shape[3] < 64
+    assert target["met"] or any("not reached on litert" in m for _, m in report.warnings)
+    y = run(g, {"x": np.ones((1, 32, 32, 8), np.float32)})["y"]
+    assert y.shape == (1, 32, 32, 16)
