@@ -40,7 +40,7 @@ from graphslim.sandbox import RUNTIMES
 __all__ = ["RUNTIMES", "Unit", "layer_units", "unit_graph", "LatencyTables", "LatencyModel", "cache_root",
            "machine_key", "time_graphs"]
 
-GRID = (1.0, 0.75, 0.5, 0.25)  # fractions of each width measured (the fit in LatencyTables.at spans them)
+GRID = (1.0, 0.625, 0.25)  # fractions of each width measured (the fit in LatencyTables.at spans them)
 _CHAIN_OPS = frozenset({"BiasAdd", "Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "Softplus", "Swish",
                         "LeakyRelu", "Mul", "AddV2", "Add", "Sub", "Maximum", "Minimum", "FusedBatchNormV3",
                         "FusedBatchNorm", "FusedBatchNormV2", "Identity"})
