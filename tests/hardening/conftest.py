@@ -37,8 +37,12 @@ ADDRESS_SPACE = 6 * 2**30  # TensorFlow's CPU runtime maps ~1.6 GiB of address s
 
 
 def limits(address_space: int | None = ADDRESS_SPACE, file_size: int | None = None):
-    """A preexec_fn: address-space and file-size limits, SIGXFSZ ignored (writes fail with EFBIG)."""
+    """A preexec_fn: address-space and file-size limits, SIGXFSZ ignored (writes fail with EFBIG), and
+    SIGINT/SIGQUIT at their defaults, as in a terminal's foreground job (a suite started as a background
+    job of a non-interactive shell inherits them ignored, and the tests that press Ctrl-C would wait)."""
     def apply():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
         if address_space is not None:
             resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
         if file_size is not None:
