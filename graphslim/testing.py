@@ -194,3 +194,26 @@ def detections(outputs: dict, i: int) -> set:
     return {(int(c), round(float(s), 4), tuple(np.round(b, 2))) for b, s, c in zip(
         field("detection_boxes", "boxes")[i][:n], field("detection_scores", "confidence")[i][:n],
         field("detection_classes", "classes")[i][:n])}
+
+
+def conv_chain(widths=(16, 8), k: int = 3, seed: int = 0):
+    """An IR graph ``x [?, 6, 6, 3] → conv(widths[0]) → ReLU → conv(widths[1]) → ReLU → … → conv(2) → "y"``
+    (k×k SAME convolutions named ``c{i}/Conv2D`` with kernels ``c{i}/kernel``, random weights)."""
+    import tensorflow as tf
+
+    from graphslim.ir.graph import Graph, SignatureArg, Tensor
+
+    rng = np.random.RandomState(seed)
+    g = Graph()
+    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": (None, 6, 6, 3)})
+    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+    x, cin = Tensor("x", 0), 3
+    for i, cout in enumerate(list(widths) + [2]):
+        w = g.add_weight(f"c{i}/kernel", rng.randn(k, k, cin, cout).astype("f"))
+        y = g.add_node(f"c{i}/Conv2D", "Conv2D", [x, w],
+                       attrs={"T": tf.float32, "strides": [1, 1, 1, 1], "padding": "SAME"})
+        x = g.add_node(f"c{i}/Relu", "Relu", [y], attrs={"T": tf.float32}).output(0) if i < len(widths) else y.output(0)
+        cin = cout
+    g.outputs.append(SignatureArg("y", x))
+    g.infer_shapes()
+    return g

@@ -120,8 +120,8 @@ def _match(graph, out):
 
 def elementwise_batchnorms(graph) -> list[str]:
     """Names of the element-wise batch norms (``x * inv + shift``, as Keras 3 exports them) that
-    ``fuse-batchnorm`` would rewrite: their cost shrinks only linearly with pruned channels."""
-    graph.infer_shapes()
+    ``fuse-batchnorm`` would rewrite: their cost shrinks only linearly with pruned channels. Static
+    shapes must be current (every pass leaves them so)."""
     return [n.name for n in graph.nodes(op=("AddV2", "Add")) if _match(graph, n) is not None]
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from graphslim.analysis.allocation import WidthModel
 from graphslim.errors import GraphslimError
 from graphslim.ir import ops
-from graphslim.ir.graph import WEIGHT_OP, Graph
+from graphslim.ir.graph import WEIGHT_OP, Graph, SignatureArg, Tensor
 from graphslim.sandbox import RUNTIMES
 
 __all__ = ["RUNTIMES", "Unit", "layer_units", "unit_graph", "LatencyTables", "LatencyModel", "cache_root",
@@ -183,8 +183,6 @@ def unit_graph(unit: Unit, widths: list, null: bool = False) -> Graph:
     x_shape[-1] = kernel[i]  # channels last (layer_units keeps only those)
     g = Graph()
     g.add_input("x", tf.as_dtype(dtype), [None] + x_shape[1:])
-    from graphslim.ir.graph import SignatureArg, Tensor
-
     if null:
         g.add_node("y", "Identity", ["x"], attrs={"T": tf.as_dtype(dtype)})
         g.outputs.append(SignatureArg("y", Tensor("y", 0)))

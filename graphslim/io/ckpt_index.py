@@ -87,6 +87,16 @@ def _table(raw: bytes):
         yield from block_entries(_block(raw, off, size))
 
 
+def _parse(proto, value: bytes, index, what: str):
+    """``proto`` parsed from ``value``, or a LoadError saying ``what`` is not a valid record."""
+    try:
+        proto.ParseFromString(value)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise LoadError(f"{index}: {what} is not a valid record; the variables files are corrupt or "
+                        "hostile.") from None
+    return proto
+
+
 def _check_entry(entry, name: str) -> str | None:
     if entry.dtype not in _PLAIN:
         return f"has dtype {entry.dtype}, which a checkpoint cannot hold"
@@ -140,22 +150,12 @@ def check_index(index: Path) -> None:
                                 "are corrupt or hostile. Copy the whole SavedModel directory again.")
             seen.add(key)
             if key == b"":
-                header = tensor_bundle_pb2.BundleHeaderProto()
-                try:
-                    header.ParseFromString(value)
-                except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
-                    raise LoadError(f"{index}: the checkpoint header is not a valid record; the variables "
-                                    "files are corrupt or hostile.") from None
+                header = _parse(tensor_bundle_pb2.BundleHeaderProto(), value, index, "the checkpoint header")
                 if header.num_shards < 0:
                     raise LoadError(f"{index}: the checkpoint header declares {header.num_shards} shards; "
                                     "the variables files are corrupt.")
                 continue
-            entry = tensor_bundle_pb2.BundleEntryProto()
-            try:
-                entry.ParseFromString(value)
-            except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
-                raise LoadError(f"{index}: the checkpoint entry {name!r} is not a valid record; the variables "
-                                "files are corrupt or hostile.") from None
+            entry = _parse(tensor_bundle_pb2.BundleEntryProto(), value, index, f"the checkpoint entry {name!r}")
             problem = _check_entry(entry, name)
             if problem:
                 raise LoadError(f"{index}: the checkpoint entry {name!r} {problem}; the variables files are "

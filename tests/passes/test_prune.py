@@ -16,10 +16,9 @@ import graphslim
 from graphslim.analysis.channels import channel_groups
 from graphslim.analysis.importance import CRITERIA, importance
 from graphslim.errors import GraphslimError, OptionError
-from graphslim.ir.graph import Graph, SignatureArg, Tensor
 from graphslim.pipeline import PassManager, parse_pipeline
 from graphslim.runtime import run
-from graphslim.testing import (assert_close, digits, fixture_index, fixture_io, fixture_path,
+from graphslim.testing import (assert_close, conv_chain, digits, fixture_index, fixture_io, fixture_path,
                                zero_produced_channels)
 
 F = tf.float32
@@ -59,21 +58,7 @@ def accuracy(g) -> float:
     return float((run(g, {"image": d["x_test"]})["output_0"].argmax(1) == d["y_test"]).mean())
 
 
-def _chain(widths=(16, 8), k=3):
-    """x[6,6,3] → conv(16) → relu → conv(8) → relu → conv(2) → output."""
-    rng = np.random.RandomState(0)
-    g = Graph()
-    g.add_node("x", "Placeholder", attrs={"dtype": F, "shape": (None, 6, 6, 3)})
-    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
-    x, cin = Tensor("x", 0), 3
-    for i, cout in enumerate(list(widths) + [2]):
-        w = g.add_weight(f"c{i}/kernel", rng.randn(k, k, cin, cout).astype("f"))
-        y = g.add_node(f"c{i}/Conv2D", "Conv2D", [x, w], attrs={"T": F, "strides": [1, 1, 1, 1], "padding": "SAME"})
-        x = g.add_node(f"c{i}/Relu", "Relu", [y], attrs={"T": F}).output(0) if i < len(widths) else y.output(0)
-        cin = cout
-    g.outputs.append(SignatureArg("y", x))
-    g.infer_shapes()
-    return g
+_chain = conv_chain
 
 
 def _keeps(stats):
