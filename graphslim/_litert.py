@@ -19,7 +19,7 @@ import keyword
 import re
 import time
 
-__all__ = ["ConversionFailed", "LiteRTEngine", "convert", "interpreter_class"]
+__all__ = ["ConversionFailed", "LiteRTEngine", "RuntimeMissing", "convert", "interpreter_class"]
 
 _CONVERSIONS = itertools.count(1)
 _NO_KERNEL = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
@@ -143,15 +143,30 @@ def convert(tf, graph_def, inputs: dict, outputs: dict, weights: dict) -> bytes:
         raise ConversionFailed(message, ops) from exc
 
 
+class RuntimeMissing(Exception):
+    """No TFLite interpreter is installed in the child's Python. ``details`` as in ConversionFailed
+    (``kind``: ``runtime``)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.details = {"kind": "runtime", "runtime": "litert", "reason": message}
+
+
 def interpreter_class(tf):
-    """(Interpreter class, its name and version): LiteRT's where installed, else TensorFlow's."""
+    """(Interpreter class, its name and version): LiteRT's where installed, else TensorFlow's;
+    RuntimeMissing where neither is (TensorFlow has announced the removal of ``tf.lite.Interpreter``)."""
     try:
         import ai_edge_litert
         from ai_edge_litert.interpreter import Interpreter
 
         return Interpreter, f"ai_edge_litert {getattr(ai_edge_litert, '__version__', '')}".strip()
-    except ImportError:
-        return tf.lite.Interpreter, f"tf.lite {tf.__version__}"
+    except ImportError as exc:
+        missing = exc
+    interpreter = getattr(getattr(tf, "lite", None), "Interpreter", None)
+    if interpreter is None:
+        raise RuntimeMissing(f"no TFLite interpreter is installed (ai_edge_litert: {missing}; TensorFlow "
+                             f"{tf.__version__} has no tf.lite.Interpreter)")
+    return interpreter, f"tf.lite {tf.__version__}"
 
 
 class LiteRTEngine:

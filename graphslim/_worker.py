@@ -220,6 +220,7 @@ def _load(tf, np, header, arrays, threads):
     if engine == "xla":
         return _xla_engine(tf, np, header, arrays), {}
     if engine == "litert":
+        litert.interpreter_class(tf)  # before converting: RuntimeMissing if nothing could run the result
         flatbuffer = _tflite(tf, header, arrays)
         loaded = litert.LiteRTEngine(tf, flatbuffer, dict(header["inputs"]), dict(header["outputs"]), threads)
         return loaded, {"interpreter": loaded.interpreter, "tflite_bytes": loaded.flatbuffer_size}

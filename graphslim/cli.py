@@ -50,7 +50,9 @@ from graphslim.commands.inspect import inspect, passes_command, scan_command
 from graphslim.commands.optimize import optimize
 from graphslim.commands.output import App, paragraph
 from graphslim.commands.run import bench, verify
+from graphslim import signals
 from graphslim.errors import GraphslimError
+from graphslim.signals import Terminated
 from graphslim.terminal import clean
 
 __all__ = ["cli", "main"]
@@ -85,16 +87,6 @@ class _Group(click.Group):
             ctx.exit(3)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt so that the same
-    cleanup runs (the emitter removes its temporary directory); exit status 128 + signal number."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-        self.exit_code = 128 + signum
-
-
 def _interrupted_text(exc: BaseException) -> str:
     if isinstance(exc, Terminated):
         return f"terminated ({signal.Signals(exc.signum).name}); nothing was left half written"
@@ -112,6 +104,7 @@ def _install_signal_handlers() -> None:
         sig = getattr(signal, name, None)
         if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
             signal.signal(sig, terminate)
+    signals.watch()  # their arrival is recorded even where the exception they raise is lost
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
@@ -237,7 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     if pattern is not None:
         _QuietTensorFlowImport(pattern).install()
     try:
-        cli.main(args=argv, prog_name="graphslim")
+        try:
+            cli.main(args=argv, prog_name="graphslim")
+        except SystemExit as exc:
+            if exc.code in (0, None):
+                signals.raise_if_received()  # a signal whose KeyboardInterrupt was lost is no success
+            raise
     except KeyboardInterrupt as exc:
         click.echo(_interrupted_text(exc), err=True)
         sys.exit(getattr(exc, "exit_code", 130))

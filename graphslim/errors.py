@@ -55,3 +55,8 @@ class ConversionError(GraphslimError):
 class XlaCheckWarning(UserWarning):
     """``save(..., jit_compile=True)`` could not lower the model to XLA at the shapes it assumed for
     unknown input dimensions; the model was written anyway (the CLI prints this as a warning)."""
+
+
+class RuntimeUnavailable(GraphslimError):
+    """A runtime the user asked for (``--runtime``, ``runtime=``) is not installed where models run:
+    the message names it and the package to install. Exit status 2."""

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphslim.errors import ConversionError, GraphslimError
+from graphslim.errors import ConversionError, GraphslimError, RuntimeUnavailable
 
 __all__ = ["RUNTIMES", "Child", "ExecutionError", "Limits", "SandboxNote", "decode_arrays", "default_limits", "encode", "set_default_limits",
            "shared_child", "close_shared"]
@@ -416,6 +416,11 @@ class Child:
                                      f"({exc}); it was killed") from None
             raise
         if "error" in reply:
+            if reply.get("kind") == "runtime":
+                raise RuntimeUnavailable(
+                    f"{what}: the {reply.get('runtime', 'requested')} runtime is not installed where models "
+                    f"run: {str(reply.get('reason'))[:500]}. Install it with pip install 'graphslim[litert]' "
+                    f"(the ai-edge-litert package), or choose another runtime (tf, xla).")
             if reply.get("kind") == "tflite":
                 ops = reply.get("ops")
                 raise ConversionError(str(reply.get("reason") or reply["error"])[:2000],

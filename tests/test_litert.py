@@ -168,6 +168,22 @@ def test_tensorflow_interpreter_when_litert_is_not_installed(child, monkeypatch)
     assert_near(engine.run(inputs, None), expected)
 
 
+def test_no_interpreter_installed_is_a_clear_refusal(monkeypatch):
+    """Where neither ai_edge_litert nor tf.lite.Interpreter exists (TensorFlow has announced the latter's
+    removal: a TensorFlow without it stands in here, as a namespace holding only its version), the
+    litert engine refuses before converting anything, saying what is missing; the parent words it as
+    RuntimeUnavailable naming the package to install."""
+    import types
+
+    from graphslim import _litert
+
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    with pytest.raises(_litert.RuntimeMissing, match="no TFLite interpreter is installed") as info:
+        _litert.interpreter_class(types.SimpleNamespace(__version__="9.9"))
+    assert info.value.details == {"kind": "runtime", "runtime": "litert", "reason": str(info.value)}
+
+
 # ------------------------------------------------------------------------------------ bench
 def test_bench_runtimes_as_a_library_call():
     data = graphslim.bench([RESNET, VGG], runtimes=("tf", "litert"), rounds=2, calls=2, threads=2)

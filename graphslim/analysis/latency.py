@@ -320,17 +320,26 @@ class LatencyTables:
     def ensure(self, units: list, counts: dict, child, progress: Callable[[str], None] = _noop) -> None:
         """Measure every grid point of every unit configuration not in the cache. ``counts``: allowed
         keep counts per key (None: any)."""
-        todo: dict = {}
+        wanted = []
         for u in units:
             grids = [_grid(d, counts.get(k)) for k, d in zip(u.keys, u.dims)]
             points = [(a,) for a in grids[0]] if len(grids) == 1 else [(a, b) for a in grids[0] for b in grids[1]]
+            wanted.append((u, points))
+        self.measure(wanted, child, progress)
+
+    def measure(self, wanted: list, child, progress: Callable[[str], None] = _noop,
+                what: str = "layer shape") -> None:
+        """Measure the points ``[(unit, [widths, ...]), ...]`` not in the cache (one batch of timings
+        per unit configuration, each point less the unit's null graph at the same input width)."""
+        todo: dict = {}
+        for u, points in wanted:
             have = self.times.get(u.key, {})
-            missing = [p for p in points if ",".join(map(str, p)) not in have]
+            missing = [tuple(p) for p in points if ",".join(map(str, p)) not in have]
             if missing:
                 todo.setdefault(u.key, (u, set()))[1].update(missing)
         for n, (key, (unit, points)) in enumerate(todo.items()):
             points = sorted(points, reverse=True)
-            label = f"measuring {self.runtime} latency: layer shape {n + 1}/{len(todo)} ({unit.node}, " \
+            label = f"measuring {self.runtime} latency: {what} {n + 1}/{len(todo)} ({unit.node}, " \
                     f"{len(points)} widths)"
             progress(label)
             cins = sorted({p[0] for p in points})
@@ -359,6 +368,10 @@ class LatencyTables:
             coef = _nonneg_lstsq(_features(pts), vals)
             self._fits[unit.key] = coef
         return coef
+
+    def point(self, unit: Unit, widths) -> float | None:
+        """The measured time of ``unit`` at ``widths`` (None if that point was not measured)."""
+        return self.times.get(unit.key, {}).get(",".join(map(str, widths)))
 
     def at(self, unit: Unit, widths: list) -> float:
         """The unit's modelled time at ``widths`` (:meth:`_fit_of`)."""
@@ -405,6 +418,19 @@ class LatencyModel(WidthModel):
 
     def term_cost(self, i: int, kept: list) -> float:
         return self.tables.at(self.units[i], kept)
+
+    def widths(self, i: int, removed: dict) -> list:
+        """Unit ``i``'s widths after ``removed``."""
+        return [self.kept(k, removed) for k in self.terms[i][1]]
+
+    def measured_per_group(self, removed: dict) -> dict:
+        """Measured seconds saved per group: its units' measured time at full width minus at the widths
+        ``removed`` leaves (both points must be in the tables: :meth:`LatencyTables.measure`)."""
+        out = {}
+        for gid, terms in self.node_groups.items():
+            out[gid] = sum(self.tables.point(self.units[i], self.units[i].dims)
+                           - self.tables.point(self.units[i], self.widths(i, removed)) for i in terms)
+        return out
 
     def per_group(self, removed: dict) -> dict:
         """Predicted seconds saved per group: its units' time at full width minus at ``removed`` (a unit
@@ -499,14 +525,18 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
             if ok and row["measured"] >= goal - BAND:
                 break  # met, and not by pruning much more than asked
             tried.append((row["modelled_target"], row["measured"]))
-    removal, row = best
+        removal, row = best
+        # Each changed layer timed at its new widths: the measured saving per group beside the predicted.
+        final = [(u, [tuple(u.dims), tuple(model.widths(i, removal))]) for i, u in enumerate(units)]
+        tables.measure([f for f in final if f[1][0] != f[1][1]], child, progress, what="pruned layer")
     met = row["measured"] <= goal
-    saved = model.per_group(removal)
+    saved, measured = model.per_group(removal), model.measured_per_group(removal)
     stats = {"latency": goal, "runtime": runtime, "threads": threads, "allocation": opts.allocation,
              "measured": row["measured"], "predicted": row["predicted"], "speedup": 1.0 / row["measured"],
              "met": met, "shortfall": None if met else row["measured"] - goal, "rounds": rounds,
              "original_ms": row["original_ms"], "pruned_ms": row["pruned_ms"],
              "tables": {"units": len(units), "cached_units": cached, "measured_points": tables.measured,
                         "file": str(tables.path) if tables.path else None},
-             "group_saved_ms": {f"g{gid}": 1e3 * v for gid, v in sorted(saved.items()) if v > 0}}
+             "groups": {f"g{gid}": {"removed": int(removal[gid]), "predicted_saved_ms": 1e3 * saved[gid], "measured_saved_ms": 1e3 * measured[gid]}
+                        for gid in sorted(saved) if removal.get(gid, 0) > 0}}
     return removal, stats

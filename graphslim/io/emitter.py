@@ -53,6 +53,7 @@ import warnings
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
+from graphslim import signals
 from graphslim.errors import EmitCheckError, EmitError, XlaCheckWarning
 from graphslim.ir.functions import rename_library
 from graphslim.ir.graph import WEIGHT_OP, Graph, Tensor
@@ -96,6 +97,7 @@ def save(graph: Graph, out_dir, *, force: bool = False, jit_compile: bool = Fals
         with tf.name_scope(""):  # a caller's name scope would prefix the variable names
             _write(graph, model_dir, tmp / "assets_src", jit_compile)
         with _deferred_signals():
+            signals.raise_if_received()  # one that came during the write, even if its exception was lost
             _move_into_place(model_dir, out, force)
     except BaseException as exc:
         with _deferred_signals():
@@ -111,7 +113,7 @@ def save(graph: Graph, out_dir, *, force: bool = False, jit_compile: bool = Fals
     return out
 
 
-_DEFERRED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+_DEFERRED = tuple(sorted(signals.WATCHED))
 
 
 @contextlib.contextmanager

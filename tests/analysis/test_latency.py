@@ -123,6 +123,12 @@ def test_prune_latency_measures_and_reports_rounds(resnet):
     assert target["runtime"] == "tf" and target["rounds"] and target["tables"]["units"] == len(layer_units(resnet))
     for row in target["rounds"]:
         assert 0 < row["measured"] < 1.5 and 0 < row["predicted"] <= 1.0 + 1e-9
+    # every group that lost channels, with its predicted and its measured saving (its layers timed at
+    # their new widths); the measured ones sum to at most the whole model's time
+    assert target["groups"] and all(v["removed"] > 0 for v in target["groups"].values())
+    measured = [v["measured_saved_ms"] for v in target["groups"].values()]
+    assert all(np.isfinite(measured)) and sum(measured) < target["original_ms"] * 2
+    assert all(v["predicted_saved_ms"] >= 0 for v in target["groups"].values())
     if target["met"]:
         assert target["measured"] <= 0.9 and target["shortfall"] is None
     else:
