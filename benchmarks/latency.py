@@ -15,8 +15,11 @@ the 497 held-out digits: equal measured latency, compared accuracy.
     .venv/bin/python benchmarks/latency.py                                  # everything
     .venv/bin/python benchmarks/latency.py --models mobilenetv2 --runtimes tf,litert
     .venv/bin/python benchmarks/latency.py --models resnet_digits --target 0.8 --cold
+    .venv/bin/python benchmarks/latency.py --models vgg_digits,resnet_digits --calib   # thinet + reconstruction
 
-``--cold`` points the table cache at an empty directory first (the "cold cache" figure).
+``--cold`` points the table cache at an empty directory first (the "cold cache" figure). ``--calib``
+prunes the digits fixtures with ``criterion=thinet reconstruct=true`` on 512 training digits (both
+targets, same data), the way graphslim is meant to be used when data is at hand.
 """
 
 from __future__ import annotations
@@ -86,12 +89,23 @@ def main(argv=None) -> int:
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--criterion", default="l1")
     ap.add_argument("--cold", action="store_true", help="start with an empty latency-table cache")
+    ap.add_argument("--calib", action="store_true",
+                    help="digits fixtures: criterion=thinet reconstruct=true on 512 training digits")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="latency_bench_")
+    calib = None
+    if args.calib:
+        import numpy as np
+
+        from graphslim.testing import digits
+
+        calib = os.path.join(tmp, "calib.npz")
+        x = digits()["x_train"][:512]
     if args.cold:
         os.environ["GRAPHSLIM_CACHE"] = os.path.join(tmp, "cache")
     d = None
-    print(f"threads {args.threads}, round_to {args.round_to}, criterion {args.criterion}, batch 1; speedups are "
+    print(f"threads {args.threads}, round_to {args.round_to}, criterion {args.criterion}"
+          f"{' (digits: thinet + reconstruction, 512 calibration digits)' if calib else ''}, batch 1; speedups are "
           f"medians of interleaved rounds in one child process\n")
     print("| model | runtime | target | macs= speedup | macs= MACs kept | latency= speedup | latency= MACs kept "
           "| latency pass: rounds, predicted, measured, seconds |")
@@ -100,6 +114,9 @@ def main(argv=None) -> int:
         base = build(name, tmp)
         target = args.digits_target if name in DIGITS else args.target
         common = f"criterion={args.criterion} round_to={args.round_to}"
+        if calib is not None and name in DIGITS:
+            np.savez(calib, **{base.inputs[0].name: x})
+            common = f"criterion=thinet reconstruct=true calib={calib} round_to={args.round_to}"
         for runtime in args.runtimes.split(","):
             by_macs, mstats, _ = pruned(base, f"prune{{macs={target} {common}}}")
             by_lat, lstats, seconds = pruned(

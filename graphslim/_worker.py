@@ -219,6 +219,10 @@ def _load(tf, np, header, arrays, threads):
         return _GraphEngine(tf, np, header, arrays, threads), {}
     if engine == "xla":
         return _xla_engine(tf, np, header, arrays), {}
+    if engine == "trainer":
+        from graphslim._trainer import TrainerEngine
+
+        return TrainerEngine(tf, np, header, arrays, threads, _graph_def(arrays)), {}
     if engine == "litert":
         litert.interpreter_class(tf)  # before converting: RuntimeMissing if nothing could run the result
         flatbuffer = _tflite(tf, header, arrays)
@@ -242,6 +246,12 @@ def _saved_model_engine(tf, path, signature):
     engine.specs = {k: [None if s.shape.rank is None else s.shape.as_list(), s.dtype.name]
                     for k, s in specs.items()}
     return engine
+
+
+def _inputs_and_targets(arrays) -> tuple[dict, dict]:
+    """A train/evaluate request's arrays: ``in:NAME`` signature inputs, ``t:KEY`` loss targets."""
+    return ({k[3:]: v for k, v in arrays.items() if k.startswith("in:")},
+            {k[2:]: v for k, v in arrays.items() if k.startswith("t:")})
 
 
 def _check_saved_model(tf, path, signature, full):
@@ -314,6 +324,14 @@ def main() -> None:
                 out = engines[header["id"]].run(feed, header.get("fetch"))
             elif op == "set_inputs":
                 engines[header["id"]].set_inputs({k[3:]: v for k, v in arrays.items()})
+            elif op == "train":
+                split = _inputs_and_targets(arrays)
+                reply = engines[header["id"]].train(*split, float(header["lr"]))
+            elif op == "evaluate":
+                reply, outs = engines[header["id"]].evaluate(*_inputs_and_targets(arrays))
+                out = {f"out:{k}": v for k, v in outs.items()}
+            elif op == "weights":
+                out = {f"w:{k}": v for k, v in engines[header["id"]].weights().items()}
             elif op == "time":
                 reply = {"seconds": engines[header["id"]].time(int(header["calls"]))}
             elif op == "drop":

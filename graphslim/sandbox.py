@@ -466,6 +466,38 @@ class Child:
                                     for k, v in reply.items() if k in ("interpreter", "tflite_bytes")}
         return handle
 
+    def load_trainer(self, graph, trainable, terms: list) -> int:
+        """Send ``graph`` as a trainer (:mod:`graphslim._trainer`): the weights named in ``trainable``
+        become trainable variables; ``terms`` are the loss terms (``key``, ``kind``, ``tensor``,
+        ``weight``, and ``scale`` or ``temperature``). Returns a handle for :meth:`train_step`,
+        :meth:`evaluate` and :meth:`trained_weights`."""
+        self._next += 1
+        handle = self._next
+        self._graph_request(graph, {"op": "load", "id": handle, "engine": "trainer",
+                                    "trainable": sorted(trainable), "terms": list(terms)},
+                            f"loading {self.label} for training")
+        return handle
+
+    def train_step(self, handle: int, inputs: dict, targets: dict, lr: float) -> dict:
+        """One Adam step on a batch; ``{"loss": before the step, "parts": per term}``."""
+        reply, _ = self._request({"op": "train", "id": handle, "lr": float(lr)},
+                                 {**{f"in:{k}": v for k, v in inputs.items()},
+                                  **{f"t:{k}": v for k, v in targets.items()}}, f"training {self.label}")
+        return {"loss": float(reply["loss"]), "parts": {k: float(v) for k, v in reply["parts"].items()}}
+
+    def evaluate(self, handle: int, inputs: dict, targets: dict) -> tuple[dict, dict]:
+        """The loss on a batch without a step, and the signature outputs."""
+        reply, arrays = self._request({"op": "evaluate", "id": handle},
+                                      {**{f"in:{k}": v for k, v in inputs.items()},
+                                       **{f"t:{k}": v for k, v in targets.items()}}, f"evaluating {self.label}")
+        return ({"loss": float(reply["loss"]), "parts": {k: float(v) for k, v in reply["parts"].items()}},
+                {k[4:]: v for k, v in arrays.items() if k.startswith("out:")})
+
+    def trained_weights(self, handle: int) -> dict:
+        """The trainer's trainable weights now: ``{weight name: array}``."""
+        _, arrays = self._request({"op": "weights", "id": handle}, None, f"reading the weights of {self.label}")
+        return {k[2:]: v for k, v in arrays.items() if k.startswith("w:")}
+
     def to_tflite(self, graph) -> bytes:
         """The TFLite flatbuffer of ``graph``, converted in the child (TensorFlow's TFLite converter,
         builtin ops; see :mod:`graphslim._litert`). ConversionError names the ops TFLite lacks or

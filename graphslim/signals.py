@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 
-__all__ = ["Terminated", "WATCHED", "raise_if_received", "received", "watch"]
+__all__ = ["Terminated", "WATCHED", "forget", "raise_if_received", "received", "watch"]
 
 #: the signals that abort a run (the CLI makes SIGTERM and SIGHUP behave like Ctrl-C)
 WATCHED = frozenset(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
@@ -81,3 +81,10 @@ def raise_if_received() -> None:
         if got[0] == signal.SIGINT:
             raise KeyboardInterrupt
         raise Terminated(got[0])
+
+
+def forget() -> None:
+    """Drop the record so far: for a caller that handled the interrupt itself (``distill`` ends its
+    training early on Ctrl-C and keeps the best weights; the run goes on)."""
+    received()
+    _received.clear()

@@ -29,8 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import tensorflow as tf
 
 from graphslim.analysis.channels import apply_grows, group_for
+from graphslim.analysis.imprint import head_layer, imprint
 from graphslim.analysis.heads import (class_group, class_indexed_gathers, find_class_head, grow_unrolled_classes,
                                       output_tensor, per_class_outputs, unmerge_rows, unrolled_classes)
 from graphslim.errors import PassError
@@ -50,6 +52,17 @@ class ExtendOptions:
         "help": "signature output holding the class scores (default: the one whose last axis is the class axis)"})
     background: bool = field(default=False, metadata={
         "help": "class 0 of the head is background (per-class outputs without it grow too)"})
+    examples: str | None = field(default=None, metadata={
+        "help": "imprint the new classes from examples (Qi et al. 2018): a .npz with the model's inputs and "
+                "examples_key= holding each example's new class id (K..K+n-1); no training"})
+    examples_key: str = field(default="labels", metadata={"help": "key of the class ids in examples="})
+    imprint_bias: str = field(default="fit", metadata={
+        "help": "imprinted classes' bias: fit (the old mean, raised until every example of the class scores "
+                "it at least as high as its best old class) or mean (the old classes' mean)",
+        "choices": ("fit", "mean")})
+    split_new: bool = field(default=False, metadata={
+        "help": "emit the head's old rows and the new rows as two variables joined by a Concat, and make every "
+                "weight but the new rows non-trainable: fine-tuning then trains only the new classes"})
     per_class: tuple[str, ...] = field(default=("auto",), metadata={
         "help": "outputs with one slice per class, OUTPUT:AXIS; 'auto' finds them by size, 'none' disables"})
     prior: str = field(default="auto", metadata={
@@ -125,6 +138,38 @@ def _initializer(opts: ExtendOptions, rng: np.random.RandomState, biases=(), pri
     return init
 
 
+def _split_new_rows(graph, hl, n: int) -> list:
+    """``split_new``: the head's kernel (and bias) become their old rows and a new weight
+    ``<name>_new`` with the ``n`` new rows, joined by a ConcatV2 on the class axis where the grown weight
+    was read; every weight but the new rows becomes non-trainable (fine-tuning then trains only the new
+    classes). Returns ``[(old name, new name), ...]``."""
+    node = graph.node(hl.node)
+    done = []
+    for w in graph.weights.values():
+        w.trainable = False
+    for name in [hl.kernel] + ([hl.bias] if hl.bias else []):
+        value = graph.weights[name].value
+        if name == hl.kernel:
+            axis = 0 if node.op == "MatMul" and node.attr("transpose_b", False) else value.ndim - 1
+        else:
+            axis = value.ndim - 1
+        k = value.shape[axis] - n
+        old, new = np.split(value, [k], axis=axis)
+        readers = graph.weight_readers(name)
+        new_name = graph.unique_name(f"{name}_new")
+        graph.set_weight(name, np.ascontiguousarray(old), trainable=False)
+        graph.add_weight(new_name, np.ascontiguousarray(new), trainable=True)
+        axis_node = graph.add_const(f"{name}/split_new_axis", np.int32(axis), unique=True)
+        concat = graph.add_node(graph.unique_name(f"{name}/split_new"), "ConcatV2",
+                                [f"{name}:0", f"{new_name}:0", f"{axis_node.name}:0"],
+                                {"N": 2, "T": tf.as_dtype(value.dtype), "Tidx": tf.int32})
+        for reader, port in readers:
+            graph.set_input(reader, port, f"{concat.name}:0")
+        done.append((name, new_name))
+    graph.infer_shapes()
+    return done
+
+
 def _refuse_picks(picks, where: str) -> None:
     if picks:
         p = picks[0]
@@ -195,10 +240,21 @@ def extend(graph, opts: ExtendOptions) -> PassResult:
     softmax_gap = _softmax_gap(group, biases, opts.prior)
     prior_bias = None if softmax_gap is not None else _prior_bias(graph, group, biases, opts.prior)
     init = _initializer(opts, rng, biases, prior_bias, regression, softmax_gap)
+    imprinted, imprint_stats, hl = {}, None, None
+    if opts.examples is not None or opts.split_new:
+        hl = head_layer(graph, group)
+    if opts.examples is not None:
+        rows, new_biases, imprint_stats = imprint(graph, hl, opts.examples, opts.examples_key, head.size, n,
+                                                  opts.imprint_bias)
+        imprinted[hl.kernel] = rows
+        if hl.bias is not None and new_biases is not None:
+            imprinted[hl.bias] = new_biases
 
     def counted(count):
         def f(member, old):
             init.count = count
+            if member.name in imprinted and count == n:
+                return imprinted[member.name].reshape((n,) + old.shape[1:])
             return init(member, old)
         return f
 
@@ -210,6 +266,7 @@ def extend(graph, opts: ExtendOptions) -> PassResult:
             if m.kind == "weight" and m.role != "sink":
                 graph.weights[m.name].trainable = True
                 grown_weights.append(m.name)
+    split = _split_new_rows(graph, hl, n) if opts.split_new else []
     if unmerged or cloned:
         graph.remove_dead_nodes()
     if head.labels is not None or opts.labels:
@@ -228,5 +285,5 @@ def extend(graph, opts: ExtendOptions) -> PassResult:
         "new_labels": new_labels, "init": opts.init, "grown_outputs": [g[0] for g in groups if g[0]],
         "prior_bias": prior_bias, "softmax_gap": softmax_gap, "scores_tensor": str(head.tensor),
         "postprocess": "; ".join(postprocess) or None,
-        "regression_weights": sorted(regression),
+        "regression_weights": sorted(regression), "imprint": imprint_stats, "split_new": split,
         "grown_weights": sorted(set(grown_weights))})

@@ -52,7 +52,7 @@ from graphslim.errors import GraphslimError
 
 __all__ = ["CalibrationError", "ChannelMoments", "ConvGeometry", "FeatureMoments", "PatchMoments",
            "Regression", "collect", "describe_inputs", "extract_patches", "iterate_batches",
-           "load_calibration", "patch_index"]
+           "load_calibration", "load_class_ids", "patch_index"]
 
 
 class CalibrationError(GraphslimError):
@@ -158,6 +158,32 @@ def load_calibration(spec, graph, *, max_examples: int | None = None) -> dict[st
         count = a.shape[0]
         out[name] = np.ascontiguousarray(a[:max_examples] if max_examples else a, dtype=dtype)
     return out
+
+
+def load_class_ids(path, key: str, count: int, need: str, what: str) -> np.ndarray:
+    """The integer array ``key`` of a calibration file (a ``.npz``, or ``KEY.npy`` in a directory): one
+    class id per example (shape ``[count]``). CalibrationError starts with ``what`` (the option and
+    the file) and ends with ``need`` (what the array must hold)."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            f = p / f"{key}.npy"
+            if not f.is_file():
+                raise CalibrationError(f"{what}: no {key}.npy in the directory; it needs {need}")
+            y = np.load(f, allow_pickle=False)
+        else:
+            with np.load(p, allow_pickle=False) as z:
+                if key not in z.files:
+                    raise CalibrationError(f"{what}: no array {key!r} (the file holds "
+                                           f"{', '.join(z.files) or 'nothing'}); it needs {need}")
+                y = z[key]
+    except CalibrationError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"{what}: cannot read {key!r}: {exc}") from exc
+    if y.dtype.kind not in "iu" or y.shape != (count,):
+        raise CalibrationError(f"{what}: {key!r} is {y.dtype} {list(y.shape)}; it needs {need}")
+    return y.astype(np.int64)
 
 
 def iterate_batches(data: Mapping[str, np.ndarray], batch_size: int):

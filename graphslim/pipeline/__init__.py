@@ -52,7 +52,7 @@ from __future__ import annotations
 
 from graphslim.pipeline.config import load_pipeline_config, parse_pipeline_config
 from graphslim.pipeline.instruments import PassInstrument, PrintIRAfter, PrintIRBefore
-from graphslim.pipeline.manager import PassManager
+from graphslim.pipeline.manager import PassManager, pipeline_input
 from graphslim.pipeline.options import OptionInfo
 from graphslim.pipeline.plugins import (
     ENTRY_POINT_GROUP,
@@ -98,6 +98,7 @@ __all__ = [
     "load_plugin",
     "parse_pipeline",
     "parse_pipeline_config",
+    "pipeline_input",
     "register_pass",
     "registered_passes",
     "unregister_pass",

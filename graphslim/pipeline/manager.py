@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import contextvars
 import time
 import typing
 from collections.abc import Iterable, Mapping
@@ -21,6 +22,16 @@ from graphslim.pipeline.registry import PassInfo
 from graphslim.pipeline.results import PassResult, PipelineReport
 from graphslim.pipeline.spec import PassSpec, Pipeline, instantiate_options, resolve
 from graphslim.pipeline.text import parse_pipeline
+
+
+_INPUT: contextvars.ContextVar = contextvars.ContextVar("graphslim_pipeline_input", default=None)
+
+
+def pipeline_input() -> Any:
+    """The graph as it entered the running :meth:`PassManager.run` (a copy sharing the weight arrays),
+    or None outside a pipeline: the reference for passes that compare with the original model
+    (``distill`` trains the current graph to mimic it)."""
+    return _INPUT.get()
 
 
 class PassManager:
@@ -78,6 +89,13 @@ class PassManager:
             report = PassManager(parse_pipeline("dce")).run(graph)
             report.passes[0]["changed"]
         """
+        token = _INPUT.set(graph.copy() if callable(getattr(graph, "copy", None)) else None)
+        try:
+            return self._run(graph)
+        finally:
+            _INPUT.reset(token)
+
+    def _run(self, graph: Any) -> PipelineReport:
         report = PipelineReport(str(self.pipeline))
         if self.verify:
             start = time.perf_counter()
