@@ -5,8 +5,9 @@ On the trained digits fixtures (batch norms folded first) and the ConvNeXt-like 
 test digits after
 
 * ``thinet+rec``: ``prune{macs=T criterion=thinet reconstruct=true calib=C}`` (the closed-form refit);
-* ``+distill``: then ``distill{calib=C}`` (unlabeled: output and feature matching against the original);
-* ``+distill(labels)``: then ``distill{calib=C labels=labels}`` (the task loss added).
+* ``+distill``: then ``distill{calib=C steps=1000 lr=3e-3 batch=64}`` (unlabeled: output and feature
+  matching against the original);
+* ``+distill(labels)``: the same with ``labels=labels`` (the task loss added).
 
 Each cell is the mean over ``--draws`` calibration sets of 512 training digits (min..max in brackets);
 the distill columns also give the mean steps and seconds. Then distill's wall time per 100 steps on
@@ -34,8 +35,8 @@ from graphslim.testing import digits, fixture_path, layernorm_net  # noqa: E402
 
 METHODS = {
     "thinet+rec": "",
-    "+distill": ",distill{{calib={calib} steps={steps}}}",
-    "+distill(labels)": ",distill{{calib={calib} steps={steps} labels=labels}}",
+    "+distill": ",distill{{calib={calib} steps={steps} lr=3e-3 batch=64}}",
+    "+distill(labels)": ",distill{{calib={calib} steps={steps} lr=3e-3 batch=64 labels=labels}}",
 }
 
 
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="0.5,0.3")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--draws", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--mobilenet", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
     d = digits()

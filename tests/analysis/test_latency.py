@@ -141,6 +141,17 @@ def test_prune_latency_measures_and_reports_rounds(resnet):
     assert any("not reached on tf" in m and "short" in m for _, m in unreachable.warnings)
 
 
+def test_latency_combines_with_exclude_min_channels_and_round_to(resnet):
+    g = resnet.copy()
+    kernels = {k: w.value.shape[-1] for k, w in g.weights.items() if k.endswith("kernel")}
+    st = PassManager("prune{latency=0.85 exclude=conv2d_1 min_channels=6 round_to=2}").run(g).passes[-1]["stats"]
+    assert st["target"]["rounds"]
+    after = {k: g.weights[k].value.shape[-1] for k in kernels}
+    assert after["conv2d_1/kernel"] == kernels["conv2d_1/kernel"]  # excluded
+    changed = [k for k in kernels if after[k] != kernels[k]]
+    assert changed and all(after[k] >= 6 and after[k] % 2 == 0 for k in changed)
+
+
 @pytest.mark.parametrize("text,msg", [
     ("prune{latency=1.5}", "latency must be in \\(0, 1\\]"),
     ("prune{latency=0.5 runtime=tpu}", "runtime must be one of tf, xla, litert"),
