@@ -660,9 +660,9 @@ def prune(graph, opts: PruneOptions) -> PassResult:
     if opts.macs is not None:
         target_stats["achieved"] = after_cost.macs / b_macs if b_macs else 1.0
         if target_stats["achieved"] > opts.macs + 0.02:
-            notes.append(f"macs={opts.macs} is not reachable within min_channels={opts.min_channels}, "
-                         f"round_to={opts.round_to}, the excluded and the not prunable groups: kept "
-                         f"{target_stats['achieved']:.3f} of the MACs")
+            target_stats["unreachable"] = (f"macs={opts.macs} is not reachable within min_channels="
+                                         f"{opts.min_channels}, round_to={opts.round_to}, the excluded and the "
+                                         f"not prunable groups: kept {target_stats['achieved']:.3f} of the MACs")
     stats = {
         "criterion": criterion,
         "target": target_stats or {"layers": [e[0] for e in targets.explicit.values()]},
@@ -685,6 +685,8 @@ def prune(graph, opts: PruneOptions) -> PassResult:
     if opts.save_plan:
         plan.save(opts.save_plan, _plan_inputs(graph, opts))
     warnings = _elementwise_bn_warning(graph, changes)
+    if target_stats.get("unreachable"):
+        warnings.append(target_stats["unreachable"] + " (a smaller round_to= or fewer exclusions get closer)")
     if target_stats.get("met") is False:
         warnings.append(f"latency={opts.latency} not reached on {opts.runtime}: the pruned model measured "
                         f"{target_stats['measured']:.3f} of the original's latency ({target_stats['speedup']:.2f}x "

@@ -162,7 +162,7 @@ def global_allocation(model: WidthModel, free: list, fixed_removed: dict, counts
             continue
         ratio, gid, new_r, sav, j = fresh
         if cur - sav < target and (target - (cur - sav)) > (cur - target):
-            break  # the step would overshoot more than stopping short
+            continue  # this group's step overshoots more than stopping short; its later steps more so
         removed[gid] = new_r
         step[gid] = j
         cur -= sav

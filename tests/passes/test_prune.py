@@ -160,6 +160,18 @@ def test_macs_with_round_to_and_fixed_layers(loaded):
     assert abs(st["target"]["achieved"] - 0.6) < 0.06
 
 
+def test_a_coarse_step_that_overshoots_does_not_stop_the_smaller_ones(loaded):
+    """vgg_digits with round_to=8: 84% of the MACs sit in conv2d_1, between two 16-channel groups, so
+    either group's only step (16 → 8) halves the model, overshooting macs=0.8 more than stopping short.
+    The greedy skips those steps and still takes the smaller ones (the 32-channel groups); it warns
+    that the target is out of reach instead of pruning nothing."""
+    g = loaded("vgg_digits", fold=True)
+    report = PassManager("prune{macs=0.8 round_to=8}").run(g)
+    st = report.passes[-1]["stats"]
+    assert 0.8 < st["target"]["achieved"] < 0.99, st["target"]
+    assert any("macs=0.8 is not reachable" in m for _, m in report.warnings)
+
+
 # ------------------------------------------------------------------------------------------ layer names
 @pytest.mark.parametrize("layer", ["conv2d_1", "conv2d_1/kernel", "vgg_digits_1/conv2d_1_2/convolution",
                                    "vgg_digits_1/conv2d_1_2/Relu"])
