@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import networkx as nx
 import numpy as np
 
 from graphslim.analysis.calibration import CalibrationError, load_class_ids
@@ -142,26 +141,7 @@ def feature_points(student: Graph, teacher: Graph, limit: int, exclude=()) -> li
     in ``exclude`` left out."""
     if limit <= 0 or not student.inputs:
         return []
-    dg = nx.DiGraph()
-    for tensor, consumer, _ in student.data_edges():
-        dg.add_edge(str(tensor).split(":")[0], consumer)
-    sink = "\0sink"
-    for arg in student.outputs:
-        dg.add_edge(str(arg.tensor).split(":")[0], sink)
-    start = str(student.inputs[0].tensor).split(":")[0]
-    if start not in dg:
-        return []
-    rev = dg.reverse(copy=True)
-    try:
-        ipdom = nx.immediate_dominators(rev, sink)
-    except nx.NetworkXError:
-        return []
-    chain, node = [], start
-    while node in ipdom and ipdom[node] != node:
-        node = ipdom[node]
-        if node == sink:
-            break
-        chain.append(node)
+    chain = student.post_dominators(str(student.inputs[0].tensor).split(":")[0])
     excluded = {_through_identity(student, str(a.tensor)).split(":")[0] for a in student.outputs} | set(exclude)
     points = []
     for name in chain:

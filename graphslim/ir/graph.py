@@ -474,6 +474,28 @@ class Graph:
         """Every node that depends on ``names`` (data or control), including themselves."""
         return self._reach(names, nx.descendants)
 
+    def post_dominators(self, source: str) -> list[str]:
+        """The nodes that every data path from node ``source`` to the signature outputs passes through,
+        nearest first (``source`` itself excluded): the points where all of the model's information
+        flows through one tensor (a chain's layers, the residual stream between blocks)."""
+        sink = "\0outputs"
+        rev = nx.DiGraph()
+        for src, dst, data in self._g.edges(data=True):
+            if not data.get("control"):
+                rev.add_edge(dst, src)
+        for a in self.outputs:
+            rev.add_edge(sink, as_tensor(a.tensor).node)
+        if source not in rev or sink not in rev:
+            return []
+        ipdom = nx.immediate_dominators(rev, sink)
+        chain, node = [], source
+        while node in ipdom and ipdom[node] != node:
+            node = ipdom[node]
+            if node == sink:
+                break
+            chain.append(node)
+        return chain
+
     def _reach(self, names: Iterable[str], step) -> set[str]:
         out = set()
         for n in names:

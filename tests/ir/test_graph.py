@@ -173,3 +173,20 @@ def test_restore_rolls_back_to_a_copy_sharing_weights():
     assert g.has_node("conv/Relu") and g.weights["conv/kernel"].value.shape == (3, 3, 3, 4)
     assert g.weights["conv/kernel"].value is saved.weights["conv/kernel"].value
     g.verify()
+
+
+def test_post_dominators_are_the_nodes_every_path_crosses():
+    """resnet_digits: every path from the input crosses the stem, each residual block's output (the
+    Add, and its ReLU) and the head, never a branch inside a block."""
+    import graphslim
+    from graphslim.testing import fixture_path
+
+    g = graphslim.load(fixture_path("resnet_digits"))
+    start = str(g.inputs[0].tensor).split(":")[0]
+    chain = g.post_dominators(start)
+    ops = [g.node(n).op for n in chain]
+    assert ops.count("AddV2") >= 2 and "Softmax" in ops and "MatMul" in ops
+    for name in chain:  # removing it disconnects the input from the outputs
+        assert name in g.ancestors([str(a.tensor).split(":")[0] for a in g.outputs])
+    inside = [n.name for n in g.nodes("Conv2D") if n.name not in chain]
+    assert inside  # the convolutions inside the blocks are bypassed by the skip connections
