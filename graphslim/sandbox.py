@@ -480,16 +480,14 @@ class Child:
 
     def train_step(self, handle: int, inputs: dict, targets: dict, lr: float) -> dict:
         """One Adam step on a batch; ``{"loss": before the step, "parts": per term}``."""
-        reply, _ = self._request({"op": "train", "id": handle, "lr": float(lr)},
-                                 {**{f"in:{k}": v for k, v in inputs.items()},
-                                  **{f"t:{k}": v for k, v in targets.items()}}, f"training {self.label}")
+        reply, _ = self._request({"op": "train", "id": handle, "lr": float(lr)}, _batch(inputs, targets),
+                                 f"training {self.label}")
         return {"loss": float(reply["loss"]), "parts": {k: float(v) for k, v in reply["parts"].items()}}
 
     def evaluate(self, handle: int, inputs: dict, targets: dict) -> tuple[dict, dict]:
         """The loss on a batch without a step, and the signature outputs."""
-        reply, arrays = self._request({"op": "evaluate", "id": handle},
-                                      {**{f"in:{k}": v for k, v in inputs.items()},
-                                       **{f"t:{k}": v for k, v in targets.items()}}, f"evaluating {self.label}")
+        reply, arrays = self._request({"op": "evaluate", "id": handle}, _batch(inputs, targets),
+                                      f"evaluating {self.label}")
         return ({"loss": float(reply["loss"]), "parts": {k: float(v) for k, v in reply["parts"].items()}},
                 {k[4:]: v for k, v in arrays.items() if k.startswith("out:")})
 
@@ -588,6 +586,12 @@ class Child:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _batch(inputs: dict, targets: dict) -> dict:
+    """A train/evaluate request's arrays: ``in:NAME`` signature inputs, ``t:KEY`` loss targets (the
+    worker splits them back with ``_inputs_and_targets``)."""
+    return {**{f"in:{k}": v for k, v in inputs.items()}, **{f"t:{k}": v for k, v in targets.items()}}
 
 
 # ------------------------------------------------------------------------------------ shared child
