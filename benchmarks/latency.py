@@ -62,13 +62,15 @@ def accuracy(g, x, y) -> float:
 
 
 def side_by_side(graphs: list, runtime: str, threads: int, rounds: int = 15) -> list:
+    """Each graph's latency as a ratio of the first's: medians of per-round ratios, interleaved."""
     from dataclasses import replace
 
-    from graphslim.analysis.latency import RUNTIMES, time_graphs
+    from graphslim.analysis.latency import RUNTIMES, load_timed, time_ratios
     from graphslim.sandbox import Child, default_limits
 
     with Child(replace(default_limits(), threads=threads), label="benchmark models") as child:
-        return time_graphs(child, graphs, RUNTIMES[runtime], rounds=rounds)
+        loaded = [load_timed(child, g, RUNTIMES[runtime]) for g in graphs]
+        return time_ratios(child, loaded, rounds)[1]
 
 
 def pruned(base, text: str):
@@ -121,10 +123,10 @@ def main(argv=None) -> int:
             by_macs, mstats, _ = pruned(base, f"prune{{macs={target} {common}}}")
             by_lat, lstats, seconds = pruned(
                 base, f"prune{{latency={target} runtime={runtime} threads={args.threads} {common}}}")
-            t0, tm, tl = side_by_side([base, by_macs, by_lat], runtime, args.threads)
+            _, rm, rl = side_by_side([base, by_macs, by_lat], runtime, args.threads)
             lt = lstats["target"]
-            print(f"| {name} | {runtime} | {target} | {t0 / tm:.2f}x | {mstats['macs']['ratio']:.3f} | "
-                  f"{t0 / tl:.2f}x | {lstats['macs']['ratio']:.3f} | {len(lt['rounds'])}, {lt['predicted']:.3f}, "
+            print(f"| {name} | {runtime} | {target} | {1 / rm:.2f}x | {mstats['macs']['ratio']:.3f} | "
+                  f"{1 / rl:.2f}x | {lstats['macs']['ratio']:.3f} | {len(lt['rounds'])}, {lt['predicted']:.3f}, "
                   f"{lt['measured']:.3f}{'' if lt['met'] else ' (short)'}, {seconds:.0f} s "
                   f"({lt['tables']['measured_points']} points measured) |")
             sys.stdout.flush()
@@ -133,15 +135,15 @@ def main(argv=None) -> int:
                     from graphslim.testing import digits
 
                     d = digits()
-                goal = tl / t0
                 lo, hi, match = 0.02, 1.0, None
                 for _ in range(7):  # the MACs target whose measured latency equals the latency prune's
                     mid = (lo + hi) / 2
                     g, st, _ = pruned(base, f"prune{{macs={mid:.4f} {common}}}")
-                    a, b = side_by_side([base, g], runtime, args.threads, rounds=9)
-                    if match is None or abs(b / a - goal) < abs(match[1] - goal):
-                        match = (mid, b / a, g, st)
-                    if b / a > goal:
+                    # the latency-pruned model timed again beside it: both ratios from the same rounds
+                    _, rl2, r = side_by_side([base, by_lat, g], runtime, args.threads, rounds=9)
+                    if match is None or abs(r - rl2) < abs(match[1] - match[4]):
+                        match = (mid, r, g, st, rl2)
+                    if r > rl2:
                         hi = mid
                     else:
                         lo = mid
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
                 acc_l = accuracy(by_lat, d["x_test"], d["y_test"])
                 acc_m = accuracy(match[2], d["x_test"], d["y_test"])
                 print(f"|   equal latency ({runtime}) | | | macs={match[0]:.3f}: latency {match[1]:.3f}, "
-                      f"accuracy {100 * acc_m:.2f}% | {match[3]['macs']['ratio']:.3f} | latency {goal:.3f}, "
+                      f"accuracy {100 * acc_m:.2f}% | {match[3]['macs']['ratio']:.3f} | latency {match[4]:.3f}, "
                       f"accuracy {100 * acc_l:.2f}% | {lstats['macs']['ratio']:.3f} | original accuracy "
                       f"{100 * acc0:.2f}% |")
                 sys.stdout.flush()

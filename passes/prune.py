@@ -688,10 +688,17 @@ def prune(graph, opts: PruneOptions) -> PassResult:
     if target_stats.get("unreachable"):
         warnings.append(target_stats["unreachable"] + " (a smaller round_to= or fewer exclusions get closer)")
     if target_stats.get("met") is False:
+        from graphslim.analysis.latency import KNEE
+
         warnings.append(f"latency={opts.latency} not reached on {opts.runtime}: the pruned model measured "
                         f"{target_stats['measured']:.3f} of the original's latency ({target_stats['speedup']:.2f}x "
                         f"faster), {target_stats['shortfall']:.3f} short, within min_channels={opts.min_channels}, "
-                        f"round_to={opts.round_to}, the excluded and the not prunable groups")
+                        f"round_to={opts.round_to}, the excluded and the not prunable groups"
+                        + (f"; with every prunable group at its smallest width the latency tables predict "
+                           f"{target_stats['floor']:.3f} (the rest is time pruning does not change: per-op "
+                           f"overhead, unprunable layers), and graphslim stops {KNEE:.2f} above that, where the "
+                           f"last saving would cost most of the importance"
+                           if target_stats["floor"] + KNEE > opts.latency else ""))
     return PassResult(changed=bool(changes), stats=stats, warnings=warnings)
 
 

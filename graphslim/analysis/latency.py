@@ -293,6 +293,27 @@ def time_loaded(child, loaded: list, rounds: int = 5, progress: Callable[[str], 
     return [statistics.median(t) for t in times]
 
 
+def time_ratios(child, loaded: list, rounds: int = 9) -> tuple[list, list]:
+    """Per-call seconds of each ``(handle, calls)`` of :func:`load_timed` and each one's time as a
+    ratio of the first's, side by side: every round times all of them, the order reversed every other
+    round; times are medians over rounds and each ratio is the median of the rounds' own ratios, so that
+    load which comes and goes between rounds cancels out of it."""
+    times = [[] for _ in loaded]
+    for r in range(rounds):
+        order = range(len(loaded)) if r % 2 == 0 else reversed(range(len(loaded)))
+        for i in order:
+            h, calls = loaded[i]
+            times[i].append(child.time(h, calls))
+    ratios = [statistics.median(t / max(b, 1e-12) for t, b in zip(ts, times[0])) for ts in times]
+    return [statistics.median(t) for t in times], ratios
+
+
+def time_pair(child, original, pruned, rounds: int = 9) -> tuple[float, float, float]:
+    """``(original seconds, pruned seconds, pruned / original)`` by :func:`time_ratios`."""
+    (t0, t1), (_, ratio) = time_ratios(child, [original, pruned], rounds)
+    return t0, t1, ratio
+
+
 def time_graphs(child, graphs: list, engine: str, rounds: int = 5, batch: int = 1,
                 progress: Callable[[str], None] = _noop, label: str = "") -> list[float]:
     """Median seconds per call of each graph (random inputs of ``batch``), measured side by side in
@@ -479,6 +500,8 @@ def _next_target(goal: float, tried: list) -> float:
 
 
 BAND = 0.05  # a measured ratio at most the target and no more than this below it ends the search
+KNEE = 0.01  # the last stretch of the modelled latency curve (as a fraction of the model's time) not
+# spent: next to the floor (every group at its smallest width) it is bought with most of the importance
 MAX_ROUNDS = 5
 STEP = 0.02  # how far the modelled target moves when the correction repeats an allocation
 
@@ -514,9 +537,16 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
         original = load_timed(child, graph, engine)  # loaded once (a LiteRT conversion takes seconds)
         whole = time_loaded(child, [original], rounds=7)[0]
         model = LatencyModel(units, tables, whole, candidates, orders)
+        # The floor: every free group at its smallest allowed width. Below floor + KNEE the modelled
+        # curve is flat, so no allocation aims there: a target out of reach ends short of it, not with
+        # every layer at min_channels for a saving the measurement cannot see.
+        floor_removal = dict(fixed)
+        floor_removal.update({g.id: g.size - counts[g.id][-1] for g in free})
+        floor = model.total(floor_removal) / model.total0
+        lowest = min(floor + KNEE, 1.0)
         seen, tried = set(), []  # tried: (modelled target, measured ratio)
         for n in range(MAX_ROUNDS):
-            modelled = _next_target(goal, tried)
+            modelled = max(_next_target(goal, tried), lowest)
             for _ in range(8):  # a correction that leads back to an allocation already timed: step on
                 if opts.allocation == "uniform":
                     removal = uniform_allocation(model, free, fixed, counts, modelled * model.total0)
@@ -526,7 +556,7 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
                 if key not in seen:
                     break
                 short = not tried or min(m for _, m in tried) > goal
-                modelled = max(modelled - STEP, 0.0) if short else min(modelled + STEP, 1.0)
+                modelled = max(modelled - STEP, lowest) if short else min(modelled + STEP, 1.0)
             if key in seen:
                 break  # no new allocation within reach of the correction
             seen.add(key)
@@ -538,15 +568,15 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
             progress(f"timing the pruned model on {runtime} (round {n + 1})")
             pruned = load_timed(child, trial, engine)
             try:
-                t0, t1 = time_loaded(child, [original, pruned], rounds=9)
+                t0, t1, ratio = time_pair(child, original, pruned, rounds=9)
                 row = {"round": n + 1, "modelled_target": target / model.total0,
-                       "predicted": model.total(removal) / model.total0, "measured": t1 / t0,
+                       "predicted": model.total(removal) / model.total0, "measured": ratio,
                        "original_ms": 1e3 * t0, "pruned_ms": 1e3 * t1}
                 if row["measured"] <= goal:
                     # A lucky measurement must not decide: time the pair again and keep the slower ratio.
                     progress(f"timing the pruned model on {runtime} again (round {n + 1})")
-                    c0, c1 = time_loaded(child, [original, pruned], rounds=9)
-                    row["measured_first"], row["measured"] = row["measured"], max(row["measured"], c1 / c0)
+                    row["measured_first"] = row["measured"]
+                    row["measured"] = max(row["measured"], time_pair(child, original, pruned, rounds=9)[2])
             finally:
                 child.release(pruned[0])
             rounds.append(row)
@@ -568,6 +598,7 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
     stats = {"latency": goal, "runtime": runtime, "threads": threads, "allocation": opts.allocation,
              "measured": row["measured"], "predicted": row["predicted"], "speedup": 1.0 / row["measured"],
              "met": met, "shortfall": None if met else row["measured"] - goal, "rounds": rounds,
+             "floor": floor,
              "original_ms": row["original_ms"], "pruned_ms": row["pruned_ms"],
              "tables": {"units": len(units), "cached_units": cached, "measured_points": tables.measured,
                         "file": str(tables.path) if tables.path else None},
