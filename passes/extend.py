@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.channels import apply_grows, group_for
-from graphslim.analysis.imprint import head_layer, imprint
+from graphslim.analysis.imprint import emit_gated, gated_imprint, head_layer, imprint
 from graphslim.analysis.heads import (class_group, class_indexed_gathers, find_class_head, grow_unrolled_classes,
                                       output_tensor, per_class_outputs, unmerge_rows, unrolled_classes)
 from graphslim.errors import PassError
@@ -60,6 +60,12 @@ class ExtendOptions:
         "help": "imprinted classes' bias: fit (the old mean, raised until every example of the class scores "
                 "it at least as high as its best old class) or mean (the old classes' mean)",
         "choices": ("fit", "mean")})
+    calib: str | None = field(default=None, metadata={
+        "help": "with examples=: unlabeled inputs of the old classes (.npz keyed by input name); the new classes "
+                "are then scored by a discriminant on the head's features against the old classes' (fitted on "
+                "this data, labelled by the model's own predictions), which keeps the old classes' accuracy "
+                "where Qi's rule alone does not"})
+    calib_samples: int = field(default=512, metadata={"help": "calibration examples used at most"})
     split_new: bool = field(default=False, metadata={
         "help": "emit the head's old rows and the new rows as two variables joined by a Concat, and make every "
                 "weight but the new rows non-trainable: fine-tuning then trains only the new classes"})
@@ -241,8 +247,13 @@ def extend(graph, opts: ExtendOptions) -> PassResult:
     prior_bias = None if softmax_gap is not None else _prior_bias(graph, group, biases, opts.prior)
     init = _initializer(opts, rng, biases, prior_bias, regression, softmax_gap)
     imprinted, imprint_stats, hl = {}, None, None
+    if opts.calib is not None and opts.examples is None:
+        raise PassError("extend: calib= is the old classes' data for imprinting; it needs examples= (the new "
+                        "classes' examples) too.")
     if opts.examples is not None or opts.split_new:
         hl = head_layer(graph, group)
+    if opts.examples is not None and opts.calib is not None:
+        return _extend_gated(graph, opts, head, group, groups, gathers, unrolled, unmerged, hl, n, new_labels)
     if opts.examples is not None:
         rows, new_biases, imprint_stats = imprint(graph, hl, opts.examples, opts.examples_key, head.size, n,
                                                   opts.imprint_bias)
@@ -287,3 +298,43 @@ def extend(graph, opts: ExtendOptions) -> PassResult:
         "postprocess": "; ".join(postprocess) or None,
         "regression_weights": sorted(regression), "imprint": imprint_stats, "split_new": split,
         "grown_weights": sorted(set(grown_weights))})
+
+
+def _extend_gated(graph, opts: ExtendOptions, head, group, groups, gathers, unrolled, unmerged, hl, n: int,
+                  new_labels: list) -> PassResult:
+    """``examples=`` with ``calib=``: the new classes' logits come from the discriminant branch of
+    :func:`graphslim.analysis.imprint.emit_gated`, joined to the untouched old logits after the head."""
+    others = [m.name for m in group.members_of("weight") if m.name not in (hl.kernel, hl.bias)]
+    if len(groups) > 1 or gathers or unrolled is not None or unmerged or others:
+        what = (others and f"weights {', '.join(others[:3])} read the class axis") or \
+            "per-class outputs or post-processing follow the class axis"
+        raise PassError(f"extend: calib= imprinting joins the new classes' logits to the old ones right after the "
+                        f"head {hl.node}, which needs nothing between the head and the outputs but per-element ops; "
+                        f"here {what}. Leave out calib= to imprint the head's rows by Qi's rule.")
+    node = graph.node(hl.node)
+    bias_node, _ = graph.bias_after(node)
+    logits = (bias_node or node).output(0)
+    gi, stats = gated_imprint(graph, hl, str(logits), opts.examples, opts.examples_key, head.size, n, opts.calib,
+                              opts.calib_samples)
+    uses = [(c, port) for c, port in graph.consumers(logits)]
+    outputs = [o.name for o in graph.outputs if o.tensor == logits]
+    base = hl.kernel[:-len("/kernel")] if hl.kernel.endswith("/kernel") else hl.kernel
+    joined = emit_gated(graph, gi, base)
+    for c, port in uses:
+        graph.set_input(c, port, joined)
+    for name in outputs:
+        graph.set_output(name, joined)
+    new_weights = [w for w in graph.weights if w.startswith(f"{base}_imprinted")]
+    if opts.split_new:
+        for name, w in graph.weights.items():
+            w.trainable = name in new_weights
+    graph.infer_shapes()
+    if head.labels is not None or opts.labels:
+        old = head.labels or [f"class_{i}" for i in range(head.size)]
+        graph.assets[head.labels_asset or "labels.txt"] = ("\n".join(old + new_labels) + "\n").encode("utf-8")
+    return PassResult(changed=True, stats={
+        "output": head.output, "classes_before": head.size, "classes_after": head.size + n,
+        "new_labels": new_labels, "init": "imprinted", "grown_outputs": [head.output],
+        "scores_tensor": str(head.tensor), "imprint": stats,
+        "split_new": [(hl.kernel, w) for w in new_weights] if opts.split_new else [],
+        "grown_weights": sorted(new_weights)})
