@@ -311,6 +311,11 @@ class Method:
         """Compute the (possibly data-weighted) spectrum; return kept energy per rank 0..full."""
         raise NotImplementedError
 
+    def rank_label(self, cand: Candidate, rank: int, full: int) -> tuple:
+        """``(rank, full rank)`` as the report and skip reasons show them (``tucker``: its knob indexes
+        pairs of mode ranks, shown as the pairs)."""
+        return rank, full
+
     def factor(self, cand: Candidate, rank: int) -> None:
         """Compute the factors at ``rank`` and fill the record (weight error, MACs...)."""
         raise NotImplementedError
@@ -516,13 +521,14 @@ def factorize_graph(graph, opts: FactorizeOptions, method: Method):
         m = choose_rank(kept, rank=rank, max_error=opts.max_error, energy=energy)
         before, after = method.macs(c, m)
         known = c.data.get("positions_known")
-        c.record.update(rank=m, full_rank=len(kept) - 1, energy_kept=_round(kept[m]),
+        label, full_label = method.rank_label(c, m, len(kept) - 1)
+        c.record.update(rank=label, full_rank=full_label, energy_kept=_round(kept[m]),
                         macs_before=before if known else None, macs_after=after if known else None)
         saving = 1 - after / before if before else 0.0
         c.record["macs_saving"] = _round(saving, 4)
         if opts.min_macs_saving is not None and not saving > opts.min_macs_saving:
-            c.skip(f"rank {m} does not save MACs ({before} -> {after} per example)" if saving <= 0 else
-                   f"rank {m} saves {saving:.1%} of MACs, not more than min_macs_saving={opts.min_macs_saving}")
+            c.skip(f"rank {label} does not save MACs ({before} -> {after} per example)" if saving <= 0 else
+                   f"rank {label} saves {saving:.1%} of MACs, not more than min_macs_saving={opts.min_macs_saving}")
             continue
         method.factor(c, m)
         if data is not None and (req := method.refinement(graph, c, opts)) is not None:
