@@ -48,7 +48,7 @@ def test_pipelines_in_the_pass_table_parse():
     table = README.split("### Built-in passes", 1)[1].split("\n\n", 1)[0]
     examples = [e for e in re.findall(r"`([a-z-]+(?:\{[^`]*\})?)`", table)
                 if e.split("{")[0] in ("dce", "fold-batchnorm", "subset", "extend", "truncate", "prune",
-                                        "separable", "lowrank")]
+                                        "separable", "lowrank", "tucker", "shuffle", "distill")]
     assert len(examples) >= 10
     for text in examples:
         assert str(parse_pipeline(text)) == text
