@@ -47,7 +47,8 @@ loader gives Keras's grouped ``Conv2D``): ``GatherV2`` of the input channels (om
 sorted inside, so a grouping that needs no permutation emits none. The original node's name goes to the
 node producing the layer's output, so its BiasAdd and consumers are untouched. Kernel
 ``<layer>/kernel`` becomes ``<layer>/grouped_kernel`` ``[1, 1, C/g, N]`` (Keras's layout for
-``Conv2D(groups=g)``; a ``Split`` hands each group its ``[1, 1, C/g, N/g]``), trainable like the original.
+``Conv2D(groups=g)``; a ``Split`` hands each group its ``[1, 1, C/g, N/g]``), trainable like the original;
+other names get ``_grouped`` (``separable``'s ``<layer>/pointwise_kernel`` → ``<layer>/pointwise_kernel_grouped``).
 
 Example: ``--passes "separable{rank=1},shuffle{groups=4 calib=data.npz},dce"``
 """
