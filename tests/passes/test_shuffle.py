@@ -21,7 +21,8 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 LAYER = "net/proj/Conv2D"
 
 
-def conv1x1_graph(*, cin=16, cout=24, blocks=None, permute=True, bias=True, seed=0, hw=(5, 6)) -> Graph:
+def conv1x1_graph(*, cin=16, cout=24, blocks=None, permute=True, bias=True, seed=0, hw=(5, 6), strides=(1, 1),
+                  padding="VALID", fmt="NHWC") -> Graph:
     """x → Conv2D 1×1 (proj/kernel) [→ BiasAdd(proj/bias)] → Relu → "y". With ``blocks=g`` the kernel is
     block-diagonal with g blocks, its rows and columns randomly permuted when ``permute``."""
     rng = np.random.default_rng(seed)
@@ -35,14 +36,16 @@ def conv1x1_graph(*, cin=16, cout=24, blocks=None, permute=True, bias=True, seed
         if permute:
             w = w[rng.permutation(cin)][:, rng.permutation(cout)]
     g = Graph()
-    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": (None, *hw, cin)})
+    nhwc = fmt == "NHWC"
+    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": (None, *hw, cin) if nhwc else (None, cin, *hw)})
     g.inputs.append(SignatureArg("x", Tensor("x", 0)))
     k = g.add_weight("proj/kernel", w.reshape(1, 1, cin, cout).astype(np.float32))
-    y = g.add_node(LAYER, "Conv2D", ["x", k], attrs={"T": tf.float32, "strides": [1, 1, 1, 1], "padding": "VALID",
-                                                     "data_format": "NHWC"})
+    y = g.add_node(LAYER, "Conv2D", ["x", k], attrs={
+        "T": tf.float32, "strides": [1, *strides, 1] if nhwc else [1, 1, *strides], "padding": padding,
+        "data_format": fmt})
     if bias:
         b = g.add_weight("proj/bias", rng.normal(size=(cout,)).astype(np.float32))
-        y = g.add_node("net/proj/BiasAdd", "BiasAdd", [y, b], attrs={"T": tf.float32})
+        y = g.add_node("net/proj/BiasAdd", "BiasAdd", [y, b], attrs={"T": tf.float32, "data_format": fmt})
     out = g.add_node("net/relu", "Relu", [y], attrs={"T": tf.float32})
     g.outputs.append(SignatureArg("y", out.output(0)))
     g.infer_shapes()
@@ -125,6 +128,30 @@ def test_unpermuted_block_diagonal_emits_no_gather():
     assert not rec["input_shuffle"] and not rec["output_shuffle"]
     assert not g.nodes(op="GatherV2") and g.node(LAYER).op == "ConcatV2"
     assert rel(run(g, {"x": x})["y"], before) < 1e-5
+
+
+@pytest.mark.parametrize("spec", [dict(strides=(2, 2)), dict(strides=(2, 1), padding="SAME")])
+def test_strided_block_diagonal_exact(spec):
+    g = conv1x1_graph(blocks=2, seed=5, hw=(7, 9), **spec)
+    x = x_of(g)
+    before = run(g, {"x": x})["y"]
+    rec = stats_of(graphslim.run_pipeline(g, "shuffle{groups=2}"))["layers"][0]
+    assert rec["action"] == "factorized" and rec["weight_error"] < 1e-6
+    assert all(c.attr("strides") == [1, *spec["strides"], 1] for c in g.nodes(op="Conv2D"))
+    assert rel(run(g, {"x": x})["y"], before) < 1e-5
+
+
+def test_nchw_structure():
+    """NCHW convs do not run on this CPU: the structure and shapes only (channel axis 1 throughout)."""
+    g = conv1x1_graph(blocks=4, fmt="NCHW")
+    graphslim.run_pipeline(g, "shuffle{groups=4}")
+    for node in g.nodes(op=("GatherV2", "ConcatV2")):
+        assert int(g.constant_value(g.input(node, len(g.inputs_of(node)) - 1))) == 1
+    split = g.node(f"{LAYER}/groups")
+    assert int(g.constant_value(g.input(split, 0))) == 1
+    assert all(c.attr("data_format") == "NCHW" and g.shape(c.output(0)) == (None, 6, 5, 6)
+               for c in g.nodes(op="Conv2D"))
+    assert g.shape(g.node(LAYER).output(0)) == (None, 24, 5, 6)
 
 
 # ------------------------------------------------------------------------------------------ accuracy
