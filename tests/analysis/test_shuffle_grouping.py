@@ -1,6 +1,7 @@
-"""analysis/shuffle: the co-clustering finds a permuted block-diagonal grouping, is balanced, beats the
-contiguous grouping on trained kernels; the data-aware block fit is exact where nothing is dropped and
-lowers the output error; the refit lowers it further; the emission layout omits identity gathers."""
+"""graphslim/analysis/shuffle.py (the file is named apart from tests/passes/test_shuffle.py: pytest needs
+unique basenames here): the co-clustering finds a permuted block-diagonal grouping, is balanced, beats the
+contiguous grouping; the data-aware block fit is exact where nothing is dropped and lowers the output
+error; the refit on the same data reproduces it; the emission layout omits identity gathers."""
 
 from __future__ import annotations
 
