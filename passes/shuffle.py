@@ -70,7 +70,7 @@ from graphslim.ir.graph import Graph, SignatureArg
 from graphslim.pipeline import PassResult, register_pass
 
 RIDGE = 1e-3  # relative ridge of the block refit, pulling towards the closed-form blocks
-FULL_MOMENT_LIMIT = 4096  # most input channels whose C×C second-moment matrix calibration accumulates
+FULL_MOMENT_LIMIT = 2304  # most input channels whose C×C second moments (and refit normal equations) calibration accumulates
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,8 @@ class _Shuffle(Method):
 
     def refinement(self, graph, cand, opts):
         w = cand.data["w"]
+        if w.shape[0] > FULL_MOMENT_LIMIT:
+            return None
         intercept = cand.data["bias"] is not None
 
         def features(rows):
