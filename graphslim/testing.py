@@ -114,6 +114,30 @@ def zero_produced_channels(graph, group, channels) -> None:
             zero_slices(graph, m, channels)
 
 
+def digits_subset_model(path, classes: int = 8, epochs: int = 30, seed: int = 0):
+    """A small CNN trained (Keras, seeded) on the digits ``0..classes-1`` only and exported to ``path``:
+    the model ``extend`` adds the other digits to (imprinting's tests and benchmark). Conv 32 → conv 64
+    → global pool → Dense 64 (ReLU) → Dense ``classes`` (softmax); input ``image``."""
+    import keras
+
+    d = digits()
+    keep = d["y_train"] < classes
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1), name="image"),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(classes, activation="softmax"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    model.fit(d["x_train"][keep], d["y_train"][keep], batch_size=32, epochs=epochs, verbose=0)
+    model.export(str(path), verbose=False)
+    keras.backend.clear_session()
+    return path
+
+
 def layernorm_net(input_shape=(16, 16, 3), width: int = 16, hidden: int = 32, stem: int = 4,
                   classes: int = 10, activation=None, seed: int = 0):
     """A small ConvNeXt-like Keras model (built, not trained): a ``stem``×``stem``/``stem`` conv →

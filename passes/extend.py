@@ -60,6 +60,11 @@ class ExtendOptions:
         "help": "imprinted classes' bias: fit (the old mean, raised until every example of the class scores "
                 "it at least as high as its best old class) or mean (the old classes' mean)",
         "choices": ("fit", "mean")})
+    imprint: str = field(default="discriminant", metadata={
+        "help": "with examples=: discriminant (needs calib=: the new classes scored against the old ones on the "
+                "head's features) or qi (Qi et al.'s rows alone: for heads trained as cosine classifiers; on a "
+                "plain softmax head the new classes can take the old classes' inputs)",
+        "choices": ("discriminant", "qi")})
     calib: str | None = field(default=None, metadata={
         "help": "with examples=: unlabeled inputs of the old classes (.npz keyed by input name); the new classes "
                 "are then scored by a discriminant on the head's features against the old classes' (fitted on "
@@ -247,9 +252,15 @@ def extend(graph, opts: ExtendOptions) -> PassResult:
     prior_bias = None if softmax_gap is not None else _prior_bias(graph, group, biases, opts.prior)
     init = _initializer(opts, rng, biases, prior_bias, regression, softmax_gap)
     imprinted, imprint_stats, hl = {}, None, None
-    if opts.calib is not None and opts.examples is None:
-        raise PassError("extend: calib= is the old classes' data for imprinting; it needs examples= (the new "
-                        "classes' examples) too.")
+    if opts.calib is not None and (opts.examples is None or opts.imprint != "discriminant"):
+        raise PassError("extend: calib= is the old classes' data for imprinting by a discriminant; it needs "
+                        "examples= (the new classes' examples) and imprint=discriminant (the default).")
+    if opts.examples is not None and opts.imprint == "discriminant" and opts.calib is None:
+        raise PassError(f"extend: examples={opts.examples} imprints the new classes against the old ones, which "
+                        "needs unlabeled inputs of the old classes: give calib=OLD.npz (a few hundred, keyed by "
+                        "input name). imprint=qi takes Qi et al.'s rows alone, without data of the old classes; "
+                        "it suits heads trained as cosine classifiers: on a plain softmax head the new classes "
+                        "can take the old classes' inputs (on a digits CNN they took all of them).")
     if opts.examples is not None or opts.split_new:
         hl = head_layer(graph, group)
     if opts.examples is not None and opts.calib is not None:

@@ -15,32 +15,14 @@ import tensorflow as tf
 import graphslim
 from graphslim.errors import PipelineError
 from graphslim.runtime import run
-from graphslim.testing import digits
+from graphslim.testing import digits, digits_subset_model
 
 OLD = 8
 
 
 @pytest.fixture(scope="module")
 def eight_classes(tmp_path_factory):
-    import keras
-
-    d = digits()
-    keep = d["y_train"] < OLD
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((8, 8, 1), name="image"),
-        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-        keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(OLD, activation="softmax"),
-    ])
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
-    model.fit(d["x_train"][keep], d["y_train"][keep], batch_size=32, epochs=30, verbose=0)
-    path = tmp_path_factory.mktemp("imprint") / "eight"
-    model.export(str(path), verbose=False)
-    keras.backend.clear_session()
-    return path
+    return digits_subset_model(tmp_path_factory.mktemp("imprint") / "eight", OLD)
 
 
 def examples(tmp_path, k: int, seed: int = 0):
@@ -67,7 +49,7 @@ def test_imprinted_rows_are_the_examples_mean_direction(eight_classes, tmp_path)
     g = graphslim.load(eight_classes)
     before = run(g, {"image": d["x_test"]})
     ex = examples(tmp_path, 5)
-    rep = graphslim.run_pipeline(g, f"extend{{classes=2 examples={ex}}}")
+    rep = graphslim.run_pipeline(g, f"extend{{classes=2 examples={ex} imprint=qi}}")
     st = rep.passes[-1]["stats"]
     assert st["classes_after"] == 10 and st["imprint"]["examples"] == {"8": 5, "9": 5}
     head = g.node(st["imprint"]["head"])
@@ -141,8 +123,11 @@ def test_imprinting_with_old_class_data_recognises_the_new_digits(eight_classes,
 
 def test_calib_imprinting_needs_examples_and_enough_data(eight_classes, tmp_path):
     g = graphslim.load(eight_classes)
-    with pytest.raises(PipelineError, match="calib= is the old classes' data for imprinting; it needs examples="):
+    with pytest.raises(PipelineError, match="calib= is the old classes' data for imprinting by a discriminant; "
+                                            "it needs examples="):
         graphslim.run_pipeline(g, f"extend{{classes=2 calib={old_digits(tmp_path)}}}")
+    with pytest.raises(PipelineError, match=r"needs unlabeled inputs of the old classes: give calib=OLD\.npz"):
+        graphslim.run_pipeline(g, f"extend{{classes=2 examples={examples(tmp_path, 5)}}}")
     with pytest.raises(PipelineError, match="imprinting needs at least 16 unlabeled examples of the old classes"):
         graphslim.run_pipeline(g, f"extend{{classes=2 examples={examples(tmp_path, 5)} "
                                   f"calib={old_digits(tmp_path, 8)}}}")
@@ -151,7 +136,7 @@ def test_calib_imprinting_needs_examples_and_enough_data(eight_classes, tmp_path
 @pytest.mark.parametrize("with_calib", [False, True])
 def test_split_new_trains_only_the_new_rows(eight_classes, tmp_path, with_calib):
     g = graphslim.load(eight_classes)
-    calib = f" calib={old_digits(tmp_path)}" if with_calib else ""
+    calib = f" calib={old_digits(tmp_path)}" if with_calib else " imprint=qi"
     rep = graphslim.run_pipeline(g, f"extend{{classes=2 examples={examples(tmp_path, 5)} split_new=true{calib}}}")
     split = rep.passes[-1]["stats"]["split_new"]
     assert len(split) == 2  # kernel and bias
@@ -197,4 +182,4 @@ def test_bad_examples_name_the_key(eight_classes, tmp_path, make, match):
     np.savez(path, **make(digits()))
     g = graphslim.load(eight_classes)
     with pytest.raises(PipelineError, match=match):
-        graphslim.run_pipeline(g, f"extend{{classes=2 examples={path}}}")
+        graphslim.run_pipeline(g, f"extend{{classes=2 examples={path} calib={old_digits(tmp_path)}}}")
