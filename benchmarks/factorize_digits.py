@@ -1,5 +1,5 @@
-"""Held-out accuracy against MACs kept for ``separable`` and ``lowrank`` on the trained digits fixtures
-(issue 5), without fine-tuning.
+"""Held-out accuracy against MACs kept for ``separable``, ``lowrank``, ``tucker`` and ``shuffle`` (after
+``separable``) on the trained digits fixtures (issues 5 and 17), without fine-tuning.
 
     python benchmarks/factorize_digits.py [--calib 256] [--quick]
 
@@ -34,7 +34,20 @@ SEPARABLE = ["rank=1", "rank=2", "rank=3", "rank=4", "energy=0.8", "energy=0.9",
 LOWRANK = ["rank=4 spatial=true", "rank=8 spatial=true", "rank=12 spatial=true", "energy=0.95 spatial=true",
            "macs=0.4 spatial=true", "macs=0.5 spatial=true", "macs=0.6 spatial=true", "macs=0.7 spatial=true",
            "energy=0.9", "rank=4"]
-QUICK = {"separable": ["rank=3", "macs=0.5"], "lowrank": ["macs=0.5 spatial=true", "energy=0.9"]}
+TUCKER = ["rank=4", "rank=8", "energy=0.8", "energy=0.9", "macs=0.4", "macs=0.5", "macs=0.6"]
+# shuffle takes 1×1 convs, which these models lack: the pointwise halves that separable leaves
+SHUFFLE = ["separable{rank=2},shuffle{groups=2}", "separable{rank=3},shuffle{groups=2}",
+           "separable{rank=4},shuffle{groups=4}", "separable{macs=0.6},shuffle{groups=2}"]
+QUICK = {"separable": ["rank=3", "macs=0.5"], "lowrank": ["macs=0.5 spatial=true", "energy=0.9"],
+         "tucker": ["macs=0.5"], "shuffle": ["separable{rank=3},shuffle{groups=2}"]}
+METHODS = (("separable", SEPARABLE), ("lowrank", LOWRANK), ("tucker", TUCKER), ("shuffle", SHUFFLE))
+
+
+def pipeline(pass_name: str, opt: str, calib) -> str:
+    """The pipeline text of one setting; ``calib`` (a path or None) goes to every pass in it."""
+    extra = f" calib={calib}" if calib else ""
+    text = opt if "{" in opt else f"{pass_name}{{{opt}}}"  # a setting may be a whole pipeline
+    return text.replace("}", extra + "}")
 
 
 def accuracy(g, x, y) -> float:
@@ -66,26 +79,27 @@ def main() -> int:
                   f"{base_macs} MACs/example, {len(d['y_test'])} test images, calibration {args.calib} x_train images")
             print(f"{'pass':10} {'options':36} {'data':8} {'MACs kept':>9} {'accuracy':>9} {'Δ pts':>6} "
                   f"{'ranks':<22} {'s':>5}")
-            for pass_name, settings in (("separable", SEPARABLE), ("lowrank", LOWRANK)):
+            for pass_name, settings in METHODS:
                 if args.quick:
                     settings = QUICK[pass_name]
                 for opt in settings:
                     for data in ("weights", "calib"):
                         g = g0.copy()
-                        text = f"{pass_name}{{{opt}{' calib=' + str(calib) if data == 'calib' else ''}}}"
+                        text = pipeline(pass_name, opt, calib if data == "calib" else None)
                         t = time.perf_counter()
                         rep = graphslim.run_pipeline(g, text)
                         secs = time.perf_counter() - t
                         kept = g.cost().macs / base_macs
                         acc = accuracy(g, d["x_test"], d["y_test"])
-                        ranks = ",".join(str(r["rank"]) if r["action"] == "factorized" else "-"
-                                         for r in rep.passes[0]["stats"]["layers"])
+                        ranks = ",".join(str(r.get("rank", r.get("groups"))).replace(" ", "")
+                                         if r["action"] == "factorized" else "-"
+                                         for r in rep.passes[-1]["stats"]["layers"])
                         print(f"{pass_name:10} {opt:36} {data:8} {kept:9.3f} {acc:9.4f} {100 * (acc - base_acc):+6.1f} "
                               f"{ranks:<22} {secs:5.1f}")
                         summary.append((name, pass_name, data, kept, acc, base_acc, opt))
         print("\n## best accuracy at <= 50% / <= 55% of the MACs (target: within 1 point of the original)")
         for name in ("vgg_digits", "resnet_digits"):
-            for pass_name in ("separable", "lowrank"):
+            for pass_name, _ in METHODS:
                 for data in ("weights", "calib"):
                     rows = [r for r in summary if r[:3] == (name, pass_name, data)]
                     if not rows:
