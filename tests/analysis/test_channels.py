@@ -609,6 +609,9 @@ def test_removing_channels_that_feed_nothing_is_exact(loaded, name):
         assert_close(run(perm, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
+NONZERO_AT_ZERO = {"Erfc", "Exp", "Cos", "Sigmoid", "Softplus"}  # per-element ops with f(0) != 0
+
+
 @pytest.mark.parametrize("name", FIXTURES)
 def test_pruning_all_zero_channels_is_exact(loaded, name):
     """The prune contract: on the batch-norm-folded graph, channels made exactly zero at their source
@@ -630,7 +633,8 @@ def test_pruning_all_zero_channels_is_exact(loaded, name):
         ref, members = _outputs_and_members(z, grp, inputs)
         placeholders = {a.tensor.node for a in g.inputs}
         for m in members:  # the premise: every activation of the group is zero on the removed channels
-            if g.ancestors([m.tensor.node]) & placeholders:
+            # (but a factor such as GELU's erfc(-x/√2), which is 1 at 0 and multiplies x, the zero one)
+            if g.ancestors([m.tensor.node]) & placeholders and g.node(m.tensor.node).op not in NONZERO_AT_ZERO:
                 gone = np.take(ref[m.name], np.concatenate([m.index_map[c] for c in removed]), axis=m.axis)
                 assert not gone.any(), f"{grp.name}: {m.name} is not zero on the removed channels"
         h = z.copy()
