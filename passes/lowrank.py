@@ -8,6 +8,15 @@ SVD, √S split between the factors), without retraining (Denton et al. 2014).
   to ``out``. With ``spatial=true`` also K×K convs, by ``W`` reshaped ``[K·K·in, out]``: a K×K conv to r
   channels, then a 1×1 conv (Zhang et al. 2015 style channel decomposition); by default K×K convs are
   reported and left to ``separable``.
+* ``Einsum`` ``x, W -> y`` with a weight ``W`` (keras-hub's BERT attention projections, e.g.
+  ``abc,cde->abde`` and ``abcd,cde->abe``): ``W`` read as a matrix of its contracted axes (labels shared
+  with ``x``) by its free axes (labels only in ``y``); ``U`` keeps the contracted axes and a new rank
+  axis, ``V`` the rank axis and the free ones, and two Einsums replace one (:func:`einsum_kernel`
+  says which equations qualify; an ellipsis, a diagonal, or a weight axis batched with ``x`` is a
+  per-layer skip naming the equation).
+* ``BatchMatMul`` ``x @ W`` with ``W`` a weight (through Reshape: Keras's EinsumDense on TensorFlow,
+  as in keras-hub's ViT): ``(x @ U) @ V``, both factors 2-D weights. Products of two activations
+  (attention scores and context) are not layers and are left alone.
 
 Exact at r = min(in, out). Per output position it costs r·(in + out) MACs against in·out, so it pays
 when r < in·out / (in + out). Options as for ``separable``: ``rank=`` / ``energy=`` / ``max_error=``
@@ -62,6 +71,53 @@ def _uv_names(kernel_name: str) -> tuple[str, str]:
     return kernel_name + "_u", kernel_name + "_v"
 
 
+def _reshaped_weight(graph, node):
+    """``(weight, None)`` when input 1 of ``node`` is a Weight read only here, through Identity and
+    Reshape ops (Keras's EinsumDense on TensorFlow: ``x @ reshape(kernel)``); else ``(None, why)``."""
+    t = graph.input(node, 1)
+    chain = [t]
+    src = graph.producer(t)
+    while src.op in ("Identity", "Reshape"):
+        t = graph.input(src, 0)
+        chain.append(t)
+        src = graph.producer(t)
+    if src.op != "Weight":
+        return None, f"input 1 is computed ({src.op}), not a trained weight"
+    if any(graph.uses(x) != 1 for x in chain):
+        return None, f"kernel {src.name} is shared with other ops"
+    return graph.weights[src.name], None
+
+
+def einsum_kernel(equation: str, x_rank: int, w_shape: tuple) -> tuple[dict | None, str | None]:
+    """How an ``Einsum`` ``x, W -> y`` with a weight ``W`` reads as ``x·W2``, ``W2 [K, F]`` the weight's
+    contracted axes (labels shared with ``x``, not in ``y``) by its free ones (labels only in ``y``).
+    Returns ``({"x", "w", "y", "k", "f", "perm", "k_dims", "f_dims"}, None)``, or ``(None, reason)`` for
+    what a two-factor split cannot take (ellipses, repeated labels, a weight axis that is batched with
+    ``x`` or summed away)."""
+    eq = equation.replace(" ", "")
+    if "..." in eq:
+        return None, f"Einsum equation {equation!r} has an ellipsis"
+    if "->" not in eq or eq.count(",") != 1:
+        return None, f"Einsum equation {equation!r} is not of the form x,W->y"
+    ins, y = eq.split("->")
+    x, w = ins.split(",")
+    if len(x) != x_rank or len(w) != len(w_shape):
+        return None, f"Einsum equation {equation!r} does not match the operands' ranks ({x_rank}, {len(w_shape)})"
+    if len(set(x)) != len(x) or len(set(w)) != len(w) or len(set(y)) != len(y):
+        return None, f"Einsum equation {equation!r} repeats a label within an operand (a diagonal)"
+    k = [c for c in w if c in x and c not in y]
+    f = [c for c in w if c in y and c not in x]
+    odd = [c for c in w if c not in k and c not in f]
+    if odd:
+        return None, (f"Einsum equation {equation!r}: weight axis {odd[0]!r} is "
+                      f"{'batched with the input' if odd[0] in x else 'summed away'}")
+    if not k or not f:
+        return None, f"Einsum equation {equation!r} contracts {'nothing' if not k else 'into no new axis'}"
+    perm = [w.index(c) for c in k + f]
+    return {"x": x, "w": w, "y": y, "k": "".join(k), "f": "".join(f), "perm": perm,
+            "k_dims": [w_shape[w.index(c)] for c in k], "f_dims": [w_shape[w.index(c)] for c in f]}, None
+
+
 class _Lowrank(Method):
     name = "lowrank"
 
@@ -71,9 +127,15 @@ class _Lowrank(Method):
     # ------------------------------------------------------------------ candidates
     def candidates(self, graph):
         out = []
-        for node in graph.nodes(op=("MatMul", "Conv2D")):
+        for node in graph.nodes(op=("MatMul", "Conv2D", "Einsum", "BatchMatMulV2", "BatchMatMulV3", "BatchMatMul")):
+            if node.op.startswith("BatchMatMul") and _reshaped_weight(graph, node)[0] is None:
+                continue  # activation × activation (attention scores and context): nothing to factor
             c = Candidate(node, record={"layer": node.name, "op": node.op})
             out.append(c)
+            if node.op == "Einsum" and graph.weight_of(node, 1) is None:
+                c.skip("the Einsum's second operand is not a weight" + (
+                    " (its first is: only x, W -> y is taken)" if graph.weight_of(node, 0) is not None else ""))
+                continue
             kshape = graph.shape(graph.input(node, 1))
             if kshape is None or None in kshape:
                 c.skip("kernel shape unknown")
@@ -87,13 +149,17 @@ class _Lowrank(Method):
                 continue
             if node.op == "Conv2D" and not self._conv_ok(graph, node, kshape, c):
                 continue
-            kernel, why = graph.sole_weight(node, 1)
+            kernel, why = (_reshaped_weight(graph, node) if node.op.startswith("BatchMatMul")
+                           else graph.sole_weight(node, 1))
             if kernel is None:
                 c.skip(why)
                 continue
             c.kernel = kernel
             w = np.asarray(kernel.value, np.float64)
-            if node.op == "MatMul":
+            if node.op == "Einsum" or node.op.startswith("BatchMatMul"):
+                if not self._batched_ok(graph, node, kernel, w, c):
+                    continue
+            elif node.op == "MatMul":
                 w2 = w.T if node.attr("transpose_b", False) else w
                 c.data.update(w2=w2, positions=1, positions_known=True)
             else:
@@ -105,6 +171,38 @@ class _Lowrank(Method):
                               positions_known=known, geo=ConvGeometry.of(graph, node), nchw=nchw)
             c.data["bias_node"], c.data["bias"] = graph.bias_after(node)
         return out
+
+    def _batched_ok(self, graph, node, kernel, w, c) -> bool:
+        """Einsum ``x, W -> y`` and BatchMatMul ``x @ W`` with a 2-D (maybe reshaped) weight: ``w2`` is
+        ``W`` as ``[K, F]``, ``positions`` the output rows per example."""
+        xshape = graph.shape(graph.input(node, 0))
+        if xshape is None:
+            c.skip("input shape unknown")
+            return False
+        if node.op == "Einsum":
+            spec, why = einsum_kernel(node.attr("equation", ""), len(xshape), w.shape)
+            if spec is None:
+                c.skip(why)
+                return False
+            w2 = w.transpose(spec["perm"]).reshape(int(np.prod(spec["k_dims"])), -1)
+            rows = [d for lab, d in zip(spec["x"], xshape) if lab not in spec["k"]]
+            c.data.update(einsum=spec, trailing=spec["x"].endswith(spec["k"]))
+        else:
+            mshape = graph.shape(graph.input(node, 1))
+            if mshape is None or len(mshape) != 2 or w.size != mshape[0] * mshape[1]:
+                c.skip(f"the weight reaches the product as {mshape}, not as a matrix")
+                return False
+            if node.attr("adj_x", False):
+                c.skip("adj_x: the input's rows are transposed")
+                return False
+            w2 = w.reshape(mshape)
+            if node.attr("adj_y", False):
+                w2 = w2.T
+            rows = list(xshape[:-1])
+            c.data.update(trailing=True)
+        known = len(rows) >= 1 and all(d is not None for d in rows[1:])
+        c.data.update(w2=w2, positions=int(np.prod(rows[1:])) if known else 1, positions_known=known)
+        return True
 
     def _conv_ok(self, graph, node, kshape, c) -> bool:
         nchw = node.attr("data_format", "NHWC").startswith("NC")
@@ -121,6 +219,12 @@ class _Lowrank(Method):
     # ------------------------------------------------------------------ math
     def statistics(self, graph, cand, opts):
         node = cand.node
+        if "trailing" in cand.data:  # Einsum / BatchMatMul: rows are the input's trailing axis
+            if not cand.data["trailing"] or len(cand.data.get("einsum", {"k": "k"})["k"]) != 1:
+                cand.record["calibration_note"] = ("the contracted axes are not the input's last: factorized "
+                                                   "from the weights alone")
+                return None
+            return graph.input(node, 0), FeatureMoments(axis=-1)
         if node.op == "MatMul":
             axis = 0 if node.attr("transpose_a", False) else -1
             return graph.input(node, 0), FeatureMoments(axis=axis)
@@ -169,7 +273,11 @@ class _Lowrank(Method):
             z = rows @ u
             return np.concatenate([z, np.ones((len(z), 1))], 1) if intercept else z
 
-        if node.op == "MatMul":
+        if "trailing" in cand.data:
+            if not cand.record.get("calibrated"):
+                return None
+            acc = Regression(features, lambda rows: rows @ w2, axis=-1)
+        elif node.op == "MatMul":
             acc = Regression(features, lambda rows: rows @ w2, axis=0 if node.attr("transpose_a", False) else -1)
         else:
             acc = Regression(features, lambda rows: rows @ w2, cand.data["geo"], positions=opts.calib_positions, seed=1)
@@ -197,6 +305,33 @@ class _Lowrank(Method):
         t = node.attr("T", tf.float32)
         nu, nv = _uv_names(kernel.name)
         first_name = sibling_name(g, node_name, node_name.rsplit("/", 1)[-1] + "_u")
+        if node.op == "Einsum":
+            spec = cand.data["einsum"]
+            label = next(ch for ch in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA"
+                         if ch not in spec["x"] + spec["w"] + spec["y"])
+            ku = g.add_weight(nu, u.reshape(spec["k_dims"] + [r]).astype(dtype), trainable=kernel.trainable,
+                              unique=True)
+            kv = g.add_weight(nv, v.reshape([r] + spec["f_dims"]).astype(dtype), trainable=kernel.trainable,
+                              unique=True)
+            mid = "".join(ch for ch in spec["x"] if ch not in spec["k"]) + label
+            first = g.add_node(first_name, "Einsum", [x, ku], attrs={
+                **node.attrs, "equation": f"{spec['x']},{spec['k']}{label}->{mid}"})
+            attrs = {**node.attrs, "equation": f"{mid},{label}{spec['f']}->{spec['y']}"}
+            if reuse is None:
+                return g.add_node(node_name, "Einsum", [first, kv], attrs=attrs)
+            g.set_inputs(reuse, [first, kv])
+            reuse.set_attr("equation", attrs["equation"])
+            return reuse
+        if node.op.startswith("BatchMatMul"):
+            ku = g.add_weight(nu, u.astype(dtype), trainable=kernel.trainable, unique=True)
+            kv = g.add_weight(nv, v.astype(dtype), trainable=kernel.trainable, unique=True)
+            attrs = {**node.attrs, "adj_x": False, "adj_y": False}
+            first = g.add_node(first_name, node.op, [x, ku], attrs=attrs)
+            if reuse is None:
+                return g.add_node(node_name, node.op, [first, kv], attrs=attrs)
+            g.set_inputs(reuse, [first, kv])
+            reuse.set_attr("adj_y", False)
+            return reuse
         if node.op == "MatMul":
             tb = bool(node.attr("transpose_b", False))
             ku = g.add_weight(nu, (u.T if tb else u).astype(dtype), trainable=kernel.trainable, unique=True)
@@ -224,6 +359,8 @@ class _Lowrank(Method):
             return "input shape unknown"
         batch_axis = 1 if node.op == "MatMul" and node.attr("transpose_a", False) else 0
         shape = [1 if i == batch_axis else d for i, d in enumerate(xshape)]
+        if "trailing" in cand.data:  # a sequence length left open: time a typical one
+            shape = [1] + [d if d is not None else 128 for d in shape[1:]]
         if any(d is None for d in shape):
             return "input shape unknown"
         minis = []
@@ -233,7 +370,9 @@ class _Lowrank(Method):
             if factorized:
                 out = self._emit(g, cand, "x", "layer")
             else:
-                k = g.add_weight("kernel", cand.kernel.value)
+                k = g.add_weight("kernel", cand.kernel.value if "einsum" in cand.data or node.op in ("MatMul", "Conv2D")
+                                 else cand.data["w2"].T.astype(cand.kernel.value.dtype) if node.attr("adj_y", False)
+                                 else cand.data["w2"].astype(cand.kernel.value.dtype))
                 out = g.add_node("layer", node.op, ["x", k], attrs=dict(node.attrs))
             g.outputs.append(SignatureArg("y", out.output(0)))
             g.infer_shapes()

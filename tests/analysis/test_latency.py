@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import graphslim
-from graphslim.analysis.latency import LatencyModel, LatencyTables, layer_units, unit_graph
+from graphslim.analysis.latency import KNEE, LatencyModel, LatencyTables, layer_units, unit_graph
 from graphslim.errors import GraphslimError
 from graphslim.pipeline import PassManager
 from graphslim.sandbox import Child, Limits
@@ -140,6 +140,11 @@ def test_prune_latency_measures_and_reports_rounds(resnet):
     t = unreachable.passes[-1]["stats"]["target"]
     assert t["met"] is False and t["shortfall"] > 0.05
     assert any("not reached on tf" in m and "short" in m for _, m in unreachable.warnings)
+    # below the tables' floor (every group at its smallest width) the allocation stops short of it: the
+    # warning names the floor, and no round aimed under floor + KNEE
+    assert 0.05 < t["floor"] < 1
+    assert any(f"smallest width the latency tables predict {t['floor']:.3f}" in m for _, m in unreachable.warnings)
+    assert all(row["modelled_target"] >= t["floor"] + KNEE - 1e-9 for row in t["rounds"])
 
 
 def test_latency_combines_with_exclude_min_channels_and_round_to(resnet):
