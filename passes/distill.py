@@ -97,6 +97,11 @@ def distill_pass(graph: Graph, opts: DistillOptions) -> PassResult:
     if stats["interrupted"]:
         warnings.append(f"interrupted at step {stats['steps']}: kept the weights of step {stats['best_step']}")
     if not stats["improved"] and not stats["interrupted"]:
-        warnings.append("training never improved the held-out loss: the weights are unchanged (try a "
-                        "smaller lr=, more calibration data or more steps=)")
+        warnings.append((stats["stopped"] if stats["stopped"].startswith("the parts together") else
+                         "training never improved the held-out loss: the weights are unchanged")
+                        + " (try a smaller lr=, more calibration data or more steps=)")
+    if opts.blockwise and not stats["blockwise"]:
+        warnings.append("blockwise=true found no feature point to train part by part against (no tensor on "
+                        "every path to the outputs that the original holds with the same shape, or with its "
+                        "pruned channels recorded in this pipeline): the whole model was trained at once")
     return PassResult(changed=stats["improved"], stats=stats, warnings=warnings)

@@ -131,6 +131,24 @@ def apply_keeps(graph: Graph, changes: Sequence[tuple]) -> None:
         return replaced
 
     _transaction(graph, edit, [(e["member"], len(e["positions"])) for e in entries.values()], "the change")
+    _record_kept(graph, entries)
+
+
+KEPT_META = "kept_channels"
+"""``graph.meta`` key: ``{activation tensor: {axis: positions}}``, for every activation a keep list
+shrank, the positions along ``axis`` of the graph *before the first change* that the tensor still holds,
+in order (composed over successive changes). ``distill`` matches these channels of the original."""
+
+
+def _record_kept(graph: Graph, entries: dict) -> None:
+    kept = graph.meta.setdefault(KEPT_META, {})
+    for (kind, name, axis), e in entries.items():
+        if kind != "tensor":
+            continue
+        pos = np.asarray(e["positions"], np.int64)
+        per = kept.setdefault(name, {})
+        prev = per.get(axis)
+        per[axis] = (np.asarray(prev, np.int64)[pos] if prev is not None else pos).tolist()
 
 
 def _transaction(graph: Graph, edit: Callable, lengths: list, what: str) -> None:

@@ -144,6 +144,29 @@ def test_feature_points_are_shared_tensors_on_every_path(original):
     assert len(feature_points(original, original, 3)) <= 3
 
 
+@pytest.mark.parametrize("passes", ["prune{macs=0.5 criterion=l1}",
+                                    "prune{ratio=0.25 criterion=l1},prune{ratio=0.25 criterion=l2}"])
+def test_pruned_tensors_are_matched_on_their_kept_channels(original, passes):
+    """prune records which of the original's channels each shrunk activation still holds (composed over
+    successive prunes); blockwise distill's feature points use them: the stem conv's output, whose
+    input is the image, is exactly the original's kept channels."""
+    from graphslim.analysis.distill import kept_selection
+
+    g = original.copy()
+    PassManager(passes).run(g)
+    points = feature_points(g, original, 50, pruned=True)
+    assert len(points) > len(feature_points(g, original, 50))
+    x = {"image": digits()["x_test"][:32]}
+    mine, theirs = run(g, x, fetch=points), run(original, x, fetch=points)
+    exact = 0
+    for t in points:
+        sel = kept_selection(g, original, t)
+        ref = theirs[t] if sel is None else np.take(theirs[t], sel[1], axis=sel[0])
+        assert mine[t].shape == ref.shape
+        exact += bool(np.allclose(mine[t], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max()))
+    assert exact >= 1
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("labels,match", [
     ("nolabels", r"labels='nolabels'.*no array 'nolabels' \(the file holds image, labels, floats, short, big\)"
