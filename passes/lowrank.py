@@ -48,14 +48,16 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.calibration import ConvGeometry, FeatureMoments, PatchMoments, Regression
-from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, pointwise_conv,
-                                          factorize_graph, kept_energy, lowrank_factors,
-                                          refit, relative_error, sibling_name,
-                                          whitening)
+from graphslim.analysis.factorize import (DEFAULT_ENERGY, Candidate, FactorizeOptions, Method,
+                                          factorize_graph, kept_energy, lowrank_factors, pointwise_conv,
+                                          refit, relative_error, sibling_name, whitening)
+from graphslim.analysis.randomized import (PartialSvd, factored_error, randomized_svd, top_svd,
+                                          use_randomized)
 from graphslim.ir.graph import Graph, SignatureArg
 from graphslim.pipeline import PassResult, register_pass
 
 FULL_PATCH_LIMIT = 2304  # largest K·K·in whose (K·K·in)² second-moment matrix calibration accumulates
+FULL_FEATURE_LIMIT = 8192  # largest dense input whose in × in second moments calibration accumulates
 RIDGE = 1e-3  # relative ridge of the refit of the second factor, pulling towards the closed form
 
 
@@ -155,7 +157,7 @@ class _Lowrank(Method):
                 c.skip(why)
                 continue
             c.kernel = kernel
-            w = np.asarray(kernel.value, np.float64)
+            w = kernel.value  # as stored (a large one file-mapped): cast only where the math needs it
             if node.op == "Einsum" or node.op.startswith("BatchMatMul"):
                 if not self._batched_ok(graph, node, kernel, w, c):
                     continue
@@ -219,16 +221,24 @@ class _Lowrank(Method):
     # ------------------------------------------------------------------ math
     def statistics(self, graph, cand, opts):
         node = cand.node
+        size = cand.data["w2"].shape[0]
         if "trailing" in cand.data:  # Einsum / BatchMatMul: rows are the input's trailing axis
             if not cand.data["trailing"] or len(cand.data.get("einsum", {"k": "k"})["k"]) != 1:
                 cand.record["calibration_note"] = ("the contracted axes are not the input's last: factorized "
                                                    "from the weights alone")
                 return None
+            if size > FULL_FEATURE_LIMIT:
+                cand.record["calibration_note"] = (f"input of {size} features > {FULL_FEATURE_LIMIT}: "
+                                                   "factorized from the weights alone")
+                return None
             return graph.input(node, 0), FeatureMoments(axis=-1)
         if node.op == "MatMul":
+            if size > FULL_FEATURE_LIMIT:
+                cand.record["calibration_note"] = (f"input of {size} features > {FULL_FEATURE_LIMIT}: "
+                                                   "factorized from the weights alone")
+                return None
             axis = 0 if node.attr("transpose_a", False) else -1
             return graph.input(node, 0), FeatureMoments(axis=axis)
-        size = cand.data["w2"].shape[0]
         if size > FULL_PATCH_LIMIT:
             cand.record["calibration_note"] = (f"patch vector of {size} > {FULL_PATCH_LIMIT} entries: "
                                                "factorized from the weights alone")
@@ -245,8 +255,19 @@ class _Lowrank(Method):
             whiten = whitening(sigma)
             cand.record["calibrated"] = True
         cand.data["whiten"] = whiten
-        cand.data["svd"] = np.linalg.svd(w2 if whiten is None else whiten[0] @ w2, full_matrices=False)
-        kept = kept_energy(cand.data["svd"][1])
+        if whiten is None and use_randomized(w2.shape):
+            n_in, n_out = w2.shape
+            target = opts.energy if opts.energy is not None else (
+                1 - opts.max_error ** 2 if opts.max_error is not None else DEFAULT_ENERGY)
+            rank = opts.rank if opts.macs is None else min(w2.shape)  # macs=: the whole spectrum
+            svd = top_svd(w2, rank=rank, energy=target, stop=n_in * n_out // (n_in + n_out))
+            cand.record["svd"] = "exact (Gram)" if svd.exact else f"randomized (rank {svd.k})"
+            cand.data["svd"] = svd
+            kept = svd.kept()
+        else:
+            w2 = np.asarray(w2, np.float64)
+            cand.data["svd"] = np.linalg.svd(w2 if whiten is None else whiten[0] @ w2, full_matrices=False)
+            kept = kept_energy(cand.data["svd"][1])
         cand.data["kept"] = kept
         return kept
 
@@ -257,7 +278,14 @@ class _Lowrank(Method):
 
     def factor(self, cand, r):
         w2 = cand.data["w2"]
-        u, v = lowrank_factors(w2, r, cand.data["whiten"], cand.data.pop("svd"))
+        svd = cand.data.pop("svd")
+        if isinstance(svd, PartialSvd):
+            if r > svd.k:  # the rank chosen lies past the sketch: sketch again at that rank
+                svd = randomized_svd(w2, r)
+                cand.data["kept"][:r + 1] = svd.kept()[:r + 1]
+            u, v = svd.factors(w2, r)
+        else:
+            u, v = lowrank_factors(np.asarray(w2, np.float64), r, cand.data["whiten"], svd)
         cand.data.update(u=u, v=v, rank=r, bias_shift=None)
         if cand.data["whiten"] is None:  # Eckart–Young: the discarded singular values
             cand.record["weight_error"] = float(np.sqrt(max(1.0 - cand.data["kept"][r], 0.0)))
@@ -294,7 +322,7 @@ class _Lowrank(Method):
             return
         cand.data.update(v=v, bias_shift=shift)
         cand.record.update(output_error=err, output_error_before_refit=err0,
-                           weight_error=relative_error(cand.data["w2"], cand.data["u"] @ v))
+                           weight_error=factored_error(cand.data["w2"], cand.data["u"], v))
 
     # ------------------------------------------------------------------ emission
     def _emit(self, g, cand, x, node_name: str, reuse=None):
@@ -334,8 +362,10 @@ class _Lowrank(Method):
             return reuse
         if node.op == "MatMul":
             tb = bool(node.attr("transpose_b", False))
-            ku = g.add_weight(nu, (u.T if tb else u).astype(dtype), trainable=kernel.trainable, unique=True)
-            kv = g.add_weight(nv, (v.T if tb else v).astype(dtype), trainable=kernel.trainable, unique=True)
+            ku = g.add_weight(nu, np.ascontiguousarray(u.T if tb else u, dtype), trainable=kernel.trainable,
+                              unique=True)
+            kv = g.add_weight(nv, np.ascontiguousarray(v.T if tb else v, dtype), trainable=kernel.trainable,
+                              unique=True)
             first = g.add_node(first_name, "MatMul", [x, ku], attrs={
                 "T": t, "transpose_a": bool(node.attr("transpose_a", False)), "transpose_b": tb})
             if reuse is None:

@@ -131,9 +131,10 @@ def _check_entry(entry, name: str) -> str | None:
     return None
 
 
-def check_index(index: Path) -> None:
+def check_index(index: Path) -> dict:
     """Raise :class:`LoadError` naming ``index`` and the entry when TensorFlow's reader would crash
-    on it (see the module docstring); return quietly otherwise."""
+    on it (see the module docstring); otherwise return the entries, ``{key: BundleEntryProto}``, with
+    the ``BundleHeaderProto`` under the key ``""``."""
     from tensorflow.core.protobuf import tensor_bundle_pb2
 
     index = Path(index)
@@ -142,6 +143,7 @@ def check_index(index: Path) -> None:
     except OSError as exc:
         raise LoadError(f"{index}: cannot read the checkpoint index ({exc.strerror or exc}).") from None
     seen = set()
+    entries = {}
     try:
         for key, value in _table(raw):
             name = key.decode("utf-8", "replace")
@@ -154,14 +156,17 @@ def check_index(index: Path) -> None:
                 if header.num_shards < 0:
                     raise LoadError(f"{index}: the checkpoint header declares {header.num_shards} shards; "
                                     "the variables files are corrupt.")
+                entries[""] = header
                 continue
             entry = _parse(tensor_bundle_pb2.BundleEntryProto(), value, index, f"the checkpoint entry {name!r}")
             problem = _check_entry(entry, name)
             if problem:
                 raise LoadError(f"{index}: the checkpoint entry {name!r} {problem}; the variables files are "
                                 "corrupt or hostile (TensorFlow's checkpoint reader would abort on it).")
+            entries[name] = entry
     except ValueError as exc:
         raise LoadError(f"{index}: the checkpoint index is corrupt ({exc}); copy the whole SavedModel "
                         "directory again.") from None
     except RecursionError:
         raise LoadError(f"{index}: the checkpoint index nests too deeply; it is corrupt.") from None
+    return entries

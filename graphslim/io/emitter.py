@@ -3,7 +3,7 @@
 What :func:`save` produces:
 
 * every weight becomes a ``tf.Variable`` named like the weight (``conv2d/kernel``), with its trainable
-  flag, so the checkpoint's object graph gives ``full_name == "conv2d/kernel"``. The root object
+  flag (a large weight is copied into it block by block: one copy of each weight while writing), so the checkpoint's object graph gives ``full_name == "conv2d/kernel"``. The root object
   tracks them in a dict keyed by weight name (checkpoint keys ``weights/conv2d.Skernel/...``, in
   TensorFlow's escaping of ``/``) and exposes ``variables``, ``trainable_variables`` and
   ``non_trainable_variables``;
@@ -57,6 +57,7 @@ from graphslim import signals
 from graphslim.errors import EmitCheckError, EmitError, XlaCheckWarning
 from graphslim.ir.functions import rename_library
 from graphslim.ir.graph import WEIGHT_OP, Graph, Tensor
+from graphslim.ir.storage import row_blocks
 from graphslim.ir.tfconv import graph_to_graph_def, parse_input
 from graphslim.version import __version__
 
@@ -298,11 +299,30 @@ def _check_xla(graph: Graph, fn) -> None:
         "jit_compile"), stacklevel=2)
 
 
+#: weights at least this large become variables block by block (see :func:`_make_variable`)
+BLOCKWISE_BYTES = 64 << 20
+
+
+def _make_variable(name: str, value, trainable: bool):
+    """A ``tf.Variable`` holding ``value``. A large one is allocated once and filled in blocks of rows
+    (each block converted, assigned in place and, when the weight is file-mapped, its pages released),
+    so that writing it takes one copy of the weight (the variable's), not the three a
+    ``tf.Variable(array)`` briefly holds (the array, the tensor converted from it, the variable)."""
+    if value.nbytes < BLOCKWISE_BYTES or value.ndim == 0 or value.dtype.kind not in "fiuc":
+        return tf.Variable(value, name=name, trainable=trainable)
+    shape, dtype = value.shape, tf.as_dtype(value.dtype)
+    var = tf.Variable(lambda: tf.zeros(shape, dtype), name=name, trainable=trainable)
+    for start, block in row_blocks(value):
+        tf.raw_ops.ResourceStridedSliceAssign(ref=var.handle, begin=[start], end=[start + len(block)],
+                                              strides=[1], value=block)
+    return var
+
+
 def _make_variables(graph: Graph) -> dict:
     variables = {}
     for name, w in graph.weights.items():
         try:
-            variables[name] = tf.Variable(w.value, name=name, trainable=bool(w.trainable))
+            variables[name] = _make_variable(name, w.value, bool(w.trainable))
         except Exception as exc:
             raise _Stage(f"weight {name!r} (dtype {w.value.dtype}, shape {tuple(w.value.shape)}) cannot "
                          f"become a tf.Variable ({_describe(exc)})") from exc

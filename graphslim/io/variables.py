@@ -12,7 +12,10 @@ How variables are found:
 
 Values are read with TensorFlow's checkpoint reader, after :func:`graphslim.io.ckpt_index.check_index`
 checked the index and each tensor's recorded dtype, shape and size were checked against the graph and the
-data files. Used by :mod:`graphslim.io.loader`::
+data files. A numeric tensor of at least ``MAP_BYTES`` stored whole in one data file is not read but
+memory-mapped (:func:`graphslim.ir.storage.map_array`, read-only): the weights of a large model are then
+paged in from the file when used, and a pass or the emitter walking them does not keep them all
+resident (its checksum is not verified; its bounds are, against the data file's size). Used by :mod:`graphslim.io.loader`::
 
     variables = CheckpointVariables(path, meta, nodes)
     info = variables.variable_info(needed)       # {variable node: (weight name, key, trainable)}
@@ -34,6 +37,7 @@ from graphslim.io.inline import CALL_OPS
 from graphslim.io.reader import first_line
 
 VARIABLE_OPS = {"VarHandleOp", "VariableV2", "Variable"}
+MAP_BYTES = 16 << 20  # checkpoint tensors at least this large are memory-mapped, not read
 
 
 def _tf():
@@ -59,6 +63,7 @@ class CheckpointVariables:
         self._reader = None
         self._ckpt_specs = None
         self._bytes_read = 0
+        self._entries: dict = {}
 
     def _checkpoint(self):
         if self._reader is None:
@@ -70,7 +75,7 @@ class CheckpointVariables:
                                 f"whole SavedModel directory, including variables/.")
             from graphslim.io.ckpt_index import check_index
 
-            check_index(index)  # what TensorFlow's reader would abort the process on
+            self._entries = check_index(index)  # what TensorFlow's reader would abort the process on
             try:
                 self._reader = tf.train.load_checkpoint(str(prefix))
             except Exception as exc:  # noqa: BLE001 - the reader raises several unrelated types
@@ -129,6 +134,9 @@ class CheckpointVariables:
                             f"{dtype.name} of shape {shape} ({nbytes:,} bytes), but the variables data "
                             f"files hold only {data_bytes:,} bytes: the variables index is corrupt or "
                             f"forged; copy the whole SavedModel directory again.")
+        mapped = self._mapped(key, dtype, shape, nbytes)
+        if mapped is not None:
+            return mapped
         try:
             value = reader.get_tensor(key)
         except Exception as exc:  # noqa: BLE001
@@ -140,6 +148,28 @@ class CheckpointVariables:
                             f"{list(np.shape(value))} in the data files but {shape} in the index; the "
                             f"variables files are corrupt.")
         return value
+
+    def _mapped(self, key: str, dtype, shape: list, nbytes: int):
+        """The tensor ``key`` as a read-only view of its data file when it is numeric, at least
+        MAP_BYTES, stored whole and within the file; else None (read it)."""
+        entry, header = self._entries.get(key), self._entries.get("")
+        if entry is None or header is None or nbytes < MAP_BYTES or len(entry.slices) or entry.size != nbytes:
+            return None
+        try:
+            np_dtype = np.dtype(dtype.as_numpy_dtype)
+        except (TypeError, AttributeError):
+            return None
+        if np_dtype.kind not in "fiuc" or np_dtype.itemsize != dtype.size:
+            return None
+        shard = self.path / "variables" / f"variables.data-{entry.shard_id:05d}-of-{header.num_shards:05d}"
+        try:
+            if entry.offset + entry.size > shard.stat().st_size:
+                return None  # the reader reports it
+            from graphslim.ir.storage import map_array
+
+            return map_array(shard, np_dtype, shape, entry.offset)
+        except (OSError, ValueError):
+            return None
 
     def variable_info(self, needed) -> dict:
         """Outer variable node name → (weight name, checkpoint key, trainable)."""

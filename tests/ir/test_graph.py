@@ -79,6 +79,18 @@ def test_copy_is_independent():
     assert "conv/Relu" in g and "conv/Relu" not in h
 
 
+def test_copy_shares_weight_arrays_but_not_changes():
+    g = conv_graph()
+    h = g.copy()
+    name = next(iter(g.weights))
+    before = g.weights[name].value
+    assert h.weights[name].value is before  # shared, not copied: one copy of each weight
+    h.set_weight(name, np.zeros_like(before), trainable=False)  # how passes change weights
+    h.weights[name].trainable = True
+    assert g.weights[name].value is before and np.any(before != 0) and g.weights[name].trainable
+    assert g.shape(Tensor(name, 0)) == before.shape
+
+
 def test_dead_nodes_removed_with_their_weights():
     g = conv_graph()
     w = g.add_weight("unused/kernel", np.ones((2,), np.float32))

@@ -211,3 +211,63 @@ def test_macs_budget_is_met():
     g = graphslim.load(fixture_path("vgg_digits"))
     st = stats_of(graphslim.run_pipeline(g, "lowrank{macs=0.6 spatial=true}"))
     assert st["macs_after"] <= 0.6 * st["macs_before"] and st["factorized"] >= 1
+
+
+@pytest.fixture
+def randomized_above_100(monkeypatch):
+    """The streamed (randomized) SVD for every matrix of at least 100 entries."""
+    from graphslim.analysis import randomized
+
+    monkeypatch.setattr(randomized, "RANDOMIZED_MIN_ENTRIES", 100)
+
+
+def test_randomized_path_only_above_the_threshold(monkeypatch):
+    from graphslim.analysis import randomized
+
+    g = dense_graph(n_in=40, n_out=30)
+    st = stats_of(graphslim.run_pipeline(g, "lowrank{rank=4}"))
+    assert "svd" not in st["layers"][0]  # 1200 entries: below the threshold, the exact SVD
+    monkeypatch.setattr(randomized, "RANDOMIZED_MIN_ENTRIES", 1200)
+    g = dense_graph(n_in=40, n_out=30)
+    st = stats_of(graphslim.run_pipeline(g, "lowrank{rank=4}"))
+    assert st["layers"][0]["svd"] == "randomized (rank 4)"
+    assert g.weights["dense/kernel_u"].value.dtype == np.float32
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, True)])
+def test_randomized_full_rank_reproduces_outputs(randomized_above_100, ta, tb):
+    g = dense_graph(n_in=60, n_out=25, transpose_a=ta, transpose_b=tb)
+    x = np.random.default_rng(1).normal(size=(60, 5) if ta else (5, 60)).astype(np.float32)
+    before = run(g, {"x": x})
+    st = stats_of(graphslim.run_pipeline(g, "lowrank{rank=25 min_macs_saving=none}"))
+    rec = st["layers"][0]
+    assert rec["svd"] == "exact (Gram)" and rec["rank"] == rec["full_rank"] == 25
+    assert_close(run(g, {"x": x}), before, **TOL)
+
+
+def test_randomized_energy_rank_matches_exact(monkeypatch):
+    from graphslim.analysis import randomized
+
+    rng = np.random.default_rng(3)
+    a, b = np.linalg.qr(rng.normal(size=(300, 80)))[0], np.linalg.qr(rng.normal(size=(80, 80)))[0]
+    w = ((a * np.exp(-np.arange(80) / 6)) @ b.T).astype(np.float32)
+    ranks = {}
+    for lowered in (True, False):
+        g = dense_graph(n_in=300, n_out=80)
+        g.set_weight("dense/kernel", w)
+        monkeypatch.setattr(randomized, "RANDOMIZED_MIN_ENTRIES", 100 if lowered else 1 << 40)
+        rec = stats_of(graphslim.run_pipeline(g, "lowrank{energy=0.99}"))["layers"][0]
+        ranks[lowered] = (rec["rank"], rec["weight_error"], rec.get("svd"))
+    assert ranks[True][2].startswith("randomized") and ranks[False][2] is None
+    assert abs(ranks[True][0] - ranks[False][0]) <= 1
+    assert ranks[True][1] <= 1.05 * ranks[False][1] + 1e-4 and ranks[True][1] <= 0.1
+
+
+def test_large_dense_input_is_not_whitened(tmp_path, monkeypatch):
+    import graphslim.passes.lowrank as lowrank_pass
+
+    monkeypatch.setattr(lowrank_pass, "FULL_FEATURE_LIMIT", 8)
+    g = dense_graph()
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(16, 12)).astype(np.float32))
+    rec = stats_of(graphslim.run_pipeline(g, f"lowrank{{rank=3 calib={tmp_path / 'calib.npz'}}}"))["layers"][0]
+    assert "12 features > 8" in rec["calibration_note"] and not rec.get("calibrated")
