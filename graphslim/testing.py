@@ -97,7 +97,8 @@ def zero_slices(graph, member, channels) -> None:
 def zero_produced_channels(graph, group, channels) -> None:
     """Make ``channels`` of a channel group all-zero activations: zero the sources' slices and every
     per-channel constant added on the way (biases, batch-norm shifts: the group weights in their
-    expressions). Pruning such channels must not change the model's outputs."""
+    expressions; over a layer norm, every weight of the group but the readers). Pruning such channels must
+    not change the model's outputs."""
     from graphslim.analysis.constants import constant_value
 
     targets = {m.name for m in group.sources}
@@ -109,6 +110,9 @@ def zero_produced_channels(graph, group, channels) -> None:
                 if constant_value(graph, t) is not None:
                     anc = graph.ancestors([t.node])
                     targets |= {p.name for p in params if p.name in anc}
+    if group.normalized_by:  # a layer norm over the channels (a transformer's hidden size): its scale and
+        # shift, the embedding tables and a class token produce the channels too: every weight but the readers
+        targets |= {m.name for m in group.members_of("weight") if m.role != "sink"}
     for m in params:
         if m.name in targets:
             zero_slices(graph, m, channels)

@@ -31,6 +31,13 @@ Targets (one of ``ratio=``, ``macs=``, ``latency=``, ``threshold=``, and/or ``la
   group is the one of the kernel's output channels. With other targets, the named groups are fixed and
   the rest follow the target; alone, only the named groups change.
 
+Transformers: each attention layer's heads are one group (a head's query, key and value slices and the
+output projection's rows go together), its head size two (query/key, value/output), each block's
+feed-forward width one. The hidden size (the residual stream: every layer norm over it, the embedding
+tables, the classifier's input) is one group too, pruned only with ``hidden=true`` (or when ``layer=``
+names it): a group is taken for the hidden size when a layer norm normalizes over it and an embedding table
+(a weight gathered along its first axis) produces it (:func:`~graphslim.analysis.channels.hidden_size`).
+
 ``exclude=`` (same names; glob patterns allowed) leaves groups alone; ``min_channels=`` and ``round_to=``
 (keep counts multiples of N, e.g. 8 for fast kernels) bound the keep counts.
 
@@ -65,7 +72,7 @@ import numpy as np
 
 from graphslim.analysis.allocation import (MacModel, allowed_counts, global_allocation, group_costs, snap,
                                           uniform_allocation)
-from graphslim.analysis.channels import ChannelGroup, channel_groups
+from graphslim.analysis.channels import ChannelGroup, channel_groups, hidden_size
 from graphslim.analysis.prune_plan import PrunePlan, check_plan_path, group_channels
 from graphslim.errors import PassError
 from graphslim.ir import ops
@@ -98,6 +105,9 @@ class PruneOptions:
         "help": "explicit keeps: NAME:COUNT or \"NAME:keep=I,J,...\" (node, kernel or Keras layer name)"})
     exclude: tuple[str, ...] = field(default=(), metadata={
         "help": "layers whose groups are not pruned (node, kernel or Keras layer names; glob patterns)"})
+    hidden: bool = field(default=False, metadata={
+        "help": "prune the residual stream / hidden size too (a transformer's group with layer norms and "
+                "embedding tables; left alone unless true or named by layer=)"})
     min_channels: int = field(default=1, metadata={"help": "keep at least this many channels per group"})
     round_to: int = field(default=1, metadata={
         "help": "keep counts are multiples of this (groups smaller than it stay whole)"})
@@ -454,6 +464,11 @@ def _resolve_targets(graph, groups: list, opts: PruneOptions) -> _Targets:
                 raise PassError(f"prune: {text} and {explicit[grp.id][0]} name the same channel group "
                                 f"{grp.name} with different keeps")
             explicit[grp.id] = entry
+
+    if not opts.hidden:  # a transformer's hidden size is opt-in
+        for g in groups:
+            if g.prunable and g.id not in explicit and g.id not in excluded and hidden_size(graph, g):
+                excluded[g.id] = ["hidden=false"]
 
     has_target = any(getattr(opts, k) is not None for k in ("ratio", "macs", "latency", "threshold"))
     candidates = [g for g in groups if g.prunable and g.id not in excluded and (has_target or g.id in explicit)]

@@ -16,6 +16,7 @@ import heapq
 import numpy as np
 
 from graphslim.ir import ops
+from graphslim.ir.graph import WEIGHT_OP
 
 __all__ = ["allowed_counts", "snap", "WidthModel", "MacModel", "group_costs", "global_allocation",
            "uniform_allocation"]
@@ -88,8 +89,10 @@ class WidthModel:
 
 
 class MacModel(WidthModel):
-    """MACs of the kernel ops: a conv's MACs scale with its kernel's input × output lengths, a depthwise
-    conv's with its channels, a MatMul's with K × N. Ops without a kernel weight keep their MACs."""
+    """MACs of the kernel ops scale with the product of their kernel's axis lengths (a conv's input ×
+    output channels × window, a depthwise conv's channels × multiplier, a MatMul's K × N, an attention
+    projection's input × heads × head size), the kernel read directly or through Identity and Reshape.
+    Ops without a kernel weight keep their MACs."""
 
     def __init__(self, graph, groups, orders: dict):
         terms, dims, fixed = [], {}, 0
@@ -98,11 +101,16 @@ class MacModel(WidthModel):
                 continue
             node = graph.node(c.name)
             entry = ops.facts(node.op)
-            w = graph.weight_of(node, entry.kernel_port) if entry and entry.kernel_port is not None else None
+            w = None
+            if entry and entry.kernel_port is not None:
+                src = graph.input_node(node, entry.kernel_port)
+                while src.op in ("Identity", "Reshape"):
+                    src = graph.input_node(src, 0)
+                w = graph.weights.get(src.name) if src.op == WEIGHT_OP else None
             if w is None:
                 fixed += c.macs
                 continue
-            keys = [(w.name, a) for a in sorted(set(ops.kernel_axes(node, w.value.ndim)))]
+            keys = [(w.name, a) for a in range(w.value.ndim)]
             for k in keys:
                 dims[k] = w.value.shape[k[1]]
             terms.append((c.macs, keys))

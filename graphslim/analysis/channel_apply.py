@@ -11,7 +11,7 @@ import numpy as np
 
 from graphslim.analysis.channel_groups import ChannelGroup, Member, Pick
 from graphslim.analysis.channel_maps import ChannelError, IndexMap, combined_positions
-from graphslim.analysis.channel_rules import slice_range, sparse_index
+from graphslim.analysis.channel_rules import concat_part, slice_range, sparse_index
 from graphslim.analysis.constants import constant_value
 from graphslim.ir.graph import Graph, Node, Tensor
 
@@ -559,6 +559,22 @@ def _rebuild_shape_input(graph: Graph, node: Node, port: int, new_shape: tuple, 
         vec = np.array([-1 if d is None else d for d in new_shape], dtype=dtype.as_numpy_dtype)
     elif src.op == "Const":
         vec = np.array(new_shape, dtype=dtype.as_numpy_dtype)
+    elif src.op == "ConcatV2":  # tf.tensordot's concat([shape(x)[:2], [C]]): a constant part changes
+        old = node.shapes[0]
+        for i, (a, b) in enumerate(zip(old, new_shape)):
+            if a == b:
+                continue
+            p, off = concat_part(graph, src, i)
+            part_t = graph.input(src, p)
+            value = np.array(np.atleast_1d(constant_value(graph, part_t)))
+            value[off] = b
+            c = graph.add_node(f"{src.name}/{p}", "Const", unique=True,
+                               attrs={"dtype": graph.dtype(part_t), "value": value})
+            undo.append(lambda n=c.name: graph.remove_node(n, safe=False))
+            graph.set_input(src, p, c.output(0))
+            undo.append(lambda s=src.name, p=p, t=part_t: graph.set_input(s, p, t))
+            replaced.append(part_t)
+        return replaced
     else:  # Pack of scalars (batch read from Shape): replace only the elements that change
         old = node.shapes[0]
         for i, (a, b) in enumerate(zip(old, new_shape)):

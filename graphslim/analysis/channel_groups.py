@@ -12,12 +12,13 @@ import numpy as np
 
 from graphslim.analysis.channel_maps import (Blocked, ChannelError, IndexMap, In, Link, Out, check_map,
                                              merge_maps)
-from graphslim.analysis.channel_rules import CHANNEL_RULES  # importing it registers the rules
+from graphslim.analysis.channel_rules import CHANNEL_RULES, concat_part, vector_element  # registers the rules
 from graphslim.analysis.constants import constant_value
 from graphslim.ir import ops
 from graphslim.ir.graph import WEIGHT_OP, Graph, Node, Tensor, as_tensor
 
-__all__ = ["Blocker", "Pick", "Member", "ChannelGroup", "group_for", "channel_groups", "format_groups"]
+__all__ = ["Blocker", "Pick", "Member", "ChannelGroup", "group_for", "channel_groups", "hidden_size",
+           "format_groups"]
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -218,8 +219,10 @@ class _Walk:
             raise Blocked(f"input {port} is not a constant")
         return np.asarray(v)
 
-    def shape_member(self, node: Node, port: int) -> None:
-        _check_shape_input(self.graph, node, port)
+    def shape_member(self, node: Node, port: int, axis: int | None = None) -> None:
+        """Input ``port`` of ``node`` is a shape vector rebuilt for the new channel count of its output
+        ``axis`` (None: any axis may change)."""
+        _check_shape_input(self.graph, node, port, axis)
         self.shape_members[node.name] = port
 
     def slice_member(self, node: Node, axis: int) -> None:
@@ -362,6 +365,11 @@ class _Walk:
                 if g.node(t.node).op != "Identity":
                     break
                 t = g.input(t.node, 0)
+            if g.node(t.node).op == "Reshape":  # and through Reshape (MultiHeadAttention's kernels)
+                w = _reshaped_weight(g, t)
+                for m in members:
+                    if w is not None and m.kind == "weight" and m.name == w and m.role is None:
+                        m.role = role
         for name, port in self.shape_members.items():
             members.append(Member("reshape", name, port=port))
         for name, axis in self.slice_members.items():
@@ -411,9 +419,11 @@ def group_for(graph: Graph, tensor, axis: int) -> ChannelGroup:
 
 def channel_groups(graph: Graph) -> list[ChannelGroup]:
     """All groups seeded at the output channels of every seed op (``seed=True`` in
-    :mod:`graphslim.ir.ops`: Conv2D, MatMul, BatchMatMul*, Conv2DBackpropInput) whose kernel is a
-    weight, in graph order, each once (a residual stage is one group). A depthwise conv is no seed: it
-    follows its input. Example::
+    :mod:`graphslim.ir.ops`: Conv2D, MatMul, BatchMatMul*, Conv2DBackpropInput, Einsum) whose kernel is
+    a weight, in graph order, each once (a residual stage is one group); then at every axis of a kernel
+    weight (read through Identity or Reshape) that no group covers yet, kept when a kernel's slices
+    produce its channels (it has a source): the heads of an attention kernel ``[in, heads, head_dim]``.
+    A depthwise conv is no seed: it follows its input. Example::
 
         for grp in channel_groups(g):
             if grp.prunable:
@@ -430,11 +440,55 @@ def channel_groups(graph: Graph) -> list[ChannelGroup]:
         grp = group_for(graph, node.output(0), axis)
         grp.id = len(groups)
         groups.append(grp)
+    for w in _kernel_weights(graph):
+        t = graph.node(w).output(0)
+        for axis, dim in enumerate(graph.shape(t) or ()):
+            if dim is None or any(grp.covers(t, axis) for grp in groups):
+                continue
+            grp = group_for(graph, t, axis)
+            if grp.sources:
+                grp.id = len(groups)
+                groups.append(grp)
     return groups
 
 
+def hidden_size(graph: Graph, group: ChannelGroup) -> bool:
+    """Whether ``group`` is a transformer's hidden size (its residual stream): a layer norm normalizes
+    over it (it has ``stat`` members) and an embedding table produces it (a weight member read by a
+    GatherV2 as its params, gathered along another axis than the group's: token, position and segment
+    embeddings). ``prune`` leaves it alone unless ``hidden=true``."""
+    if not group.normalized_by:
+        return False
+    for m in group.members_of("weight"):
+        for node, port in graph.weight_readers(m.name):
+            if node.op == "GatherV2" and port == 0:
+                axis = constant_value(graph, graph.input(node, 2))
+                if axis is not None and int(axis) % graph.weight(m.name).value.ndim != m.axis:
+                    return True
+    return False
+
+
+def _reshaped_weight(graph: Graph, t: Tensor) -> str | None:
+    """The weight that ``t`` is, through Identity and Reshape, or None."""
+    src = graph.node(t.node)
+    while src.op in ("Identity", "Reshape"):
+        src = graph.input_node(src, 0)
+    return src.name if src.op == WEIGHT_OP else None
+
+
+def _kernel_weights(graph: Graph) -> list[str]:
+    """Weights read as kernels (at a kernel op's kernel port, through Identity or Reshape), in graph
+    order: their other axes seed groups too (an attention kernel ``[in, heads, head_dim]``: the heads)."""
+    out: list[str] = []
+    for node in graph.nodes(op=ops.kernel_ops()):
+        w = _reshaped_weight(graph, graph.input(node, ops.facts(node.op).kernel_port))
+        if w is not None and w not in out:
+            out.append(w)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- shape inputs
-def _check_shape_input(graph: Graph, node: Node, port: int) -> None:
+def _check_shape_input(graph: Graph, node: Node, port: int, axis: int | None = None) -> None:
     """Raise Blocked unless the shape-input rebuild of :mod:`graphslim.analysis.channel_apply` can
     rebuild input ``port`` of ``node``."""
     out = node.shapes[0] if node.shapes else None
@@ -449,6 +503,9 @@ def _check_shape_input(graph: Graph, node: Node, port: int) -> None:
             return
     elif src.op == "Pack" and len(graph.inputs_of(src)) == len(out):
         return
+    elif src.op == "ConcatV2" and all(concat_part(graph, src, i) is not None for i in range(len(out))) and \
+            axis is not None and vector_element(graph, src.output(0), axis) is not None:
+        return  # tf.tensordot's concat([shape(x)[:2], [C]]): the part holding the count is constant
     raise Blocked(f"its shape input {port} ({src.op} {src.name}) cannot be rebuilt for the new channel count")
 
 

@@ -112,28 +112,33 @@ class IndexMap:
 def combined_positions(dim: int, parts: Sequence[tuple]) -> np.ndarray:
     """Old positions, in new order, along an axis of length ``dim`` shared by several groups: ``parts``
     is a list of ``(IndexMap, keep)``, one per group, owning disjoint positions (e.g. the branches of a
-    Concat). Positions no group owns stay in place. See :meth:`IndexMap.positions`."""
+    Concat), or positions that index a product of their channels (a ``[in, heads·head_dim]`` attention
+    kernel: position ``n·H + h`` belongs to head ``n`` and to head-size channel ``h``; it stays when both
+    keep theirs). Positions no group owns stay in place. See :meth:`IndexMap.positions`."""
     owner = np.full(dim, -1, dtype=np.int64)  # part index
     chan = np.full(dim, -1, dtype=np.int64)
     sub = np.zeros(dim, dtype=np.int64)
     kept = np.ones(dim, dtype=bool)
+    shared = np.zeros(dim, dtype=bool)
     for i, (imap, keep) in enumerate(parts):
         rows = imap.rows
         valid = rows >= 0
         pos = rows[valid]
-        if (owner[pos] >= 0).any():
-            raise ValueError("two groups own the same position on this axis")
+        shared[pos] |= owner[pos] >= 0
         c_idx, j_idx = np.nonzero(valid)
         owner[pos], chan[pos], sub[pos] = i, c_idx, j_idx
         keep_mask = np.zeros(imap.size, dtype=bool)
         keep_mask[np.asarray(keep, dtype=np.int64)] = True
-        kept[pos] = keep_mask[c_idx]
+        kept[pos] &= keep_mask[c_idx]
     out = np.arange(dim)[kept]
     for i, (imap, keep) in enumerate(parts):
         keep = np.asarray(keep, dtype=np.int64)
         skeep = np.sort(keep)
         if np.array_equal(skeep, keep):
             continue
+        if shared[imap.covered()].any():
+            raise ValueError("the channels share their positions with another group's: they can be removed "
+                             "but not reordered on this axis")
         present = imap.present
         bad = np.nonzero(present[skeep] != present[keep])[0]
         if bad.size:

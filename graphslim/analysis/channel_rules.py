@@ -12,9 +12,10 @@ from graphslim.analysis.channel_maps import (Blocked, In, IndexMap, Link, Out, c
                                              map_from_labels, normalize_map, restrict_map, shift_map)
 from graphslim.analysis.constants import constant_value
 from graphslim.ir import ops
-from graphslim.ir.graph import Graph, Node
+from graphslim.ir.graph import WEIGHT_OP, Graph, Node
 
-__all__ = ["CHANNEL_RULES", "channel_rule", "UNARY", "BINARY", "elementwise_rule", "sparse_index", "slice_range"]
+__all__ = ["CHANNEL_RULES", "channel_rule", "UNARY", "BINARY", "elementwise_rule", "sparse_index", "slice_range",
+           "concat_part", "vector_element"]
 
 
 #: op type → rule ``(ctx, node, at: Link) -> list[Link]``; ``at`` is where the walk reached the node. A
@@ -67,6 +68,39 @@ def slice_range(node: Node, begin, end_or_size, dim: int, i: int) -> tuple[int, 
     e = int(end_or_size[i])
     hi = dim if node.attr("end_mask", 0) >> i & 1 else (e + dim if e < 0 else min(e, dim))
     return lo, hi
+
+
+def concat_part(graph: Graph, node: Node, element: int) -> tuple[int, int] | None:
+    """``(input port, offset in it)`` holding element ``element`` of 1-D ConcatV2 ``node``'s output (a
+    shape vector ``concat([shape(x)[:2], [C]])``, as ``tf.tensordot`` builds for Keras Dense on a 3-D
+    input), or None when a part has no static length."""
+    start = 0
+    for p, t in enumerate(graph.inputs_of(node)[:-1]):
+        s = graph.shape(t)
+        if s is None or len(s) != 1 or s[0] is None:
+            return None
+        if element < start + s[0]:
+            return p, element - start
+        start += s[0]
+    return None
+
+
+def vector_element(graph: Graph, t, element: int) -> int | None:
+    """Element ``element`` of the 1-D int tensor ``t`` when it is constant: a constant vector, a Pack of
+    scalars whose element is constant (``[batch, 1, 1]`` with the batch read at run time), or a ConcatV2
+    whose part holding it is constant; else None."""
+    v = constant_value(graph, t)
+    if v is not None:
+        v = np.atleast_1d(v)
+        return int(v[element]) if -len(v) <= element < len(v) else None
+    src = graph.producer(t)
+    if src.op == "Pack" and 0 <= element < len(graph.inputs_of(src)):
+        e = constant_value(graph, graph.input(src, element))
+        return None if e is None or np.ndim(e) else int(e)
+    if src.op == "ConcatV2":
+        part = concat_part(graph, src, element)
+        return None if part is None else vector_element(graph, graph.input(src, part[0]), part[1])
+    return None
 
 
 def _channel_axis(node: Node, rank: int = 4) -> int:
@@ -203,6 +237,53 @@ def _batch_matmul(ctx, node, at):
         a = b - (ro - r)
         if a >= 0 and ctx.in_shape(node, p)[a] == out[b]:
             links.append(In(p, a, m))
+    return links
+
+
+def _reads_weight(g: Graph, node: Node, port: int) -> bool:
+    """Input ``port`` of ``node`` is a weight, read directly or through Identity and Reshape (Keras's
+    MultiHeadAttention reshapes its ``[in, heads, head_dim]`` kernels to matrices)."""
+    src = g.input_node(node, port)
+    while src.op in ("Identity", "Reshape"):
+        src = g.input_node(src, 0)
+    return src.op == WEIGHT_OP
+
+
+@channel_rule("Einsum")
+def _einsum(ctx, node, at):
+    """Each axis is a label of the equation (``btd,dnh->btnh``): a channel axis goes to every operand
+    axis and output axis with the same label. A label only one operand and the output have is that
+    operand's output channels (a weight there is a ``source``: the heads ``n`` and head size ``h`` of a
+    query kernel); a contracted label couples the operands like MatMul's K (a weight there is a
+    ``sink``); a label two operands and the output have couples all three (the heads of the attention
+    scores ``BTNH,BSNH->BNTS``). A label summed away from one operand, and equations with an ellipsis
+    or repeated labels, block (the equation is named)."""
+    try:
+        operands, out = ops.einsum_labels(node)
+    except ValueError as exc:
+        raise Blocked(str(exc)) from None
+    if at.io == "out" and at.port != 0:
+        raise _not_channel(node, at)
+    if len(operands) != len(ctx.graph.inputs_of(node)):
+        raise Blocked(f"Einsum equation has {len(operands)} operands, the node {len(ctx.graph.inputs_of(node))}")
+    shapes = [ctx.in_shape(node, p) for p in range(len(operands))]
+    for labels, shape in zip(operands + [out], shapes + [ctx.out_shape(node)]):
+        if len(labels) != len(shape):
+            raise Blocked(f"Einsum equation labels {labels!r} do not match a tensor of rank {len(shape)}")
+    label = (operands[at.port] if at.io == "in" else out)[at.axis]
+    holders = [p for p, labels in enumerate(operands) if label in labels]
+    eq = ",".join(operands) + "->" + out
+    if label not in out and len(holders) == 1:
+        raise Blocked(f"Einsum equation {eq!r} sums over label {label!r}, the channel axis of {_side(node, at)}")
+    dims = {shapes[p][operands[p].index(label)] for p in holders} - {None}
+    if len(dims) > 1:
+        raise Blocked(f"Einsum label {label!r} has lengths {sorted(dims)} (broadcast)")
+    links = [Out(0, out.index(label), at.imap)] if label in out else []
+    for p in holders:
+        role = None
+        if _reads_weight(ctx.graph, node, p):
+            role = "sink" if label not in out else "source" if len(holders) == 1 else None
+        links.append(In(p, operands[p].index(label), at.imap, role))
     return links
 
 
@@ -473,19 +554,20 @@ def _reshape(ctx, node, at):
         b, m = _reshape_map(src, at.axis, at.imap, dst, concrete)
         links = [In(0, at.axis, at.imap), Out(0, b, m)]
     else:
+        b = at.axis
         a, m = _reshape_map(dst, at.axis, at.imap, src, lambda fill: concrete(fill, flip=True))
         links = [In(0, a, m), Out(0, at.axis, at.imap)]
-    ctx.shape_member(node, 1)
+    ctx.shape_member(node, 1, b)
     return links
 
 
 def _reshape_concrete(graph: Graph, node: Node, src: tuple, dst: tuple, fill: int):
     """Concrete ``(src, dst)`` of a Reshape whose target vector is computed at run time from its
-    input's shape (Keras: ``Reshape((-1, K))`` packs ``shape(x)[0]``, -1 and K), when both sides have
+    input's shape (Keras: ``Reshape((-1, K))`` packs ``shape(x)[0]``, -1 and K), when the output has
     more than one unknown dim: the input's unknown dims are taken as ``fill``, 2·fill+1, ... (distinct,
     so that no two coincide by accident) and the target vector is evaluated for that input shape.
     None when it cannot be evaluated."""
-    if sum(d is None for d in src) <= 1 or sum(d is None for d in dst) <= 1:
+    if sum(d is None for d in dst) <= 1:
         return None
     sizes = iter([fill] + [2 * fill + 1 + 2 * i for i in range(len(src))])
     s = [next(sizes) if d is None else int(d) for d in src]
@@ -574,7 +656,14 @@ def _shape(ctx, node, at):
     if ctx.graph.is_output(t):
         raise Blocked("the shape of a group tensor is a signature output")
     for user, port in ctx.graph.consumers(t):
-        elems = _slice_elements(ctx, user, rank) if user.op == "StridedSlice" and port == 0 else None
+        elems = None
+        if user.op == "StridedSlice" and port == 0:
+            elems = _slice_elements(ctx, user, rank)
+        elif user.op == "GatherV2" and port == 0:  # tf.tensordot: shape(x)[free axes]
+            idx = constant_value(ctx.graph, ctx.graph.input(user, 1))
+            ax = constant_value(ctx.graph, ctx.graph.input(user, 2))
+            if idx is not None and ax is not None and int(ax) == 0 and int(user.attr("batch_dims", 0) or 0) == 0:
+                elems = [int(i) % rank for i in np.atleast_1d(idx)]
         if elems is None or at.axis in elems:
             raise Blocked(f"the shape of a group tensor is read by {user.name} ({user.op}), which may use "
                           f"the length of axis {at.axis}")
@@ -637,12 +726,19 @@ def _slice(ctx, node, at):
     """Whole channel axis: pass-through; a range of it (``tf.slice(scores, [0, 0, 1], [-1, -1, -1])``
     drops a background class): the channels in the range."""
     _data_port(node, at)
-    begin, size = (np.atleast_1d(ctx.const(node, p)).astype(int) for p in (1, 2))
-    dim = ctx.in_shape(node, 0)[at.axis]
+    a = at.axis
+    b, n = (vector_element(ctx.graph, ctx.graph.input(node, p), a) for p in (1, 2))
+    if b is None or n is None:
+        raise Blocked(f"the begin or size of axis {a} (the channel axis) is not a constant")
+    dim = ctx.in_shape(node, 0)[a]
     if dim is None:
-        raise Blocked(f"slices axis {at.axis} (the channel axis), which has no static length")
-    lo, hi = slice_range(node, begin, size, dim, at.axis)
-    return _range_links(ctx, node, at, at.axis, at.axis, lo, hi)
+        raise Blocked(f"slices axis {a} (the channel axis), which has no static length")
+    begin, size = np.zeros(a + 1, int), np.zeros(a + 1, int)
+    begin[a], size[a] = b, n
+    lo, hi = slice_range(node, begin, size, dim, a)
+    if lo == 0 and hi == dim and n == dim:  # the size is the channel count: rewritten with it
+        ctx.count_member(node, 2, a)
+    return _range_links(ctx, node, at, a, a, lo, hi)
 
 
 @channel_rule("GatherV2")
@@ -725,9 +821,12 @@ def _tile(ctx, node, at):
     (``c + C·j``); an axis of length 1 tiled to the channel count (one class-agnostic box per class)
     starts the channels there: its multiple is rewritten with the count."""
     _data_port(node, at)
-    mult = [int(m) for m in np.atleast_1d(ctx.const(node, 1))]
     src = ctx.in_shape(node, 0)
     a = at.axis
+    m = vector_element(ctx.graph, ctx.graph.input(node, 1), a)
+    if m is None:
+        raise Blocked(f"the multiple of axis {a} (input 1, element {a}) is not a constant")
+    mult = {a: m}
     if mult[a] == 1:
         return [In(0, a, at.imap), Out(0, a, at.imap)]
     if at.io == "out":

@@ -40,10 +40,10 @@ from __future__ import annotations
 
 from graphslim.analysis.channel_apply import apply_grow, apply_grows, apply_keep, apply_keeps, pick_vectors
 from graphslim.analysis.channel_groups import (Blocker, ChannelGroup, Member, Pick, channel_groups, format_groups,
-                                               group_for)
+                                               group_for, hidden_size)
 from graphslim.analysis.channel_maps import Blocked, ChannelError, In, IndexMap, Link, Out, combined_positions
 from graphslim.analysis.channel_rules import CHANNEL_RULES, channel_rule, elementwise_rule
 
 __all__ = ["ChannelError", "Blocked", "IndexMap", "Link", "In", "Out", "Member", "Blocker", "ChannelGroup",
            "CHANNEL_RULES", "channel_rule", "elementwise_rule", "group_for", "channel_groups", "apply_keep", "apply_keeps",
-           "combined_positions", "format_groups", "apply_grow", "apply_grows", "Pick", "pick_vectors"]
+           "combined_positions", "format_groups", "apply_grow", "apply_grows", "Pick", "pick_vectors", "hidden_size"]

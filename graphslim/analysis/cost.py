@@ -4,8 +4,8 @@
 and totals. This module imports the IR's values (:mod:`graphslim.ir.node`), not :mod:`graphslim.ir.graph`,
 which imports it lazily for ``Graph.cost()``.
 
-MAC rules live in a registry keyed by op type, like every per-op rule in graphslim; ops without a rule
-cost no MACs (element-wise ops are cheap next to convolutions and matmuls and are not counted).
+MAC rules live in a registry keyed by op type, like every per-op rule in graphslim (Einsum: the product of
+its labels' lengths); ops without a rule cost no MACs (element-wise ops are cheap next to convolutions and matmuls and are not counted).
 """
 
 from __future__ import annotations
@@ -120,6 +120,26 @@ def _matmul(graph: Graph, node: Node) -> int:
     k = a[-2] if adj else a[-1]
     rows = _rows_per_example(graph, node) if node.op == "MatMul" and not adj else 1
     return 0 if k is None else out * k * rows
+
+
+@mac_rule("Einsum")
+def _einsum(graph: Graph, node: Node) -> int:
+    """The product of every label's length (each output element sums over the contracted labels),
+    without the batch (the output's first label); a label of unknown length (a sequence of run-time
+    length) counts 1: MACs per example and position, as a Dense on tokens counts per token."""
+    try:
+        operands, out = ops.einsum_labels(node)
+    except ValueError:
+        return 0
+    sizes: dict = {}
+    shapes = [_in_shape(graph, node, p) for p in range(len(operands))] + [node.shapes[0] if node.shapes else None]
+    for labels, shape in zip(operands + [out], shapes):
+        if shape is None or len(shape) != len(labels):
+            return 0
+        for c, d in zip(labels, shape):
+            if d is not None:
+                sizes[c] = d
+    return prod(sizes.get(c, 1) for c in set("".join(operands)) if not out or c != out[0])
 
 
 def _weights_read(graph: Graph, node: Node) -> int:

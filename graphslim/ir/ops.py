@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OpFacts", "HOOKS", "define_op", "facts", "hook", "hooks", "register_hook", "kernel_ops",
            "seed_ops", "ops_where", "channel_axis", "kernel_axes", "kernel_matrix", "matrix_to_kernel",
-           "all_facts", "snapshot", "restore"]
+           "all_facts", "snapshot", "restore", "einsum_labels"]
 
 #: hook kinds an entry can carry, and the module that registers the built-in ones
 HOOKS = {
@@ -226,6 +226,47 @@ def matrix_to_kernel(node: "Node", matrix: np.ndarray, shape: tuple) -> np.ndarr
     return np.moveaxis(matrix.reshape(moved_shape), -1, out)
 
 
+def einsum_labels(node: "Node") -> tuple[list[str], str]:
+    """An Einsum's equation as (one label string per operand, the output's labels): ``"abc,cde->abde"``
+    → ``(["abc", "cde"], "abde")``. Raises ValueError naming what the channel analysis does not follow:
+    an ellipsis (``...``), no explicit output (``->``), a label repeated in one operand (a diagonal) or
+    in the output, an output label no operand has."""
+    eq = node.attr("equation", "")
+    if isinstance(eq, bytes):
+        eq = eq.decode("utf-8", "replace")
+    eq = str(eq).replace(" ", "")
+
+    def refuse(why: str):
+        return ValueError(f"Einsum equation {eq!r} ({why}) is not supported")
+
+    if "." in eq:
+        raise refuse("ellipsis")
+    if eq.count("->") != 1:
+        raise refuse("no explicit output")
+    lhs, out = eq.split("->")
+    operands = lhs.split(",")
+    for labels in operands + [out]:
+        if not labels.isalpha() and labels:
+            raise refuse(f"label string {labels!r}")
+        if len(set(labels)) != len(labels):
+            raise refuse(f"label repeated in {labels!r}")
+    if set(out) - set("".join(operands)):
+        raise refuse("an output label no operand has")
+    return operands, out
+
+
+def _einsum_axes(node, rank):
+    """A Keras EinsumDense kernel (operand 1): its first label contracted with the input, its first
+    label only it and the output have (``abc,cde->abde``: 0 and 1, the heads)."""
+    try:
+        (x, k), out = einsum_labels(node)
+    except ValueError:
+        return (0, rank - 1)
+    i = next((a for a, c in enumerate(k) if c in x and c not in out), 0)
+    o = next((a for a, c in enumerate(k) if c in out and c not in x), rank - 1)
+    return (i, o)
+
+
 # ----------------------------------------------------------------------------------------- the table
 def _matmul_axes(node, rank):
     return (1, 0) if node.attr("transpose_b", False) else (0, 1)
@@ -246,4 +287,6 @@ define_op("MatMul", kernel_port=1, kernel_axes=_matmul_axes, kernel_layout="IO (
 for _op in ("BatchMatMulV2", "BatchMatMulV3", "BatchMatMul"):
     define_op(_op, kernel_port=1, kernel_axes=_batch_matmul_axes, kernel_layout="...IO (...OI with adj_y)",
               seed=True)
+define_op("Einsum", kernel_port=1, kernel_axes=_einsum_axes,
+          kernel_layout="IO (Keras EinsumDense: the first contracted and the first produced label)", seed=True)
 define_op("Conv3D", kernel_port=1, kernel_axes=lambda node, rank: (3, 4), kernel_layout="DHWIO")
