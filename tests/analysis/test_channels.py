@@ -589,6 +589,11 @@ def test_removing_channels_that_feed_nothing_is_exact(loaded, name):
     rng = np.random.RandomState(0)
     for grp in groups:
         removed, keep = _removal(rng, grp.size)
+        if grp.members_of("stat") or not grp.sinks:
+            # the channels also feed a layer norm's statistics, or reach no kernel at all (a query/key
+            # head size meets its pair in the attention scores): zeroed sinks do not silence them.
+            # test_pruning_all_zero_channels_is_exact covers these groups.
+            continue
         z = g.copy()
         for m in grp.sinks:
             zero_slices(z, m, removed)
@@ -609,7 +614,9 @@ def test_removing_channels_that_feed_nothing_is_exact(loaded, name):
         assert_close(run(perm, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
-NONZERO_AT_ZERO = {"Erfc", "Exp", "Cos", "Sigmoid", "Softplus"}  # per-element ops with f(0) != 0
+# ops whose output is not 0 where their input is: per-element f(0) != 0, and a zeroed head's attention
+# weights (uniform; they multiply the head's values, which are zero)
+NONZERO_AT_ZERO = {"Erfc", "Exp", "Cos", "Sigmoid", "Softplus", "Softmax"}
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -633,10 +640,13 @@ def test_pruning_all_zero_channels_is_exact(loaded, name):
         ref, members = _outputs_and_members(z, grp, inputs)
         placeholders = {a.tensor.node for a in g.inputs}
         for m in members:  # the premise: every activation of the group is zero on the removed channels
-            # (but a factor such as GELU's erfc(-x/√2), which is 1 at 0 and multiplies x, the zero one)
+            # (but a factor such as GELU's erfc(-x/√2), which is 1 at 0 and multiplies x, the zero one;
+            # and inside a layer norm, x - mean, before gamma zeroes it)
+            if grp.members_of("stat"):
+                break
             if g.ancestors([m.tensor.node]) & placeholders and g.node(m.tensor.node).op not in NONZERO_AT_ZERO:
                 gone = np.take(ref[m.name], np.concatenate([m.index_map[c] for c in removed]), axis=m.axis)
-                assert not gone.any(), f"{grp.name}: {m.name} is not zero on the removed channels"
+                assert not gone.any(), f"{grp.name}: {m.name} ({g.node(m.tensor.node).op}) is not zero on the removed channels"
         h = z.copy()
         apply_keep(h, grp, keep)
         got = run(h, inputs, fetch=[str(o.tensor) for o in g.outputs])
