@@ -45,7 +45,8 @@ _CHAIN_OPS = frozenset({"BiasAdd", "Relu", "Relu6", "Elu", "Selu", "Sigmoid", "T
                         "LeakyRelu", "Mul", "AddV2", "Add", "Sub", "Maximum", "Minimum", "FusedBatchNormV3",
                         "FusedBatchNorm", "FusedBatchNormV2", "Identity"})
 _MAX_CHAIN = 6
-_TARGET_SECONDS = 0.004  # each timing call batch runs at least this long
+_TARGET_SECONDS = 0.01  # each timing call batch runs about this long (a 5 µs LiteRT model: 2000 calls)
+_MAX_CALLS = 20000
 
 
 def _noop(_: str) -> None:
@@ -274,10 +275,12 @@ def load_timed(child, graph, engine: str, batch: int = 1) -> tuple[int, int]:
         child.run(h, feed)
         child.set_inputs(h, feed)
         once = child.time(h, 1)
+        if once < _TARGET_SECONDS / 10:  # a fast model: the first call's warm-up would dominate
+            once = child.time(h, int(min(_MAX_CALLS, _TARGET_SECONDS / 10 / max(once, 1e-7))) or 1)
     except BaseException:
         child.release(h)
         raise
-    return h, int(min(50, max(1, _TARGET_SECONDS / max(once, 1e-6))))
+    return h, int(min(_MAX_CALLS, max(1, _TARGET_SECONDS / max(once, 1e-7))))
 
 
 def time_loaded(child, loaded: list, rounds: int = 5, progress: Callable[[str], None] = _noop,
@@ -500,10 +503,37 @@ def _next_target(goal: float, tried: list) -> float:
 
 
 BAND = 0.05  # a measured ratio at most the target and no more than this below it ends the search
+KNEE_ROUNDS = 3  # extra rounds bisecting towards less pruning when the target is out of reach
+NOISE = 0.02  # measured ratios this close count as equally fast (the knee search)
 KNEE = 0.01  # the last stretch of the modelled latency curve (as a fraction of the model's time) not
 # spent: next to the floor (every group at its smallest width) it is bought with most of the importance
 MAX_ROUNDS = 5
 STEP = 0.02  # how far the modelled target moves when the correction repeats an allocation
+
+
+def _time_allocation(child, graph, original, engine: str, candidates, orders, removal: dict, model, modelled: float,
+                     goal: float, n: int, progress, where: str) -> dict:
+    """Prune a copy of ``graph`` by ``removal``, time it against the loaded original (a ratio that meets
+    ``goal`` is timed a second time and the slower counts: one lucky measurement must not decide), and
+    return the round's row."""
+    from graphslim.analysis.channels import apply_keeps
+
+    trial = graph.copy()
+    apply_keeps(trial, [(g, np.sort(orders[g.id][removal[g.id]:]).tolist()) for g in candidates
+                        if removal.get(g.id, 0) > 0])
+    progress(f"timing the pruned model {where} (round {n})")
+    pruned = load_timed(child, trial, engine)
+    try:
+        t0, t1, ratio = time_pair(child, original, pruned, rounds=9)
+        row = {"round": n, "modelled_target": modelled, "predicted": model.total(removal) / model.total0,
+               "measured": ratio, "original_ms": 1e3 * t0, "pruned_ms": 1e3 * t1}
+        if row["measured"] <= goal:
+            progress(f"timing the pruned model {where} again (round {n})")
+            row["measured_first"] = row["measured"]
+            row["measured"] = max(row["measured"], time_pair(child, original, pruned, rounds=9)[2])
+    finally:
+        child.release(pruned[0])
+    return row
 
 
 def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, counts: dict, costs: dict,
@@ -514,13 +544,14 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
     modelled target by the measured ratio until the measurement meets ``opts.latency`` (at most the
     target, and within :data:`BAND` of it; a ratio that meets it is timed a second time and the slower
     of the two counts, so one lucky measurement cannot end the search) or :data:`MAX_ROUNDS` rounds pass; the allocation that met
-    the target with the least pruning, else the fastest, is kept. Returns ``({gid: channels removed},
+    the target with the least pruning is kept. Out of reach (no allocation is aimed below the tables'
+    floor + :data:`KNEE`), up to :data:`KNEE_ROUNDS` more rounds bisect towards less pruning, and the
+    least pruned allocation measured within :data:`NOISE` of the fastest is kept. Returns ``({gid: channels removed},
     stats)``; the stats say predicted and measured ratios per round, whether the target was met and by
     how much it fell short."""
     from dataclasses import replace
 
     from graphslim.analysis.allocation import global_allocation, uniform_allocation
-    from graphslim.analysis.channels import apply_keeps
     from graphslim.pipeline.progress import progress
     from graphslim.sandbox import Child, default_limits
 
@@ -560,25 +591,8 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
             if key in seen:
                 break  # no new allocation within reach of the correction
             seen.add(key)
-            target = modelled * model.total0
-            trial = graph.copy()
-            changes = [(g, np.sort(orders[g.id][removal[g.id]:]).tolist()) for g in candidates
-                       if removal.get(g.id, 0) > 0]
-            apply_keeps(trial, changes)
-            progress(f"timing the pruned model on {runtime} (round {n + 1})")
-            pruned = load_timed(child, trial, engine)
-            try:
-                t0, t1, ratio = time_pair(child, original, pruned, rounds=9)
-                row = {"round": n + 1, "modelled_target": target / model.total0,
-                       "predicted": model.total(removal) / model.total0, "measured": ratio,
-                       "original_ms": 1e3 * t0, "pruned_ms": 1e3 * t1}
-                if row["measured"] <= goal:
-                    # A lucky measurement must not decide: time the pair again and keep the slower ratio.
-                    progress(f"timing the pruned model on {runtime} again (round {n + 1})")
-                    row["measured_first"] = row["measured"]
-                    row["measured"] = max(row["measured"], time_pair(child, original, pruned, rounds=9)[2])
-            finally:
-                child.release(pruned[0])
+            row = _time_allocation(child, graph, original, engine, candidates, orders, removal, model, modelled,
+                                   goal, n + 1, progress, f"on {runtime}")
             rounds.append(row)
             ok = row["measured"] <= goal
             better = best is None or (ok and (not best[1]["measured"] <= goal
@@ -589,6 +603,31 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
             if ok and row["measured"] >= goal - BAND:
                 break  # met, and not by pruning much more than asked
             tried.append((row["modelled_target"], row["measured"]))
+        if not best[1]["measured"] <= goal:
+            # Out of reach: the fastest allocation may have bought its last few percent (or only noise)
+            # with most of the importance. Bisect towards less pruning for the least pruned allocation
+            # measured within NOISE of the fastest, and keep that one.
+            fastest = best[1]["measured"]
+            lo, hi = best[1]["modelled_target"], 1.0
+            for k in range(KNEE_ROUNDS):
+                mid = (lo + hi) / 2
+                if opts.allocation == "uniform":
+                    removal = uniform_allocation(model, free, fixed, counts, mid * model.total0)
+                else:
+                    removal = global_allocation(model, free, fixed, counts, costs, mid * model.total0)
+                key = tuple(sorted(removal.items()))
+                if key in seen or not any(removal.get(g.id, 0) for g in free):
+                    hi = mid
+                    continue
+                seen.add(key)
+                row = _time_allocation(child, graph, original, engine, candidates, orders, removal, model, mid,
+                                       goal, len(rounds) + 1, progress, f"on {runtime}, less pruning")
+                row["knee"] = True
+                rounds.append(row)
+                if row["measured"] <= fastest + NOISE:
+                    best, lo = (removal, row), mid
+                else:
+                    hi = mid
         removal, row = best
         # Each changed layer timed at its new widths: the measured saving per group beside the predicted.
         final = [(u, [tuple(u.dims), tuple(model.widths(i, removal))]) for i, u in enumerate(units)]
