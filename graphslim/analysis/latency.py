@@ -544,8 +544,8 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
     modelled target by the measured ratio until the measurement meets ``opts.latency`` (at most the
     target, and within :data:`BAND` of it; a ratio that meets it is timed a second time and the slower
     of the two counts, so one lucky measurement cannot end the search) or :data:`MAX_ROUNDS` rounds pass; the allocation that met
-    the target with the least pruning is kept. Out of reach (no allocation is aimed below the tables'
-    floor + :data:`KNEE`), up to :data:`KNEE_ROUNDS` more rounds bisect towards less pruning, and the
+    the target with the least pruning, else the fastest, is kept. Out of reach (the target lies below
+    the tables' floor + :data:`KNEE`, where no allocation is aimed), up to :data:`KNEE_ROUNDS` more rounds bisect towards less pruning, and the
     least pruned allocation measured within :data:`NOISE` of the fastest is kept. Returns ``({gid: channels removed},
     stats)``; the stats say predicted and measured ratios per round, whether the target was met and by
     how much it fell short."""
@@ -603,7 +603,7 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
             if ok and row["measured"] >= goal - BAND:
                 break  # met, and not by pruning much more than asked
             tried.append((row["modelled_target"], row["measured"]))
-        if not best[1]["measured"] <= goal:
+        if not best[1]["measured"] <= goal and goal < lowest:
             # Out of reach: the fastest allocation may have bought its last few percent (or only noise)
             # with most of the importance. Bisect towards less pruning for the least pruned allocation
             # measured within NOISE of the fastest, and keep that one.
