@@ -403,6 +403,17 @@ def _layer_rows(before_graph, after_graph, fits: dict) -> list:
             if f.note:
                 row["note"] = f.note
         rows.append(row)
+    seen = {r["layer"] for r in rows}
+    for name, f in fits.items():  # sinks reading a reshaped kernel (Keras's attention output)
+        if name in seen or not after_graph.has_node(name):
+            continue
+        row = {"layer": name, "op": after_graph.node(name).op, "kernel": f.kernel,
+               "params": [int(cb[name].params) if name in cb else 0, int(ca[name].params) if name in ca else 0],
+               "macs": [int(cb[name].macs) if name in cb else 0, int(ca[name].macs) if name in ca else 0],
+               "error_before": f.error_before, "error_after": f.error_after}
+        if f.note:
+            row["note"] = f.note
+        rows.append(row)
     return rows
 
 

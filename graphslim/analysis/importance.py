@@ -223,10 +223,17 @@ def _norm_criterion(ctx, group, p: int) -> np.ndarray:
 
 def sink_ops(graph, group: ChannelGroup) -> list:
     """``(sink member, op node, data tensor member)`` for every sink kernel of the group: the op that
-    reads the kernel, and the group's activation member that the op reads (its data input)."""
+    reads the kernel (directly, or reshaped: Keras's attention output under TensorFlow), and the group's
+    activation member that the op reads (its data input)."""
     out = []
     for m in group.sinks:
+        readers = []
         for node, port in graph.weight_readers(m.name):
+            if node.op == "Reshape" and port == 0:
+                readers.extend(graph.consumers(node.output(0)))
+            else:
+                readers.append((node, port))
+        for node, port in readers:
             entry = ops.facts(node.op)
             if entry is None or port != entry.kernel_port:
                 continue
