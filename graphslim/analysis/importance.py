@@ -21,12 +21,18 @@ Built-in criteria:
 ``lsq``        like ``thinet``, but the kept channels are rescaled by least squares at every step
                (the selection objective of He et al. 2017, solved by greedy backward elimination);
                fits ``reconstruct=true``, which refits the kept weights
+``fisher``     ``Σ_examples (∂L/∂m_c)²`` for a mask ``m_c = 1`` on the channel where the sinks read it,
+               L the cross-entropy of the model's output against its own predicted class (Kwon et al.
+               2022; calibration data, no labels): the loss increase a removal causes, to second order
 =============  ===================================================================================
 
 A criterion is ``fn(ctx, group) -> np.ndarray[group.size]``. One that needs activations declares
 ``requests(ctx, group) -> {key: (tensor, accumulator)}``; :func:`score_groups` runs the model once for
 all groups (batched, bounded memory, :func:`graphslim.analysis.calibration.collect`) and the criterion
-reads its accumulators with ``ctx.stats(group)``. Example, a user criterion::
+reads its accumulators with ``ctx.stats(group)``. One that needs gradients declares
+``gradients(ctx, group) -> {key: (tensor, axis, accumulator)}`` instead
+(:func:`graphslim.analysis.calibration.collect_gradients`: per example, ``Σ ∂L/∂a · a`` along ``axis``).
+Example, a user criterion::
 
     from graphslim.analysis.importance import importance, source_slices
 
@@ -72,17 +78,20 @@ class Criterion:
     needs_data: bool = False
     cumulative: bool = False
     help: str = ""
+    gradients: Callable | None = None
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
 def importance(name: str, *, requests: Callable | None = None, needs_data: bool | None = None,
-               cumulative: bool = False, help: str | None = None, replace: bool = False):
+               cumulative: bool = False, help: str | None = None, replace: bool = False,
+               gradients: Callable | None = None):
     """Register ``fn(ctx, group) -> scores`` as criterion ``name`` (see the module docstring).
 
     ``requests(ctx, group)`` returns the activations the criterion needs (``{key: (tensor,
-    accumulator)}``); it implies ``needs_data``. ``help`` defaults to the docstring's first line.
+    accumulator)}``), ``gradients(ctx, group)`` the mask gradients (``{key: (tensor, axis,
+    accumulator)}``); either implies ``needs_data``. ``help`` defaults to the docstring's first line.
     Registering a taken name is an error unless ``replace=True``.
     """
 
@@ -91,8 +100,8 @@ def importance(name: str, *, requests: Callable | None = None, needs_data: bool 
             raise PassError(f"importance criterion {name!r} is already registered; pass replace=True to "
                             f"override it")
         text = help if help is not None else ((fn.__doc__ or "").strip().splitlines() or [""])[0]
-        CRITERIA[name] = Criterion(name, fn, requests, bool(requests) if needs_data is None else needs_data,
-                                   cumulative, text)
+        data = bool(requests or gradients) if needs_data is None else needs_data
+        CRITERIA[name] = Criterion(name, fn, requests, data, cumulative, text, gradients)
         return fn
 
     return deco
@@ -156,6 +165,13 @@ def score_groups(graph, groups, criterion, *, data=None, seed: int = 0, position
             for key, req in (crit.requests(ctx, grp) or {}).items():
                 reqs[(grp.id, key)] = req
         got = collect(graph, data, reqs, batch_size=batch_size) if reqs else {}
+        for (gid, key), acc in got.items():
+            ctx._stats.setdefault(gid, {})[key] = acc
+    if crit.gradients is not None:
+        from graphslim.analysis.calibration import collect_gradients
+
+        reqs = {(grp.id, key): req for grp in groups for key, req in (crit.gradients(ctx, grp) or {}).items()}
+        got = collect_gradients(graph, data, reqs, batch_size=batch_size) if reqs else {}
         for (gid, key), acc in got.items():
             ctx._stats.setdefault(gid, {})[key] = acc
     out = {}
@@ -325,6 +341,23 @@ def _activation_scores(ctx, group, attr: str, flip: bool) -> np.ndarray:
             help="mean |activation| where the next layers read the channel (calibration data)")
 def _activation(ctx, group):
     return _activation_scores(ctx, group, "mean_abs", False)
+
+
+def _fisher_gradients(ctx, group):
+    from graphslim.analysis.calibration import MaskGradients
+
+    return {a.name: (a.name, a.axis, MaskGradients(a.index_map)) for a in _activation_members(ctx, group)}
+
+
+@importance("fisher", gradients=_fisher_gradients,
+            help="squared loss gradient of a mask on the channel where the next layers read it, summed over "
+                 "calibration examples (Kwon et al. 2022; the model's own predictions as labels)")
+def _fisher(ctx, group):
+    parts = [acc.values for acc in ctx.stats(group).values() if acc.count]
+    if not parts:
+        ctx.note(group, "fisher: no activation of the group was measured: scored by l1")
+        return _norm_criterion(ctx, group, 1)
+    return np.square(sum(parts)).sum(axis=0)  # one mask per channel: its parts add up per example
 
 
 @importance("apoz", requests=_activation_requests,
