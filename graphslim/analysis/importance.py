@@ -21,9 +21,11 @@ Built-in criteria:
 ``lsq``        like ``thinet``, but the kept channels are rescaled by least squares at every step
                (the selection objective of He et al. 2017, solved by greedy backward elimination);
                fits ``reconstruct=true``, which refits the kept weights
-``fisher``     ``Σ_examples (∂L/∂m_c)²`` for a mask ``m_c = 1`` on the channel where the sinks read it,
-               L the cross-entropy of the model's output against its own predicted class (Kwon et al.
-               2022; calibration data, no labels): the loss increase a removal causes, to second order
+``fisher``     ``F_c = Σ_examples (∂L/∂m_c)²`` for a mask ``m_c = 1`` on the channel where the sinks read
+               it, L the cross-entropy of the model's output against its own predicted class (Kwon et al.
+               2022; calibration data, no labels); cumulative: the score is the sum of ``F`` over the
+               channel and its group's less important ones, the loss increase of removing them to
+               second order, compared across groups as it is
 =============  ===================================================================================
 
 A criterion is ``fn(ctx, group) -> np.ndarray[group.size]``. One that needs activations declares
@@ -349,15 +351,24 @@ def _fisher_gradients(ctx, group):
     return {a.name: (a.name, a.axis, MaskGradients(a.index_map)) for a in _activation_members(ctx, group)}
 
 
-@importance("fisher", gradients=_fisher_gradients,
+@importance("fisher", gradients=_fisher_gradients, cumulative=True,
             help="squared loss gradient of a mask on the channel where the next layers read it, summed over "
                  "calibration examples (Kwon et al. 2022; the model's own predictions as labels)")
 def _fisher(ctx, group):
+    """Kwon et al.'s diagonal Fisher information of each channel's mask, ``F_c = Σ_n (∂L_n/∂m_c)²``;
+    removing a set of channels raises the loss by about half their sum. The scores are that sum over the
+    channel and every channel of its group with a lower ``F`` (cumulative): an estimate of the loss
+    that is comparable across groups, so that ``prune{macs=}`` trades heads against feed-forward
+    units and filters by it rather than normalizing each group (the paper's global mask search)."""
     parts = [acc.values for acc in ctx.stats(group).values() if acc.count]
     if not parts:
         ctx.note(group, "fisher: no activation of the group was measured: scored by l1")
         return _norm_criterion(ctx, group, 1)
-    return np.square(sum(parts)).sum(axis=0)  # one mask per channel: its parts add up per example
+    fisher = np.square(sum(parts)).sum(axis=0)  # one mask per channel: its parts add up per example
+    order = np.argsort(fisher, kind="stable")
+    scores = np.empty(group.size)
+    scores[order] = np.cumsum(fisher[order])
+    return scores
 
 
 @importance("apoz", requests=_activation_requests,

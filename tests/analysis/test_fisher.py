@@ -49,7 +49,9 @@ def test_mask_gradients_match_numpy():
     np.testing.assert_allclose(got["h"].values, expected, rtol=1e-4, atol=1e-5)
     scores, _ = score_groups(g, [grp for grp in channel_groups(g) if grp.prunable], "fisher", data={"x": x})
     (s,) = scores.values()
-    np.testing.assert_allclose(s, np.square(expected).sum(0), rtol=1e-4, atol=1e-8)
+    fisher = np.square(expected).sum(0)
+    order = np.argsort(fisher)  # cumulative: each channel's score sums the Fisher of those below it
+    np.testing.assert_allclose(s[order], np.cumsum(fisher[order]), rtol=1e-4, atol=1e-8)
 
 
 @pytest.fixture(scope="module")
@@ -103,4 +105,4 @@ def test_fisher_scores_heads_and_ffn_of_the_digits_vit(data, tmp_path):
     st = graphslim.run_pipeline(g, f"prune{{macs=0.5 criterion=fisher calib={calib} reconstruct=true}}").passes[0]["stats"]
     assert st["criterion"] == "fisher" and not st["notes"], st["notes"]
     assert st["macs"]["ratio"] <= 0.5
-    assert _accuracy(g, data) > 0.8  # 95.8% before; l1 gives about 80% here
+    assert _accuracy(g, data) > 0.88  # 95.8% before; 93% on this draw (l1: 81%, fisher normalized per group: 85%)
