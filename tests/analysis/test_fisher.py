@@ -104,5 +104,5 @@ def test_fisher_scores_heads_and_ffn_of_the_digits_vit(data, tmp_path):
     g = base.copy()
     st = graphslim.run_pipeline(g, f"prune{{macs=0.5 criterion=fisher calib={calib} reconstruct=true}}").passes[0]["stats"]
     assert st["criterion"] == "fisher" and not st["notes"], st["notes"]
-    assert st["macs"]["ratio"] <= 0.5
+    assert abs(st["macs"]["ratio"] - 0.5) < 0.01
     assert _accuracy(g, data) > 0.88  # 95.8% before; 93% on this draw (l1: 81%, fisher normalized per group: 85%)
