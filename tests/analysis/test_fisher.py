@@ -106,3 +106,14 @@ def test_fisher_scores_heads_and_ffn_of_the_digits_vit(data, tmp_path):
     assert st["criterion"] == "fisher" and not st["notes"], st["notes"]
     assert abs(st["macs"]["ratio"] - 0.5) < 0.01
     assert _accuracy(g, data) > 0.88  # 95.8% before; 93% on this draw (l1: 81%, fisher normalized per group: 85%)
+
+
+def test_gradients_run_only_after_the_safety_scan(tmp_path):
+    from graphslim.io.scan import UnsafeModelError
+
+    rng = np.random.RandomState(0)
+    g = _mlp(rng)
+    name = g.add_const("path", np.array(str(tmp_path / "secret").encode()))
+    g.add_node("read", "ReadFile", inputs=[name.output(0)])
+    with pytest.raises(UnsafeModelError, match="ReadFile"):
+        collect_gradients(g, {"x": rng.randn(4, 6).astype("f")}, {"h": ("d1/Relu:0", 1, MaskGradients())})
