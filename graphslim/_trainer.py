@@ -15,7 +15,9 @@ same batch, or labels):
 
 The total is the weighted sum. Requests (see :class:`graphslim.sandbox.Child`): ``train`` (one Adam step
 at the given learning rate; the loss before the step), ``evaluate`` (the loss, and the signature outputs,
-without a step), ``weights`` (the trainable weights' current values).
+without a step), ``weights`` (the trainable weights' current values), ``grad_products`` (per example,
+``Σ ∂L/∂a · a`` over every axis of the requested activations ``a`` but one, with L the summed cross-entropy
+of given logits against their own argmax: the mask gradients of the Fisher pruning criterion).
 """
 
 from __future__ import annotations
@@ -106,8 +108,31 @@ class TrainerEngine:
     def weights(self) -> dict:
         return self.session.run(self.variables)
 
+    def grad_products(self, inputs: dict, logits: str, tensors: list) -> list:
+        tf = self.tf
+        key = (logits, tuple((str(t), int(a)) for t, a in tensors))
+        built = self.__dict__.setdefault("_grads", {}).get(key)
+        if built is None:
+            with self.graph.as_default(), tf.name_scope("graphslim.fisher"):
+                z = tf.cast(self.graph.get_tensor_by_name(logits), tf.float32)
+                labels = tf.stop_gradient(tf.argmax(z, axis=-1))
+                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=z))
+                acts = [self.graph.get_tensor_by_name(t) for t, _ in key[1]]
+                built = []
+                for a, g, (_, axis) in zip(acts, tf.gradients(loss, acts), key[1]):
+                    rank = a.shape.rank
+                    if rank is None or not 0 < axis % rank:
+                        raise ValueError(f"{a.name}: axis {axis} is not a channel axis of a batched tensor")
+                    g = tf.zeros_like(a) if g is None else tf.convert_to_tensor(g)
+                    p = tf.cast(g, tf.float32) * tf.cast(a, tf.float32)
+                    axes = [i for i in range(1, rank) if i != axis % rank]
+                    built.append(tf.reduce_sum(p, axis=axes) if axes else p)
+            self._grads[key] = built
+        feed = {self.graph.get_tensor_by_name(self.inputs[k]): v for k, v in inputs.items()}
+        return self.session.run(built, feed_dict=feed)
+
     def run(self, inputs, fetch):
-        raise ValueError("the trainer engine answers train, evaluate and weights requests only")
+        raise ValueError("the trainer engine answers train, evaluate, weights and grad_products requests only")
 
     def close(self):
         self.session.close()

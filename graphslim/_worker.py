@@ -330,6 +330,13 @@ def main() -> None:
             elif op == "evaluate":
                 reply, outs = engines[header["id"]].evaluate(*_inputs_and_targets(arrays))
                 out = {f"out:{k}": v for k, v in outs.items()}
+            elif op == "grad_products":
+                feed = {k[3:]: v for k, v in arrays.items()}
+                engine = engines[header["id"]]
+                if not hasattr(engine, "grad_products"):
+                    raise ValueError("gradients need the trainer engine")
+                values = engine.grad_products(feed, str(header["logits"]), list(header["tensors"]))
+                out = {f"g{i}": v for i, v in enumerate(values)}
             elif op == "weights":
                 out = {f"w:{k}": v for k, v in engines[header["id"]].weights().items()}
             elif op == "time":

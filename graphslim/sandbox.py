@@ -496,6 +496,15 @@ class Child:
         _, arrays = self._request({"op": "weights", "id": handle}, None, f"reading the weights of {self.label}")
         return {k[2:]: v for k, v in arrays.items() if k.startswith("w:")}
 
+    def grad_products(self, handle: int, inputs: dict, logits: str, tensors: list) -> list:
+        """On a trainer (:meth:`load_trainer`) and a batch: per requested ``(tensor, axis)``, an array
+        ``[batch, tensor's size along axis]`` of ``Σ ∂L/∂a · a`` over the example's other axes, L the summed
+        cross-entropy of ``logits`` against their own argmax (:func:`graphslim.analysis.calibration.collect_gradients`)."""
+        _, arrays = self._request({"op": "grad_products", "id": handle, "logits": str(logits),
+                                   "tensors": [[str(t), int(a)] for t, a in tensors]},
+                                  {f"in:{k}": v for k, v in inputs.items()}, f"computing gradients of {self.label}")
+        return [arrays[f"g{i}"] for i in range(len(tensors))]
+
     def to_tflite(self, graph) -> bytes:
         """The TFLite flatbuffer of ``graph``, converted in the child (TensorFlow's TFLite converter,
         builtin ops; see :mod:`graphslim._litert`). ConversionError names the ops TFLite lacks or

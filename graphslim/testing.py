@@ -245,3 +245,36 @@ def conv_chain(widths=(16, 8), k: int = 3, seed: int = 0):
     g.outputs.append(SignatureArg("y", x))
     g.infer_shapes()
     return g
+
+
+def keras_attention_graph(seed: int = 0, bias: bool = False):
+    """Keras 3's MultiHeadAttention equations as an IR graph over ``x [?, 5, 8]``, 3 heads of 4: projections
+    ``abc,cde->abde`` (``q/kernel``, ``k/kernel``, ``v/kernel`` [8, 3, 4]), scores ``aecd,abcd->acbe``,
+    Softmax, context ``acbe,aecd->abcd``, output ``abcd,cde->abe`` (``o/kernel`` [3, 4, 8]; with ``bias``
+    an AddV2 of ``o/bias`` [8]) → ``"y"``."""
+    import tensorflow as tf
+
+    from graphslim.ir.graph import Graph, SignatureArg, Tensor
+
+    rng = np.random.RandomState(seed)
+    g = Graph()
+    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": (None, 5, 8)})
+    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+
+    def einsum(name, eq, a, b):
+        return g.add_node(name, "Einsum", inputs=[a, b], attrs={"T": tf.float32, "N": 2, "equation": eq}).output(0)
+
+    def w(name, shape):
+        return g.add_weight(name, rng.randn(*shape).astype("f")).output(0)
+
+    x = Tensor("x", 0)
+    q, k, v = (einsum(f"{n}/Einsum", "abc,cde->abde", x, w(f"{n}/kernel", (8, 3, 4))) for n in "qkv")
+    scores = einsum("scores", "aecd,abcd->acbe", k, q)
+    probs = g.add_node("softmax", "Softmax", inputs=[scores], attrs={"T": tf.float32}).output(0)
+    ctx = einsum("context", "acbe,aecd->abcd", probs, v)
+    y = einsum("o/Einsum", "abcd,cde->abe", ctx, w("o/kernel", (3, 4, 8)))
+    if bias:
+        y = g.add_node("o/Add", "AddV2", inputs=[y, w("o/bias", (8,))], attrs={"T": tf.float32}).output(0)
+    g.outputs.append(SignatureArg("y", y))
+    g.infer_shapes()
+    return g

@@ -129,6 +129,7 @@ class _Lowrank(Method):
     # ------------------------------------------------------------------ candidates
     def candidates(self, graph):
         out = []
+        costs = graph.cost().by_node()  # a MatMul's rows per example (Keras's Dense under Tensordot: tokens)
         for node in graph.nodes(op=("MatMul", "Conv2D", "Einsum", "BatchMatMulV2", "BatchMatMulV3", "BatchMatMul")):
             if node.op.startswith("BatchMatMul") and _reshaped_weight(graph, node)[0] is None:
                 continue  # activation × activation (attention scores and context): nothing to factor
@@ -163,7 +164,9 @@ class _Lowrank(Method):
                     continue
             elif node.op == "MatMul":
                 w2 = w.T if node.attr("transpose_b", False) else w
-                c.data.update(w2=w2, positions=1, positions_known=True)
+                full = costs[node.name].macs if node.name in costs else 0
+                c.data.update(w2=w2, positions=max(1, round(full / max(1, w2.shape[0] * w2.shape[1]))),
+                              positions_known=True)
             else:
                 oshape = node.shapes[0] if node.shapes else None
                 nchw = node.attr("data_format", "NHWC").startswith("NC")

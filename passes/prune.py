@@ -43,7 +43,8 @@ names it): a group is taken for the hidden size when a layer norm normalizes ove
 
 Criteria (:mod:`graphslim.analysis.importance`, user-extensible): ``l1``, ``l2``, ``bn``, and with
 calibration data (``calib=data.npz`` or a directory of ``<input>.npy``) ``activation``, ``apoz``,
-``thinet``. With calibration data the stats give, per pruned layer, the relative output error against the
+``thinet``, ``lsq``, ``fisher`` (the squared gradient of the model's loss on its own predictions with respect
+to a mask on each channel: Kwon et al. 2022, for heads and feed-forward widths as for filters). With calibration data the stats give, per pruned layer, the relative output error against the
 original model; ``reconstruct=true`` refits those layers' weights (and bias) by least squares, layer by
 layer from input to output, and a classifier head read by a Softmax on the KL divergence to the original's
 probabilities (:mod:`graphslim.analysis.reconstruct`).
@@ -112,7 +113,7 @@ class PruneOptions:
     round_to: int = field(default=1, metadata={
         "help": "keep counts are multiples of this (groups smaller than it stay whole)"})
     criterion: str = field(default="l1", metadata={
-        "help": "importance criterion: l1, l2, bn; with calib: activation, apoz, thinet, lsq; or a registered one"})
+        "help": "importance criterion: l1, l2, bn; with calib: activation, apoz, thinet, lsq, fisher; or a registered one"})
     allocation: Literal["global", "uniform", "sensitivity"] = field(default="global", metadata={
         "help": "with macs= or latency=: global (least importance per MAC or second first), uniform (one ratio, "
                 "solved), or "
@@ -402,6 +403,17 @@ def _layer_rows(before_graph, after_graph, fits: dict) -> list:
             row["error_after"] = f.error_after
             if f.note:
                 row["note"] = f.note
+        rows.append(row)
+    seen = {r["layer"] for r in rows}
+    for name, f in fits.items():  # sinks reading a reshaped kernel (Keras's attention output)
+        if name in seen or not after_graph.has_node(name):
+            continue
+        row = {"layer": name, "op": after_graph.node(name).op, "kernel": f.kernel,
+               "params": [int(cb[name].params) if name in cb else 0, int(ca[name].params) if name in ca else 0],
+               "macs": [int(cb[name].macs) if name in cb else 0, int(ca[name].macs) if name in ca else 0],
+               "error_before": f.error_before, "error_after": f.error_after}
+        if f.note:
+            row["note"] = f.note
         rows.append(row)
     return rows
 

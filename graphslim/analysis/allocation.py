@@ -42,7 +42,7 @@ class WidthModel:
     """A cost as a sum of terms over kernel axes, as a function of the channels each group removes.
 
     ``terms``: ``(payload, keys)`` per term (a layer), ``keys`` the ``(weight name, axis)`` kernel axes
-    whose lengths the term's cost depends on; ``dims``: each key's full length; ``fixed``: the cost no
+    (or ``(tensor name, axis)`` activation axes) whose lengths the term's cost depends on; ``dims``: each key's full length; ``fixed``: the cost no
     group changes. Subclasses give :meth:`term_cost` from the term's payload and its keys' kept lengths.
     ``removed`` maps a group id to how many channels it removes, first ones of its order first."""
 
@@ -52,7 +52,7 @@ class WidthModel:
         self.node_groups: dict = {}  # gid → the terms it changes
         for grp in groups:
             order = orders[grp.id]
-            for m in grp.members_of("weight"):
+            for m in grp.members_of("weight") + grp.members_of("tensor"):
                 k = (m.name, m.axis)
                 if k not in dims:
                     continue
@@ -92,7 +92,9 @@ class MacModel(WidthModel):
     """MACs of the kernel ops scale with the product of their kernel's axis lengths (a conv's input ×
     output channels × window, a depthwise conv's channels × multiplier, a MatMul's K × N, an attention
     projection's input × heads × head size), the kernel read directly or through Identity and Reshape.
-    Ops without a kernel weight keep their MACs."""
+    An Einsum or BatchMatMul of two activations (attention scores and context) scales with each of its
+    labels' lengths, read on the first operand that has the label (heads, head sizes). Other ops without
+    a kernel weight keep their MACs."""
 
     def __init__(self, graph, groups, orders: dict):
         terms, dims, fixed = [], {}, 0
@@ -108,7 +110,12 @@ class MacModel(WidthModel):
                     src = graph.input_node(src, 0)
                 w = graph.weights.get(src.name) if src.op == WEIGHT_OP else None
             if w is None:
-                fixed += c.macs
+                keys = _activation_keys(graph, node)
+                if keys:  # attention scores and context: heads and head sizes scale them
+                    dims.update(keys)
+                    terms.append((c.macs, list(keys)))
+                else:
+                    fixed += c.macs
                 continue
             keys = [(w.name, a) for a in range(w.value.ndim)]
             for k in keys:
@@ -122,6 +129,33 @@ class MacModel(WidthModel):
         for k, n in zip(keys, kept):
             f *= n / self.dims[k]
         return f
+
+
+def _activation_keys(graph, node) -> dict:
+    """``{(tensor name, axis): length}`` for every label of an Einsum or BatchMatMul with no kernel weight,
+    one (tensor, axis) per label (the first operand holding it), static lengths only; {} otherwise."""
+    if node.op != "Einsum" and not node.op.startswith("BatchMatMul"):
+        return {}
+    inputs = [str(graph.input(node, p)) for p in range(2)]
+    shapes = [graph.shape(t) for t in inputs]
+    if any(sh is None for sh in shapes):
+        return {}
+    picks = []
+    if node.op == "Einsum":
+        try:
+            labels, _ = ops.einsum_labels(node)
+        except ValueError:
+            return {}
+        seen = set()
+        for t, labs in zip(range(2), labels):
+            for a, c in enumerate(labs):
+                if c not in seen:
+                    seen.add(c)
+                    picks.append((t, a))
+    else:  # x [..., M, K] (adj_x: [..., K, M]) · y [..., K, N] (adj_y: [..., N, K]): every axis of x, and N
+        rank_y = len(shapes[1])
+        picks = [(0, a) for a in range(len(shapes[0]))] + [(1, rank_y - 2 if node.attr("adj_y", False) else rank_y - 1)]
+    return {(inputs[t], a): shapes[t][a] for t, a in picks if shapes[t][a]}
 
 
 def group_costs(scores: np.ndarray, order: np.ndarray, cumulative: bool) -> np.ndarray:

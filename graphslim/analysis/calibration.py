@@ -274,6 +274,90 @@ def collect(graph, data: Mapping[str, np.ndarray],
     return {key: acc for key, _, _, acc in items}
 
 
+def through_identity(graph, tensor: str) -> str:
+    """``tensor``, or what it copies through Identity/StopGradient."""
+    node = graph.producer(tensor)
+    while node.op in ("Identity", "StopGradient") and graph.inputs_of(node):
+        tensor = str(graph.input(node, 0))
+        node = graph.producer(tensor)
+    return tensor
+
+
+def output_logits(graph, tensor: str) -> tuple[str, str]:
+    """(kind, tensor) of a signature output (looking through Identity/StopGradient): a Softmax output's
+    logits (``kl``), a Sigmoid's (``bce``), else the tensor itself (``l2``)."""
+    tensor = through_identity(graph, tensor)
+    node = graph.producer(tensor)
+    if node.op == "Softmax":
+        return "kl", str(graph.input(node, 0))
+    if node.op == "Sigmoid":
+        return "bce", str(graph.input(node, 0))
+    return "l2", tensor
+
+
+def collect_gradients(graph, data: Mapping[str, np.ndarray], requests: Mapping[Hashable, tuple], *,
+                      batch_size: int = 32, allow_ops=None) -> dict:
+    """Run ``graph`` on ``data`` in batches with gradients (the execution child's trainer engine, after
+    the same safety scan as :func:`collect`). ``requests`` maps a key to ``(tensor, axis, accumulator)``;
+    per batch the accumulator gets ``update(v)`` with ``v[n, i] = Σ ∂L/∂a · a`` over every axis of
+    example ``n``'s activation ``a`` but ``axis`` (the derivative of L with respect to a mask multiplying
+    position ``i`` of ``axis``). L is the summed cross-entropy of the first signature output's logits
+    (before its Softmax, if any) against the model's own predicted classes: no labels needed (the
+    empirical Fisher of Kwon et al. 2022). Returns ``{key: accumulator}``.
+
+    Example::
+
+        got = collect_gradients(g, data, {"c1": ("conv1/Relu:0", 3, MaskGradients())})
+        fisher = np.square(got["c1"].values).sum(0)
+    """
+    from graphslim.io.scan import check_safe
+    from graphslim.ir.graph import as_tensor
+    from graphslim.sandbox import shared_child
+
+    if not requests:
+        return {}
+    check_safe(graph, allow_ops=graph.meta.get("allowed_ops", ()) if allow_ops is None else allow_ops)
+    logits = output_logits(graph, str(graph.outputs[0].tensor))[1]
+    wanted = list(dict.fromkeys((str(as_tensor(t)), int(axis)) for t, axis, _ in requests.values()))
+    child = shared_child(f"the model {graph.meta.get('source', '')}".rstrip())
+    handle = child.load_trainer(graph, [], [])
+    try:
+        for batch in iterate_batches(data, batch_size):
+            values = dict(zip(wanted, child.grad_products(handle, dict(batch), logits, wanted)))
+            for t, axis, acc in requests.values():
+                acc.update(values[(str(as_tensor(t)), int(axis))])
+    finally:
+        child.drop(handle)
+    return {key: acc for key, (_, _, acc) in requests.items()}
+
+
+class MaskGradients:
+    """Keeps the per-example mask derivatives of :func:`collect_gradients` mapped to channels:
+    ``values[n, c]`` sums the positions of channel ``c`` (``index_map``; every position its own channel
+    without one). The Fisher importance of channel ``c`` is ``Σ_n values[n, c]²``, after the parts of one
+    mask (several tensors reading the same channels) are added per example."""
+
+    def __init__(self, index_map=None):
+        self.index_map = index_map
+        self._parts: list = []
+
+    def update(self, value: np.ndarray) -> None:
+        v = np.asarray(value, np.float64)
+        if self.index_map is not None:
+            rows = self.index_map.rows
+            valid = rows >= 0
+            v = (v[:, np.where(valid, rows, 0)] * valid).sum(axis=2)
+        self._parts.append(v)
+
+    @property
+    def count(self) -> int:
+        return sum(len(p) for p in self._parts)
+
+    @property
+    def values(self) -> np.ndarray:
+        return np.concatenate(self._parts) if self._parts else np.zeros((0, 0))
+
+
 # ------------------------------------------------------------------------------------------ accumulators
 class ChannelMoments:
     """Per-channel running count, mean, second moment, variance, mean |x| and fraction of zeros.

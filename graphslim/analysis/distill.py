@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from graphslim.analysis.calibration import CalibrationError, load_class_ids
+from graphslim.analysis.calibration import CalibrationError, load_class_ids, output_logits, through_identity
 from graphslim.errors import GraphslimError
 from graphslim.ir.graph import Graph
 
@@ -83,25 +83,6 @@ class DistillConfig:
     allow_ops: tuple = field(default_factory=tuple)
 
 
-def _through_identity(graph: Graph, tensor: str) -> str:
-    node = graph.producer(tensor)
-    while node.op in ("Identity", "StopGradient") and graph.inputs_of(node):
-        tensor = str(graph.input(node, 0))
-        node = graph.producer(tensor)
-    return tensor
-
-
-def _logits(graph: Graph, tensor: str) -> tuple[str, str]:
-    """(kind, tensor): a Softmax output's logits (``kl``), a Sigmoid's (``bce``), else the tensor (``l2``)."""
-    source = _through_identity(graph, tensor)
-    node = graph.producer(source)
-    if node.op == "Softmax":
-        return "kl", str(graph.input(node, 0))
-    if node.op == "Sigmoid":
-        return "bce", str(graph.input(node, 0))
-    return "l2", source
-
-
 def kept_selection(student: Graph, teacher: Graph, tensor: str):
     """How ``tensor`` of the student compares with the teacher's: ``None`` when the shapes are the same,
     ``(axis, positions)`` when they differ on one axis whose kept channels a keep list recorded
@@ -137,10 +118,10 @@ def output_terms(student: Graph, teacher: Graph, temperature: float = 1.0) -> tu
         if ref is None or not _same_shape(student.shape(arg.tensor), teacher.shape(ref)):
             skipped.append(arg.name)
             continue
-        kind, tensor = _logits(student, str(arg.tensor))
+        kind, tensor = output_logits(student, str(arg.tensor))
         terms.append(Term(f"output:{arg.name}", kind, tensor, str(ref), temperature=temperature, output=arg.name))
         if kind in ("kl", "bce"):  # and the logits themselves (KL's gradient vanishes on confident outputs)
-            theirs_kind, their_logits = _logits(teacher, str(ref))
+            theirs_kind, their_logits = output_logits(teacher, str(ref))
             if theirs_kind == kind and _same_shape(student.shape(tensor), teacher.shape(their_logits)):
                 terms.append(Term(f"logits:{arg.name}", "l2", tensor, their_logits, output=arg.name))
     return terms, skipped
@@ -165,7 +146,7 @@ def feature_points(student: Graph, teacher: Graph, limit: int, exclude=(), prune
     if limit <= 0 or not student.inputs:
         return []
     chain = student.post_dominators(str(student.inputs[0].tensor).split(":")[0])
-    excluded = {_through_identity(student, str(a.tensor)).split(":")[0] for a in student.outputs} | set(exclude)
+    excluded = {through_identity(student, str(a.tensor)).split(":")[0] for a in student.outputs} | set(exclude)
     points = []
     for name in chain:
         n = student.node(name)
@@ -354,13 +335,13 @@ def distill(student: Graph, teacher: Graph, data: dict, labels: np.ndarray | Non
         main = next((t for t in terms if t.kind == "kl"), None)
         target = main.output if main is not None else None
         if target is None:
-            soft = [a.name for a in student.outputs if _logits(student, str(a.tensor))[0] == "kl"]
+            soft = [a.name for a in student.outputs if output_logits(student, str(a.tensor))[0] == "kl"]
             target = soft[0] if soft else None
         if target is None:
             raise CalibrationError("labels= needs a softmax output to train against; the model's outputs "
                                    f"are {', '.join(a.name for a in student.outputs)}")
         tensor = next(a.tensor for a in student.outputs if a.name == target)
-        terms.append(Term("labels", "label", _logits(student, str(tensor))[1], None, cfg.label_weight, output=target))
+        terms.append(Term("labels", "label", output_logits(student, str(tensor))[1], None, cfg.label_weight, output=target))
     if not terms:
         raise GraphslimError(
             f"distill has nothing to match: no output of the model has the original's shape (skipped "

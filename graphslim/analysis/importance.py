@@ -21,12 +21,20 @@ Built-in criteria:
 ``lsq``        like ``thinet``, but the kept channels are rescaled by least squares at every step
                (the selection objective of He et al. 2017, solved by greedy backward elimination);
                fits ``reconstruct=true``, which refits the kept weights
+``fisher``     ``F_c = Σ_examples (∂L/∂m_c)²`` for a mask ``m_c = 1`` on the channel where the sinks read
+               it, L the cross-entropy of the model's output against its own predicted class (Kwon et al.
+               2022; calibration data, no labels); cumulative: the score is the sum of ``F`` over the
+               channel and its group's less important ones, the loss increase of removing them to
+               second order, compared across groups as it is
 =============  ===================================================================================
 
 A criterion is ``fn(ctx, group) -> np.ndarray[group.size]``. One that needs activations declares
 ``requests(ctx, group) -> {key: (tensor, accumulator)}``; :func:`score_groups` runs the model once for
 all groups (batched, bounded memory, :func:`graphslim.analysis.calibration.collect`) and the criterion
-reads its accumulators with ``ctx.stats(group)``. Example, a user criterion::
+reads its accumulators with ``ctx.stats(group)``. One that needs gradients declares
+``gradients(ctx, group) -> {key: (tensor, axis, accumulator)}`` instead
+(:func:`graphslim.analysis.calibration.collect_gradients`: per example, ``Σ ∂L/∂a · a`` along ``axis``).
+Example, a user criterion::
 
     from graphslim.analysis.importance import importance, source_slices
 
@@ -72,17 +80,20 @@ class Criterion:
     needs_data: bool = False
     cumulative: bool = False
     help: str = ""
+    gradients: Callable | None = None
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
 def importance(name: str, *, requests: Callable | None = None, needs_data: bool | None = None,
-               cumulative: bool = False, help: str | None = None, replace: bool = False):
+               cumulative: bool = False, help: str | None = None, replace: bool = False,
+               gradients: Callable | None = None):
     """Register ``fn(ctx, group) -> scores`` as criterion ``name`` (see the module docstring).
 
     ``requests(ctx, group)`` returns the activations the criterion needs (``{key: (tensor,
-    accumulator)}``); it implies ``needs_data``. ``help`` defaults to the docstring's first line.
+    accumulator)}``), ``gradients(ctx, group)`` the mask gradients (``{key: (tensor, axis,
+    accumulator)}``); either implies ``needs_data``. ``help`` defaults to the docstring's first line.
     Registering a taken name is an error unless ``replace=True``.
     """
 
@@ -91,8 +102,8 @@ def importance(name: str, *, requests: Callable | None = None, needs_data: bool 
             raise PassError(f"importance criterion {name!r} is already registered; pass replace=True to "
                             f"override it")
         text = help if help is not None else ((fn.__doc__ or "").strip().splitlines() or [""])[0]
-        CRITERIA[name] = Criterion(name, fn, requests, bool(requests) if needs_data is None else needs_data,
-                                   cumulative, text)
+        data = bool(requests or gradients) if needs_data is None else needs_data
+        CRITERIA[name] = Criterion(name, fn, requests, data, cumulative, text, gradients)
         return fn
 
     return deco
@@ -156,6 +167,13 @@ def score_groups(graph, groups, criterion, *, data=None, seed: int = 0, position
             for key, req in (crit.requests(ctx, grp) or {}).items():
                 reqs[(grp.id, key)] = req
         got = collect(graph, data, reqs, batch_size=batch_size) if reqs else {}
+        for (gid, key), acc in got.items():
+            ctx._stats.setdefault(gid, {})[key] = acc
+    if crit.gradients is not None:
+        from graphslim.analysis.calibration import collect_gradients
+
+        reqs = {(grp.id, key): req for grp in groups for key, req in (crit.gradients(ctx, grp) or {}).items()}
+        got = collect_gradients(graph, data, reqs, batch_size=batch_size) if reqs else {}
         for (gid, key), acc in got.items():
             ctx._stats.setdefault(gid, {})[key] = acc
     out = {}
@@ -223,10 +241,17 @@ def _norm_criterion(ctx, group, p: int) -> np.ndarray:
 
 def sink_ops(graph, group: ChannelGroup) -> list:
     """``(sink member, op node, data tensor member)`` for every sink kernel of the group: the op that
-    reads the kernel, and the group's activation member that the op reads (its data input)."""
+    reads the kernel (directly, or reshaped: Keras's attention output under TensorFlow), and the group's
+    activation member that the op reads (its data input)."""
     out = []
     for m in group.sinks:
+        readers = []
         for node, port in graph.weight_readers(m.name):
+            if node.op == "Reshape" and port == 0:
+                readers.extend(graph.consumers(node.output(0)))
+            else:
+                readers.append((node, port))
+        for node, port in readers:
             entry = ops.facts(node.op)
             if entry is None or port != entry.kernel_port:
                 continue
@@ -318,6 +343,32 @@ def _activation_scores(ctx, group, attr: str, flip: bool) -> np.ndarray:
             help="mean |activation| where the next layers read the channel (calibration data)")
 def _activation(ctx, group):
     return _activation_scores(ctx, group, "mean_abs", False)
+
+
+def _fisher_gradients(ctx, group):
+    from graphslim.analysis.calibration import MaskGradients
+
+    return {a.name: (a.name, a.axis, MaskGradients(a.index_map)) for a in _activation_members(ctx, group)}
+
+
+@importance("fisher", gradients=_fisher_gradients, cumulative=True,
+            help="squared loss gradient of a mask on the channel where the next layers read it, summed over "
+                 "calibration examples (Kwon et al. 2022; the model's own predictions as labels)")
+def _fisher(ctx, group):
+    """Kwon et al.'s diagonal Fisher information of each channel's mask, ``F_c = Σ_n (∂L_n/∂m_c)²``;
+    removing a set of channels raises the loss by about half their sum. The scores are that sum over the
+    channel and every channel of its group with a lower ``F`` (cumulative): an estimate of the loss
+    that is comparable across groups, so that ``prune{macs=}`` trades heads against feed-forward
+    units and filters by it rather than normalizing each group (the paper's global mask search)."""
+    parts = [acc.values for acc in ctx.stats(group).values() if acc.count]
+    if not parts:
+        ctx.note(group, "fisher: no activation of the group was measured: scored by l1")
+        return _norm_criterion(ctx, group, 1)
+    fisher = np.square(sum(parts)).sum(axis=0)  # one mask per channel: its parts add up per example
+    order = np.argsort(fisher, kind="stable")
+    scores = np.empty(group.size)
+    scores[order] = np.cumsum(fisher[order])
+    return scores
 
 
 @importance("apoz", requests=_activation_requests,

@@ -260,9 +260,10 @@ def machine_key(runtime: str, threads: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_timed(child, graph, engine: str, batch: int = 1) -> tuple[int, int]:
-    """Load ``graph`` into ``child`` on ``engine`` with random inputs of ``batch`` set for timing;
-    returns ``(handle, calls)``, calls per timing so that each lasts about ``_TARGET_SECONDS``."""
+def load_timed(child, graph, engine: str, batch: int = 1, inputs: dict | None = None) -> tuple[int, int]:
+    """Load ``graph`` into ``child`` on ``engine`` with random inputs of ``batch`` (or ``inputs``, by
+    signature input name: token ids must be in the vocabulary) set for timing; returns ``(handle,
+    calls)``, calls per timing so that each lasts about ``_TARGET_SECONDS``."""
     import tensorflow as tf
 
     from graphslim.checks import random_input
@@ -270,8 +271,9 @@ def load_timed(child, graph, engine: str, batch: int = 1) -> tuple[int, int]:
     rng = np.random.default_rng(0)
     h = child.load_graph(graph, engine)
     try:
-        feed = {a.name: random_input(rng, a.name, tf.TensorSpec(graph.shape(a.tensor), graph.dtype(a.tensor)), batch)
-                for a in graph.inputs}
+        feed = dict(inputs) if inputs is not None else {
+            a.name: random_input(rng, a.name, tf.TensorSpec(graph.shape(a.tensor), graph.dtype(a.tensor)), batch)
+            for a in graph.inputs}
         child.run(h, feed)
         child.set_inputs(h, feed)
         once = child.time(h, 1)

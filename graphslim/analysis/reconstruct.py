@@ -1,8 +1,10 @@
 """Least-squares reconstruction of the layers that read pruned channels (He et al. 2017; Zhang et al.
 2015), and their output error against the original model.
 
-After ``prune`` removes channels, each *sink* layer (a Conv2D or MatMul whose input channels shrank)
-computes its output from fewer inputs. On calibration data, :func:`fit_layers` compares, at sampled
+After ``prune`` removes channels, each *sink* layer (a Conv2D or MatMul whose input channels shrank; in a
+transformer also an Einsum reading a weight over the input's trailing axes, like BERT's attention output
+``abcd,cde->abe``, and a BatchMatMul reading a reshaped weight, like Keras's attention output under
+TensorFlow: :func:`linear_sink`) computes its output from fewer inputs. On calibration data, :func:`fit_layers` compares, at sampled
 output positions, the layer's output in the **pruned** model with the **original** model's output of the
 same layer (restricted to the output channels that remain), and with ``refit=True`` solves
 
@@ -39,7 +41,8 @@ from graphslim.analysis.channels import combined_positions
 from graphslim.ir import ops
 from graphslim.ir.graph import Graph
 
-__all__ = ["LayerFit", "fit_layers", "kept_positions", "sink_layers", "ridge_solve", "MAX_FEATURES"]
+__all__ = ["LayerFit", "LinearSink", "fit_layers", "kept_positions", "linear_sink", "sink_layers", "ridge_solve",
+           "MAX_FEATURES"]
 
 MAX_FEATURES = 8192  #: inputs per output above which a layer is measured but not refit (D² normal matrix)
 MAX_HEAD_BYTES = 128 << 20  #: rows a softmax head keeps for its KL refit
@@ -80,9 +83,9 @@ def kept_positions(changes) -> dict:
 
 
 def sink_layers(graph: Graph, changes) -> list[str]:
-    """Names of the refittable nodes (``refit=True`` in :mod:`graphslim.ir.ops`: Conv2D, MatMul) reading
-    a sink kernel of the changed groups, in topological order (other sink ops, e.g. BatchMatMul, are
-    not refit)."""
+    """Names of the refittable nodes (:func:`linear_sink`: ``refit=True`` in :mod:`graphslim.ir.ops`,
+    Conv2D and MatMul; dense Einsums and BatchMatMuls of a reshaped weight) reading a sink kernel of the
+    changed groups, in topological order (other sink ops are not refit)."""
     from graphslim.analysis.importance import sink_ops
 
     names = set()
@@ -90,9 +93,124 @@ def sink_layers(graph: Graph, changes) -> list[str]:
         if len(keep) == group.size:
             continue
         for m, node, _ in sink_ops(graph, group):
-            if ops.facts(node.op).refit:
-                names.add(node.name)
+            try:
+                linear_sink(graph, node)
+            except ValueError:
+                continue
+            names.add(node.name)
     return [n.name for n in graph.nodes() if n.name in names]
+
+
+@dataclass(frozen=True)
+class LinearSink:
+    """A layer as ``rows(x) @ matrix(kernel)``: the kernel weight's ``in_axes`` flattened (in the order of
+    the input's rows: im2col patches for a convolution, the input's trailing axes otherwise) against its
+    ``out_axes`` flattened (the output's trailing axes). ``conv``: the rows are im2col patches."""
+
+    kernel: object
+    in_axes: tuple
+    out_axes: tuple
+    conv: bool = False
+
+    def matrix(self, value: np.ndarray) -> np.ndarray:
+        order = self.in_axes + self.out_axes
+        rows = int(np.prod([value.shape[a] for a in self.in_axes], dtype=np.int64))
+        return np.transpose(value, order).reshape(rows, -1)
+
+    def to_kernel(self, matrix: np.ndarray, shape: tuple) -> np.ndarray:
+        order = self.in_axes + self.out_axes
+        return np.transpose(matrix.reshape(tuple(shape[a] for a in order)), np.argsort(order))
+
+    def columns(self, shape: tuple, kept: dict) -> np.ndarray | None:
+        """Columns of the matrix of a kernel of ``shape`` that ``kept`` (:func:`kept_positions`) keeps
+        along the output axes; None when none of them changed."""
+        picks = [kept.get((self.kernel.name, a)) for a in self.out_axes]
+        if all(p is None for p in picks):
+            return None
+        dims = [shape[a] for a in self.out_axes]
+        grids = np.ix_(*[np.arange(d) if p is None else np.asarray(p, np.int64) for p, d in zip(picks, dims)])
+        return np.ravel_multi_index(grids, dims).reshape(-1)
+
+
+def linear_sink(graph: Graph, node) -> LinearSink:
+    """``node`` as a :class:`LinearSink`, or ValueError saying why it is not refit: a ``refit`` op of
+    :mod:`graphslim.ir.ops` (Conv2D NHWC, MatMul without ``transpose_a``), an Einsum whose operand 1 is a
+    weight contracted with the input's trailing axes (``abcd,cde->abe``; output: the input's other axes,
+    then the weight's), or a BatchMatMul (no ``adj_x``) whose operand 1 is a 2-D weight or a weight
+    reshaped to a matrix by merging leading and trailing axes (``[4, 16, 64] → [64, 64]``)."""
+    node = graph.node(node) if isinstance(node, str) else node
+    entry = ops.facts(node.op)
+    if entry is None or entry.kernel_port is None:
+        raise ValueError(f"op {node.op} is not refit")
+    if entry.refit:
+        k = graph.weight_of(node, entry.kernel_port)
+        if k is None:
+            raise ValueError("its kernel is not a weight")
+        if str(node.attr("data_format", "NHWC")).startswith("NC"):
+            raise ValueError("NCHW convolution")
+        if node.attr("transpose_a", False):
+            raise ValueError(f"{node.op} with transpose_a")
+        nd = k.value.ndim
+        out = ops.kernel_axes(node, nd)[1]
+        return LinearSink(k, tuple(a for a in range(nd) if a != out), (out,), nd == 4)
+    if node.op == "Einsum":
+        (x, kl), out = ops.einsum_labels(node)
+        k = graph.weight_of(node, 1)
+        if k is None:
+            raise ValueError("its operand 1 is not a weight")
+        contracted = "".join(c for c in x if c in kl and c not in out)
+        free = "".join(c for c in out if c in kl and c not in x)
+        batch = x[:len(x) - len(contracted)]
+        if (not contracted or set(kl) != set(contracted) | set(free) or not x.endswith(contracted)
+                or out != batch + free):
+            raise ValueError(f"Einsum {x},{kl}->{out} is not a dense layer over the input's trailing axes")
+        return LinearSink(k, tuple(kl.index(c) for c in contracted), tuple(kl.index(c) for c in free))
+    if node.op.startswith("BatchMatMul"):
+        if node.attr("adj_x", False):
+            raise ValueError(f"{node.op} with adj_x")
+        adj = bool(node.attr("adj_y", False))
+        k = graph.weight_of(node, 1)
+        if k is not None:
+            if k.value.ndim != 2:
+                raise ValueError(f"{node.op} of a {k.value.ndim}-D weight")
+            return LinearSink(k, (1,), (0,)) if adj else LinearSink(k, (0,), (1,))
+        src = graph.input_node(node, 1)
+        k = graph.weight_of(src, 0) if src.op == "Reshape" else None
+        target = graph.shape(src.output(0)) if k is not None else None
+        if k is None or target is None or len(target) != 2 or None in target:
+            raise ValueError(f"{node.op}'s operand 1 is not a weight reshaped to a matrix")
+        if len(graph.weight_readers(k.name)) != 1 or graph.sole_consumer(src.output(0)) is None:
+            raise ValueError(f"{k.name} is read elsewhere too")
+        shape = k.value.shape
+        split = next((i for i in range(len(shape) + 1) if int(np.prod(shape[:i], dtype=np.int64)) == target[0]), None)
+        if split is None:
+            raise ValueError(f"{node.op} reads {k.name} {list(shape)} reshaped to {list(target)}")
+        lead, trail = tuple(range(split)), tuple(range(split, len(shape)))
+        return LinearSink(k, trail, lead) if adj else LinearSink(k, lead, trail)
+    raise ValueError(f"op {node.op} is not refit")
+
+
+def _bias_after(graph: Graph, node):
+    """``(node adding the bias, bias Weight)``: :meth:`Graph.bias_after`, or an Add/AddV2 of a weight
+    nothing else reads, possibly after a Reshape that keeps the last axis (Keras's Dense under
+    ``Tensordot``); else ``(None, None)``."""
+    found = graph.bias_after(node)
+    if found[0] is not None:
+        return found
+    t = node.output(0)
+    use = graph.sole_consumer(t)
+    if use is not None and use[0].op == "Reshape" and use[1] == 0:
+        a, b = graph.shape(t), graph.shape(use[0].output(0))
+        if a and b and a[-1] is not None and a[-1] == b[-1]:
+            found = graph.bias_after(use[0])
+            if found[0] is not None:
+                return found
+            t = use[0].output(0)
+            use = graph.sole_consumer(t)
+    if use is None or use[0].op not in ("Add", "AddV2") or use[1] != 0:
+        return None, None
+    w, _ = graph.sole_weight(use[0], 1)
+    return (use[0], w) if w is not None else (None, None)
 
 
 def ridge_solve(ff: np.ndarray, ft: np.ndarray, b0: np.ndarray, ridge: float) -> np.ndarray:
@@ -116,35 +234,31 @@ class _Layer:
         self.name = name
         node = pruned.node(name)
         self.op = node.op
-        self.kernel = pruned.weight_of(node, 1)
-        if self.kernel is None:
-            raise ValueError("its kernel is not a weight")
+        self.sink = linear_sink(pruned, node)
+        self.kernel = self.sink.kernel
         onode = original.node(name)
-        okernel = original.weight_of(onode, 1)
-        if okernel is None or okernel.name != self.kernel.name:
+        osink = linear_sink(original, onode)
+        okernel = osink.kernel
+        if okernel.name != self.kernel.name:
             raise ValueError("its kernel differs from the original's")
-        self.bias_node, self.bias = pruned.bias_after(node)
-        _, obias = original.bias_after(onode)
-        entry = ops.facts(self.op)
-        if entry is None or not entry.refit:
-            raise ValueError(f"op {self.op} is not refit")
-        if str(node.attr("data_format", "NHWC")).startswith("NC"):
-            raise ValueError("NCHW convolution")
-        if node.attr("transpose_a", False):
-            raise ValueError(f"{self.op} with transpose_a")
+        self.bias_node, self.bias = _bias_after(pruned, node)
+        _, obias = _bias_after(original, onode)
         k = self.kernel.value
-        self.geo = ConvGeometry.of(pruned, node) if k.ndim == 4 else None  # im2col patches, or rows
-        self.out_axis = ops.kernel_axes(node, k.ndim)[1]
-        self.w0 = ops.kernel_matrix(node, k).astype(np.float64)
-        w_orig = ops.kernel_matrix(onode, okernel.value).astype(np.float64)
-        cols = kept.get((self.kernel.name, self.out_axis))
+        self.geo = ConvGeometry.of(pruned, node) if self.sink.conv else None  # im2col patches, or rows
+        self.w0 = self.sink.matrix(k).astype(np.float64)
+        w_orig = osink.matrix(okernel.value).astype(np.float64)
+        cols = self.sink.columns(okernel.value.shape, kept)
         if cols is None:
             cols = np.arange(w_orig.shape[1])
         if len(cols) != self.w0.shape[1]:
             raise ValueError("its output channels do not match the pruned layer")
         self.w_orig = w_orig[:, cols]
-        self.b_orig = None if obias is None else np.asarray(obias.value, np.float64)[cols]
-        self.b0 = None if self.bias is None else np.asarray(self.bias.value, np.float64)
+        self.b_orig = None if obias is None else np.asarray(obias.value, np.float64).reshape(-1)[cols]
+        self.b0 = None if self.bias is None else np.asarray(self.bias.value, np.float64).reshape(-1)
+        if self.b0 is not None and self.b0.shape[0] != self.w0.shape[1]:
+            raise ValueError(f"its bias {self.bias.name} does not match its output channels")
+        # no bias to write an intercept into, and none can be added (several output axes): no intercept
+        self.intercept = self.bias is not None or len(self.sink.out_axes) == 1
         self.x = pruned.input(node, 0)
         self.x_orig = original.input(onode, 0)
         # a classifier head: MatMul (+ BiasAdd) → Softmax, all classes kept
@@ -179,19 +293,19 @@ class _Fit:
         self.rows_f: list = []
         self.rows_t: list = []
 
-    def _rows(self, x, index):
+    def _rows(self, x, index, width):
         if self.layer.geo is not None:
             p = extract_patches(x, self.layer.geo, index=index)
             return p.reshape(p.shape[0], -1).astype(np.float64)
-        return x.reshape(-1, x.shape[-1]).astype(np.float64)
+        return x.reshape(-1, width).astype(np.float64)
 
     def update(self, value, reference) -> None:
         value, reference = np.asarray(value), np.asarray(reference)
         index = None
         if self.layer.geo is not None:
             index = patch_index(value.shape, self.layer.geo, self.positions, self.rng)
-        f = self._rows(value, index)
-        r = self._rows(reference, index)
+        f = self._rows(value, index, self.layer.w0.shape[0])
+        r = self._rows(reference, index, self.layer.w_orig.shape[0])
         t = r @ self.layer.w_orig
         if self.layer.b_orig is not None:
             t += self.layer.b_orig
@@ -288,6 +402,15 @@ def softmax_refit(f: np.ndarray, p: np.ndarray, b_init: np.ndarray, b0: np.ndarr
     return b
 
 
+def _solve(acc, layer: _Layer, ridge: float) -> np.ndarray:
+    """The ridge refit of one layer (a layer without bias: intercept pulled to 0; one that cannot take a
+    bias: none)."""
+    if layer.intercept:
+        return ridge_solve(acc.ff, acc.ft, acc.b0, ridge)
+    w = ridge_solve(acc.ff[:-1, :-1], acc.ft[:-1], acc.b0[:-1], ridge)
+    return np.concatenate([w, np.zeros((1, w.shape[1]))], axis=0)
+
+
 def _depends(graph: Graph, names: list[str]) -> dict:
     """For each layer, the other layers among ``names`` it depends on."""
     s = set(names)
@@ -299,10 +422,10 @@ def _write(graph: Graph, layer: _Layer, b: np.ndarray) -> str:
     w, bias = b[:-1], b[-1]
     k = layer.kernel
     dtype = k.value.dtype
-    new = ops.matrix_to_kernel(graph.node(layer.name), w, k.value.shape)
+    new = layer.sink.to_kernel(w, k.value.shape)
     graph.set_weight(k.name, np.ascontiguousarray(new.astype(dtype)))
     if layer.bias is not None:
-        graph.set_weight(layer.bias.name, bias.astype(layer.bias.value.dtype))
+        graph.set_weight(layer.bias.name, bias.reshape(layer.bias.value.shape).astype(layer.bias.value.dtype))
         return ""
     if not np.any(bias):
         return ""
@@ -392,7 +515,7 @@ def fit_layers(pruned: Graph, original: Graph, layers: list[str], data: dict, ke
                     f.error_after = f.error_before
                     f.note = "refit did not lower the error: kept the sliced weights"
             elif refit and acc.normal and power > 0:
-                b = ridge_solve(acc.ff, acc.ft, acc.b0, ridge)  # a layer without bias: intercept pulled to 0
+                b = _solve(acc, layer, ridge)
                 err = float(np.sqrt(acc.residual(b) / power))
                 if err < f.error_before:
                     f.error_after = err

@@ -14,7 +14,7 @@ from graphslim.analysis.channels import apply_keeps, channel_groups, group_for, 
 from graphslim.ir.graph import Graph, SignatureArg, Tensor
 from graphslim.pipeline import PassManager
 from graphslim.runtime import run
-from graphslim.testing import zero_produced_channels
+from graphslim.testing import keras_attention_graph, zero_produced_channels
 
 keras_hub = pytest.importorskip("keras_hub")
 keras = pytest.importorskip("keras")
@@ -209,25 +209,8 @@ def test_keras_attention_einsums_couple_heads_and_head_sizes():
     """Keras 3's MultiHeadAttention equations: projections ``abc,cde->abde``, scores ``aecd,abcd->acbe``,
     context ``acbe,aecd->abcd``, output ``abcd,cde->abe``. Heads: q, k, v kernels' axis 1 and the output
     kernel's axis 0; head size: q and k (contracted in the scores), v and the output kernel's axis 1."""
-    rng = np.random.RandomState(0)
-    g = Graph()
-    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": (None, 5, 8)})
-    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
-
-    def einsum(name, eq, a, b):
-        return g.add_node(name, "Einsum", inputs=[a, b], attrs={"T": tf.float32, "N": 2, "equation": eq}).output(0)
-
-    def w(name, shape):
-        return g.add_weight(name, rng.randn(*shape).astype("f")).output(0)
-
-    x = Tensor("x", 0)
-    q, k, v = (einsum(f"{n}/Einsum", "abc,cde->abde", x, w(f"{n}/kernel", (8, 3, 4))) for n in "qkv")
-    scores = einsum("scores", "aecd,abcd->acbe", k, q)
-    probs = g.add_node("softmax", "Softmax", inputs=[scores], attrs={"T": tf.float32}).output(0)
-    ctx = einsum("context", "acbe,aecd->abcd", probs, v)
-    y = einsum("o/Einsum", "abcd,cde->abe", ctx, w("o/kernel", (3, 4, 8)))
-    g.outputs.append(SignatureArg("y", y))
-    g.infer_shapes()
+    rng = np.random.RandomState(1)
+    g = keras_attention_graph(seed=0)
     groups = {tuple(sorted((m.name, m.axis) for m in grp.sources)): grp for grp in channel_groups(g)}
     heads = groups[(("k/kernel", 1), ("q/kernel", 1), ("v/kernel", 1))]
     assert heads.prunable and [(m.name, m.axis) for m in heads.sinks] == [("o/kernel", 0)]

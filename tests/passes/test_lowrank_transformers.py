@@ -102,6 +102,19 @@ def test_calibration_lowers_the_vit_output_error(vit, tmp_path):
     assert errs[True] < 0.7 * errs[False] and accs[True] >= accs[False]
 
 
+def test_macs_budget_counts_every_token_of_a_dense_under_tensordot(vit):
+    """Keras's Dense on [batch, tokens, features] is a MatMul of the rows reshaped to [batch·tokens,
+    features]: its MACs count every token (17 here), in the budget as in ``graph.cost()`` (they were counted
+    once, so macs=0.5 cut every layer to rank 1 and kept 9% of the MACs)."""
+    g0, _ = vit
+    g = g0.copy()
+    st = graphslim.run_pipeline(g, "lowrank{macs=0.5}").passes[-1]["stats"]
+    ratio = g.cost().macs / g0.cost().macs
+    assert 0.4 < ratio <= 0.52 and abs(ratio - st["macs_planned"]) < 0.03, (ratio, st["macs_planned"])
+    dense = [r for r in st["layers"] if r["op"] == "MatMul" and r["action"] == "factorized"]
+    assert dense and all(r["macs_before"] == 17 * 64 * 128 for r in dense if "mlp" in r["layer"])
+
+
 @pytest.mark.parametrize("equation,shapes,reason", [
     ("ab...,bc->ac", (2, (4, 5)), "has an ellipsis"),
     ("abb,bc->ac", (3, (4, 5)), "repeats a label within an operand"),
