@@ -364,7 +364,11 @@ def _fisher(ctx, group):
     if not parts:
         ctx.note(group, "fisher: no activation of the group was measured: scored by l1")
         return _norm_criterion(ctx, group, 1)
-    fisher = np.square(sum(parts)).sum(axis=0)  # one mask per channel: its parts add up per example
+    # A tensor with the examples' rows flattened (tf.tensordot's [B·T, C]): its rows summed per example
+    # (batch-major, as the reshape lays them out); one mask per channel: its parts add up per example
+    n = min(len(p) for p in parts)
+    parts = [p if len(p) == n else p.reshape(n, -1, p.shape[-1]).sum(axis=1) for p in parts if len(p) % n == 0]
+    fisher = np.square(sum(parts)).sum(axis=0)
     order = np.argsort(fisher, kind="stable")
     scores = np.empty(group.size)
     scores[order] = np.cumsum(fisher[order])

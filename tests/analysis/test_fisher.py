@@ -108,6 +108,19 @@ def test_fisher_scores_heads_and_ffn_of_the_digits_vit(data, tmp_path):
     assert _accuracy(g, data) > 0.88  # 95.8% before; 93% on this draw (l1: 81%, fisher normalized per group: 85%)
 
 
+def test_fisher_scores_the_hidden_size_read_per_token(data, tmp_path):
+    """hidden=true: the hidden size is read by tf.tensordot's flattened [B·T, C] rows as well as per
+    example: their mask gradients are summed per example (it had failed to broadcast)."""
+    base = graphslim.load(str(fixture_path("vit_digits")))
+    calib = _calib(tmp_path, "images", data)
+    g = base.copy()
+    st = graphslim.run_pipeline(g, f"prune{{ratio=0.25 criterion=fisher calib={calib} hidden=true}}").passes[0]["stats"]
+    assert st["criterion"] == "fisher" and not st["notes"], st["notes"]
+    hidden = [r for r in st["layers"] if "position_embedding" in str(r)]
+    assert g.weights["vit_patching_and_embedding/position_embedding/embeddings"].value.shape[-1] == 48, hidden
+    assert run(g, {"images": digits()["x_test"][:4]})["output_0"].shape == (4, 10)
+
+
 def test_gradients_run_only_after_the_safety_scan(tmp_path):
     from graphslim.io.scan import UnsafeModelError
 
