@@ -58,7 +58,6 @@ from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, p
                                           factorize_graph, kept_energy, refit, relative_error,
                                           separable_factors, sibling_name,
                                           whitening)
-from graphslim.ir.graph import Graph, SignatureArg
 from graphslim.pipeline import PassResult, register_pass
 
 RIDGE = 1e-3  # relative ridge of the pointwise refit, pulling towards the closed-form factors
@@ -253,29 +252,7 @@ class _Separable(Method):
         return pointwise_conv(g, node_name, [y, pwk], reuse, t, pw_strides, fmt)
 
     def timing_graphs(self, graph, cand):
-        if cand.data["nchw"]:
-            return "NCHW convolutions do not run on this CPU"
-        xshape = graph.shape(graph.input(cand.node, 0))
-        if xshape is None or any(d is None for d in xshape[1:]):
-            return "input shape unknown"
-        minis = []
-        for factorized in (False, True):
-            g = _mini_input(graph, cand.node, (1,) + tuple(xshape[1:]))
-            if factorized:
-                out = self._emit(g, cand, "x", "layer")
-            else:
-                k = g.add_weight("kernel", cand.kernel.value)
-                out = g.add_node("layer", "Conv2D", ["x", k], attrs=dict(cand.node.attrs))
-            g.outputs.append(SignatureArg("y", out.output(0)))
-            g.infer_shapes()
-            minis.append(g)
-        return tuple(minis)
-
-
-def _mini_input(graph, node, shape) -> Graph:
-    g = Graph()
-    g.add_input("x", graph.dtype(graph.input(node, 0)), shape)
-    return g
+        return self.conv_timing_graphs(graph, cand)
 
 
 @register_pass("separable", options=SeparableOptions)

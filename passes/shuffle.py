@@ -66,7 +66,6 @@ from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, d
                                           relative_error, shift_bias)
 from graphslim.analysis.shuffle import (block_fit, block_refit, cocluster, grouped_kernel, kept_fraction,
                                         layout, output_energy_kept)
-from graphslim.ir.graph import Graph, SignatureArg
 from graphslim.pipeline import PassResult, register_pass
 
 RIDGE = 1e-3  # relative ridge of the block refit, pulling towards the closed-form blocks
@@ -304,24 +303,7 @@ class _Shuffle(Method):
             shift_bias(graph, cand.data["bias"], cand.data["bias_shift"])
 
     def timing_graphs(self, graph, cand):
-        if cand.data["nchw"]:
-            return "NCHW convolutions do not run on this CPU"
-        xshape = graph.shape(graph.input(cand.node, 0))
-        if xshape is None or any(d is None for d in xshape[1:]):
-            return "input shape unknown"
-        minis = []
-        for grouped in (False, True):
-            g = Graph()
-            g.add_input("x", graph.dtype(graph.input(cand.node, 0)), (1,) + tuple(xshape[1:]))
-            if grouped:
-                out = self._emit(g, cand, "x", "layer")
-            else:
-                k = g.add_weight("kernel", cand.kernel.value)
-                out = g.add_node("layer", "Conv2D", ["x", k], attrs=dict(cand.node.attrs))
-            g.outputs.append(SignatureArg("y", out.output(0)))
-            g.infer_shapes()
-            minis.append(g)
-        return tuple(minis)
+        return self.conv_timing_graphs(graph, cand)
 
 
 @register_pass("shuffle", options=ShuffleOptions)

@@ -67,7 +67,6 @@ from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, f
                                           kept_energy, pointwise_conv, refit, relative_error,
                                           sibling_name, whitening)
 from graphslim.analysis.tucker import compose_tucker, energy_chain, hosvd, tucker_factors
-from graphslim.ir.graph import Graph, SignatureArg
 from graphslim.pipeline import PassResult, register_pass
 
 RIDGE = 1e-3  # relative ridge of the refit of the last 1×1 factor, pulling towards the closed form
@@ -283,24 +282,7 @@ class _Tucker(Method):
         return pointwise_conv(g, node_name, [mid, k_out], reuse, t, ones, fmt)
 
     def timing_graphs(self, graph, cand):
-        if cand.data["nchw"]:
-            return "NCHW convolutions do not run on this CPU"
-        xshape = graph.shape(graph.input(cand.node, 0))
-        if xshape is None or any(d is None for d in xshape[1:]):
-            return "input shape unknown"
-        minis = []
-        for factorized in (False, True):
-            g = Graph()
-            g.add_input("x", graph.dtype(graph.input(cand.node, 0)), (1,) + tuple(xshape[1:]))
-            if factorized:
-                out = self._emit(g, cand, "x", "layer")
-            else:
-                k = g.add_weight("kernel", cand.kernel.value)
-                out = g.add_node("layer", "Conv2D", ["x", k], attrs=dict(cand.node.attrs))
-            g.outputs.append(SignatureArg("y", out.output(0)))
-            g.infer_shapes()
-            minis.append(g)
-        return tuple(minis)
+        return self.conv_timing_graphs(graph, cand)
 
 
 @register_pass("tucker", options=TuckerOptions)

@@ -336,6 +336,30 @@ class Method:
         """``(original mini graph, factorized mini graph)`` at batch 1, or a reason string."""
         raise NotImplementedError
 
+    def conv_timing_graphs(self, graph, cand: Candidate):
+        """:meth:`timing_graphs` of a Conv2D candidate (``cand.data["nchw"]`` set): the conv alone and
+        the form :meth:`_emit` builds, each on an input ``x`` of the layer's shape at batch 1."""
+        from graphslim.ir.graph import Graph, SignatureArg
+
+        if cand.data["nchw"]:
+            return "NCHW convolutions do not run on this CPU"
+        xshape = graph.shape(graph.input(cand.node, 0))
+        if xshape is None or any(d is None for d in xshape[1:]):
+            return "input shape unknown"
+        minis = []
+        for factorized in (False, True):
+            g = Graph()
+            g.add_input("x", graph.dtype(graph.input(cand.node, 0)), (1,) + tuple(xshape[1:]))
+            if factorized:
+                out = self._emit(g, cand, "x", "layer")
+            else:
+                k = g.add_weight("kernel", cand.kernel.value)
+                out = g.add_node("layer", "Conv2D", ["x", k], attrs=dict(cand.node.attrs))
+            g.outputs.append(SignatureArg("y", out.output(0)))
+            g.infer_shapes()
+            minis.append(g)
+        return tuple(minis)
+
     def rewrite(self, graph, cand: Candidate) -> None:
         """Replace the candidate in place: its node becomes the last factor (keeping its name, so the
         BiasAdd after it is untouched), the old kernel goes if unread, the bias takes the refit shift."""
