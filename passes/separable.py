@@ -53,7 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.calibration import ConvGeometry, PatchMoments, Regression
-from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, pointwise_conv,
+from graphslim.analysis.factorize import (conv_candidate, FactorizeOptions, Method, pointwise_conv,
                                           channel_svd, compose_separable, derived_name,
                                           factorize_graph, kept_energy, refit, relative_error,
                                           separable_factors, sibling_name,
@@ -81,16 +81,11 @@ class _Separable(Method):
     def candidates(self, graph):
         out = []
         for node in graph.nodes(op="Conv2D"):
-            c = Candidate(node, record={"layer": node.name, "op": node.op})
+            c = conv_candidate(graph, node)
             out.append(c)
-            kshape = graph.shape(graph.input(node, 1))
-            if kshape is None or len(kshape) != 4 or None in kshape:
-                c.skip("kernel shape unknown")
+            if c.skipped:
                 continue
-            c.record["kernel_shape"] = list(kshape)
-            named = graph.weight_of(node, 1)
-            if named is not None:
-                c.record["kernel"] = named.name
+            kshape = tuple(c.record["kernel_shape"])
             kh, kw, cin, cout = kshape
             nchw = node.attr("data_format", "NHWC").startswith("NC")
             xshape = graph.shape(graph.input(node, 0))

@@ -62,7 +62,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.calibration import ConvGeometry, PatchMoments, Regression
-from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, derived_name, factorize_graph,
+from graphslim.analysis.factorize import (conv_candidate, FactorizeOptions, Method, derived_name, factorize_graph,
                                           relative_error, shift_bias)
 from graphslim.analysis.shuffle import (block_fit, block_refit, cocluster, grouped_kernel, kept_fraction,
                                         layout, output_energy_kept)
@@ -133,16 +133,11 @@ class _Shuffle(Method):
         g_ = self.opts.groups
         out = []
         for node in graph.nodes(op="Conv2D"):
-            c = Candidate(node, record={"layer": node.name, "op": node.op})
+            c = conv_candidate(graph, node)
             out.append(c)
-            kshape = graph.shape(graph.input(node, 1))
-            if kshape is None or len(kshape) != 4 or None in kshape:
-                c.skip("kernel shape unknown")
+            if c.skipped:
                 continue
-            c.record["kernel_shape"] = list(kshape)
-            named = graph.weight_of(node, 1)
-            if named is not None:
-                c.record["kernel"] = named.name
+            kshape = tuple(c.record["kernel_shape"])
             kh, kw, cin, cout = kshape
             nchw = node.attr("data_format", "NHWC").startswith("NC")
             xshape = graph.shape(graph.input(node, 0))

@@ -63,7 +63,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.calibration import ConvGeometry, FeatureMoments, Regression
-from graphslim.analysis.factorize import (Candidate, FactorizeOptions, Method, factorize_graph,
+from graphslim.analysis.factorize import (conv_candidate, FactorizeOptions, Method, factorize_graph,
                                           kept_energy, pointwise_conv, refit, relative_error,
                                           sibling_name, whitening)
 from graphslim.analysis.tucker import compose_tucker, energy_chain, hosvd, tucker_factors
@@ -128,16 +128,11 @@ class _Tucker(Method):
     def candidates(self, graph):
         out = []
         for node in graph.nodes(op=("Conv2D", "DepthwiseConv2dNative")):
-            c = Candidate(node, record={"layer": node.name, "op": node.op})
+            c = conv_candidate(graph, node)
             out.append(c)
-            kshape = graph.shape(graph.input(node, 1))
-            if kshape is None or len(kshape) != 4 or None in kshape:
-                c.skip("kernel shape unknown")
+            if c.skipped:
                 continue
-            c.record["kernel_shape"] = list(kshape)
-            named = graph.weight_of(node, 1)
-            if named is not None:
-                c.record["kernel"] = named.name
+            kshape = tuple(c.record["kernel_shape"])
             if node.op == "DepthwiseConv2dNative":
                 c.skip("depthwise conv (no channel mixing to factorize)")
                 continue

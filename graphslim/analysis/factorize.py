@@ -39,7 +39,7 @@ import numpy as np
 
 from graphslim.errors import PassError
 
-__all__ = ["Candidate", "FactorizeOptions", "Method", "allocate_ranks", "channel_svd", "choose_rank",
+__all__ = ["Candidate", "conv_candidate", "FactorizeOptions", "Method", "allocate_ranks", "channel_svd", "choose_rank",
            "factorize_graph", "kept_energy", "lowrank_factors", "measure_latency", "rebalance", "refit",
            "separable_factors", "whitening"]
 
@@ -292,6 +292,21 @@ class Candidate:
     @property
     def skipped(self) -> bool:
         return self.record.get("action") == "skipped"
+
+
+def conv_candidate(graph, node) -> Candidate:
+    """A candidate for ``node`` (a Conv2D or DepthwiseConv2dNative) with its kernel's shape and weight name
+    in the record, skipped when the kernel shape is unknown."""
+    c = Candidate(node, record={"layer": node.name, "op": node.op})
+    kshape = graph.shape(graph.input(node, 1))
+    if kshape is None or len(kshape) != 4 or None in kshape:
+        c.skip("kernel shape unknown")
+        return c
+    c.record["kernel_shape"] = list(kshape)
+    named = graph.weight_of(node, 1)
+    if named is not None:
+        c.record["kernel"] = named.name
+    return c
 
 
 class Method:
