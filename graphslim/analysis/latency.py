@@ -631,11 +631,14 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
                 else:
                     hi = mid
         removal, row = best
+        # The prediction the allocation used, taken before the new points below refit the unit tables
+        # (after them, a unit's full-width time and its pruned time would come from different fits).
+        saved = model.per_group(removal)
         # Each changed layer timed at its new widths: the measured saving per group beside the predicted.
         final = [(u, [tuple(u.dims), tuple(model.widths(i, removal))]) for i, u in enumerate(units)]
         tables.measure([f for f in final if f[1][0] != f[1][1]], child, progress, what="pruned layer")
     met = row["measured"] <= goal
-    saved, measured = model.per_group(removal), model.measured_per_group(removal)
+    measured = model.measured_per_group(removal)
     stats = {"latency": goal, "runtime": runtime, "threads": threads, "allocation": opts.allocation,
              "measured": row["measured"], "predicted": row["predicted"], "speedup": 1.0 / row["measured"],
              "met": met, "shortfall": None if met else row["measured"] - goal, "rounds": rounds,
