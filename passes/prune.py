@@ -715,17 +715,26 @@ def prune(graph, opts: PruneOptions) -> PassResult:
     if target_stats.get("unreachable"):
         warnings.append(target_stats["unreachable"] + " (a smaller round_to= or fewer exclusions get closer)")
     if target_stats.get("met") is False:
-        from graphslim.analysis.latency import KNEE
+        from graphslim.analysis.latency import KNEE, NOISE
 
-        warnings.append(f"latency={opts.latency} not reached on {opts.runtime}: the pruned model measured "
-                        f"{target_stats['measured']:.3f} of the original's latency ({target_stats['speedup']:.2f}x "
-                        f"faster), {target_stats['shortfall']:.3f} short, within min_channels={opts.min_channels}, "
+        outcome = (f"no pruned model measured faster than the original beyond the timing noise (the fastest "
+                   f"{target_stats['fastest']:.3f} of its latency, noise {NOISE:.2f}), so nothing was pruned: the "
+                   f"channels would cost importance for no speed"
+                   if target_stats["unpruned"] else
+                   f"the pruned model measured {target_stats['measured']:.3f} of the original's latency "
+                   f"({target_stats['speedup']:.2f}x faster)")
+        warnings.append(f"latency={opts.latency} not reached on {opts.runtime}: {outcome}, "
+                        f"{target_stats['shortfall']:.3f} short, within min_channels={opts.min_channels}, "
                         f"round_to={opts.round_to}, the excluded and the not prunable groups"
                         + (f"; with every prunable group at its smallest width the latency tables predict "
                            f"{target_stats['floor']:.3f} (the rest is time pruning does not change: per-op "
                            f"overhead, unprunable layers), and graphslim stops {KNEE:.2f} above that, where the "
                            f"last saving would cost most of the importance"
-                           if target_stats["floor"] + KNEE > opts.latency else ""))
+                           if target_stats["floor"] + KNEE > opts.latency else "")
+                        + (f"; {target_stats['tables']['flat_units']} of {target_stats['tables']['units']} layers' "
+                           f"measured times on {opts.runtime} do not change with their widths beyond the timing "
+                           f"noise, so pruning them buys no speed there"
+                           if target_stats["tables"]["flat_units"] else ""))
     return PassResult(changed=bool(changes), stats=stats, warnings=warnings)
 
 

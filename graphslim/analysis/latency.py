@@ -40,6 +40,8 @@ from graphslim.sandbox import RUNTIMES
 __all__ = ["RUNTIMES", "Unit", "layer_units", "unit_graph", "LatencyTables", "LatencyModel", "cache_root",
            "machine_key", "time_graphs"]
 
+FLAT_SIGMAS = 2.0  # a unit whose fitted width dependence spans less than this many residual standard
+# deviations of its table is taken as flat: its time is held constant (:meth:`LatencyTables.flat`)
 GRID = (1.0, 0.625, 0.25)  # fractions of each width measured (the fit in LatencyTables.at spans them)
 _CHAIN_OPS = frozenset({"BiasAdd", "Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "Softplus", "Swish",
                         "LeakyRelu", "Mul", "AddV2", "Add", "Sub", "Maximum", "Minimum", "FusedBatchNormV3",
@@ -408,8 +410,17 @@ class LatencyTables:
             pts = np.array([[int(v) for v in k.split(",")] for k in table], dtype=np.float64)
             vals = np.array(list(table.values()), dtype=np.float64)
             coef = _nonneg_lstsq(_features(pts), vals)
+            if _within_noise(_features(pts), vals, coef):
+                coef = np.zeros_like(coef)
+                coef[0] = float(vals.mean())
             self._fits[unit.key] = coef
         return coef
+
+    def flat(self, unit: Unit) -> bool:
+        """Whether the unit's measured time does not depend on its widths beyond the timing noise
+        (:func:`_within_noise`): the model then holds it at its mean, and pruning it saves nothing."""
+        coef = self._fit_of(unit)
+        return not np.any(coef[1:])
 
     def point(self, unit: Unit, widths) -> float | None:
         """The measured time of ``unit`` at ``widths`` (None if that point was not measured)."""
@@ -425,6 +436,20 @@ def _features(pts: np.ndarray) -> np.ndarray:
         return np.column_stack([np.ones(len(pts)), pts[:, 0]])
     x, y = pts[:, 0], pts[:, 1]
     return np.column_stack([np.ones(len(pts)), x, y, x * y])
+
+
+def _within_noise(a: np.ndarray, b: np.ndarray, coef: np.ndarray) -> bool:
+    """Whether the fitted width dependence is lost in the timing noise: the fit's span over the measured
+    points is below :data:`FLAT_SIGMAS` times the residual standard deviation (the fit's degrees of
+    freedom counted). On TensorFlow's graph executor a small layer's time is per-op overhead, and its
+    tables are noise a free fit would read as savings (a narrower layer "faster" by chance); with no
+    degree of freedom left the fit is kept."""
+    fitted = a @ coef
+    dof = len(b) - a.shape[1]
+    if dof <= 0:
+        return False
+    sigma = float(np.sqrt(np.square(b - fitted).sum() / dof))
+    return float(fitted.max() - fitted.min()) < FLAT_SIGMAS * sigma
 
 
 def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -548,7 +573,9 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
     of the two counts, so one lucky measurement cannot end the search) or :data:`MAX_ROUNDS` rounds pass; the allocation that met
     the target with the least pruning, else the fastest, is kept. Out of reach (the target lies below
     the tables' floor + :data:`KNEE`, where no allocation is aimed), up to :data:`KNEE_ROUNDS` more rounds bisect towards less pruning, and the
-    least pruned allocation measured within :data:`NOISE` of the fastest is kept. Returns ``({gid: channels removed},
+    least pruned allocation measured within :data:`NOISE` of the fastest is kept; when even the fastest
+    is within :data:`NOISE` of the original (and no group's width was fixed by ``layer=``), that is the
+    original itself: nothing is pruned and the stats say ``unpruned``. Returns ``({gid: channels removed},
     stats)``; the stats say predicted and measured ratios per round, whether the target was met and by
     how much it fell short."""
     from dataclasses import replace
@@ -570,6 +597,7 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
         original = load_timed(child, graph, engine)  # loaded once (a LiteRT conversion takes seconds)
         whole = time_loaded(child, [original], rounds=7)[0]
         model = LatencyModel(units, tables, whole, candidates, orders)
+        flat = sum(1 for u in units if tables.flat(u))
         # The floor: every free group at its smallest allowed width. Below floor + KNEE the modelled
         # curve is flat, so no allocation aims there: a target out of reach ends short of it, not with
         # every layer at min_channels for a saving the measurement cannot see.
@@ -630,6 +658,12 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
                     best, lo = (removal, row), mid
                 else:
                     hi = mid
+        fastest = best[1]["measured"]
+        if not best[1]["measured"] <= goal and not fixed and fastest >= 1.0 - NOISE:
+            # Short, and nothing measured faster than the original beyond the noise: the least pruned
+            # allocation as fast as the fastest is the original itself (no channel is worth its importance).
+            best = ({}, {"round": None, "modelled_target": 1.0, "predicted": 1.0, "measured": 1.0,
+                         "original_ms": best[1]["original_ms"], "pruned_ms": best[1]["original_ms"]})
         removal, row = best
         # The prediction the allocation used, taken before the new points below refit the unit tables
         # (after them, a unit's full-width time and its pruned time would come from different fits).
@@ -642,9 +676,10 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
     stats = {"latency": goal, "runtime": runtime, "threads": threads, "allocation": opts.allocation,
              "measured": row["measured"], "predicted": row["predicted"], "speedup": 1.0 / row["measured"],
              "met": met, "shortfall": None if met else row["measured"] - goal, "rounds": rounds,
-             "floor": floor,
+             "floor": floor, "fastest": fastest, "unpruned": not removal,
              "original_ms": row["original_ms"], "pruned_ms": row["pruned_ms"],
              "tables": {"units": len(units), "cached_units": cached, "measured_points": tables.measured,
+                        "flat_units": flat,
                         "file": str(tables.path) if tables.path else None},
              "groups": {f"g{gid}": {"removed": int(removal[gid]), "predicted_saved_ms": 1e3 * saved[gid], "measured_saved_ms": 1e3 * measured[gid]}
                         for gid in sorted(saved) if removal.get(gid, 0) > 0}}

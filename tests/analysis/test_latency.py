@@ -114,13 +114,33 @@ def test_latency_model_starts_at_the_measured_whole_and_saves_with_removal(resne
     assert model.total({g.id: g.size // 2}) == pytest.approx(whole - model.saving(g.id, {}, g.size // 2))
 
 
-def test_prune_latency_measures_and_reports_rounds(resnet):
-    """On the digits ResNet the graph executor's per-op overhead dominates, so halving the latency is
-    out of reach: the pass must say so (a shortfall in the stats and a warning), never claim it."""
-    g = resnet.copy()
-    report = PassManager("prune{latency=0.9 round_to=4}").run(g)
+def test_tables_hold_a_layer_whose_width_dependence_is_noise_flat():
+    """A table that is timing noise around a per-op overhead (a small layer on TensorFlow's graph
+    executor) is held at its mean: no width looks cheaper by chance. A table that scales with the
+    widths keeps its fit under the same noise."""
+    rng = np.random.default_rng(1)
+    grid = [(a, b) for a in (32, 20, 8) for b in (32, 20, 8)]
+    noise, u = _tables_with({f"{a},{b}": 45e-6 + 3e-6 * rng.standard_normal() for a, b in grid})
+    assert noise.flat(u)
+    assert noise.at(u, [8, 8]) == noise.at(u, [32, 32]) == pytest.approx(np.mean(list(noise.times["u"].values())))
+    real, v = _tables_with({f"{a},{b}": 1e-6 * (3 + 0.1 * a * b) * (1 + 0.05 * rng.standard_normal())
+                            for a, b in grid})
+    assert not real.flat(v)
+    assert real.at(v, [8, 8]) < 0.2 * real.at(v, [32, 32])
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Three 3×3 convs at 32×32 (64, 32 and 16 filters): two prunable groups whose layers' times depend
+    on their widths in the graph executor."""
+    return _convs(tmp_path_factory.mktemp("chain") / "m", (64, 32, 16))
+
+
+def test_prune_latency_measures_and_reports_rounds(chain):
+    g = chain.copy()
+    report = PassManager("prune{latency=0.7 round_to=4}").run(g)
     target = report.passes[-1]["stats"]["target"]
-    assert target["runtime"] == "tf" and target["rounds"] and target["tables"]["units"] == len(layer_units(resnet))
+    assert target["runtime"] == "tf" and target["rounds"] and target["tables"]["units"] == 3
     for row in target["rounds"]:
         # measured: a positive ratio (a loaded machine can make one round's pruned model look slower)
         assert 0 < row["measured"] < 5 and 0 < row["predicted"] <= 1.0 + 1e-9
@@ -131,33 +151,44 @@ def test_prune_latency_measures_and_reports_rounds(resnet):
     assert target["groups"] and all(v["removed"] > 0 for v in target["groups"].values())
     measured = [v["measured_saved_ms"] for v in target["groups"].values()]
     assert all(np.isfinite(measured)) and sum(measured) < target["original_ms"] * 20
-    assert all(v["predicted_saved_ms"] >= 0 for v in target["groups"].values())
+    assert all(v["predicted_saved_ms"] > 0 for v in target["groups"].values())
     if target["met"]:
-        assert target["measured"] <= 0.9 and target["shortfall"] is None
+        assert target["measured"] <= 0.7 and target["shortfall"] is None
     else:
         assert target["shortfall"] > 0
-        assert any("latency=0.9 not reached" in m for _, m in report.warnings)
+        assert any("latency=0.7 not reached" in m for _, m in report.warnings)
     g.verify()
+
+
+def test_prune_latency_out_of_reach_says_so_and_stops_above_the_floor(resnet):
+    """On the digits ResNet the graph executor's per-op overhead dominates: 0.05 of the latency is out
+    of reach, and the pass must say so (a shortfall in the stats and a warning), never claim it; the
+    layers whose tables are noise save nothing in the model and the warning counts them."""
     unreachable = PassManager("prune{latency=0.05 min_channels=8}").run(resnet.copy())
     t = unreachable.passes[-1]["stats"]["target"]
     assert t["met"] is False and t["shortfall"] > 0.05
     assert any("not reached on tf" in m and "short" in m for _, m in unreachable.warnings)
     # below the tables' floor (every group at its smallest width) the allocation stops short of it: the
     # warning names the floor, and no round aimed under floor + KNEE
-    assert 0.05 < t["floor"] < 1
+    assert 0.05 < t["floor"] <= 1
     assert any(f"smallest width the latency tables predict {t['floor']:.3f}" in m for _, m in unreachable.warnings)
-    assert all(row["modelled_target"] >= t["floor"] + KNEE - 1e-9 for row in t["rounds"])
+    assert all(row["modelled_target"] >= min(t["floor"] + KNEE, 1.0) - 1e-9 for row in t["rounds"])
+    assert 0 <= t["tables"]["flat_units"] <= t["tables"]["units"]
+    if t["tables"]["flat_units"]:
+        assert any(f"{t['tables']['flat_units']} of {t['tables']['units']} layers' measured times on tf do not "
+                   f"change with their widths" in m for _, m in unreachable.warnings)
+    # a group all of whose layers are flat saves nothing in the model, so it is never pruned for it
+    assert all(v["predicted_saved_ms"] > 0 for v in t["groups"].values())
 
 
-def test_latency_combines_with_exclude_min_channels_and_round_to(resnet):
-    g = resnet.copy()
+def test_latency_combines_with_exclude_min_channels_and_round_to(chain):
+    g = chain.copy()
     kernels = {k: w.value.shape[-1] for k, w in g.weights.items() if k.endswith("kernel")}
-    st = PassManager("prune{latency=0.85 exclude=conv2d_1 min_channels=6 round_to=2}").run(g).passes[-1]["stats"]
+    st = PassManager("prune{latency=0.6 exclude=conv2 min_channels=6 round_to=4}").run(g).passes[-1]["stats"]
     assert st["target"]["rounds"]
     after = {k: g.weights[k].value.shape[-1] for k in kernels}
-    assert after["conv2d_1/kernel"] == kernels["conv2d_1/kernel"]  # excluded
-    changed = [k for k in kernels if after[k] != kernels[k]]
-    assert changed and all(after[k] >= 6 and after[k] % 2 == 0 for k in changed)
+    assert after["conv2/kernel"] == 32 and after["conv3/kernel"] == 16  # excluded; the output
+    assert after["conv1/kernel"] < 64 and after["conv1/kernel"] >= 6 and after["conv1/kernel"] % 4 == 0
 
 
 @pytest.mark.parametrize("text,msg", [
@@ -171,21 +202,26 @@ def test_bad_latency_options_are_refused(text, msg):
         PassManager(text)
 
 
-def _two_convs(path):
-    """x [?, 32, 32, 8] → conv1 (3×3, 64 filters) → ReLU → conv2 (3×3, 16) → y, as a SavedModel."""
+def _convs(path, widths=(64, 16)):
+    """x [?, 32, 32, 8] → conv1 (3×3, widths[0] filters) → ReLU → conv2 ... → y, as a SavedModel: layers
+    large enough that their time depends on their widths on every runtime."""
     import tensorflow as tf
 
     rng = np.random.default_rng(3)
+    shapes = list(zip((8,) + tuple(widths[:-1]), widths))
 
     class M(tf.Module):
         def __init__(self):
-            self.k1 = tf.Variable(rng.normal(size=(3, 3, 8, 64)).astype(np.float32) * 0.1, name="conv1/kernel")
-            self.k2 = tf.Variable(rng.normal(size=(3, 3, 64, 16)).astype(np.float32) * 0.1, name="conv2/kernel")
+            self.k = [tf.Variable(rng.normal(size=(3, 3, c, n)).astype(np.float32) * 0.1, name=f"conv{i + 1}/kernel")
+                      for i, (c, n) in enumerate(shapes)]
 
         @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 8], tf.float32, name="x")])
         def __call__(self, x):
-            h = tf.nn.relu(tf.nn.conv2d(x, self.k1, 1, "SAME"))
-            return {"y": tf.nn.conv2d(h, self.k2, 1, "SAME")}
+            for i, k in enumerate(self.k):
+                x = tf.nn.conv2d(x, k, 1, "SAME")
+                if i < len(self.k) - 1:
+                    x = tf.nn.relu(x)
+            return {"y": x}
 
     m = M()
     tf.saved_model.save(m, str(path), signatures=m.__call__)
@@ -197,7 +233,7 @@ def test_prune_latency_on_litert_measures_there(tmp_path):
     cached under the litert runtime's own key); conv1 shrinks and the model still runs."""
     from graphslim.runtime import run
 
-    g = _two_convs(tmp_path / "m")
+    g = _convs(tmp_path / "m")
     report = PassManager("prune{latency=0.6 runtime=litert round_to=8}").run(g)
     target = report.passes[-1]["stats"]["target"]
     assert target["runtime"] == "litert" and target["tables"]["units"] == 2
