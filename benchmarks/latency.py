@@ -131,7 +131,8 @@ def main(argv=None) -> int:
             lt = lstats["target"]
             print(f"| {name} | {runtime} | {target} | {1 / rm:.2f}x | {mstats['macs']['ratio']:.3f} | "
                   f"{1 / rl:.2f}x | {lstats['macs']['ratio']:.3f} | {len(lt['rounds'])}, {lt['predicted']:.3f}, "
-                  f"{lt['measured']:.3f}{'' if lt['met'] else ' (short)'}, {seconds:.0f} s "
+                  f"{lt['measured']:.3f}{'' if lt['met'] else ' (short)'}{', by MACs' if lt['allocator'] == 'macs' else ''}"
+                  f"{', unpruned' if lt['unpruned'] else ''}, {seconds:.0f} s "
                   f"({lt['tables']['measured_points']} points measured) |")
             sys.stdout.flush()
             if name in DIGITS:

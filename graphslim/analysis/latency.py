@@ -535,6 +535,7 @@ NOISE = 0.02  # measured ratios this close count as equally fast (the knee searc
 KNEE = 0.01  # the last stretch of the modelled latency curve (as a fraction of the model's time) not
 # spent: next to the floor (every group at its smallest width) it is bought with most of the importance
 MAX_ROUNDS = 5
+BY_MACS_ROUNDS = 3  # rounds of the MACs-ordered allocation measured against the latency one (:func:`_by_macs`)
 STEP = 0.02  # how far the modelled target moves when the correction repeats an allocation
 
 
@@ -553,7 +554,8 @@ def _time_allocation(child, graph, original, engine: str, candidates, orders, re
     try:
         t0, t1, ratio = time_pair(child, original, pruned, rounds=9)
         row = {"round": n, "modelled_target": modelled, "predicted": model.total(removal) / model.total0,
-               "measured": ratio, "original_ms": 1e3 * t0, "pruned_ms": 1e3 * t1}
+               "measured": ratio, "original_ms": 1e3 * t0, "pruned_ms": 1e3 * t1,
+               "removed": {int(gid): int(r) for gid, r in removal.items() if r}}
         if row["measured"] <= goal:
             progress(f"timing the pruned model {where} again (round {n})")
             row["measured_first"] = row["measured"]
@@ -561,6 +563,47 @@ def _time_allocation(child, graph, original, engine: str, candidates, orders, re
     finally:
         child.release(pruned[0])
     return row
+
+
+def _loss(costs: dict, free: list, removal: dict) -> float:
+    """The importance an allocation loses: the sum over the free groups of their cost curves."""
+    return float(sum(costs[g.id][removal.get(g.id, 0)] for g in free))
+
+
+def _by_macs(child, graph, original, engine: str, candidates, free, fixed, counts, costs, orders, model, goal: float,
+             best: tuple, rounds: list, progress, where: str) -> tuple:
+    """A second allocator, measured like the first: the greedy allocation against MACs (as
+    ``prune{macs=}`` makes it), starting at the MACs the latency allocation ``best`` kept and corrected
+    by the measured ratio (:func:`_next_target`) for up to :data:`BY_MACS_ROUNDS` rounds. Where the
+    latency tables mislead (noise; layers timed alone that the whole model overlaps), this allocation
+    can meet the target when the latency one fell short, or meet it losing less importance. It is kept
+    when it meets the target and ``best`` did not, or losing less importance than ``best`` (an allocation
+    losing as much is then never timed: pruning more by MACs only loses more); when neither meets it,
+    when it is faster than ``best`` by more than :data:`NOISE`."""
+    from graphslim.analysis.allocation import MacModel, global_allocation
+
+    macs = MacModel(graph, candidates, orders)
+    met = best[1]["measured"] <= goal
+    to_beat = _loss(costs, free, best[0]) if met else float("inf")
+    level = macs.total(best[0]) / macs.total0
+    tried, seen = [], set()
+    for _ in range(BY_MACS_ROUNDS):
+        removal = global_allocation(macs, free, fixed, counts, costs, level * macs.total0)
+        key = tuple(sorted(removal.items()))
+        if key in seen or _loss(costs, free, removal) >= to_beat:
+            break
+        seen.add(key)
+        row = _time_allocation(child, graph, original, engine, candidates, orders, removal, model, level, goal,
+                               len(rounds) + 1, progress, f"{where}, allocated by MACs")
+        row["allocator"] = "macs"
+        rounds.append(row)
+        if row["measured"] <= goal:
+            return removal, row
+        if not met and row["measured"] < best[1]["measured"] - NOISE:
+            best = (removal, row)
+        tried.append((level, row["measured"]))
+        level = _next_target(goal, tried)
+    return best
 
 
 def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, counts: dict, costs: dict,
@@ -571,7 +614,9 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
     modelled target by the measured ratio until the measurement meets ``opts.latency`` (at most the
     target, and within :data:`BAND` of it; a ratio that meets it is timed a second time and the slower
     of the two counts, so one lucky measurement cannot end the search) or :data:`MAX_ROUNDS` rounds pass; the allocation that met
-    the target with the least pruning, else the fastest, is kept. Out of reach (the target lies below
+    the target with the least pruning, else the fastest, is kept; with importance costs (``global`` and
+    ``sensitivity`` allocation) the MACs-ordered allocation is then measured beside it and kept when it
+    meets the target losing less importance (:func:`_by_macs`). Out of reach (the target lies below
     the tables' floor + :data:`KNEE`, where no allocation is aimed), up to :data:`KNEE_ROUNDS` more rounds bisect towards less pruning, and the
     least pruned allocation measured within :data:`NOISE` of the fastest is kept; when even the fastest
     is within :data:`NOISE` of the original (and no group's width was fixed by ``layer=``), that is the
@@ -658,6 +703,10 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
                     best, lo = (removal, row), mid
                 else:
                     hi = mid
+        if costs is not None and (best[1]["measured"] <= goal or goal >= lowest):
+            # (a target below the tables' floor is out of reach for MACs too: no rounds chasing it)
+            best = _by_macs(child, graph, original, engine, candidates, free, fixed, counts, costs, orders, model,
+                            goal, best, rounds, progress, f"on {runtime}")
         fastest = best[1]["measured"]
         if not best[1]["measured"] <= goal and not fixed and fastest >= 1.0 - NOISE:
             # Short, and nothing measured faster than the original beyond the noise: the least pruned
@@ -672,11 +721,15 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
         final = [(u, [tuple(u.dims), tuple(model.widths(i, removal))]) for i, u in enumerate(units)]
         tables.measure([f for f in final if f[1][0] != f[1][1]], child, progress, what="pruned layer")
     met = row["measured"] <= goal
+    if costs is not None:  # the importance each round's allocation loses, as the allocators count it
+        for r in rounds:
+            r["lost"] = _loss(costs, free, r["removed"])
     measured = model.measured_per_group(removal)
     stats = {"latency": goal, "runtime": runtime, "threads": threads, "allocation": opts.allocation,
              "measured": row["measured"], "predicted": row["predicted"], "speedup": 1.0 / row["measured"],
              "met": met, "shortfall": None if met else row["measured"] - goal, "rounds": rounds,
              "floor": floor, "fastest": fastest, "unpruned": not removal,
+             "allocator": row.get("allocator", "latency"),
              "original_ms": row["original_ms"], "pruned_ms": row["pruned_ms"],
              "tables": {"units": len(units), "cached_units": cached, "measured_points": tables.measured,
                         "flat_units": flat,

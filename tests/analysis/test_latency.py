@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import graphslim
-from graphslim.analysis.latency import KNEE, LatencyModel, LatencyTables, layer_units, unit_graph
+from graphslim.analysis.latency import KNEE, NOISE, LatencyModel, LatencyTables, layer_units, unit_graph
 from graphslim.errors import GraphslimError
 from graphslim.pipeline import PassManager
 from graphslim.sandbox import Child, Limits
@@ -179,6 +179,39 @@ def test_prune_latency_out_of_reach_says_so_and_stops_above_the_floor(resnet):
                    f"change with their widths" in m for _, m in unreachable.warnings)
     # a group all of whose layers are flat saves nothing in the model, so it is never pruned for it
     assert all(v["predicted_saved_ms"] > 0 for v in t["groups"].values())
+
+
+def test_misleading_tables_lose_to_the_measured_macs_allocation(chain):
+    """Tables that say only conv2's filters cost time (conv1's layer flat, conv2 and conv3 scaling with
+    conv2's width alone) lead the latency greedy to cut conv2's group alone. The MACs-ordered allocation
+    is then timed beside it and, when it meets the target too, kept: it loses less importance."""
+    units = layer_units(chain)
+    tables = LatencyTables("tf", 2)
+    grid = [(a, b) for a in range(1, 65) for b in range(1, 65)]
+    fake = [lambda a, b: 100e-6, lambda a, b: 10e-6 + 30e-6 * b, lambda a, b: 10e-6 + 30e-6 * a]
+    for u, f in zip(units, fake):
+        tables.times[u.key] = {f"{a},{b}": f(a, b) for a, b in grid if a <= u.dims[0] and b <= u.dims[1]}
+    tables.save()
+    g = chain.copy()
+    report = PassManager("prune{latency=0.7 threads=2 round_to=4}").run(g)
+    t = report.passes[-1]["stats"]["target"]
+    first = [r for r in t["rounds"] if r.get("allocator") != "macs"]
+    by_macs = [r for r in t["rounds"] if r.get("allocator") == "macs"]
+    assert all(set(r["removed"]) == set(first[0]["removed"]) for r in first)  # one group, as the tables say
+    met = [r for r in first if r["measured"] <= 0.7]
+    if met:  # the latency allocation met the target: MACs allocations are timed only if they lose less
+        assert all(r["lost"] < min(m["lost"] for m in met) for r in by_macs)
+    else:  # it fell short (conv2 alone cannot make the model 0.7 as fast): the MACs allocation is timed
+        assert by_macs
+    if any(r["measured"] <= 0.7 for r in by_macs):  # and kept when it meets the target
+        chosen = next(r for r in by_macs if r["measured"] <= 0.7)
+        assert t["allocator"] == "macs" and t["met"] and t["measured"] == chosen["measured"]
+        # the model is that allocation: each group is one conv's filters here
+        assert sum(chain.weights[k].value.shape[-1] - g.weights[k].value.shape[-1]
+                   for k in chain.weights if k.endswith("kernel")) == sum(chosen["removed"].values())
+    else:
+        assert t["allocator"] == "latency" or t["measured"] < min(r["measured"] for r in first) - NOISE
+    g.verify()
 
 
 def test_latency_combines_with_exclude_min_channels_and_round_to(chain):
