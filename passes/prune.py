@@ -23,7 +23,9 @@ Targets (one of ``ratio=``, ``macs=``, ``latency=``, ``threshold=``, and/or ``la
   :mod:`graphslim.analysis.latency`), the same allocations as ``macs=`` run against that latency model, then
   the pruned model is timed side by side with the original and the modelled target corrected until the
   measured ratio meets the target (rounds, predicted and measured ratios in the stats) or a warning says by
-  how much it falls short;
+  how much it falls short. The MACs-ordered allocation is timed beside it and kept when it meets the target
+  losing less importance (or meets it when the latency one did not); layers whose tables are timing noise
+  are held flat, and when nothing measures faster than the original beyond the noise nothing is pruned;
 * ``threshold=0``: remove the channels whose score is at most this (``threshold=0`` with ``l1``: exactly
   the all-zero filters);
 * ``layer=conv1:20`` (keep 20 channels) or ``layer="conv1:keep=0,3,5"`` (keep these): a layer is a node name
