@@ -11,6 +11,11 @@ peak resident memory is read from ``wait4`` (the child's own and its waited-for 
 * ``graphslim``: ``graphslim optimize IN -o OUT`` with no passes (a round trip through the IR);
 * ``lowrank``: ``graphslim optimize IN -o OUT --passes "lowrank{rank=64 layers=<the dense>}"``.
 
+``--tucker`` instead measures ``tucker``'s decomposition of one large conv kernel (3×3×2048×2048, 37.7M
+float32 weights, Tucker ranks (64, 64) plus noise), each in its own process: the kernel alone, the exact
+float64 HOSVD (what ``tucker`` does below 4M weights), and the streamed randomized one at ranks (64, 64)
+(what it does above); printed: seconds of the decomposition, peak RSS, and the relative weight error.
+
 ``--runs N`` repeats the three, interleaved; times are medians, peaks the largest seen. Printed: time
 and peak of each, their ratios to ``tf``'s, and the peak over the weights' bytes. Then the written
 models are loaded and run on a few random images against the original: the round trip must be exact
@@ -49,6 +54,62 @@ def build(path: Path, units: int) -> None:
     y = keras.layers.Dense(units, name=DENSE, kernel_initializer=keras.initializers.RandomNormal(stddev=1e-3))(y)
     model = keras.Model(x, y)
     model.export(str(path), verbose=False)
+
+
+TUCKER_SHAPE, TUCKER_RANK = (3, 3, 2048, 2048), 64
+
+
+def tucker_kernel():
+    """The benchmark's kernel: Tucker ranks (64, 64) with a decaying core, plus 2% noise; float32, built
+    slice by slice (no float64 temporary of its size)."""
+    import numpy as np
+
+    kh, kw, c, n = TUCKER_SHAPE
+    r = TUCKER_RANK
+    rng = np.random.default_rng(0)
+    a = np.linalg.qr(rng.standard_normal((c, r)))[0]
+    b = np.linalg.qr(rng.standard_normal((n, r)))[0]
+    core = rng.standard_normal((kh, kw, r, r)) * np.exp(-np.arange(r) / 16)[:, None]
+    w = np.empty(TUCKER_SHAPE, np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            w[i, j] = a @ core[i, j] @ b.T
+    w += (0.02 * np.sqrt(np.square(core).sum() / w.size)) * rng.standard_normal(w.shape, dtype=np.float32)
+    return w
+
+
+def tucker_step(kind: str) -> dict:
+    """Decompose the benchmark kernel ``kind`` = none | exact | streamed; seconds and weight error."""
+    import numpy as np
+
+    from graphslim.analysis.tucker import hosvd, streamed_hosvd, tucker_error, tucker_factors
+
+    w = tucker_kernel()
+    if kind == "none":
+        return {"seconds": 0.0, "error": None}
+    start = time.perf_counter()
+    ranks = (TUCKER_RANK, TUCKER_RANK)
+    h = hosvd(w.astype(np.float64)) if kind == "exact" else streamed_hosvd(w, ranks=ranks)
+    a, core, b = tucker_factors(h, *ranks)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "error": tucker_error(w, a, core, b)}
+
+
+def tucker_main(me: list[str]) -> int:
+    gb = 1e9
+    kh, kw, c, n = TUCKER_SHAPE
+    nbytes = 4 * kh * kw * c * n
+    print(f"## tucker on one {'×'.join(map(str, TUCKER_SHAPE))} conv kernel ({nbytes / gb:.2f} GB float32), "
+          f"ranks ({TUCKER_RANK}, {TUCKER_RANK})\n")
+    print("| step | decomposition s | peak GB | peak / kernel | weight error |")
+    print("|---|---:|---:|---:|---:|")
+    for kind, label in (("none", "kernel alone"), ("exact", "exact HOSVD (float64, the small-kernel path)"),
+                        ("streamed", "streamed randomized HOSVD (this path)")):
+        out = subprocess.run(me + ["--step", "tucker", kind], check=True, capture_output=True, text=True, env=ENV)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        err = "" if res["error"] is None else f"{res['error']:.4f}"
+        print(f"| {label} | {res['seconds']:.1f} | {res['peak'] / gb:.2f} | {res['peak'] / nbytes:.2f} | {err} |")
+    return 0
 
 
 def tf_roundtrip(src: Path, dst: Path) -> None:
@@ -101,7 +162,8 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="Dense 64 instead of 512 (a quick check)")
     ap.add_argument("--runs", type=int, default=1, help="interleaved repetitions (medians of times)")
     ap.add_argument("--rank", type=int, help="lowrank's rank (default 64; 16 with --small)")
-    ap.add_argument("--step", choices=("build", "tf", "check"), help=argparse.SUPPRESS)
+    ap.add_argument("--tucker", action="store_true", help="measure tucker's decomposition of a big conv instead")
+    ap.add_argument("--step", choices=("build", "tf", "check", "tucker"), help=argparse.SUPPRESS)
     ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     units = 64 if args.small else 512
@@ -112,6 +174,15 @@ def main() -> int:
     if args.step == "tf":
         tf_roundtrip(Path(args.paths[0]), Path(args.paths[1]))
         return 0
+    if args.step == "tucker":
+        import resource
+
+        res = tucker_step(args.paths[0])
+        res["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps(res))
+        return 0
+    if args.tucker:
+        return tucker_main([sys.executable, os.path.abspath(__file__)])
     if args.step == "check":
         outs = dict(zip(("graphslim", "lowrank"), args.paths[1:]))
         print(json.dumps(check(Path(args.paths[0]), outs, 4)))

@@ -34,8 +34,9 @@ timed at batch 1; only layers that get faster are rewritten). ``rank=`` / ``ener
 A layer whose channel counts g does not divide (or that has fewer channels than g) is skipped with the
 reason, like K×K kernels (run ``separable`` first), grouped convs, shared kernels and non-float layers.
 The stats list every Conv2D: ``groups``, ``energy_kept`` (fraction of ‖W‖² kept; with ``calib=`` of the
-output energy), ``weight_error`` (‖W − Ŵ‖/‖W‖), ``input_shuffle`` / ``output_shuffle`` (whether a
-permutation had to be emitted), ``macs_before`` / ``macs_after``, with ``calib=`` ``output_error``
+output energy), ``weight_error`` (‖W − Ŵ‖/‖W‖), ``input_shuffle`` / ``output_shuffle`` (``"none"``: the
+grouping needs no permutation on that side; ``"folded"``: folded into the neighbours; ``"gather"``: a
+GatherV2 is emitted, ``input_shuffle_reason`` / ``output_shuffle_reason`` say why), ``macs_before`` / ``macs_after``, with ``calib=`` ``output_error``
 (‖ŷ − y‖/‖y‖ of the layer's output before bias, y from the original model) and
 ``output_error_before_refit``, with ``cost=latency`` ``ms_before`` / ``ms_after``.
 
@@ -50,6 +51,23 @@ node producing the layer's output, so its BiasAdd and consumers are untouched. K
 ``Conv2D(groups=g)``; a ``Split`` hands each group its ``[1, 1, C/g, N/g]``), trainable like the original;
 other names get ``_grouped`` (``separable``'s ``<layer>/pointwise_kernel`` → ``<layer>/pointwise_kernel_grouped``).
 
+Folding the permutations (``fold=true``, the default): instead of gathering the input channels at run
+time, the channel group of the layer's input (:mod:`graphslim.analysis.channels`: the producer's
+filters, its bias and batch norm, element-wise ops, the other readers of those channels) is reordered
+so that it produces them in the gathered order: :func:`~graphslim.analysis.channels.apply_keep` with the
+permutation as keep list (keep lists are applied in their order everywhere: subset uses the same).
+Likewise the output permutation goes into the group of the layer's output: its bias and its consumers'
+input channels (the grouped conv's ConcatV2 then feeds them directly). This is exact (the same sums,
+in another order of terms: differences of float rounding, ~1e-7 relative). A side is folded only when
+its whole group can be reordered: not when it reaches a signature input or output, an op without a
+channel rule (e.g. the Split of a layer grouped before, a GatherV2), a renormalization or a pick among
+channels, or when the input and output are one group (a residual around the layer); then the GatherV2
+stays and the record says why. A later candidate whose kernel a fold reordered is read again, so its
+own grouping is found on the reordered kernel (the co-clustering's starts follow channel order: it may
+differ from the one ``fold=false`` finds); with ``calib=`` such a fold is not made (the later layer's
+refit targets the original model's tensors, in the original channel order). ``cost=latency`` times the
+gather form.
+
 Example: ``--passes "separable{rank=1},shuffle{groups=4 calib=data.npz},dce"``
 """
 
@@ -62,6 +80,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.calibration import ConvGeometry, PatchMoments, Regression
+from graphslim.analysis.channels import ChannelError, apply_keep, group_for
 from graphslim.analysis.factorize import (conv_candidate, FactorizeOptions, Method, derived_name, factorize_graph,
                                           relative_error, shift_bias)
 from graphslim.analysis.shuffle import (block_fit, block_refit, cocluster, grouped_kernel, kept_fraction,
@@ -98,6 +117,9 @@ class ShuffleOptions:
     latency_runs: int = field(default=7, metadata={"help": "timed runs per layer and form (median)"})
     min_time_saving: float = field(default=0.05, metadata={
         "help": "with cost=latency, apply only if the grouped layer is faster by more than this fraction"})
+    fold: bool = field(default=True, metadata={
+        "help": "fold the channel permutations into the neighbouring layers (reorder the producer's filters, "
+                "the consumers' input channels) when exact; false: always emit GatherV2 ops"})
 
     def __post_init__(self):
         if self.groups < 1:
@@ -132,6 +154,7 @@ class _Shuffle(Method):
     def candidates(self, graph):
         g_ = self.opts.groups
         out = []
+        self._cands = out  # the folds must not reorder a kernel a later candidate was read from
         for node in graph.nodes(op="Conv2D"):
             c = conv_candidate(graph, node)
             out.append(c)
@@ -216,7 +239,8 @@ class _Shuffle(Method):
         groups, gin, gout = layout(in_l, out_l)
         cand.data["layout"] = (groups, gin, gout)
         cand.record.update(groups=self.opts.groups, weight_error=relative_error(cand.data["w"], cand.data["fit"]),
-                           input_shuffle=gin is not None, output_shuffle=gout is not None,
+                           input_shuffle="none" if gin is None else "gather",
+                           output_shuffle="none" if gout is None else "gather",
                            new_weights=[derived_name(cand.kernel.name, "grouped")])
 
     def refinement(self, graph, cand, opts):
@@ -248,10 +272,12 @@ class _Shuffle(Method):
                            weight_error=relative_error(cand.data["w"], fit))
 
     # ------------------------------------------------------------------ emission
-    def _emit(self, g, cand, x, name: str):
-        """Emit gather → split → g convs → concat → gather reading ``x``; the last node is ``name``."""
+    def _emit(self, g, cand, x, name: str, folded=(False, False)):
+        """Emit gather → split → g convs → concat → gather reading ``x``; the last node is ``name``. A side
+        ``folded`` (input, output) has no gather: its neighbours were reordered instead."""
         node, kernel = cand.node, cand.kernel
         groups, gin, gout = cand.data["layout"]
+        gin, gout = (None if folded[0] else gin), (None if folded[1] else gout)
         ng = len(groups)
         c, n = cand.data["w"].shape
         t = node.attr("T", tf.float32)
@@ -290,12 +316,54 @@ class _Shuffle(Method):
     def rewrite(self, graph, cand):
         node = cand.node
         name = node.name
+        if cand.data.get("bias_shift") is not None:  # in the original channel order: before any fold
+            shift_bias(graph, cand.data["bias"], cand.data["bias_shift"])
+        _, gin, gout = cand.data["layout"]
+        folded = []
+        for side, tensor, axis, perm in (("input", graph.input(node, 0), 2, gin),
+                                         ("output", node.output(0), 3, None if gout is None else np.argsort(gout))):
+            why = None if perm is None else self._fold(graph, cand, tensor, axis, perm)
+            folded.append(perm is not None and why is None)
+            if perm is not None:
+                cand.record[f"{side}_shuffle"] = "gather" if why else "folded"
+                if why:
+                    cand.record[f"{side}_shuffle_reason"] = why
         graph.rename_node(name, graph.unique_name(name + "_ungrouped"))
-        out = self._emit(graph, cand, graph.input(node, 0), name)
+        out = self._emit(graph, cand, graph.input(node, 0), name, tuple(folded))
         graph.replace_all_uses(node.output(0), out.output(0))
         graph.remove_unused([node.name], keep_weights=False)
-        if cand.data.get("bias_shift") is not None:
-            shift_bias(graph, cand.data["bias"], cand.data["bias_shift"])
+
+    def _fold(self, graph, cand, tensor, kernel_axis: int, order) -> str | None:
+        """Reorder the channel group of ``tensor`` (the layer's input, or its output) so that it holds the
+        channels in ``order`` (what the gather would produce): the producer's filters, the per-channel
+        weights and every other reader follow (:func:`~graphslim.analysis.channels.apply_keep` with the
+        permutation as keep list). None when done, else why not (the graph is then unchanged)."""
+        if not self.opts.fold:
+            return "fold=false"
+        cax = 1 if cand.data["nchw"] else 3
+        graph.infer_shapes()  # the groups walk static shapes; layers rewritten before left new nodes
+        try:
+            grp = group_for(graph, tensor, cax)
+        except ChannelError as exc:
+            return f"no channel group: {exc}"
+        if not grp.prunable:
+            return f"its channel group cannot be reordered: {grp.why_not()}"
+        weights = {m.name for m in grp.members if m.kind == "weight"}
+        later = [c.kernel.name for c in self._cands if c is not cand and c.kernel is not None and not c.skipped
+                 and "action" not in c.record and c.kernel.name in weights]
+        if later and self.opts.calib is not None:
+            return (f"its channel group also holds {later[0]}, a layer still to be grouped, whose calib= refit "
+                    "compares with the original model in its channel order")
+        if any(m.kind == "weight" and m.name == cand.kernel.name and m.axis != kernel_axis for m in grp.members):
+            return "the layer's input and output channels are one channel group (a residual around it)"
+        try:
+            apply_keep(graph, grp, [int(i) for i in order])
+        except ChannelError as exc:
+            return f"the permutation cannot be applied to its channel group: {exc}"
+        for c in self._cands:  # a later candidate whose kernel was reordered: read it again
+            if c is not cand and c.kernel is not None and c.kernel.name in weights and "w" in c.data:
+                c.data["w"] = np.asarray(c.kernel.value, np.float64).reshape(c.data["w"].shape)
+        return None
 
     def timing_graphs(self, graph, cand):
         return self.conv_timing_graphs(graph, cand)

@@ -28,6 +28,15 @@ Ranks (at most one of these; none: ``energy=0.9``):
 ``cost=latency runtime=…`` (time the original and factorized layer at batch 1, apply only when
 faster): as for ``separable`` and ``lowrank`` (:class:`~graphslim.analysis.factorize.FactorizeOptions`).
 
+Large kernels (4M weights or more, e.g. 3×3×2048×2048; the policy ``lowrank`` applies to its matrices:
+:func:`graphslim.analysis.randomized.use_randomized`) never get float64 copies: each mode's basis is
+found streamed over the kernel by the randomized range finder with power iterations at ``ranks=`` /
+``rank=`` or by ``energy=`` (the sketch grows until each mode keeps the energy), and exactly through the
+C×C and N×N Gram matrices for ``max_error=`` / ``macs=`` (which weigh every rank pair) or when the energy
+needs more than an eighth of a mode (:func:`graphslim.analysis.tucker.streamed_hosvd`); the record's
+``svd`` says which (``randomized (ranks k1, k2)`` or ``exact (Gram)``), and ``weight_error`` is then
+measured slice by slice.
+
 Data-aware (``calib=data.npz``): the input mode is whitened by the second moments Σ (C×C, the
 covariance when a BiasAdd follows: the bias absorbs the mean) of the layer's input channels on the
 calibration data, damped: the HOSVD is of ``W ×_C Σ^½`` and the first factor is mapped back by
@@ -63,10 +72,11 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.calibration import ConvGeometry, FeatureMoments, Regression
-from graphslim.analysis.factorize import (conv_candidate, FactorizeOptions, Method, factorize_graph,
-                                          kept_energy, pointwise_conv, refit, relative_error,
-                                          sibling_name, whitening)
-from graphslim.analysis.tucker import compose_tucker, energy_chain, hosvd, tucker_factors
+from graphslim.analysis.factorize import (DEFAULT_ENERGY, conv_candidate, FactorizeOptions, Method,
+                                          factorize_graph, pointwise_conv, refit, sibling_name, whitening)
+from graphslim.analysis.randomized import use_randomized
+from graphslim.analysis.tucker import (energy_chain, hosvd, mode_energy, streamed_hosvd, tucker_error,
+                                       tucker_factors)
 from graphslim.pipeline import PassResult, register_pass
 
 RIDGE = 1e-3  # relative ridge of the refit of the last 1×1 factor, pulling towards the closed form
@@ -168,8 +178,22 @@ class _Tucker(Method):
     def statistics(self, graph, cand, opts):
         return graph.input(cand.node, 0), FeatureMoments(axis=1 if cand.data["nchw"] else -1)
 
+    def _hosvd(self, cand, g, ranks=None):
+        """The HOSVD of the candidate's kernel: exact in float64 for small kernels, streamed for large ones
+        (randomized at explicit ranks or by energy; exact through the mode Gram matrices for
+        ``max_error=`` / ``macs=``, which need every rank pair)."""
+        kernel = cand.kernel.value
+        if not use_randomized(kernel.shape):
+            return hosvd(np.asarray(kernel, np.float64), g)
+        o = self.opts
+        energy = None
+        if ranks is None and self.opts.fixed is None and o.max_error is None and o.macs is None:
+            energy = o.energy if o.energy is not None else DEFAULT_ENERGY
+        h = streamed_hosvd(kernel, g, ranks=ranks or o.fixed, energy=energy)
+        cand.record["svd"] = h.svd
+        return h
+
     def decompose(self, cand, opts, stats):
-        w = np.asarray(cand.kernel.value, np.float64)
         whiten = None
         if stats is not None and stats.count:
             sigma = stats.second_moment
@@ -178,8 +202,8 @@ class _Tucker(Method):
             whiten = whitening(sigma)
             cand.record["calibrated"] = True
         cand.data["whiten"] = whiten
-        h = hosvd(w, None if whiten is None else whiten[0])
-        e_in, e_out = kept_energy(h.s_in), kept_energy(h.s_out)
+        h = self._hosvd(cand, None if whiten is None else whiten[0])
+        e_in, e_out = mode_energy(h)
         grid = h.kept_grid()
         cand.data.update(hosvd=h, e_in=e_in, e_out=e_out, grid=grid)
         fixed = self.opts.fixed
@@ -213,15 +237,18 @@ class _Tucker(Method):
         return p_out * kh * kw * cin * cout, p_in * cin * r1 + p_out * (kh * kw * r1 * r2 + r2 * cout)
 
     def factor(self, cand, m):
-        w = np.asarray(cand.kernel.value, np.float64)
         r1, r2 = cand.data["chain"][m - 1]
         whiten = cand.data["whiten"]
+        k1, k2 = cand.data["hosvd"].sketch
+        if r1 > k1 or r2 > k2:  # the pair chosen lies past a streamed sketch: sketch again at it
+            h = self._hosvd(cand, None if whiten is None else whiten[0], ranks=(r1, r2))
+            cand.data.update(hosvd=h, grid=h.kept_grid())
         a, core, b = tucker_factors(cand.data["hosvd"], r1, r2, None if whiten is None else whiten[1])
         cand.data.update(a=a, core=core, b=b, ranks=(r1, r2), bias_shift=None)
-        if whiten is None:  # projection: ‖W − Ŵ‖² = ‖W‖² − ‖core‖²
+        if whiten is None and cand.data["hosvd"].ranks is None:  # projection: ‖W − Ŵ‖² = ‖W‖² − ‖core‖²
             cand.record["weight_error"] = float(np.sqrt(max(1.0 - cand.data["grid"][r1, r2], 0.0)))
-        else:
-            cand.record["weight_error"] = relative_error(w, compose_tucker(a, core, b))
+        else:  # whitened, or streamed (a float32 core: √(1 − kept) would lose the small errors)
+            cand.record["weight_error"] = tucker_error(cand.kernel.value, a, core, b)
         cand.record["mode_energy"] = [float(f"{cand.data[k][r]:.6g}") for k, r in (("e_in", r1), ("e_out", r2))]
         cand.record["new_weights"] = _names(cand.kernel.name)
 
@@ -248,11 +275,10 @@ class _Tucker(Method):
         if cand.data["ranks"] == cand.data["hosvd"].full:  # the closed form is exact: keep it
             cand.record["output_error"] = err0
             return
-        w = np.asarray(cand.kernel.value, np.float64)
         cand.data.update(b=b, bias_shift=shift)
         cand.record.update(output_error=err, output_error_before_refit=err0,
                            weight_error_before_refit=cand.record["weight_error"],
-                           weight_error=relative_error(w, compose_tucker(cand.data["a"], cand.data["core"], b)))
+                           weight_error=tucker_error(cand.kernel.value, cand.data["a"], cand.data["core"], b))
 
     # ------------------------------------------------------------------ emission
     def _emit(self, g, cand, x, node_name: str, reuse=None):

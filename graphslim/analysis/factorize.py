@@ -41,24 +41,47 @@ from graphslim.errors import PassError
 
 __all__ = ["Candidate", "conv_candidate", "FactorizeOptions", "Method", "allocate_ranks", "channel_svd", "choose_rank",
            "factorize_graph", "kept_energy", "lowrank_factors", "measure_latency", "rebalance", "refit",
-           "separable_factors", "whitening"]
+           "separable_error", "separable_factors", "whitening"]
 
 DAMPING = 1e-3  # relative ridge added to input second moments before whitening
 DEFAULT_ENERGY = 0.9  # the rank criterion when none of rank= / energy= / max_error= is given
 
 
 # --------------------------------------------------------------------------------------------- math
+CHUNK_BYTES = 4 << 20  # float64 bytes of the per-channel slices handled at once by channel_svd & co.
+
+
+def _channel_chunks(shape) -> list[tuple[int, int]]:
+    """Input-channel ranges of a ``[KH, KW, C, Cout]`` kernel whose float64 slices take ~CHUNK_BYTES."""
+    kh, kw, c, cout = shape
+    step = max(1, CHUNK_BYTES // (8 * kh * kw * cout))
+    return [(lo, min(c, lo + step)) for lo in range(0, c, step)]
+
+
+def _channel_slices(kernel, lo: int, hi: int, weight=None) -> np.ndarray:
+    """``[hi − lo, K², Cout]`` float64: input channels lo..hi of ``kernel``, each weighted by ``weight[c]``."""
+    kh, kw, _, cout = kernel.shape
+    m = np.asarray(kernel[:, :, lo:hi, :], np.float64).transpose(2, 0, 1, 3).reshape(hi - lo, kh * kw, cout)
+    return m if weight is None else weight[lo:hi] @ m
+
+
 def channel_svd(kernel: np.ndarray, weight: np.ndarray | None = None):
     """Per-input-channel SVD of a conv kernel ``[KH, KW, C, Cout]``.
 
-    Returns ``(U [C, K², r], S [C, r], Vt [C, r, Cout])`` with r = min(K², Cout). With ``weight``
+    Returns ``(U [C, K², r], S [C, r], None)`` with r = min(K², Cout); the right factors are not kept
+    (:func:`separable_factors` recomputes the ones it needs from the kernel). With ``weight``
     (``[C, K², K²]``, e.g. ``Σ_c^½`` from :func:`whitening`) the SVD is of ``weight[c] @ W_c``.
+
+    Streamed over channels (:data:`CHUNK_BYTES` of float64 slices at a time): the per-channel problems
+    are K²×Cout, tiny, so an exact SVD costs less than a randomized one would, and what stays is
+    channel-sized (U, S), never a float64 copy of the whole kernel.
     """
     kh, kw, c, cout = kernel.shape
-    m = np.asarray(kernel, np.float64).transpose(2, 0, 1, 3).reshape(c, kh * kw, cout)
-    if weight is not None:
-        m = weight @ m
-    return np.linalg.svd(m, full_matrices=False)
+    r = min(kh * kw, cout)
+    u, s = np.empty((c, kh * kw, r)), np.empty((c, r))
+    for lo, hi in _channel_chunks(kernel.shape):
+        u[lo:hi], s[lo:hi], _ = np.linalg.svd(_channel_slices(kernel, lo, hi, weight), full_matrices=False)
+    return u, s, None
 
 
 def kept_energy(s: np.ndarray) -> np.ndarray:
@@ -121,19 +144,41 @@ def separable_factors(kernel: np.ndarray, m: int, whiten: tuple | None = None, s
 
     ``whiten`` = ``(G, Ginv)`` per channel (``[C, K², K²]``) minimizes the output error for inputs
     whose per-channel patch second moments are G² instead of the weight error. ``svd`` reuses the
-    result of ``channel_svd(kernel, G)``."""
+    result of ``channel_svd(kernel, G)``; the pointwise rows ``√s_j v_jᵀ = s_j^-½ u_jᵀ (G_c) W_c`` are
+    computed from the kernel channel chunk by channel chunk (no float64 copy of the whole kernel; the
+    factors themselves are float64, the pointwise one ``m / K²`` of the kernel's size)."""
     kh, kw, c, cout = kernel.shape
     g, ginv = whiten if whiten is not None else (None, None)
     u, s, vt = svd if svd is not None else channel_svd(kernel, g)
     m = min(m, s.shape[1])
     root = np.sqrt(s[:, :m])
     a = u[:, :, :m] * root[:, None, :]  # [C, K², m]
-    b = vt[:, :m, :] * root[:, :, None]  # [C, m, Cout]
+    if vt is not None:
+        b = vt[:, :m, :] * root[:, :, None]  # [C, m, Cout]
+    else:
+        inv = np.where(root > 0, 1.0 / np.where(root > 0, root, 1.0), 0.0)
+        b = np.empty((c, m, cout))
+        for lo, hi in _channel_chunks(kernel.shape):
+            proj = np.swapaxes(u[lo:hi, :, :m] * inv[lo:hi, None, :], 1, 2)  # [cc, m, K²]
+            b[lo:hi] = proj @ _channel_slices(kernel, lo, hi, g)
     if ginv is not None:
         a = ginv @ a
         a, b = rebalance(a, b)
     dw = a.transpose(1, 0, 2).reshape(kh, kw, c, m)
     return dw, b.reshape(c * m, cout)
+
+
+def separable_error(kernel: np.ndarray, dw: np.ndarray, pw: np.ndarray) -> float:
+    """‖W − Ŵ‖ / ‖W‖ for Ŵ = depthwise ``dw`` then pointwise ``pw``, channel chunk by channel chunk."""
+    kh, kw, c, m = dw.shape
+    pw = pw.reshape(c, m, -1)
+    num = den = 0.0
+    for lo, hi in _channel_chunks(kernel.shape):
+        w = _channel_slices(kernel, lo, hi)  # [cc, K², Cout]
+        a = np.asarray(dw[:, :, lo:hi, :], np.float64).transpose(2, 0, 1, 3).reshape(hi - lo, kh * kw, m)
+        num += float(np.square(w - a @ pw[lo:hi]).sum())
+        den += float(np.square(w).sum())
+    return float(np.sqrt(num / den)) if den else 0.0
 
 
 def compose_separable(dw: np.ndarray, pw: np.ndarray) -> np.ndarray:

@@ -14,6 +14,14 @@ Because ``V`` has orthonormal columns, ``W V Vᵀ`` is W projected on them and
 ``‖W − W V Vᵀ‖² = ‖W‖² − Σ sᵢ²`` exactly: :meth:`PartialSvd.kept` is the kept energy of what is emitted
 (not an estimate), for ranks up to k; past k it is extended linearly to 1 at full rank (a lower bound,
 so a rank chosen from it by ``energy=`` is never too small; :func:`top_svd` grows k until it is known).
+
+A matrix that is not one array, e.g. the mode-C unfolding of a conv kernel ``[KH, KW, C, N]`` (rows: the
+KH·KW slices ``W[h, w]ᵀ``, each ``[N, C]``), is given as :class:`Stacked` parts: the same passes walk
+each part's row blocks in turn, with no copy of the whole (``tucker`` uses this). A :class:`Stacked`
+matrix is streamed as given (its rows are the long side): ``vecs`` are its right singular vectors.
+
+:func:`use_randomized` is the one policy: the streamed path is for matrices of
+``RANDOMIZED_MIN_ENTRIES`` entries or more (``lowrank``'s matrices, ``tucker``'s kernels).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import numpy as np
 
 from graphslim.ir.storage import row_blocks
 
-__all__ = ["OVERSAMPLE", "POWER_ITERATIONS", "RANDOMIZED_MIN_ENTRIES", "PartialSvd", "factored_error",
+__all__ = ["OVERSAMPLE", "POWER_ITERATIONS", "RANDOMIZED_MIN_ENTRIES", "PartialSvd", "Stacked", "factored_error",
            "frobenius_sq", "randomized_svd", "top_svd", "use_randomized"]
 
 RANDOMIZED_MIN_ENTRIES = 1 << 22  # matrices with fewer entries (e.g. 2048 × 2048) get the exact SVD
@@ -34,8 +42,36 @@ FIRST_SKETCH = 32  # rank of the first sketch when the rank is chosen by energy
 
 
 def use_randomized(shape) -> bool:
-    """Whether a matrix of ``shape`` is large enough for the streamed SVD (else: the exact one)."""
-    return int(shape[0]) * int(shape[1]) >= RANDOMIZED_MIN_ENTRIES
+    """Whether a matrix (or tensor) of ``shape`` is large enough for the streamed SVD (else: the exact one)."""
+    return int(np.prod([int(d) for d in shape], dtype=np.int64)) >= RANDOMIZED_MIN_ENTRIES
+
+
+class Stacked:
+    """A matrix given as parts stacked along the rows (``parts[0]``'s rows, then ``parts[1]``'s, ...), all
+    with the same columns; the parts may be views (transposed, strided) of one array: nothing is copied.
+    Streamed as given: its rows are taken as the long side. Example (mode-C unfolding of a kernel)::
+
+        Stacked([kernel[h, w].T for h in range(kh) for w in range(kw)])   # [KH·KW·N, C]
+    """
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        if not self.parts or len({p.shape[1] for p in self.parts}) != 1:
+            raise ValueError("Stacked needs at least one part, all with the same number of columns")
+        self.shape = (sum(p.shape[0] for p in self.parts), self.parts[0].shape[1])
+        self.dtype = self.parts[0].dtype
+
+
+def _blocks(t):
+    """``(start row, block)`` over the rows of an array or a :class:`Stacked` matrix."""
+    if not isinstance(t, Stacked):
+        yield from row_blocks(t)
+        return
+    offset = 0
+    for part in t.parts:
+        for start, b in row_blocks(part):
+            yield offset + start, b
+        offset += part.shape[0]
 
 
 def _work_dtype(w):
@@ -43,7 +79,9 @@ def _work_dtype(w):
 
 
 def _tall(w):
-    """``(matrix streamed by rows, transposed?)``: rows along W's longer side."""
+    """``(matrix streamed by rows, transposed?)``: rows along W's longer side (a :class:`Stacked` as given)."""
+    if isinstance(w, Stacked):
+        return w, False
     return (w, False) if w.shape[0] >= w.shape[1] else (w.T, True)
 
 
@@ -51,7 +89,7 @@ def frobenius_sq(w: np.ndarray) -> float:
     """‖W‖²_F, accumulated in float64 block by block."""
     t, _ = _tall(w)
     total = 0.0
-    for _, b in row_blocks(t):
+    for _, b in _blocks(t):
         b = np.asarray(b, _work_dtype(w))
         total += float(np.einsum("ij,ij->", b, b, dtype=np.float64))
     return total
@@ -59,13 +97,15 @@ def frobenius_sq(w: np.ndarray) -> float:
 
 def _gram_times(t, p, dtype, norm: bool = False):
     """``tᵀ (t p)`` (computed in ``dtype`` per block, summed over blocks in float64) and, with ``norm``,
-    ‖t‖² (in float64; else None), streamed over row blocks of ``t``."""
-    out = np.zeros((t.shape[1], p.shape[1]))
+    ‖t‖² (in float64; else None), streamed over row blocks of ``t``. ``p`` None is the identity: the
+    Gram matrix ``tᵀ t``."""
+    n = t.shape[1]
+    out = np.zeros((n, n if p is None else p.shape[1]))
     total = 0.0 if norm else None
-    pw = p.astype(dtype)
-    for _, b in row_blocks(t):
-        b = np.asarray(b, pw.dtype)
-        out += b.T @ (b @ pw)
+    pw = None if p is None else p.astype(dtype)
+    for _, b in _blocks(t):
+        b = np.asarray(b, dtype)
+        out += b.T @ (b if pw is None else b @ pw)
         if norm:
             total += float(np.einsum("ij,ij->", b, b, dtype=np.float64))
     return out, total
@@ -113,7 +153,7 @@ class PartialSvd:
         dt = _work_dtype(w)
         proj = (self.vecs[:, :r] / np.sqrt(safe) * (s > 0)).astype(dt)
         long = np.empty((t.shape[0], r), dt)
-        for start, b in row_blocks(t):
+        for start, b in _blocks(t):
             long[start:start + len(b)] = np.asarray(b, dt) @ proj
         if transposed:  # w.T was streamed: vecs are W's left vectors
             return short, long.T
@@ -128,7 +168,7 @@ def randomized_svd(w: np.ndarray, k: int, *, power: int = POWER_ITERATIONS, seed
     k = max(1, min(k, n))
     width = k + OVERSAMPLE
     if width >= n:  # the whole row space: exact, through the Gram matrix, one pass
-        p = np.eye(n)
+        p = None
         iterations = 0
     else:
         p = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, width)))[0]
@@ -139,11 +179,12 @@ def randomized_svd(w: np.ndarray, k: int, *, power: int = POWER_ITERATIONS, seed
     # The spectrum: the exact Gram matrix (full rank) in float64, its small eigenvalues being squares;
     # a sketch in the weight's precision per block, summed in float64 (a float64 pass took 2.3× as long).
     z, total = _gram_times(t, p, np.float64 if width >= n else _work_dtype(t), norm=True)
-    c = p.T @ z
+    c = z if p is None else p.T @ z
     e, q = np.linalg.eigh((c + c.T) / 2)
     order = np.argsort(e)[::-1][:n if width >= n else k]
     s = np.sqrt(np.maximum(e[order], 0.0))
-    return PartialSvd(s=s, vecs=p @ q[:, order], total=total, shape=tuple(w.shape), exact=width >= n)
+    vecs = q[:, order] if p is None else p @ q[:, order]
+    return PartialSvd(s=s, vecs=vecs, total=total, shape=tuple(w.shape), exact=width >= n)
 
 
 def top_svd(w: np.ndarray, *, rank: int | None = None, energy: float | None = None, stop: int | None = None,

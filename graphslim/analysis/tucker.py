@@ -15,6 +15,18 @@ one-dimensional rank knob from (1, 1) to full.
 Data-aware: with ``g = Σ^½`` of the input channels' second moments (:func:`~graphslim.analysis.
 factorize.whitening`), the HOSVD is of ``W ×_C g`` (the input mode weighted by how much each input
 direction carries on the data) and A is mapped back by ``Σ^-½``; still exact at full rank.
+
+Large kernels (``RANDOMIZED_MIN_ENTRIES`` = 4M entries or more, the policy ``lowrank`` uses, e.g.
+3×3×2048×2048) are decomposed by :func:`streamed_hosvd`, never through float64 copies of the kernel or
+its unfoldings: each mode's basis comes from :mod:`graphslim.analysis.randomized`, streamed over the
+kernel's own memory (mode C: the slices ``W[h, w]ᵀ`` stacked, mode N: ``W`` viewed ``[KH·KW·C, N]``), by
+the randomized range finder with power iterations when the rank sought is small next to the channels
+(``ranks=``, or ``energy=`` growing the sketch 32, 64, ... up to an eighth of the mode's rank, past which
+the exact basis costs less), else exactly through the mode's Gram matrix (C×C, N×N: float64 but
+channel-sized). The core (the kernel's projection, slice by slice in the kernel's precision) has the
+sketch's ranks. Its kept grid is exact for every pair inside the sketch (the bases are orthonormal);
+past the sketch the per-mode kept energies are extended linearly to 1, a lower bound
+(:meth:`~graphslim.analysis.randomized.PartialSvd.kept`).
 """
 
 from __future__ import annotations
@@ -23,7 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Hosvd", "compose_tucker", "energy_chain", "first_rank", "hosvd", "tucker_factors"]
+from graphslim.analysis.factorize import kept_energy
+from graphslim.analysis.randomized import FIRST_SKETCH, Stacked, randomized_svd, top_svd
+
+__all__ = ["Hosvd", "compose_tucker", "energy_chain", "first_rank", "hosvd", "mode_energy", "streamed_hosvd",
+           "tucker_error", "tucker_factors"]
 
 
 @dataclass(frozen=True)
@@ -34,17 +50,26 @@ class Hosvd:
     s_in: np.ndarray  # [R1] singular values of the mode-C unfolding
     u_out: np.ndarray  # [N, R2] orthonormal columns, R2 = min(N, KH·KW·C)
     s_out: np.ndarray  # [R2]
-    core: np.ndarray  # [KH, KW, R1, R2]
+    core: np.ndarray  # [KH, KW, R1, R2] (streamed: [KH, KW, k1, k2], the sketch's ranks)
     total: float  # ‖W‖² (of the whitened kernel when whitened)
+    ranks: tuple[int, int] | None = None  # (R1, R2) when the bases are partial (streamed_hosvd)
+    svd: str = "exact"  # how the bases were found: "exact", "exact (Gram)", "randomized (ranks k1, k2)"
+    kept_in: np.ndarray | None = None  # streamed: per-mode kept energies 0..R1 (exact up to k1, then linear)
+    kept_out: np.ndarray | None = None
 
     @property
     def full(self) -> tuple[int, int]:
         """``(R1, R2)``: the ranks at which the factorization is exact."""
-        return len(self.s_in), len(self.s_out)
+        return self.ranks if self.ranks is not None else (len(self.s_in), len(self.s_out))
+
+    @property
+    def sketch(self) -> tuple[int, int]:
+        """``(k1, k2)``: the ranks the bases and the core hold (``full`` unless streamed and partial)."""
+        return self.u_in.shape[1], self.u_out.shape[1]
 
     def kept_grid(self) -> np.ndarray:
         """``[R1 + 1, R2 + 1]``: fraction of ‖W‖² kept by ranks (r1, r2) (0 on row/column 0)."""
-        e = np.square(self.core).sum((0, 1))
+        e = np.einsum("hwij,hwij->ij", self.core, self.core, dtype=np.float64)
         grid = np.zeros((e.shape[0] + 1, e.shape[1] + 1))
         grid[1:, 1:] = e.cumsum(0).cumsum(1)
         if self.total <= 0:
@@ -53,9 +78,17 @@ class Hosvd:
         return np.minimum(grid / self.total, 1.0)
 
 
+def mode_energy(h: Hosvd) -> tuple[np.ndarray, np.ndarray]:
+    """Per-mode kept fractions of ‖W‖² at ranks 0..R1 and 0..R2 (past a streamed sketch: a lower bound)."""
+    if h.kept_in is not None:
+        return h.kept_in, h.kept_out
+    return kept_energy(h.s_in), kept_energy(h.s_out)
+
+
 def hosvd(kernel: np.ndarray, g: np.ndarray | None = None) -> Hosvd:
     """HOSVD of ``kernel [KH, KW, C, N]`` along modes C and N (float64); ``g [C, C]`` (symmetric)
-    weights the input mode first: the decomposition is of ``W ×_C g``."""
+    weights the input mode first: the decomposition is of ``W ×_C g``. Exact, through float64 copies of
+    the kernel: for small kernels (:func:`streamed_hosvd` takes large ones)."""
     w = np.asarray(kernel, np.float64)
     if g is not None:
         w = np.einsum("dc,hwcn->hwdn", g, w, optimize=True)
@@ -64,6 +97,53 @@ def hosvd(kernel: np.ndarray, g: np.ndarray | None = None) -> Hosvd:
     u_out, s_out, _ = np.linalg.svd(w.transpose(3, 0, 1, 2).reshape(n, -1), full_matrices=False)
     core = np.einsum("hwcn,ci,nj->hwij", w, u_in, u_out, optimize=True)
     return Hosvd(u_in, s_in, u_out, s_out, core, float(np.square(w).sum()))
+
+
+def _mode_basis(t, full: int, rank: int | None, energy: float | None):
+    """A :class:`~graphslim.analysis.randomized.PartialSvd` of ``t`` (streamed by rows): ``rank`` vectors
+    (randomized unless ``rank`` is near ``full``), else enough for ``energy`` (sketches up to an eighth of
+    ``full``, then exact), else all of them (exact, through the Gram matrix)."""
+    if rank is not None:
+        return randomized_svd(t, min(rank, full))
+    if energy is not None:
+        ps = top_svd(t, energy=energy, stop=max(FIRST_SKETCH, full // 8))
+        if ps.exact or ps.kept()[ps.k] >= energy - 1e-12:
+            return ps
+    return randomized_svd(t, full)
+
+
+def streamed_hosvd(kernel: np.ndarray, g: np.ndarray | None = None, *, ranks: tuple[int, int] | None = None,
+                   energy: float | None = None) -> Hosvd:
+    """HOSVD of a large ``kernel [KH, KW, C, N]`` without float64 copies of it (see the module docstring):
+    bases of ranks ``ranks`` (each clipped to its mode's full rank), or enough to keep ``energy`` of each
+    mode, or (neither) complete and exact. ``g`` as for :func:`hosvd` (the whitened kernel is formed once,
+    in the kernel's floating precision)."""
+    dt = np.float64 if kernel.dtype == np.float64 else np.float32
+    w = kernel
+    if g is not None:
+        w = np.einsum("dc,hwcn->hwdn", g.astype(dt), np.asarray(kernel, dt), optimize=True)
+    kh, kw, c, n = w.shape
+    full = (min(c, kh * kw * n), min(n, kh * kw * c))
+    slices = [w[i, j] for i in range(kh) for j in range(kw)]  # [C, N] views
+    bases = []
+    for mode, t in ((0, Stacked([s.T for s in slices])), (1, Stacked([w.reshape(-1, n)]))):
+        ps = _mode_basis(t, full[mode], None if ranks is None else ranks[mode], energy)
+        k = min(ps.k, full[mode])
+        bases.append((ps, k))
+    (p_in, k1), (p_out, k2) = bases
+    u_in, u_out = p_in.vecs[:, :k1], p_out.vecs[:, :k2]
+    a, b = u_in.astype(dt), u_out.astype(dt)
+    core = np.stack([a.T @ (s @ b) for s in slices]).reshape(kh, kw, k1, k2)
+    total = p_out.total
+    kept = []
+    for ps, f in ((p_in, full[0]), (p_out, full[1])):
+        e = ps.kept()[:f + 1]
+        e[-1] = 1.0
+        kept.append(e)
+    exact = p_in.exact and p_out.exact
+    how = "exact (Gram)" if exact else f"randomized (ranks {k1}, {k2})"
+    return Hosvd(u_in, p_in.s[:k1], u_out, p_out.s[:k2], core, total, ranks=full, svd=how,
+                 kept_in=kept[0], kept_out=kept[1])
 
 
 def tucker_factors(h: Hosvd, r1: int, r2: int, ginv: np.ndarray | None = None):
@@ -85,6 +165,19 @@ def tucker_factors(h: Hosvd, r1: int, r2: int, ginv: np.ndarray | None = None):
 def compose_tucker(a: np.ndarray, core: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The K×K kernel ``[KH, KW, C, N]`` equivalent to 1×1 ``a`` → K×K ``core`` → 1×1 ``b``."""
     return np.einsum("ci,hwij,jn->hwcn", a, core, b, optimize=True)
+
+
+def tucker_error(kernel: np.ndarray, a: np.ndarray, core: np.ndarray, b: np.ndarray) -> float:
+    """‖W − Ŵ‖ / ‖W‖ for Ŵ = 1×1 ``a`` → K×K ``core`` → 1×1 ``b``, slice by slice over the K×K taps (float64
+    per ``[C, N]`` slice: no copy of the whole kernel)."""
+    num = den = 0.0
+    kh, kw = kernel.shape[:2]
+    for i in range(kh):
+        for j in range(kw):
+            s = np.asarray(kernel[i, j], np.float64)
+            num += float(np.square(s - a @ core[i, j] @ b).sum())
+            den += float(np.square(s).sum())
+    return float(np.sqrt(num / den)) if den else 0.0
 
 
 def first_rank(kept: np.ndarray, fraction, tol: float = 1e-12):

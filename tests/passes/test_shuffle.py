@@ -94,7 +94,7 @@ def test_one_group_is_exact_on_a_fixture():
     for k in ("conv2d_1/kernel", "conv2d_2/kernel"):
         assert recs[k]["action"] == "factorized" and recs[k]["groups"] == 1
         assert recs[k]["energy_kept"] == 1 and recs[k]["weight_error"] == 0
-        assert not recs[k]["input_shuffle"] and not recs[k]["output_shuffle"]
+        assert recs[k]["input_shuffle"] == recs[k]["output_shuffle"] == "none"
     assert st["macs_after"] == st["macs_before"]
     assert not g.nodes(op=("GatherV2", "Split"))
     assert_close(run(g, inputs), expected, **TOL)
@@ -108,7 +108,9 @@ def test_permuted_block_diagonal_kernel_is_found_and_exact():
     rec = st["layers"][0]
     assert rec["action"] == "factorized" and rec["groups"] == 4
     assert rec["energy_kept"] == pytest.approx(1.0, abs=1e-9) and rec["weight_error"] < 1e-6
-    assert rec["input_shuffle"] and rec["output_shuffle"]
+    # x is the signature's input and y its output: neither permutation can be folded, each says why
+    assert rec["input_shuffle"] == rec["output_shuffle"] == "gather"
+    assert "input 'x' axis 3" in rec["input_shuffle_reason"] and "output 'y' axis 3" in rec["output_shuffle_reason"]
     assert rec["macs_after"] * 4 == rec["macs_before"]
     assert rel(run(g, {"x": x})["y"], before) < 1e-5
     # gather → split → 4 convs → concat → gather; the last keeps the layer's name, the BiasAdd reads it
@@ -125,7 +127,7 @@ def test_unpermuted_block_diagonal_emits_no_gather():
     x = x_of(g)
     before = run(g, {"x": x})["y"]
     rec = stats_of(graphslim.run_pipeline(g, "shuffle{groups=2}"))["layers"][0]
-    assert not rec["input_shuffle"] and not rec["output_shuffle"]
+    assert rec["input_shuffle"] == rec["output_shuffle"] == "none" and "input_shuffle_reason" not in rec
     assert not g.nodes(op="GatherV2") and g.node(LAYER).op == "ConcatV2"
     assert rel(run(g, {"x": x})["y"], before) < 1e-5
 
@@ -225,6 +227,101 @@ def test_bad_groups_are_reported_or_refused():
         graphslim.PassManager("shuffle{groups=2 rank=3}")
     with pytest.raises(graphslim.PipelineError, match="matches no candidate"):
         graphslim.run_pipeline(conv1x1_graph(), "shuffle{groups=2 layers=nothing*}")
+
+
+# ------------------------------------------------------------------------------------------ folding
+def block_kernel(rng, cin, cout, blocks, noise):
+    """A [cin, cout] kernel block-diagonal (g = ``blocks``) up to a random permutation of both axes, plus noise."""
+    w = np.zeros((cin, cout))
+    bi, bo = cin // blocks, cout // blocks
+    for b in range(blocks):
+        w[b * bi:(b + 1) * bi, b * bo:(b + 1) * bo] = rng.normal(size=(bi, bo))
+    return w[rng.permutation(cin)][:, rng.permutation(cout)] + noise * rng.normal(size=(cin, cout))
+
+
+def chain_graph(*, cin=16, cout=24, blocks=4, noise=0.05, seed=0, x_input=False, head=None) -> Graph:
+    """x → conv 3×3 (a: 16 filters) → BiasAdd → Relu → proj 1×1 (block-diagonal up to a permutation, plus
+    noise) → BiasAdd → Relu → head 1×1 (10 outputs: groups=4 does not divide them) → "y". With
+    ``x_input`` the 3×3 conv is left out: proj reads the signature input. ``head=n``: head has n outputs
+    and is block-diagonal up to permutation too (a second candidate)."""
+    rng = np.random.default_rng(seed)
+    w = block_kernel(rng, cin, cout, blocks, noise)
+    g = Graph()
+    f32 = tf.float32
+    g.add_node("x", "Placeholder", attrs={"dtype": f32, "shape": (None, 6, 7, cin if x_input else 3)})
+    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+    conv = {"T": f32, "strides": [1, 1, 1, 1], "padding": "SAME", "data_format": "NHWC"}
+
+    def layer(name, src, kernel, relu=True):
+        k = g.add_weight(f"{name}/kernel", kernel.astype(np.float32))
+        y = g.add_node(f"net/{name}/Conv2D", "Conv2D", [src, k], attrs=conv)
+        b = g.add_weight(f"{name}/bias", rng.normal(size=(kernel.shape[-1],)).astype(np.float32))
+        y = g.add_node(f"net/{name}/BiasAdd", "BiasAdd", [y, b], attrs={"T": f32, "data_format": "NHWC"})
+        return g.add_node(f"net/{name}/Relu", "Relu", [y], attrs={"T": f32}) if relu else y
+
+    src = "x" if x_input else layer("a", "x", rng.normal(size=(3, 3, 3, cin)))
+    y = layer("proj", src, w.reshape(1, 1, cin, cout))
+    hk = rng.normal(size=(cout, 10)) if head is None else block_kernel(rng, cout, head, blocks, noise)
+    y = layer("head", y, hk.reshape(1, 1, cout, -1), relu=False)
+    g.outputs.append(SignatureArg("y", y.output(0)))
+    g.infer_shapes()
+    return g
+
+
+def test_folded_permutations_leave_no_gather_and_match_the_gather_form(tmp_path):
+    """Both permutations fold (a's filters and bias reordered, head's input channels): no GatherV2, and
+    the outputs are those of the gather form (fold=false) through save and load."""
+    g, ref = chain_graph(), chain_graph()
+    x = np.random.default_rng(1).normal(size=(3, 6, 7, 3)).astype(np.float32)
+    a_before = g.weights["a/kernel"].value.copy()
+    rec = by_kernel(stats_of(graphslim.run_pipeline(g, "shuffle{groups=4},dce")))["proj/kernel"]
+    want = by_kernel(stats_of(graphslim.run_pipeline(ref, "shuffle{groups=4 fold=false},dce")))["proj/kernel"]
+    assert rec["action"] == want["action"] == "factorized" and rec["weight_error"] == want["weight_error"] > 0.01
+    assert rec["input_shuffle"] == rec["output_shuffle"] == "folded"
+    assert want["input_shuffle"] == want["output_shuffle"] == "gather"
+    assert want["input_shuffle_reason"] == want["output_shuffle_reason"] == "fold=false"
+    assert not g.nodes(op="GatherV2") and len(ref.nodes(op="GatherV2")) == 2
+    perm = [int(i) for i in np.argsort(np.argsort(g.weights["a/kernel"].value[0, 0, 0]))]  # a's filters moved
+    assert sorted(perm) == list(range(16)) and perm != list(range(16))
+    np.testing.assert_array_equal(np.sort(g.weights["a/kernel"].value, -1), np.sort(a_before, -1))
+    want_y = run(ref, {"x": x})["y"]
+    scale = float(np.abs(want_y).max())
+    np.testing.assert_allclose(run(g, {"x": x})["y"], want_y, rtol=1e-5, atol=1e-5 * scale)
+    path = graphslim.save(g, tmp_path / "folded")
+    np.testing.assert_allclose(run_saved_model(path, {"x": x})["y"], want_y, rtol=1e-5, atol=1e-5 * scale)
+    assert not graphslim.load(path).nodes(op="GatherV2")
+
+
+def test_a_fold_into_a_later_candidate_is_exact():
+    """proj's output permutation folds into head's input channels, head being grouped next: head's
+    grouping is found on its reordered kernel, and with both kernels block-diagonal up to permutation the
+    model stays exact. head's input is the grouped proj's Split/ConcatV2 (no channel rule across the
+    Split: gather) and its output the signature's (gather)."""
+    g = chain_graph(noise=0.0, head=8)
+    x = np.random.default_rng(3).normal(size=(2, 6, 7, 3)).astype(np.float32)
+    before = run(g, {"x": x})["y"]
+    recs = by_kernel(stats_of(graphslim.run_pipeline(g, "shuffle{groups=4},dce")))
+    proj, head = recs["proj/kernel"], recs["head/kernel"]
+    assert proj["action"] == head["action"] == "factorized"
+    assert proj["input_shuffle"] == proj["output_shuffle"] == "folded"
+    assert head["input_shuffle"] == "gather" and "(Split)" in head["input_shuffle_reason"]
+    assert head["output_shuffle"] == "gather" and "output 'y'" in head["output_shuffle_reason"]
+    assert head["weight_error"] < 1e-6 and proj["weight_error"] < 1e-6
+    assert rel(run(g, {"x": x})["y"], before) < 1e-5
+
+
+def test_a_permutation_reaching_the_signature_input_keeps_its_gather():
+    """proj reads the signature input: its input permutation cannot fold (the gather stays, the record says
+    why); its output permutation still folds into head."""
+    g, ref = chain_graph(x_input=True), chain_graph(x_input=True)
+    x = np.random.default_rng(2).normal(size=(2, 6, 7, 16)).astype(np.float32)
+    rec = by_kernel(stats_of(graphslim.run_pipeline(g, "shuffle{groups=4}")))["proj/kernel"]
+    graphslim.run_pipeline(ref, "shuffle{groups=4 fold=false}")
+    assert rec["input_shuffle"] == "gather" and rec["output_shuffle"] == "folded"
+    assert rec["input_shuffle_reason"] == "its channel group cannot be reordered: input 'x' axis 3"
+    assert [n.name for n in g.nodes(op="GatherV2")] == ["net/proj/Conv2D/input_shuffle"]
+    want_y = run(ref, {"x": x})["y"]
+    np.testing.assert_allclose(run(g, {"x": x})["y"], want_y, rtol=1e-5, atol=1e-5 * float(np.abs(want_y).max()))
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -199,6 +199,39 @@ def test_max_error_bounds_the_weight_error():
     assert rel_err(approx, w) == pytest.approx(rec["weight_error"], rel=1e-4)
 
 
+def test_large_conv_takes_the_streamed_randomized_hosvd_and_full_rank_stays_exact():
+    """A 3×3×768×768 conv (5.3M weights, over the streamed policy's 4M) of Tucker ranks (32, 32) plus
+    noise: ranks=32,32 is sketched (randomized) and its error is within 1% of the exact HOSVD's; full rank goes through the exact Gram path and reproduces the layer's output."""
+    from graphslim.analysis.tucker import hosvd
+    rng = np.random.default_rng(0)
+    c, r = 768, 32
+    a = np.linalg.qr(rng.standard_normal((c, r)))[0]
+    b = np.linalg.qr(rng.standard_normal((c, r)))[0]
+    core = rng.standard_normal((3, 3, r, r)) * np.exp(-np.arange(r) / 8)[:, None]
+    w = np.einsum("ci,hwij,nj->hwcn", a, core, b, optimize=True)
+    w = (w + 0.02 * np.linalg.norm(w) / np.sqrt(w.size) * rng.standard_normal(w.shape)).astype(np.float32)
+    best = float(np.sqrt(1 - hosvd(w.astype(np.float64)).kept_grid()[r, r]))
+    x = rng.normal(size=(1, 5, 5, 768)).astype(np.float32)
+
+    def build():
+        g = conv_graph(cin=768, cout=768, hw=(5, 5))
+        g.set_weight("layer/kernel", w)
+        g.infer_shapes()
+        return g
+
+    g0 = build()
+    before = run(g0, {"x": x})
+    g = build()
+    rec = layer(graphslim.run_pipeline(g, "tucker{ranks=32,32}"))
+    assert rec["action"] == "factorized" and rec["svd"] == "randomized (ranks 32, 32)" and rec["rank"] == (32, 32)
+    assert best <= rec["weight_error"] <= 1.01 * best + 1e-6
+    assert all(g.weights[f"layer/kernel_{s}"].value.dtype == np.float32 for s in ("in", "core", "out"))
+    g = build()
+    rec = layer(graphslim.run_pipeline(g, FULL))
+    assert rec["svd"] == "exact (Gram)" and rec["rank"] == (768, 768) and rec["weight_error"] < 1e-5
+    assert_outputs_close(run(g, {"x": x}), before)
+
+
 # ------------------------------------------------------------------------------------------ MACs
 def test_macs_fall_as_reported():
     g = graphslim.load(fixture_path("resnet_digits"))
