@@ -130,6 +130,9 @@ class PruneOptions:
         "help": "spatial positions sampled per example and layer for calibration statistics"})
     reconstruct: bool = field(default=False, metadata={
         "help": "refit the layers reading pruned channels by least squares on the calibration data"})
+    refit: Literal["downstream", "sinks"] = field(default="downstream", metadata={
+        "help": "with reconstruct=true: refit the layers reading pruned channels and every refittable layer "
+                "after them (downstream: the next blocks, the classifier head), or those readers only (sinks)"})
     ridge: float = field(default=1e-3, metadata={"help": "relative ridge of the reconstruction"})
     seed: int = field(default=0, metadata={"help": "seed of the calibration sampling"})
     allow_ops: tuple[str, ...] = field(default=(), metadata={
@@ -600,6 +603,10 @@ def _apply(graph, changes: list, data, opts: PruneOptions, seconds: dict) -> tup
         from graphslim.analysis.reconstruct import fit_layers
 
         t = time.perf_counter()
+        if opts.reconstruct and opts.refit == "downstream":
+            from graphslim.analysis.reconstruct import downstream_layers
+
+            layers = layers + downstream_layers(graph, layers)
         fits = fit_layers(graph, original, layers, data, kept, refit=opts.reconstruct, ridge=opts.ridge,
                           positions=opts.calib_positions, batch_size=opts.calib_batch, seed=opts.seed)
         seconds["reconstruct" if opts.reconstruct else "errors"] = time.perf_counter() - t
