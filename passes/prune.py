@@ -360,7 +360,7 @@ def _sensitivity_costs(graph, free: list, orders: dict, counts: dict, data: dict
             if opts.reconstruct:
                 fit_layers(h, graph, sink_layers(graph, [(g, keep)]), sub, kept_positions([(g, keep)]), refit=True,
                            ridge=opts.ridge, positions=opts.calib_positions, batch_size=opts.calib_batch,
-                           seed=opts.seed)
+                           seed=opts.seed, live_rows=False)  # no gradient pass per group and level
             r = Runner(h)
             try:
                 got = r.run(sub, fetch=fetch)
