@@ -46,8 +46,11 @@ calibration data (``calib=data.npz`` or a directory of ``<input>.npy``) ``activa
 ``thinet``, ``lsq``, ``fisher`` (the squared gradient of the model's loss on its own predictions with respect
 to a mask on each channel: Kwon et al. 2022, for heads and feed-forward widths as for filters). With calibration data the stats give, per pruned layer, the relative output error against the
 original model; ``reconstruct=true`` refits those layers' weights (and bias) by least squares, layer by
-layer from input to output, and a classifier head read by a Softmax on the KL divergence to the original's
-probabilities (:mod:`graphslim.analysis.reconstruct`).
+layer from input to output on the pruned model's own inputs, and (``refit=downstream``, the default) every
+refittable layer after them too, a classifier head read by a Softmax on the KL divergence to the original's
+probabilities; a layer adding into a residual stream is fitted to the original's sum there, and output
+positions no output depends on are left out (:mod:`graphslim.analysis.reconstruct`). ``refit=sinks`` refits
+only the layers reading pruned channels.
 
 Stages: resolve targets (the options → candidate groups, explicit keeps, exclusions) → score (the
 criterion) → allocate (keep counts, hence the kept channels) → :class:`~graphslim.analysis.prune_plan.PrunePlan`

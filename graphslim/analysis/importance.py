@@ -28,6 +28,10 @@ Built-in criteria:
                second order, compared across groups as it is
 =============  ===================================================================================
 
+``fisher_block`` is ``fisher`` with the interactions of a group's channels: the loss of removing a set S is
+``½ Σ_n (Σ_{c∈S} ∂L_n/∂m_c)²`` (the Fisher matrix's block over the group, Kwon et al.'s mask rearrangement),
+and the order is greedy under it (:func:`fisher_order`).
+
 A criterion is ``fn(ctx, group) -> np.ndarray[group.size]``. One that needs activations declares
 ``requests(ctx, group) -> {key: (tensor, accumulator)}``; :func:`score_groups` runs the model once for
 all groups (batched, bounded memory, :func:`graphslim.analysis.calibration.collect`) and the criterion

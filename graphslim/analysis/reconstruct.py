@@ -17,6 +17,22 @@ fitted once every fitted layer it depends on has its new weights, so its inputs 
 pruned model. Memory is bounded: only the normal equations (D² for D inputs per output) and one batch of
 activations are held (:func:`graphslim.analysis.calibration.collect`).
 
+Three refinements after Kwon et al. 2022 (the post-training pruning of transformers), for any model:
+
+* **Downstream layers** (:func:`downstream_layers`): the layers after the sinks read drifted inputs
+  although their own channels did not change; ``prune{reconstruct=true}`` refits them too, in the same
+  waves (the next block's projections, the classifier head, the latter on the KL divergence to the
+  original's probabilities when a Softmax reads it). On the digits ViT at half the MACs this is most of
+  what reconstruction recovers: the sinks alone 92.1%, with the layers after them 94.3% (95.8% unpruned).
+* **Residual targets**: a layer whose output (after its bias) only feeds ``Add(skip, ·)`` is fitted to
+  ``sum_orig − skip_pruned`` — what it must add for the pruned model's residual stream to match the
+  original's there — rather than to its own original output; the two agree while the skip is exact, and
+  the former also corrects what earlier layers left in the stream.
+* **Live positions** (:func:`live_positions`): output positions (tokens, feature-map rows and columns)
+  whose mask gradient is zero on the calibration data reach no output — the tokens other than the class
+  token after a ViT's last attention — and are left out of the fit (Kwon et al. fit the last layer on
+  the class token only; here it is found from the gradients, one pass for all layers).
+
 A layer without a bias gets one when the fitted intercept is not zero: a new ``BiasAdd`` reading a new
 weight ``<kernel scope>/bias`` (trainable).
 
