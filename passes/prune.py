@@ -48,8 +48,11 @@ calibration data (``calib=data.npz`` or a directory of ``<input>.npy``) ``activa
 ``thinet``, ``lsq``, ``fisher`` (the squared gradient of the model's loss on its own predictions with respect
 to a mask on each channel: Kwon et al. 2022, for heads and feed-forward widths as for filters). With calibration data the stats give, per pruned layer, the relative output error against the
 original model; ``reconstruct=true`` refits those layers' weights (and bias) by least squares, layer by
-layer from input to output, and a classifier head read by a Softmax on the KL divergence to the original's
-probabilities (:mod:`graphslim.analysis.reconstruct`).
+layer from input to output on the pruned model's own inputs, and (``refit=downstream``, the default) every
+refittable layer after them too, a classifier head read by a Softmax on the KL divergence to the original's
+probabilities; a layer adding into a residual stream is fitted to the original's sum there, and output
+positions no output depends on are left out (:mod:`graphslim.analysis.reconstruct`). ``refit=sinks`` refits
+only the layers reading pruned channels.
 
 Stages: resolve targets (the options → candidate groups, explicit keeps, exclusions) → score (the
 criterion) → allocate (keep counts, hence the kept channels) → :class:`~graphslim.analysis.prune_plan.PrunePlan`
@@ -132,6 +135,9 @@ class PruneOptions:
         "help": "spatial positions sampled per example and layer for calibration statistics"})
     reconstruct: bool = field(default=False, metadata={
         "help": "refit the layers reading pruned channels by least squares on the calibration data"})
+    refit: Literal["downstream", "sinks"] = field(default="downstream", metadata={
+        "help": "with reconstruct=true: refit the layers reading pruned channels and every refittable layer "
+                "after them (downstream: the next blocks, the classifier head), or those readers only (sinks)"})
     ridge: float = field(default=1e-3, metadata={"help": "relative ridge of the reconstruction"})
     seed: int = field(default=0, metadata={"help": "seed of the calibration sampling"})
     allow_ops: tuple[str, ...] = field(default=(), metadata={
@@ -359,7 +365,7 @@ def _sensitivity_costs(graph, free: list, orders: dict, counts: dict, data: dict
             if opts.reconstruct:
                 fit_layers(h, graph, sink_layers(graph, [(g, keep)]), sub, kept_positions([(g, keep)]), refit=True,
                            ridge=opts.ridge, positions=opts.calib_positions, batch_size=opts.calib_batch,
-                           seed=opts.seed)
+                           seed=opts.seed, live_rows=False)  # no gradient pass per group and level
             r = Runner(h)
             try:
                 got = r.run(sub, fetch=fetch)
@@ -602,6 +608,10 @@ def _apply(graph, changes: list, data, opts: PruneOptions, seconds: dict) -> tup
         from graphslim.analysis.reconstruct import fit_layers
 
         t = time.perf_counter()
+        if opts.reconstruct and opts.refit == "downstream":
+            from graphslim.analysis.reconstruct import downstream_layers
+
+            layers = layers + downstream_layers(graph, layers)
         fits = fit_layers(graph, original, layers, data, kept, refit=opts.reconstruct, ridge=opts.ridge,
                           positions=opts.calib_positions, batch_size=opts.calib_batch, seed=opts.seed)
         seconds["reconstruct" if opts.reconstruct else "errors"] = time.perf_counter() - t

@@ -28,6 +28,10 @@ Built-in criteria:
                second order, compared across groups as it is
 =============  ===================================================================================
 
+``fisher_block`` is ``fisher`` with the interactions of a group's channels: the loss of removing a set S is
+``½ Σ_n (Σ_{c∈S} ∂L_n/∂m_c)²`` (the Fisher matrix's block over the group, Kwon et al.'s mask rearrangement),
+and the order is greedy under it (:func:`fisher_order`).
+
 A criterion is ``fn(ctx, group) -> np.ndarray[group.size]``. One that needs activations declares
 ``requests(ctx, group) -> {key: (tensor, accumulator)}``; :func:`score_groups` runs the model once for
 all groups (batched, bounded memory, :func:`graphslim.analysis.calibration.collect`) and the criterion
@@ -66,7 +70,7 @@ from graphslim.ir import ops
 
 __all__ = ["Criterion", "CRITERIA", "ImportanceContext", "importance", "get_criterion", "score_groups",
            "per_channel", "source_slices", "sink_ops", "batchnorm_scales", "ChannelGram", "thinet_order",
-           "lsq_order"]
+           "lsq_order", "fisher_order"]
 
 
 # ----------------------------------------------------------------------------------------- registry
@@ -360,19 +364,66 @@ def _fisher(ctx, group):
     channel and every channel of its group with a lower ``F`` (cumulative): an estimate of the loss
     that is comparable across groups, so that ``prune{macs=}`` trades heads against feed-forward
     units and filters by it rather than normalizing each group (the paper's global mask search)."""
-    parts = [acc.values for acc in ctx.stats(group).values() if acc.count]
-    if not parts:
+    v = _fisher_parts(ctx, group)
+    if v is None:
         ctx.note(group, "fisher: no activation of the group was measured: scored by l1")
         return _norm_criterion(ctx, group, 1)
-    # A tensor with the examples' rows flattened (tf.tensordot's [B·T, C]): its rows summed per example
-    # (batch-major, as the reshape lays them out); one mask per channel: its parts add up per example
-    n = min(len(p) for p in parts)
-    parts = [p if len(p) == n else p.reshape(n, -1, p.shape[-1]).sum(axis=1) for p in parts if len(p) % n == 0]
-    fisher = np.square(sum(parts)).sum(axis=0)
+    fisher = np.square(v).sum(axis=0)
     order = np.argsort(fisher, kind="stable")
     scores = np.empty(group.size)
     scores[order] = np.cumsum(fisher[order])
     return scores
+
+
+def _fisher_parts(ctx, group) -> np.ndarray | None:
+    """The per-example mask derivatives ``[n, C]`` of the group, or None. A tensor with the examples' rows
+    flattened (tf.tensordot's ``[B·T, C]``) has its rows summed per example (batch-major, as the reshape
+    lays them out); one mask per channel: its parts add up per example."""
+    parts = [acc.values for acc in ctx.stats(group).values() if acc.count]
+    if not parts:
+        return None
+    n = min(len(p) for p in parts)
+    parts = [p if len(p) == n else p.reshape(n, -1, p.shape[-1]).sum(axis=1) for p in parts if len(p) % n == 0]
+    return sum(parts)
+
+
+@importance("fisher_block", gradients=_fisher_gradients, cumulative=True,
+            help="fisher with the interactions of a group's channels: greedy removal under the block of the "
+                 "Fisher matrix over the group (Kwon et al. 2022's mask rearrangement; calibration data)")
+def _fisher_block(ctx, group):
+    """Like ``fisher``, but the loss of removing a set of the group's channels is ``½ Σ_n (Σ_c ∂L_n/∂m_c)²``
+    over the set (the Fisher matrix's block, off-diagonal terms included) and the order is greedy
+    under it (:func:`fisher_order`); scores are the running maximum of that estimate."""
+    v = _fisher_parts(ctx, group)
+    if v is None:
+        ctx.note(group, "fisher_block: no activation of the group was measured: scored by l1")
+        return _norm_criterion(ctx, group, 1)
+    order, loss = fisher_order(v)
+    return _ordered_scores(order, loss, 1.0)
+
+
+def fisher_order(grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy removal order of a group's channels under the Fisher information *with its interactions
+    within the group* (Kwon et al. 2022's mask rearrangement): ``grads[n, c]`` the mask derivatives
+    per example, removing a set S raises the loss by about ``½ Σ_n (Σ_{c∈S} grads[n, c])²`` (the
+    block of the Fisher matrix over S, not only its diagonal: channels whose gradients cancel go
+    together, ones that add up do not). Each step removes the channel that raises that least. Returns
+    ``(order, loss estimate after each removal)``."""
+    v = np.asarray(grads, np.float64)
+    c = v.shape[1]
+    norms = np.square(v).sum(axis=0)
+    run = np.zeros(v.shape[0])
+    alive = np.ones(c, bool)
+    order, loss = [], []
+    for _ in range(c):
+        inc = 2.0 * (run @ v) + norms  # Σ_n (run + v_c)² − Σ_n run²
+        inc[~alive] = np.inf
+        j = int(np.argmin(inc))
+        alive[j] = False
+        run += v[:, j]
+        order.append(j)
+        loss.append(float(np.square(run).sum()))
+    return np.array(order, dtype=np.int64), np.array(loss)
 
 
 @importance("apoz", requests=_activation_requests,

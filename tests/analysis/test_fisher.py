@@ -130,3 +130,20 @@ def test_gradients_run_only_after_the_safety_scan(tmp_path):
     g.add_node("read", "ReadFile", inputs=[name.output(0)])
     with pytest.raises(UnsafeModelError, match="ReadFile"):
         collect_gradients(g, {"x": rng.randn(4, 6).astype("f")}, {"h": ("d1/Relu:0", 1, MaskGradients())})
+
+
+def test_fisher_order_counts_the_interactions_within_a_group():
+    """Mask rearrangement (Kwon et al. 2022): two channels whose gradients cancel cost little together
+    although each alone costs much (the diagonal adds them up); the greedy order's loss after k removals
+    is the block Fisher sum of the k channels removed."""
+    from graphslim.analysis.importance import fisher_order
+
+    rng = np.random.RandomState(0)
+    a = rng.randn(200)
+    v = np.stack([a, -a + 0.01 * rng.randn(200), 0.3 * rng.randn(200), 0.5 * rng.randn(200)], axis=1)
+    order, loss = fisher_order(v)
+    for k in range(4):
+        assert loss[k] == pytest.approx(np.square(v[:, order[:k + 1]].sum(axis=1)).sum(), rel=1e-9)
+    assert order[0] == 2 and order[1] == 3
+    diag = np.square(v).sum(axis=0)
+    assert loss[3] < 0.3 * loss[2] and loss[3] < 0.2 * diag.sum()  # the second of the pair cancels the first
