@@ -529,7 +529,8 @@ def _next_target(goal: float, tried: list) -> float:
     return float(min(t * goal / max(m, 1e-6), 1.0))
 
 
-BAND = 0.05  # a measured ratio at most the target and no more than this below it ends the search
+BAND = 0.05  # a measured ratio at most the target and no more than this below it ends the search; the
+# correction aims at the band's middle, so that another measurement's noise stays under the target
 KNEE_ROUNDS = 3  # extra rounds bisecting towards less pruning when the target is out of reach
 NOISE = 0.02  # measured ratios this close count as equally fast (the knee search)
 KNEE = 0.01  # the last stretch of the modelled latency curve (as a fraction of the model's time) not
@@ -602,7 +603,7 @@ def _by_macs(child, graph, original, engine: str, candidates, free, fixed, count
         if not met and row["measured"] < best[1]["measured"] - NOISE:
             best = (removal, row)
         tried.append((level, row["measured"]))
-        level = _next_target(goal, tried)
+        level = _next_target(goal - BAND / 2, tried)
     return best
 
 
@@ -611,8 +612,8 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
     """``prune{latency=...}``'s allocation: measure the unit tables (cached) and the whole model on
     ``opts.runtime``, allocate against :class:`LatencyModel` (greedy, or uniform with
     ``allocation=uniform``), time the pruned model against the original side by side, and correct the
-    modelled target by the measured ratio until the measurement meets ``opts.latency`` (at most the
-    target, and within :data:`BAND` of it; a ratio that meets it is timed a second time and the slower
+    modelled target by the measured ratio (aiming at the middle of the band below the target) until the
+    measurement meets ``opts.latency`` (at most the target, and within :data:`BAND` of it; a ratio that meets it is timed a second time and the slower
     of the two counts, so one lucky measurement cannot end the search) or :data:`MAX_ROUNDS` rounds pass; the allocation that met
     the target with the least pruning, else the fastest, is kept; with importance costs (``global`` and
     ``sensitivity`` allocation) the MACs-ordered allocation is then measured beside it and kept when it
@@ -652,7 +653,7 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
         lowest = min(floor + KNEE, 1.0)
         seen, tried = set(), []  # tried: (modelled target, measured ratio)
         for n in range(MAX_ROUNDS):
-            modelled = max(_next_target(goal, tried), lowest)
+            modelled = max(_next_target(goal - BAND / 2, tried), lowest)
             for _ in range(8):  # a correction that leads back to an allocation already timed: step on
                 if opts.allocation == "uniform":
                     removal = uniform_allocation(model, free, fixed, counts, modelled * model.total0)
