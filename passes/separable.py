@@ -85,29 +85,13 @@ class _Separable(Method):
     def candidates(self, graph):
         out = []
         for node in graph.nodes(op="Conv2D"):
-            c = conv_candidate(graph, node)
+            c = conv_candidate(graph, node, lambda n, k: "kernel 1×1 (already pointwise)" if k[0] * k[1] == 1 else None)
             out.append(c)
             if c.skipped:
                 continue
             kshape = tuple(c.record["kernel_shape"])
             kh, kw, cin, cout = kshape
-            nchw = node.attr("data_format", "NHWC").startswith("NC")
-            xshape = graph.shape(graph.input(node, 0))
-            xc = None if xshape is None or len(xshape) != 4 else xshape[1 if nchw else 3]
-            if kh * kw == 1:
-                c.skip("kernel 1×1 (already pointwise)")
-                continue
-            if xc is not None and xc != cin:
-                c.skip(f"grouped conv ({xc} input channels, kernel takes {cin} per group)")
-                continue
-            if not node.dtypes or not node.dtypes[0].is_floating:
-                c.skip(f"dtype {node.dtypes[0].name if node.dtypes else '?'} is not floating point")
-                continue
-            kernel, why = graph.sole_weight(node, 1)
-            if kernel is None:
-                c.skip(why)
-                continue
-            c.kernel = kernel
+            nchw, xshape = c.data["nchw"], c.data["xshape"]
             geo = ConvGeometry.of(graph, node)
             native = geo.dilations == (1, 1) and geo.strides[0] == geo.strides[1]
             h, w = _hw(xshape, nchw)

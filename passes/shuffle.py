@@ -144,6 +144,13 @@ def _macs_reason(groups: int, min_saving: float | None) -> str | None:
     return f"groups={groups} saves {saving:.1%} of MACs, not more than min_macs_saving={min_saving}"
 
 
+def _pointwise_only(node, kshape) -> str | None:
+    kh, kw = kshape[:2]
+    if kh * kw != 1:
+        return f"kernel {kh}×{kw} is spatial (shuffle takes 1×1 convs; run separable first for its pointwise half)"
+    return None
+
+
 class _Shuffle(Method):
     name = "shuffle"
 
@@ -156,25 +163,13 @@ class _Shuffle(Method):
         out = []
         self._cands = out  # the folds must not reorder a kernel a later candidate was read from
         for node in graph.nodes(op="Conv2D"):
-            c = conv_candidate(graph, node)
+            c = conv_candidate(graph, node, _pointwise_only)
             out.append(c)
             if c.skipped:
                 continue
             kshape = tuple(c.record["kernel_shape"])
             kh, kw, cin, cout = kshape
-            nchw = node.attr("data_format", "NHWC").startswith("NC")
-            xshape = graph.shape(graph.input(node, 0))
-            xc = None if xshape is None or len(xshape) != 4 else xshape[1 if nchw else 3]
-            if kh * kw != 1:
-                c.skip(f"kernel {kh}×{kw} is spatial (shuffle takes 1×1 convs; run separable first for its "
-                       "pointwise half)")
-                continue
-            if xc is not None and xc != cin:
-                c.skip(f"grouped conv ({xc} input channels, kernel takes {cin} per group)")
-                continue
-            if not node.dtypes or not node.dtypes[0].is_floating:
-                c.skip(f"dtype {node.dtypes[0].name if node.dtypes else '?'} is not floating point")
-                continue
+            nchw, kernel = c.data["nchw"], c.kernel
             why = None
             for what, n in (("input", cin), ("output", cout)):
                 if why is None and g_ > n:
@@ -186,11 +181,6 @@ class _Shuffle(Method):
             if why is not None:
                 c.skip(why)
                 continue
-            kernel, why = graph.sole_weight(node, 1)
-            if kernel is None:
-                c.skip(why)
-                continue
-            c.kernel = kernel
             oshape = node.shapes[0] if node.shapes else None
             hw = None if oshape is None or len(oshape) != 4 else ((oshape[2], oshape[3]) if nchw else (oshape[1], oshape[2]))
             known = hw is not None and None not in hw

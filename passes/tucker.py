@@ -128,6 +128,14 @@ def _hw(shape, nchw: bool):
     return (shape[2], shape[3]) if nchw else (shape[1], shape[2])
 
 
+def _tucker_shape(node, kshape) -> str | None:
+    if node.op == "DepthwiseConv2dNative":
+        return "depthwise conv (no channel mixing to factorize)"
+    if kshape[0] * kshape[1] == 1:
+        return "kernel 1×1 (one channel rank is enough: use lowrank)"
+    return None
+
+
 class _Tucker(Method):
     name = "tucker"
 
@@ -138,32 +146,13 @@ class _Tucker(Method):
     def candidates(self, graph):
         out = []
         for node in graph.nodes(op=("Conv2D", "DepthwiseConv2dNative")):
-            c = conv_candidate(graph, node)
+            c = conv_candidate(graph, node, _tucker_shape)
             out.append(c)
             if c.skipped:
                 continue
             kshape = tuple(c.record["kernel_shape"])
-            if node.op == "DepthwiseConv2dNative":
-                c.skip("depthwise conv (no channel mixing to factorize)")
-                continue
             kh, kw, cin, cout = kshape
-            nchw = node.attr("data_format", "NHWC").startswith("NC")
-            xshape = graph.shape(graph.input(node, 0))
-            xc = None if xshape is None or len(xshape) != 4 else xshape[1 if nchw else 3]
-            if kh * kw == 1:
-                c.skip("kernel 1×1 (one channel rank is enough: use lowrank)")
-                continue
-            if xc is not None and xc != cin:
-                c.skip(f"grouped conv ({xc} input channels, kernel takes {cin} per group)")
-                continue
-            if not node.dtypes or not node.dtypes[0].is_floating:
-                c.skip(f"dtype {node.dtypes[0].name if node.dtypes else '?'} is not floating point")
-                continue
-            kernel, why = graph.sole_weight(node, 1)
-            if kernel is None:
-                c.skip(why)
-                continue
-            c.kernel = kernel
+            nchw, xshape = c.data["nchw"], c.data["xshape"]
             geo = ConvGeometry.of(graph, node)
             h, w = _hw(xshape, nchw)
             oh, ow = _hw(node.shapes[0] if node.shapes else None, nchw)

@@ -339,9 +339,12 @@ class Candidate:
         return self.record.get("action") == "skipped"
 
 
-def conv_candidate(graph, node) -> Candidate:
+def conv_candidate(graph, node, shape_check=None) -> Candidate:
     """A candidate for ``node`` (a Conv2D or DepthwiseConv2dNative) with its kernel's shape and weight name
-    in the record, skipped when the kernel shape is unknown."""
+    in the record and, when it is not skipped, its kernel weight (``c.kernel``), ``c.data["nchw"]`` and
+    ``c.data["xshape"]`` (the input's shape). Skipped, with the reason, when the kernel shape is unknown,
+    when ``shape_check(node, kernel shape)`` gives a reason (the method's own kernel sizes), for a grouped
+    conv, a non-float dtype, or a kernel that is not one weight read by this op alone."""
     c = Candidate(node, record={"layer": node.name, "op": node.op})
     kshape = graph.shape(graph.input(node, 1))
     if kshape is None or len(kshape) != 4 or None in kshape:
@@ -351,6 +354,26 @@ def conv_candidate(graph, node) -> Candidate:
     named = graph.weight_of(node, 1)
     if named is not None:
         c.record["kernel"] = named.name
+    why = shape_check(node, tuple(kshape)) if shape_check is not None else None
+    if why is not None:
+        c.skip(why)
+        return c
+    nchw = node.attr("data_format", "NHWC").startswith("NC")
+    xshape = graph.shape(graph.input(node, 0))
+    xc = None if xshape is None or len(xshape) != 4 else xshape[1 if nchw else 3]
+    cin = kshape[2]
+    if node.op == "Conv2D" and xc is not None and xc != cin:
+        c.skip(f"grouped conv ({xc} input channels, kernel takes {cin} per group)")
+        return c
+    if not node.dtypes or not node.dtypes[0].is_floating:
+        c.skip(f"dtype {node.dtypes[0].name if node.dtypes else '?'} is not floating point")
+        return c
+    kernel, why = graph.sole_weight(node, 1)
+    if kernel is None:
+        c.skip(why)
+        return c
+    c.kernel = kernel
+    c.data.update(nchw=nchw, xshape=xshape)
     return c
 
 
