@@ -50,8 +50,9 @@ to a mask on each channel: Kwon et al. 2022, for heads and feed-forward widths a
 original model; ``reconstruct=true`` refits those layers' weights (and bias) by least squares, layer by
 layer from input to output on the pruned model's own inputs, and (``refit=downstream``, the default) every
 refittable layer after them too, a classifier head read by a Softmax on the KL divergence to the original's
-probabilities; a layer adding into a residual stream is fitted to the original's sum there, and output
-positions no output depends on are left out (:mod:`graphslim.analysis.reconstruct`). ``refit=sinks`` refits
+probabilities (``residual_targets=true``: a layer adding into a residual stream is fitted to the
+original's sum there, not the default: it measured no better), and output positions no output depends on
+are left out (:mod:`graphslim.analysis.reconstruct`). ``refit=sinks`` refits
 only the layers reading pruned channels.
 
 Stages: resolve targets (the options → candidate groups, explicit keeps, exclusions) → score (the
@@ -138,6 +139,9 @@ class PruneOptions:
     refit: Literal["downstream", "sinks"] = field(default="downstream", metadata={
         "help": "with reconstruct=true: refit the layers reading pruned channels and every refittable layer "
                 "after them (downstream: the next blocks, the classifier head), or those readers only (sinks)"})
+    residual_targets: bool = field(default=False, metadata={
+        "help": "with reconstruct=true: fit a layer that adds into a residual stream to the original's sum there "
+                "minus the pruned skip (Kwon et al. 2022) instead of to its own original output"})
     ridge: float = field(default=1e-3, metadata={"help": "relative ridge of the reconstruction"})
     seed: int = field(default=0, metadata={"help": "seed of the calibration sampling"})
     allow_ops: tuple[str, ...] = field(default=(), metadata={
@@ -613,7 +617,8 @@ def _apply(graph, changes: list, data, opts: PruneOptions, seconds: dict) -> tup
 
             layers = layers + downstream_layers(graph, layers)
         fits = fit_layers(graph, original, layers, data, kept, refit=opts.reconstruct, ridge=opts.ridge,
-                          positions=opts.calib_positions, batch_size=opts.calib_batch, seed=opts.seed)
+                          positions=opts.calib_positions, batch_size=opts.calib_batch, seed=opts.seed,
+                          residual=opts.residual_targets)
         seconds["reconstruct" if opts.reconstruct else "errors"] = time.perf_counter() - t
     return fits, _layer_rows(before_graph, graph, fits)
 
