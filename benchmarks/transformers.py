@@ -9,8 +9,8 @@ for accuracy.
    (interleaved rounds, medians, batch 1, ``--threads``) on TensorFlow's graph executor and on LiteRT.
 2. **Accuracy.** The trained ``vit_digits`` fixture (2 layers, 4 heads of 16, hidden 64, MLP 128; 95.8% on
    the 497 held-out digits) at 0.5 of its MACs: ``prune{macs=0.5 criterion=C calib=D}`` for l1 and fisher,
-   with and without ``reconstruct=true`` (``fisher+rec``: every layer from the first pruned one to the
-   classifier head refit in turn; ``fisher+rec-sinks``: only the layers reading pruned channels, as before;
+   with and without ``reconstruct=true`` (``refit=downstream``, ``fisher+rec``: every layer from the first pruned one to the
+   classifier head refit in turn; ``fisher+rec-sinks``: only the layers reading pruned channels, prune's default;
    ``fisher_block+rec``: the Fisher matrix's block over each group, Kwon et al.'s mask rearrangement),
    ``lowrank{macs=0.5 calib=D}``, and (``--distill``) the fisher
    reconstruction followed by ``distill{calib=D steps=1000 lr=3e-3 batch=64}``. Each cell is the mean
@@ -126,13 +126,13 @@ def speed(args, tmp: str) -> None:
 
 ACCURACY = {
     "l1": "prune{{macs={t} criterion=l1 calib={calib}}}",
-    "l1+rec": "prune{{macs={t} criterion=l1 calib={calib} reconstruct=true}}",
+    "l1+rec": "prune{{macs={t} criterion=l1 calib={calib} reconstruct=true refit=downstream}}",
     "fisher": "prune{{macs={t} criterion=fisher calib={calib}}}",
     "fisher+rec-sinks": "prune{{macs={t} criterion=fisher calib={calib} reconstruct=true refit=sinks}}",
-    "fisher+rec": "prune{{macs={t} criterion=fisher calib={calib} reconstruct=true}}",
-    "fisher_block+rec": "prune{{macs={t} criterion=fisher_block calib={calib} reconstruct=true}}",
+    "fisher+rec": "prune{{macs={t} criterion=fisher calib={calib} reconstruct=true refit=downstream}}",
+    "fisher_block+rec": "prune{{macs={t} criterion=fisher_block calib={calib} reconstruct=true refit=downstream}}",
     "lowrank": "lowrank{{macs={t} calib={calib}}}",
-    "fisher+rec,distill": "prune{{macs={t} criterion=fisher calib={calib} reconstruct=true}},"
+    "fisher+rec,distill": "prune{{macs={t} criterion=fisher calib={calib} reconstruct=true refit=downstream}},"
                           "distill{{calib={calib} steps={steps} lr=3e-3 batch=64}}",
 }
 

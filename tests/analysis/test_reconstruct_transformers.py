@@ -93,7 +93,7 @@ def test_vit_digits_attention_output_and_ffn_are_refit(vit_digits, tmp_path):
     acc = {}
     for rec in ("false", "true"):
         g = g0.copy()
-        st = graphslim.run_pipeline(g, f"prune{{ratio=0.3 calib={calib} reconstruct={rec}}}").passes[0]["stats"]
+        st = graphslim.run_pipeline(g, f"prune{{ratio=0.3 calib={calib} reconstruct={rec} refit=downstream}}").passes[0]["stats"]
         pred = run(g, {"images": d["x_test"]})["output_0"].argmax(1)
         acc[rec] = float((pred == d["y_test"]).mean())
     fitted = {r["layer"]: r for r in st["layers"] if r.get("error_after") is not None}
