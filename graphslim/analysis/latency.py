@@ -651,14 +651,17 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
         floor_removal.update({g.id: g.size - counts[g.id][-1] for g in free})
         floor = model.total(floor_removal) / model.total0
         lowest = min(floor + KNEE, 1.0)
+
+        def allocate(ratio: float) -> dict:  # the allocation for a modelled latency ratio
+            if opts.allocation == "uniform":
+                return uniform_allocation(model, free, fixed, counts, ratio * model.total0)
+            return global_allocation(model, free, fixed, counts, costs, ratio * model.total0)
+
         seen, tried = set(), []  # tried: (modelled target, measured ratio)
         for n in range(MAX_ROUNDS):
             modelled = max(_next_target(goal - BAND / 2, tried), lowest)
             for _ in range(8):  # a correction that leads back to an allocation already timed: step on
-                if opts.allocation == "uniform":
-                    removal = uniform_allocation(model, free, fixed, counts, modelled * model.total0)
-                else:
-                    removal = global_allocation(model, free, fixed, counts, costs, modelled * model.total0)
+                removal = allocate(modelled)
                 key = tuple(sorted(removal.items()))
                 if key not in seen:
                     break
@@ -687,10 +690,7 @@ def allocate_latency(graph: Graph, candidates: list, free: list, orders: dict, c
             lo, hi = best[1]["modelled_target"], 1.0
             for k in range(KNEE_ROUNDS):
                 mid = (lo + hi) / 2
-                if opts.allocation == "uniform":
-                    removal = uniform_allocation(model, free, fixed, counts, mid * model.total0)
-                else:
-                    removal = global_allocation(model, free, fixed, counts, costs, mid * model.total0)
+                removal = allocate(mid)
                 key = tuple(sorted(removal.items()))
                 if key in seen or not any(removal.get(g.id, 0) for g in free):
                     hi = mid
