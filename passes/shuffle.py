@@ -309,6 +309,8 @@ class _Shuffle(Method):
         if cand.data.get("bias_shift") is not None:  # in the original channel order: before any fold
             shift_bias(graph, cand.data["bias"], cand.data["bias_shift"])
         _, gin, gout = cand.data["layout"]
+        if self.opts.fold and (gin is not None or gout is not None):
+            graph.infer_shapes()  # the groups walk static shapes; layers rewritten before left new nodes
         folded = []
         for side, tensor, axis, perm in (("input", graph.input(node, 0), 2, gin),
                                          ("output", node.output(0), 3, None if gout is None else np.argsort(gout))):
@@ -331,7 +333,6 @@ class _Shuffle(Method):
         if not self.opts.fold:
             return "fold=false"
         cax = 1 if cand.data["nchw"] else 3
-        graph.infer_shapes()  # the groups walk static shapes; layers rewritten before left new nodes
         try:
             grp = group_for(graph, tensor, cax)
         except ChannelError as exc:
