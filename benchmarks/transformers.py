@@ -130,6 +130,8 @@ ACCURACY = {
     "fisher": "prune{{macs={t} criterion=fisher calib={calib}}}",
     "fisher+rec-sinks": "prune{{macs={t} criterion=fisher calib={calib} reconstruct=true refit=sinks}}",
     "fisher+rec": "prune{{macs={t} criterion=fisher calib={calib} reconstruct=true refit=downstream}}",
+    "positions+fisher+rec": "positions,prune{{macs={tp} criterion=fisher calib={calib} reconstruct=true "
+                            "refit=downstream}}",
     "fisher_block+rec": "prune{{macs={t} criterion=fisher_block calib={calib} reconstruct=true refit=downstream}}",
     "lowrank": "lowrank{{macs={t} calib={calib}}}",
     "fisher+rec,distill": "prune{{macs={t} criterion=fisher calib={calib} reconstruct=true refit=downstream}},"
@@ -145,6 +147,9 @@ def accuracy(args, tmp: str) -> None:
         return 100 * float((run(g, {"images": d["x_test"]})["output_0"].argmax(1) == d["y_test"]).mean())
 
     acc0 = acc(base)
+    sliced = base.copy()
+    graphslim.run_pipeline(sliced, "positions")
+    tp = args.target * base.cost().macs / sliced.cost().macs  # prune's target after positions, for the same total
     calibs = []
     for seed in range(args.draws):
         idx = np.random.RandomState(seed).permutation(len(d["x_train"]))[:512]
@@ -161,7 +166,7 @@ def accuracy(args, tmp: str) -> None:
         for calib in calibs:
             g = base.copy()
             t = time.perf_counter()
-            graphslim.run_pipeline(g, ACCURACY[m].format(t=args.target, calib=calib, steps=args.steps))
+            graphslim.run_pipeline(g, ACCURACY[m].format(t=args.target, tp=tp, calib=calib, steps=args.steps))
             secs.append(time.perf_counter() - t)
             accs.append(acc(g))
             macs.append(g.cost().macs / base.cost().macs)

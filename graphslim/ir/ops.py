@@ -43,6 +43,7 @@ HOOKS = {
     "channel": "graphslim.analysis.channel_rules",  # (ctx, node, at: Link) -> list[Link]; raises Blocked
     "macs": "graphslim.analysis.cost",           # (graph, node) -> MACs per example
     "evaluate": "graphslim.analysis.constants",  # (node, args: list[np.ndarray]) -> np.ndarray
+    "positions": "graphslim.analysis.position_rules",  # (ctx, node, need: Span | None) -> list[Span | None]
 }
 
 

@@ -1,0 +1,314 @@
+"""Position rules: which positions of its inputs an op reads to produce some positions of its output
+(see :mod:`graphslim.analysis.positions`, the dead-position analysis that uses them).
+
+A *position* is an index along one axis of a tensor: a token of a transformer's sequence, a row of a
+feature map. A :class:`Span` says that only positions ``lo ≤ p < hi`` along one axis are needed. Every
+rule is registered with ``@position_rule(op, ...)`` as the ``positions`` hook of its ops in the per-op
+facts table (:mod:`graphslim.ir.ops`); importing this module registers the built-in ones. A rule gets
+the context (``ctx.graph``, ``ctx.in_shape(node, port)``, ``ctx.out_shape(node)``, ``ctx.const(node,
+port)``, ``ctx.rewrite(fn)``), the node and the :class:`Span` of its output that is needed (None: all of
+it). It returns one entry per input port: the :class:`Span` of that input it reads, or None when it
+reads all of it. When the rewritten op needs new attributes or constants (a Reshape's target shape, a
+StridedSlice's begin and end), the rule records the change with ``ctx.rewrite(fn)``; ``fn(graph)`` runs
+only if the rewrite happens. An op without a rule reads all of every input, so nothing is guessed.
+Example::
+
+    @position_rule("MyGelu")                      # element-wise: position p of y is position p of x
+    def _my_gelu(ctx, node, need):
+        return [need]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from graphslim.analysis.channel_rules import BINARY, UNARY, concat_part, slice_range, sparse_index, vector_element
+from graphslim.analysis.constants import constant_value
+from graphslim.ir import ops
+
+__all__ = ["POSITION_RULES", "position_rule", "Span", "NotPositional", "static_target"]
+
+#: op type → rule ``(ctx, node, need: Span | None) -> list[Span | None]``: a live view of the ``positions``
+#: hooks in the per-op facts table (:mod:`graphslim.ir.ops`).
+POSITION_RULES = ops.hooks("positions")
+
+
+class NotPositional(Exception):
+    """A rule cannot restrict its inputs (the op mixes the needed positions with others); the analysis
+    reads all of every input."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """Positions ``lo ≤ p < hi`` along ``axis`` are needed. ``period`` is the number of positions: the
+    axis's length, or, when the axis merges an outer axis with the positions (``[batch·T, C]`` after a
+    Dense's Tensordot reshape), ``T``: index ``i`` along the axis is position ``i % period``. None: the
+    axis has no static length (and merges nothing)."""
+    axis: int
+    lo: int
+    hi: int
+    period: int | None = None
+    #: the axis holds several periods (``[batch·T, C]``) rather than exactly the positions: set where a
+    #: Reshape merges them, carried by the ops after it
+    merged: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
+
+    def at(self, axis: int) -> "Span":
+        return replace(self, axis=axis)
+
+
+def position_rule(*op_types: str):
+    """Register a position rule for op types ``op_types`` (the ``positions`` hook of their entries in
+    :mod:`graphslim.ir.ops`). See the module docstring for the signature."""
+    return ops.register_hook("positions", *op_types)
+
+
+def _on(need: Span | None, shape, axis: int) -> Span | None:
+    """``need`` moved to ``axis`` of an input of ``shape``; None where the input is broadcast along it
+    (length 1), and so read whole."""
+    if need is None or axis < 0 or shape is None or axis >= len(shape) or shape[axis] == 1:
+        return None
+    return need.at(axis)
+
+
+@position_rule(*UNARY, "Softplus", "Gelu")
+def _unary(ctx, node, need):
+    """Element-wise: position p of the output is position p of the input."""
+    return [need]
+
+
+@position_rule(*BINARY, "SelectV2", "BiasAdd", "AddN", "ClipByValue")
+def _broadcasting(ctx, node, need):
+    """Broadcasting element-wise ops: each input aligned from the last axis; an input broadcast along
+    the axis (length 1, or missing) is read whole."""
+    n = len(ctx.graph.inputs_of(node))
+    if need is None:
+        return [None] * n
+    rank = len(ctx.out_shape(node))
+    spans = []
+    for p in range(n):
+        s = ctx.in_shape(node, p)
+        spans.append(None if s is None else _on(need, s, need.axis - (rank - len(s))))
+    return spans
+
+
+@position_rule("Softmax", "LogSoftmax")
+def _softmax(ctx, node, need):
+    """Normalizes over the last axis: positions along it are mixed."""
+    if need is not None and need.axis == len(ctx.out_shape(node)) - 1:
+        raise NotPositional
+    return [need]
+
+
+@position_rule("Mean", "Sum", "Max", "Min", "Prod")
+def _reduce(ctx, node, need):
+    """Reductions over other axes keep the positions (axis renumbered without keep_dims)."""
+    if need is None:
+        return [None, None]
+    rank = len(ctx.in_shape(node, 0))
+    red = {int(a) % rank for a in np.atleast_1d(ctx.const(node, 1))}
+    kept = list(range(rank)) if node.attr("keep_dims", False) else [a for a in range(rank) if a not in red]
+    a = kept[need.axis]
+    if a in red:
+        raise NotPositional
+    return [need.at(a), None]
+
+
+@position_rule("MatMul", "BatchMatMulV2", "BatchMatMulV3", "BatchMatMul")
+def _matmul(ctx, node, need):
+    """x[..., M, K] · y[..., K, N]: output rows are x's rows, columns y's columns, batch axes broadcast."""
+    if need is None:
+        return [None, None]
+    ro = len(ctx.out_shape(node))
+    sx, sy = ctx.in_shape(node, 0), ctx.in_shape(node, 1)
+    tx = node.attr("transpose_a", False) or node.attr("adj_x", False)
+    ty = node.attr("transpose_b", False) or node.attr("adj_y", False)
+    if need.axis == ro - 2:
+        return [need.at(len(sx) - (1 if tx else 2)), None]
+    if need.axis == ro - 1:
+        return [None, need.at(len(sy) - (2 if ty else 1))]
+    return [_on(need, s, need.axis - (ro - len(s))) for s in (sx, sy)]
+
+
+@position_rule("Einsum")
+def _einsum(ctx, node, need):
+    """Each axis is a label of the equation: the operands holding the output axis's label read those
+    positions; the others (the keys of ``BTNH,BSNH->BNTS`` for the query positions T) are read whole."""
+    n = len(ctx.graph.inputs_of(node))
+    if need is None:
+        return [None] * n
+    try:
+        operands, out = ops.einsum_labels(node)
+    except ValueError:
+        raise NotPositional from None
+    label = out[need.axis]
+    return [_on(need, ctx.in_shape(node, p), operands[p].index(label)) if label in operands[p] else None
+            for p in range(n)]
+
+
+@position_rule("Transpose")
+def _transpose(ctx, node, need):
+    if need is None:
+        return [None, None]
+    perm = [int(a) for a in np.atleast_1d(ctx.const(node, 1))]
+    return [need.at(perm[need.axis]), None]
+
+
+@position_rule("ConcatV2")
+def _concat(ctx, node, need):
+    """Concatenation along another axis keeps the positions; along the positions' axis it reads all."""
+    n = len(ctx.graph.inputs_of(node))
+    if need is None:
+        return [None] * n
+    rank = len(ctx.out_shape(node))
+    if int(ctx.const(node, n - 1)) % rank == need.axis:
+        raise NotPositional
+    return [need] * (n - 1) + [None]
+
+
+def _flat_size(shape) -> int | None:
+    if shape is None or any(d is None for d in shape):
+        return None
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _shape_element(graph, t, i: int) -> int | None:
+    """Element ``i`` of the 1-D int tensor ``t`` when it is known before run time: what
+    :func:`vector_element` finds, or a static dimension read through ``Shape(x)`` or
+    ``GatherV2(Shape(x), constant indices)``."""
+    v = vector_element(graph, t, i)
+    if v is not None:
+        return v
+    src = graph.producer(t)
+    if src.op == "ConcatV2":
+        part = concat_part(graph, src, i)
+        return None if part is None else _shape_element(graph, graph.input(src, part[0]), part[1])
+    if src.op == "GatherV2" and graph.producer(graph.input(src, 0)).op == "Shape":
+        idx = constant_value(graph, graph.input(src, 1))
+        if idx is None or not -np.size(idx) <= i < np.size(idx):
+            return None
+        return _shape_element(graph, graph.input(src, 0), int(np.atleast_1d(idx)[i]))
+    if src.op == "Shape":
+        shape = graph.shape(graph.input(src, 0))
+        return None if shape is None or not -len(shape) <= i < len(shape) else shape[i]
+    return None
+
+
+def static_target(graph, node) -> np.ndarray | None:
+    """A Reshape's target computed at run time (``tf.tensordot``'s concat of Shape(x) parts) as a
+    constant, when every entry but one (the batch, written -1) is known before run time; else None."""
+    out = node.shapes[0] if node.shapes else None
+    if out is None:
+        return None
+    known = [_shape_element(graph, graph.input(node, 1), i) for i in range(len(out))]
+    known = [None if v is None or v < 0 else v for v in known]
+    if sum(v is None for v in known) > 1 or any(v != d for v, d in zip(known, out) if None not in (v, d)):
+        return None
+    return np.array([-1 if v is None else v for v in known], graph.dtype(graph.input(node, 1)).as_numpy_dtype)
+
+
+@position_rule("Reshape")
+def _reshape(ctx, node, need):
+    """Row-major reshapes keep each element's flat index, so a span of positions keeps its flat pattern
+    (``period`` positions of ``suffix`` elements each): found again on the input axis whose trailing
+    axes hold ``suffix`` elements (merged with the batch as in ``[batch·T, C]``, or split from it). The
+    target shape must be a constant, or computed at run time with a result known before it up to one
+    axis (:func:`static_target`); its entry for the axis becomes the kept positions."""
+    if need is None:
+        return [None, None]
+    out, src = ctx.out_shape(node), ctx.in_shape(node, 0)
+    target = ctx.const(node, 1)
+    if target is None:
+        target = static_target(ctx.graph, node)
+    suffix = _flat_size(out[need.axis + 1:])
+    period = need.period if need.period is not None else out[need.axis]
+    if target is None or suffix is None or period is None:
+        raise NotPositional
+    for b in range(len(src)):
+        if _flat_size(src[b + 1:]) == suffix and (src[b] is None or src[b] % period == 0):
+            break
+    else:
+        raise NotPositional
+    if src[b] is None and b != 0:  # an axis of unknown length that may or may not hold the batch too
+        raise NotPositional
+    merged = src[b] != period  # [batch·T, C]: the batch (of unknown length) and the positions
+    target = np.array(target).reshape(-1).copy()
+    if target[need.axis] != -1:
+        if target[need.axis] % period:
+            raise NotPositional
+        target[need.axis] = target[need.axis] // period * need.size
+
+    def rewrite(graph):
+        const = graph.add_const(f"{node.name}/positions_shape", target.astype(target.dtype), unique=True)
+        graph.set_input(node, 1, const.output(0))
+
+    ctx.rewrite(rewrite)
+    return [Span(b, need.lo, need.hi, period, merged), None]
+
+
+@position_rule("StridedSlice")
+def _strided_slice(ctx, node, need):
+    """A stride-1 range or one position of one axis (``x[:, 0]``, the class token) reads only those
+    positions of its input: a slice is where dead positions are found. Other axes pass through."""
+    if node.attr("new_axis_mask", 0) or node.attr("ellipsis_mask", 0):
+        raise NotPositional
+    src = ctx.in_shape(node, 0)
+    consts = [ctx.const(node, p) for p in (1, 2, 3)]
+    if src is None or any(c is None for c in consts):
+        raise NotPositional
+    begin, end, strides = (np.atleast_1d(c).astype(np.int64) for c in consts)
+    rank, shrink = len(src), node.attr("shrink_axis_mask", 0)
+    ranges = {}
+    for a in range(min(rank, len(begin))):
+        lo, hi = (0, src[a]) if node.attr("begin_mask", 0) >> a & 1 and node.attr("end_mask", 0) >> a & 1 \
+            else (None, None)
+        if lo is None:
+            if shrink >> a & 1:
+                b = int(begin[a])
+                if b < 0 and src[a] is None:
+                    raise NotPositional
+                lo = b + src[a] if b < 0 else b
+                hi = lo + 1
+            elif strides[a] != 1 or src[a] is None:
+                raise NotPositional
+            else:
+                lo, hi = slice_range(node, begin, end, src[a], a)
+        if (lo, hi) != (0, src[a]):
+            ranges[a] = (lo, hi)
+    kept = [a for a in range(rank) if not (a < len(begin) and shrink >> a & 1)]
+    if need is None:
+        if len(ranges) != 1:
+            raise NotPositional
+        ((a, (lo, hi)),) = ranges.items()
+        take = Span(a, lo, hi, src[a])
+        out_lo = 0
+    else:
+        a = kept[need.axis]
+        base = ranges.get(a, (0, None))[0]
+        take = Span(a, base + need.lo, base + need.hi, src[a], need.merged)
+        out_lo = need.lo
+    if take.merged:
+        raise NotPositional
+    if a >= len(begin) or sparse_index(node, a, rank, len(begin)) != a:
+        raise NotPositional
+    # the input arrives holding positions [take.lo, take.hi): the slice now starts at its own start
+    new_begin, new_end = begin.copy(), end.copy()
+    new_begin[a] = ranges.get(a, (0, None))[0] + out_lo - take.lo
+    new_end[a] = new_begin[a] + (1 if shrink >> a & 1 else take.size)
+
+    def rewrite(graph):
+        for port, value in ((1, new_begin), (2, new_end)):
+            const = graph.add_const(f"{node.name}/positions_{'begin' if port == 1 else 'end'}",
+                                    value.astype(consts[port - 1].dtype), unique=True)
+            graph.set_input(node, port, const.output(0))
+        mask = ~(1 << a)
+        node.set_attr("begin_mask", node.attr("begin_mask", 0) & mask)
+        node.set_attr("end_mask", node.attr("end_mask", 0) & mask)
+
+    ctx.rewrite(rewrite)
+    return [take, None, None, None]
