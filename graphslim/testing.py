@@ -278,3 +278,42 @@ def keras_attention_graph(seed: int = 0, bias: bool = False):
     g.outputs.append(SignatureArg("y", y))
     g.infer_shapes()
     return g
+
+
+def keras_hub_bert(path, vocabulary: int = 500, sequence: int | None = None, seed: int = 0):
+    """keras-hub's BertTextClassifier (bert_tiny's shape: 2 layers, 2 heads, hidden 128, FFN 512; 2 classes)
+    built from constructor arguments with random weights, exported to ``path`` and loaded. ``sequence``:
+    give the inputs that static length (else any length)."""
+    import keras
+    import keras_hub
+
+    import graphslim
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=vocabulary, num_layers=2, num_heads=2, hidden_dim=128,
+                                             intermediate_dim=512, max_sequence_length=128)
+    keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None).export(str(path), verbose=False)
+    keras.backend.clear_session()
+    g = graphslim.load(path)
+    if sequence is not None:
+        for a in g.inputs:
+            g.node(a.tensor.node).set_attr("shape", (None, sequence))
+        g.infer_shapes()
+    return g
+
+
+def keras_hub_vit(path, image: int = 32, patch: int = 8, classes: int = 10, seed: int = 0):
+    """keras-hub's ViTImageClassifier (2 layers, 3 heads, hidden 192, MLP 768, like ViT-Ti/16) on ``image``²×3
+    images built from constructor arguments with random weights, exported to ``path`` and loaded."""
+    import keras
+    import keras_hub
+
+    import graphslim
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.ViTBackbone(image_shape=(image, image, 3), patch_size=patch, num_layers=2,
+                                            num_heads=3, hidden_dim=192, mlp_dim=768)
+    keras_hub.models.ViTImageClassifier(backbone, num_classes=classes, preprocessor=None).export(str(path),
+                                                                                                verbose=False)
+    keras.backend.clear_session()
+    return graphslim.load(path)

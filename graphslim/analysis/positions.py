@@ -33,7 +33,7 @@ from graphslim.analysis.position_rules import POSITION_RULES, NotPositional, Spa
 from graphslim.errors import PassError
 from graphslim.ir.graph import Graph, Tensor
 
-__all__ = ["Liveness", "live_spans", "slice_dead_positions"]
+__all__ = ["Liveness", "live_spans", "slice_dead_positions", "static_reshapes"]
 
 
 @dataclass
@@ -162,7 +162,7 @@ def _cut(graph: Graph, tensor: Tensor, have: Span | None, want: Span, cache: dic
     return cache[key]
 
 
-def _static_reshapes(graph: Graph) -> int:
+def static_reshapes(graph: Graph) -> int:
     """Give every Reshape whose target is computed at run time but known before it up to one entry
     (``tf.tensordot``'s ``concat([shape(x)[:2], [C]])`` on a static sequence length) that target as a
     constant, -1 at the unknown entry; re-infer, and repeat while the shapes this makes known unlock
@@ -187,7 +187,7 @@ def slice_dead_positions(graph: Graph) -> dict:
     restricted tensor its span. Raises PassError (the graph untouched) when the rewritten shapes do not
     re-infer as the analysis expected."""
     snapshot = graph.copy()
-    static = _static_reshapes(graph)
+    static = static_reshapes(graph)
     live = live_spans(graph)
     if not live.computed:
         if static:

@@ -14,7 +14,7 @@ from graphslim.analysis.channels import apply_keeps, channel_groups, group_for, 
 from graphslim.ir.graph import Graph, SignatureArg, Tensor
 from graphslim.pipeline import PassManager
 from graphslim.runtime import run
-from graphslim.testing import keras_attention_graph, zero_produced_channels
+from graphslim.testing import keras_attention_graph, keras_hub_bert, keras_hub_vit, zero_produced_channels
 
 keras_hub = pytest.importorskip("keras_hub")
 keras = pytest.importorskip("keras")
@@ -22,31 +22,19 @@ keras = pytest.importorskip("keras")
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.BertBackbone(vocabulary_size=500, num_layers=2, num_heads=2, hidden_dim=128,
-                                             intermediate_dim=512, max_sequence_length=128)
-    model = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
-    path = tmp_path_factory.mktemp("bert") / "model"
-    model.export(str(path), verbose=False)
-    keras.backend.clear_session()
+    g = keras_hub_bert(tmp_path_factory.mktemp("bert") / "model")
     rng = np.random.RandomState(0)
     mask = np.ones((2, 16), "int32")
     mask[1, 11:] = 0
     inputs = {"token_ids": rng.randint(0, 500, (2, 16)).astype("int32"),
               "segment_ids": rng.randint(0, 2, (2, 16)).astype("int32"), "padding_mask": mask}
-    return graphslim.load(path), inputs
+    return g, inputs
 
 
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=3,
-                                            hidden_dim=192, mlp_dim=768)
-    model = keras_hub.models.ViTImageClassifier(backbone, num_classes=10, preprocessor=None)
-    path = tmp_path_factory.mktemp("vit") / "model"
-    model.export(str(path), verbose=False)
-    keras.backend.clear_session()
-    return graphslim.load(path), {"images": np.random.RandomState(0).rand(2, 32, 32, 3).astype("float32")}
+    g = keras_hub_vit(tmp_path_factory.mktemp("vit") / "model")
+    return g, {"images": np.random.RandomState(0).rand(2, 32, 32, 3).astype("float32")}
 
 
 MODELS = ["bert", "vit"]
