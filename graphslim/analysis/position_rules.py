@@ -68,6 +68,14 @@ def position_rule(*op_types: str):
     return ops.register_hook("positions", *op_types)
 
 
+def _const(ctx, node, port: int) -> np.ndarray:
+    """Input ``port`` of ``node`` as a constant array (NotPositional when it is computed at run time)."""
+    value = ctx.const(node, port)
+    if value is None:
+        raise NotPositional
+    return np.atleast_1d(value).astype(np.int64)
+
+
 def _on(need: Span | None, shape, axis: int) -> Span | None:
     """``need`` moved to ``axis`` of an input of ``shape``; None where the input is broadcast along it
     (length 1), and so read whole."""
@@ -111,7 +119,7 @@ def _reduce(ctx, node, need):
     if need is None:
         return [None, None]
     rank = len(ctx.in_shape(node, 0))
-    red = {int(a) % rank for a in np.atleast_1d(ctx.const(node, 1))}
+    red = {int(a) % rank for a in _const(ctx, node, 1)}
     kept = list(range(rank)) if node.attr("keep_dims", False) else [a for a in range(rank) if a not in red]
     a = kept[need.axis]
     if a in red:
@@ -155,7 +163,7 @@ def _einsum(ctx, node, need):
 def _transpose(ctx, node, need):
     if need is None:
         return [None, None]
-    perm = [int(a) for a in np.atleast_1d(ctx.const(node, 1))]
+    perm = [int(a) for a in _const(ctx, node, 1)]
     return [need.at(perm[need.axis]), None]
 
 
@@ -166,7 +174,7 @@ def _concat(ctx, node, need):
     if need is None:
         return [None] * n
     rank = len(ctx.out_shape(node))
-    if int(ctx.const(node, n - 1)) % rank == need.axis:
+    if int(_const(ctx, node, n - 1)[0]) % rank == need.axis:
         raise NotPositional
     return [need] * (n - 1) + [None]
 
@@ -265,6 +273,8 @@ def _strided_slice(ctx, node, need):
     rank, shrink = len(src), node.attr("shrink_axis_mask", 0)
     ranges = {}
     for a in range(min(rank, len(begin))):
+        if strides[a] != 1 and not shrink >> a & 1:  # x[:, ::-1] reverses: position p is not p any more
+            raise NotPositional
         lo, hi = (0, src[a]) if node.attr("begin_mask", 0) >> a & 1 and node.attr("end_mask", 0) >> a & 1 \
             else (None, None)
         if lo is None:
@@ -274,7 +284,7 @@ def _strided_slice(ctx, node, need):
                     raise NotPositional
                 lo = b + src[a] if b < 0 else b
                 hi = lo + 1
-            elif strides[a] != 1 or src[a] is None:
+            elif src[a] is None:
                 raise NotPositional
             else:
                 lo, hi = slice_range(node, begin, end, src[a], a)

@@ -97,7 +97,8 @@ def _analyze(graph: Graph, forced: set) -> Liveness:
         rule = POSITION_RULES.get(node.op)
         n_in = len(graph.inputs_of(node))
         spans = [None] * n_in
-        if rule is not None and node.name not in forced and not graph.control_inputs_of(node):
+        known = shape is not None and all(ctx.in_shape(node, p) is not None for p in range(n_in))
+        if rule is not None and known and node.name not in forced and not graph.control_inputs_of(node):
             ctx._pending = []
             try:
                 spans = list(rule(ctx, node, need))
