@@ -259,6 +259,20 @@ def _reshape(ctx, node, need):
     return [Span(b, need.lo, need.hi, period, merged), None]
 
 
+def _taken(ranges: dict, src, need: Span | None, axis: int | None) -> Span:
+    """The span of its input a slicing op reads: with nothing needed downstream yet, its one sliced
+    range (``{axis: (lo, hi)}``); else the needed positions of input axis ``axis``, within its range."""
+    if need is None:
+        if len(ranges) != 1:
+            raise NotPositional
+        ((a, (lo, hi)),) = ranges.items()
+        return Span(a, lo, hi, src[a])
+    if need.merged:
+        raise NotPositional
+    base = ranges.get(axis, (0, None))[0]
+    return Span(axis, base + need.lo, base + need.hi, src[axis])
+
+
 @position_rule("StridedSlice")
 def _strided_slice(ctx, node, need):
     """A stride-1 range or one position of one axis (``x[:, 0]``, the class token) reads only those
@@ -291,25 +305,13 @@ def _strided_slice(ctx, node, need):
         if (lo, hi) != (0, src[a]):
             ranges[a] = (lo, hi)
     kept = [a for a in range(rank) if not (a < len(begin) and shrink >> a & 1)]
-    if need is None:
-        if len(ranges) != 1:
-            raise NotPositional
-        ((a, (lo, hi)),) = ranges.items()
-        take = Span(a, lo, hi, src[a])
-        out_lo = 0
-    else:
-        a = kept[need.axis]
-        base = ranges.get(a, (0, None))[0]
-        take = Span(a, base + need.lo, base + need.hi, src[a], need.merged)
-        out_lo = need.lo
-    if take.merged:
-        raise NotPositional
+    take = _taken(ranges, src, need, None if need is None else kept[need.axis])
+    a = take.axis
     if a >= len(begin) or sparse_index(node, a, rank, len(begin)) != a:
         raise NotPositional
-    # the input arrives holding positions [take.lo, take.hi): the slice now starts at its own start
+    # the input arrives holding exactly the positions the slice takes: it now takes all of them
     new_begin, new_end = begin.copy(), end.copy()
-    new_begin[a] = ranges.get(a, (0, None))[0] + out_lo - take.lo
-    new_end[a] = new_begin[a] + (1 if shrink >> a & 1 else take.size)
+    new_begin[a], new_end[a] = 0, 1 if shrink >> a & 1 else take.size
 
     def rewrite(graph):
         for port, value in ((1, new_begin), (2, new_end)):
@@ -322,3 +324,89 @@ def _strided_slice(ctx, node, need):
 
     ctx.rewrite(rewrite)
     return [take, None, None, None]
+
+
+def _range_of(values) -> tuple[int, int] | None:
+    """``[lo, hi)`` when ``values`` (a scalar or a vector) are consecutive ascending integers, else None."""
+    v = np.atleast_1d(values).astype(np.int64).reshape(-1)
+    if v.size == 0 or np.any(np.diff(v) != 1):
+        return None
+    return int(v[0]), int(v[-1]) + 1
+
+
+@position_rule("GatherV2")
+def _gather(ctx, node, need):
+    """Constant indices that are one position or a run of them (``tf.gather(x, 0, axis=1)``) read only
+    those positions of ``params`` (the indices are rewritten to count from the run's start); other axes
+    pass through."""
+    if node.attr("batch_dims", 0):
+        raise NotPositional
+    src = ctx.in_shape(node, 0)
+    axis = int(_const(ctx, node, 2)[0]) % len(src)
+    indices = ctx.const(node, 1)
+    n_idx = len(ctx.in_shape(node, 1))
+    if need is not None:
+        if axis <= need.axis < axis + n_idx:
+            raise NotPositional
+        return [need.at(need.axis if need.axis < axis else need.axis - n_idx + 1), None, None]
+    run = None if indices is None or src[axis] is None else _range_of(np.where(np.asarray(indices) < 0,
+                                                                                np.asarray(indices) + src[axis],
+                                                                                indices))
+    if run is None:
+        raise NotPositional
+    lo, hi = run
+    shifted = (np.asarray(indices) % src[axis] - lo).astype(np.asarray(indices).dtype)
+
+    def rewrite(graph):
+        const = graph.add_const(f"{node.name}/positions_indices", shifted, unique=True)
+        graph.set_input(node, 1, const.output(0))
+
+    ctx.rewrite(rewrite)
+    return [Span(axis, lo, hi, src[axis]), None, None]
+
+
+@position_rule("Slice")
+def _slice(ctx, node, need):
+    """``tf.slice`` with a constant begin and size: a range of one axis reads only it (begin rewritten to
+    count from the range's start); whole axes pass through."""
+    src = ctx.in_shape(node, 0)
+    begin, size = _const(ctx, node, 1), _const(ctx, node, 2)
+    ranges = {}
+    for a, d in enumerate(src):
+        lo = int(begin[a])
+        hi = d if size[a] == -1 else lo + int(size[a])
+        if (lo, hi) != (0, d):
+            if d is None or hi is None:
+                raise NotPositional
+            ranges[a] = (lo, hi)
+    take = _taken(ranges, src, need, None if need is None else need.axis)
+    new_begin, new_size = begin.copy(), size.copy()
+    new_begin[take.axis], new_size[take.axis] = 0, take.size
+
+    def rewrite(graph):
+        for port, value, label in ((1, new_begin, "begin"), (2, new_size, "size")):
+            dtype = graph.dtype(graph.input(node, port)).as_numpy_dtype
+            graph.set_input(node, port, graph.add_const(f"{node.name}/positions_{label}", value.astype(dtype),
+                                                        unique=True).output(0))
+
+    ctx.rewrite(rewrite)
+    return [take, None, None]
+
+
+@position_rule("ExpandDims")
+def _expand_dims(ctx, node, need):
+    if need is None:
+        return [None, None]
+    d = int(_const(ctx, node, 1)[0]) % len(ctx.out_shape(node))
+    if need.axis == d:
+        raise NotPositional
+    return [need.at(need.axis if need.axis < d else need.axis - 1), None]
+
+
+@position_rule("Squeeze")
+def _squeeze(ctx, node, need):
+    if need is None:
+        return [None]
+    src = ctx.in_shape(node, 0)
+    dims = {int(a) % len(src) for a in node.attr("squeeze_dims", [])} or {a for a, d in enumerate(src) if d == 1}
+    return [need.at([a for a in range(len(src)) if a not in dims][need.axis])]

@@ -71,8 +71,19 @@ def _scaled_close(a, b, rtol):
 def test_round_trip_samedetections(detector, tmp_path):
     name, path, feed, before = detector
     g = graphslim.load(path)
-    out = graphslim.save(g, tmp_path / "out")
-    after = _tf_run(out, feed)
+    _assert_same_detections(name, before, _tf_run(graphslim.save(g, tmp_path / "out"), feed))
+
+
+def test_positions_keeps_every_detection(detector, tmp_path):
+    """Dead-position elimination on a detector (NMS, While loops, box decoding): whatever it restricts,
+    the outputs stay the same."""
+    name, path, feed, before = detector
+    g = graphslim.load(path)
+    graphslim.run_pipeline(g, "positions")
+    _assert_same_detections(name, before, _tf_run(graphslim.save(g, tmp_path / "out"), feed))
+
+
+def _assert_same_detections(name, before, after):
     assert set(after) == set(before)
     for key in before:
         assert after[key].shape == before[key].shape, key

@@ -9,7 +9,7 @@ from graphslim.testing import assert_close, fixture_index, fixture_io, fixture_p
 ALL = [fx["name"] for fx in fixture_index()]
 
 
-@pytest.mark.parametrize("pipeline", ["", "dce", "fold-batchnorm,dce", "fuse-batchnorm"])
+@pytest.mark.parametrize("pipeline", ["", "dce", "fold-batchnorm,dce", "fuse-batchnorm", "positions"])
 @pytest.mark.parametrize("name", ALL)
 def test_roundtrip_exact(tmp_path, name, pipeline):
     g = graphslim.load(fixture_path(name))
@@ -61,7 +61,7 @@ def mobilenet_v2(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("pipeline", ["", "dce", "fold-batchnorm,dce", "fuse-batchnorm"])
+@pytest.mark.parametrize("pipeline", ["", "dce", "fold-batchnorm,dce", "fuse-batchnorm", "positions"])
 def test_keras_applications_mobilenet_v2(tmp_path, mobilenet_v2, pipeline):
     g = graphslim.load(mobilenet_v2)
     name = g.inputs[0].name

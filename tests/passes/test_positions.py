@@ -163,3 +163,29 @@ def test_positions_then_prune_meets_the_total_target_and_loads(tmp_path):
     x = digits()["x_test"][:32]
     out = run(graphslim.load(tmp_path / "out"), {"images": x})["output_0"]
     assert out.shape == (32, 10) and np.allclose(out.sum(1), 1, atol=1e-5)
+
+
+class _Picks(tf.Module):
+    """A projection of x [?, 6, 8] read at position 2 by ``tf.gather`` and at positions 3..4 by ``tf.slice``
+    (through ExpandDims and Squeeze): positions 0, 1 and 5 feed nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = tf.Variable(np.random.RandomState(0).randn(8, 8).astype("f"))
+
+    @tf.function
+    def __call__(self, x):
+        y = tf.tanh(tf.einsum("btc,cd->btd", x, self.w))
+        picked = tf.gather(y, 2, axis=1)
+        window = tf.squeeze(tf.expand_dims(tf.slice(y, [0, 3, 0], [-1, 2, -1]), 1), [1])
+        return {"picked": picked, "window": tf.reduce_sum(window, axis=1)}
+
+
+def test_gather_and_slice_start_spans_and_their_hull_is_computed(tmp_path):
+    g0 = _saved(_Picks(), tmp_path, tf.TensorSpec([None, 6, 8], tf.float32))
+    (tanh,) = g0.nodes("Tanh")
+    assert live_spans(g0).computed[tanh.name] == Span(1, 2, 5, 6)
+    g = g0.copy()
+    graphslim.run_pipeline(g, "positions")
+    assert g.shape(g.node(tanh.name).output(0)) == (None, 3, 8)
+    _exact_through_save(g0, g, {"x": np.random.RandomState(1).randn(3, 6, 8).astype("f")}, tmp_path)
