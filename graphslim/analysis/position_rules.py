@@ -84,7 +84,7 @@ def _on(need: Span | None, shape, axis: int) -> Span | None:
     return need.at(axis)
 
 
-@position_rule(*UNARY, "Softplus", "Gelu")
+@position_rule(*UNARY)
 def _unary(ctx, node, need):
     """Element-wise: position p of the output is position p of the input."""
     return [need]
