@@ -218,10 +218,17 @@ def test_latency_combines_with_exclude_min_channels_and_round_to(chain):
     g = chain.copy()
     kernels = {k: w.value.shape[-1] for k, w in g.weights.items() if k.endswith("kernel")}
     st = PassManager("prune{latency=0.6 exclude=conv2 min_channels=6 round_to=4}").run(g).passes[-1]["stats"]
-    assert st["target"]["rounds"]
+    rounds = st["target"]["rounds"]
+    assert rounds
+    # every allocation timed cut conv1 alone (conv2 excluded, conv3 the output), by fours, keeping 6 or more
+    assert all(len(r["removed"]) <= 1 and all(n % 4 == 0 and 64 - n >= 6 for n in r["removed"].values())
+               for r in rounds)
     after = {k: g.weights[k].value.shape[-1] for k in kernels}
     assert after["conv2/kernel"] == 32 and after["conv3/kernel"] == 16  # excluded; the output
-    assert after["conv1/kernel"] < 64 and after["conv1/kernel"] >= 6 and after["conv1/kernel"] % 4 == 0
+    if st["target"]["unpruned"]:  # a loaded machine measured no pruned model faster: the original is kept
+        assert after == kernels
+    else:
+        assert after["conv1/kernel"] < 64 and after["conv1/kernel"] >= 6 and after["conv1/kernel"] % 4 == 0
 
 
 @pytest.mark.parametrize("text,msg", [

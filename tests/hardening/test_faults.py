@@ -207,9 +207,11 @@ def test_force_replaces_only_once_the_new_model_is_complete(wide_model, tmp_path
     worker.start()
     while worker.is_alive():
         try:
-            seen.append(stable_snapshot(out))
+            walked = stable_snapshot(out)
         except FileNotFoundError:  # the old tree was deleted under the walk, after the swap
-            pass
+            walked = None
+        if walked is not None:
+            seen.append(walked)
         time.sleep(0.005)
     worker.join()
     assert not errors, errors
@@ -221,11 +223,14 @@ def test_force_replaces_only_once_the_new_model_is_complete(wide_model, tmp_path
     assert set(graphslim.load(out).weights) == {"dense_0/kernel", "dense_1/kernel", "dense_2/kernel"}
 
 
-def stable_snapshot(path: Path) -> dict:
-    """:func:`snapshot` of the directory ``path`` names now, read through a descriptor of its inode."""
+def stable_snapshot(path: Path) -> dict | None:
+    """:func:`snapshot` of the directory ``path`` names now, read through a descriptor of its inode; None
+    when ``path`` names another directory by the end of the walk (the swap happened during it, and the
+    old tree, being deleted, is no longer what ``path`` holds)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return snapshot(Path(f"/proc/self/fd/{fd}"))
+        seen = snapshot(Path(f"/proc/self/fd/{fd}"))
+        return seen if os.stat(path).st_ino == os.fstat(fd).st_ino else None
     finally:
         os.close(fd)
 
