@@ -317,3 +317,49 @@ def keras_hub_vit(path, image: int = 32, patch: int = 8, classes: int = 10, seed
                                                                                                 verbose=False)
     keras.backend.clear_session()
     return graphslim.load(path)
+
+
+def conv_graph(*, k=(3, 3), cin=4, cout=6, hw=(9, 10), strides=(1, 1), dilations=(1, 1), padding="SAME",
+               explicit=None, bias=True, fmt="NHWC", seed=0, name="layer", kernel=None):
+    """One Conv2D of any geometry as an IR graph: x → Conv2D(NAME/kernel) [→ BiasAdd(NAME/bias)] → Relu →
+    "y" (``explicit``: EXPLICIT padding top, bottom, left, right; ``fmt``: NHWC or NCHW; ``kernel``: the
+    kernel's values, random by default). The conv node is ``net/NAME/Conv2D``."""
+    import tensorflow as tf
+
+    from graphslim.ir.graph import Graph, SignatureArg, Tensor
+
+    rng = np.random.default_rng(seed)
+    g = Graph()
+    shape = (None, *hw, cin) if fmt == "NHWC" else (None, cin, *hw)
+    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": shape})
+    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
+    values = rng.normal(size=(*k, cin, cout)) if kernel is None else kernel
+    kern = g.add_weight(f"{name}/kernel", np.asarray(values, np.float32))
+
+    def four(a, b):
+        return [1, a, b, 1] if fmt == "NHWC" else [1, 1, a, b]
+
+    attrs = {"T": tf.float32, "strides": four(*strides), "dilations": four(*dilations), "padding": padding,
+             "data_format": fmt}
+    if explicit is not None:
+        t, b_, l, r = explicit
+        attrs["explicit_paddings"] = [0, 0, t, b_, l, r, 0, 0] if fmt == "NHWC" else [0, 0, 0, 0, t, b_, l, r]
+    y = g.add_node(f"net/{name}/Conv2D", "Conv2D", ["x", kern], attrs=attrs)
+    if bias:
+        b = g.add_weight(f"{name}/bias", rng.normal(size=(cout,)).astype(np.float32))
+        y = g.add_node(f"net/{name}/BiasAdd", "BiasAdd", [y, b], attrs={"T": tf.float32, "data_format": fmt})
+    out = g.add_node("net/relu", "Relu", [y], attrs={"T": tf.float32})
+    g.outputs.append(SignatureArg("y", out.output(0)))
+    g.infer_shapes()
+    return g
+
+
+def pass_stats(report, i: int = 0) -> dict:
+    """The statistics pass ``i`` of a pipeline report recorded."""
+    return report.passes[i]["stats"]
+
+
+def layer_stats(report, name: str | None = None, i: int = 0) -> dict:
+    """The per-layer record of layer ``name`` (the first one when None) in pass ``i``'s statistics."""
+    recs = pass_stats(report, i)["layers"]
+    return recs[0] if name is None else next(r for r in recs if r["layer"] == name)

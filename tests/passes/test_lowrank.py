@@ -13,6 +13,7 @@ from graphslim.analysis.factorize import kept_energy
 from graphslim.ir.graph import Graph, SignatureArg, Tensor
 from graphslim.runtime import run
 from graphslim.testing import assert_close, fixture_io, fixture_path, run_saved_model
+from graphslim.testing import pass_stats as stats_of
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 FULL = "lowrank{rank=100000 min_macs_saving=none spatial=true}"
@@ -51,10 +52,6 @@ def conv1x1_graph(*, cin=10, cout=7, strides=(1, 1), padding="VALID", fmt="NHWC"
     g.outputs.append(SignatureArg("y", y.output(0)))
     g.infer_shapes()
     return g
-
-
-def stats_of(report):
-    return report.passes[0]["stats"]
 
 
 @pytest.mark.parametrize("name", FIXTURES)

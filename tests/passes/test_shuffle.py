@@ -15,7 +15,8 @@ import graphslim
 from graphslim.errors import OptionError
 from graphslim.ir.graph import Graph, SignatureArg, Tensor
 from graphslim.runtime import run
-from graphslim.testing import assert_close, digits, fixture_io, fixture_path, run_saved_model
+from graphslim.testing import assert_close, conv_graph, digits, fixture_io, fixture_path, run_saved_model
+from graphslim.testing import pass_stats as stats_of
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 LAYER = "net/proj/Conv2D"
@@ -35,25 +36,8 @@ def conv1x1_graph(*, cin=16, cout=24, blocks=None, permute=True, bias=True, seed
             w[b * bi:(b + 1) * bi, b * bo:(b + 1) * bo] = rng.normal(size=(bi, bo))
         if permute:
             w = w[rng.permutation(cin)][:, rng.permutation(cout)]
-    g = Graph()
-    nhwc = fmt == "NHWC"
-    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": (None, *hw, cin) if nhwc else (None, cin, *hw)})
-    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
-    k = g.add_weight("proj/kernel", w.reshape(1, 1, cin, cout).astype(np.float32))
-    y = g.add_node(LAYER, "Conv2D", ["x", k], attrs={
-        "T": tf.float32, "strides": [1, *strides, 1] if nhwc else [1, 1, *strides], "padding": padding,
-        "data_format": fmt})
-    if bias:
-        b = g.add_weight("proj/bias", rng.normal(size=(cout,)).astype(np.float32))
-        y = g.add_node("net/proj/BiasAdd", "BiasAdd", [y, b], attrs={"T": tf.float32, "data_format": fmt})
-    out = g.add_node("net/relu", "Relu", [y], attrs={"T": tf.float32})
-    g.outputs.append(SignatureArg("y", out.output(0)))
-    g.infer_shapes()
-    return g
-
-
-def stats_of(report, i=0):
-    return report.passes[i]["stats"]
+    return conv_graph(k=(1, 1), cin=cin, cout=cout, hw=hw, strides=strides, padding=padding, bias=bias, fmt=fmt,
+                      seed=seed + 1, name="proj", kernel=w.reshape(1, 1, cin, cout))
 
 
 def by_kernel(stats):

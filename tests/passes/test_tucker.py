@@ -5,6 +5,8 @@ digits; MACs fall as reported; macs= meets its budget; bad options and misfit la
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,48 +14,14 @@ import tensorflow as tf
 import graphslim
 from graphslim.analysis.factorize import kept_energy
 from graphslim.errors import OptionError
-from graphslim.ir.graph import Graph, SignatureArg, Tensor
 from graphslim.runtime import run
+from graphslim.testing import conv_graph as one_conv
 from graphslim.testing import digits, fixture_io, fixture_path, run_saved_model
+from graphslim.testing import layer_stats as layer
+from graphslim.testing import pass_stats as stats_of
 
 FULL = "tucker{ranks=100000,100000 min_macs_saving=none}"
-
-
-def conv_graph(*, k=(3, 3), cin=6, cout=8, hw=(9, 10), strides=(1, 1), dilations=(1, 1), padding="SAME",
-               explicit=None, bias=True, fmt="NHWC", seed=0) -> Graph:
-    """x → Conv2D(layer/kernel) [→ BiasAdd(layer/bias)] → Relu → "y"."""
-    rng = np.random.default_rng(seed)
-    g = Graph()
-    shape = (None, *hw, cin) if fmt == "NHWC" else (None, cin, *hw)
-    g.add_node("x", "Placeholder", attrs={"dtype": tf.float32, "shape": shape})
-    g.inputs.append(SignatureArg("x", Tensor("x", 0)))
-    kern = g.add_weight("layer/kernel", rng.normal(size=(*k, cin, cout)).astype(np.float32))
-
-    def four(a, b):
-        return [1, a, b, 1] if fmt == "NHWC" else [1, 1, a, b]
-
-    attrs = {"T": tf.float32, "strides": four(*strides), "dilations": four(*dilations), "padding": padding,
-             "data_format": fmt}
-    if explicit is not None:
-        t, b_, l, r = explicit
-        attrs["explicit_paddings"] = [0, 0, t, b_, l, r, 0, 0] if fmt == "NHWC" else [0, 0, 0, 0, t, b_, l, r]
-    y = g.add_node("net/layer/Conv2D", "Conv2D", ["x", kern], attrs=attrs)
-    if bias:
-        b = g.add_weight("layer/bias", rng.normal(size=(cout,)).astype(np.float32))
-        y = g.add_node("net/layer/BiasAdd", "BiasAdd", [y, b], attrs={"T": tf.float32, "data_format": fmt})
-    out = g.add_node("net/relu", "Relu", [y], attrs={"T": tf.float32})
-    g.outputs.append(SignatureArg("y", out.output(0)))
-    g.infer_shapes()
-    return g
-
-
-def stats_of(report):
-    return report.passes[0]["stats"]
-
-
-def layer(report, name=None):
-    recs = stats_of(report)["layers"]
-    return recs[0] if name is None else next(r for r in recs if r["layer"] == name)
+conv_graph = partial(one_conv, cin=6, cout=8)  # 6 → 8 channels: both Tucker modes have room
 
 
 def assert_outputs_close(got: dict, want: dict, rel: float = 1e-4):
