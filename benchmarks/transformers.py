@@ -123,7 +123,8 @@ def speed(args, tmp: str) -> None:
         graphs, rows = [base], []
         sliced = base.copy()
         graphslim.run_pipeline(sliced, "positions")
-        tp = 0.5 * macs(base) / macs(sliced)  # positions then prune: half the original's MACs in all
+        m0 = macs(base)
+        tp = 0.5 * m0 / macs(sliced)  # positions then prune: half the original's MACs in all
         for text in ("prune{ratio=0.3}", "prune{macs=0.5}", "positions", f"positions,prune{{macs={tp:.3f}}}"):
             g = base.copy()
             t = time.perf_counter()
@@ -131,7 +132,7 @@ def speed(args, tmp: str) -> None:
             graphs.append(g)
             rows.append((text, time.perf_counter() - t))
         ratios = {r: side_by_side(graphs, feed, r, args.threads) for r in runtimes}
-        c0, m0 = base.cost(), macs(base)
+        c0 = base.cost()
         print(f"| {name} (built in {built:.0f} s) | original | {c0.params / 1e6:.3f} M | {m0 / 1e6:.1f} M | "
               + " | ".join("1" for _ in runtimes) + " | |")
         for i, (text, secs) in enumerate(rows, 1):

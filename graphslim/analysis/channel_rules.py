@@ -85,10 +85,11 @@ def concat_part(graph: Graph, node: Node, element: int) -> tuple[int, int] | Non
     return None
 
 
-def vector_element(graph: Graph, t, element: int) -> int | None:
+def vector_element(graph: Graph, t, element: int, *, shapes: bool = False) -> int | None:
     """Element ``element`` of the 1-D int tensor ``t`` when it is constant: a constant vector, a Pack of
     scalars whose element is constant (``[batch, 1, 1]`` with the batch read at run time), or a ConcatV2
-    whose part holding it is constant; else None."""
+    whose part holding it is constant; else None. With ``shapes``, also a static dimension read at run
+    time through ``Shape(x)`` or ``GatherV2(Shape(x), constant indices)`` (``tf.tensordot``'s target)."""
     v = constant_value(graph, t)
     if v is not None:
         v = np.atleast_1d(v)
@@ -99,7 +100,17 @@ def vector_element(graph: Graph, t, element: int) -> int | None:
         return None if e is None or np.ndim(e) else int(e)
     if src.op == "ConcatV2":
         part = concat_part(graph, src, element)
-        return None if part is None else vector_element(graph, graph.input(src, part[0]), part[1])
+        return None if part is None else vector_element(graph, graph.input(src, part[0]), part[1], shapes=shapes)
+    if not shapes:
+        return None
+    if src.op == "GatherV2" and graph.producer(graph.input(src, 0)).op == "Shape":
+        idx = constant_value(graph, graph.input(src, 1))
+        if idx is None or not -np.size(idx) <= element < np.size(idx):
+            return None
+        return vector_element(graph, graph.input(src, 0), int(np.atleast_1d(idx)[element]), shapes=True)
+    if src.op == "Shape":
+        dims = graph.shape(graph.input(src, 0))
+        return None if dims is None or not -len(dims) <= element < len(dims) else dims[element]
     return None
 
 

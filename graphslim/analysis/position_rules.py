@@ -24,8 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from graphslim.analysis.channel_rules import BINARY, UNARY, concat_part, slice_range, sparse_index, vector_element
-from graphslim.analysis.constants import constant_value
+from graphslim.analysis.channel_rules import BINARY, UNARY, slice_range, sparse_index, vector_element
 from graphslim.ir import ops
 
 __all__ = ["POSITION_RULES", "position_rule", "Span", "NotPositional", "static_target"]
@@ -185,35 +184,13 @@ def _flat_size(shape) -> int | None:
     return int(np.prod(shape, dtype=np.int64))
 
 
-def _shape_element(graph, t, i: int) -> int | None:
-    """Element ``i`` of the 1-D int tensor ``t`` when it is known before run time: what
-    :func:`vector_element` finds, or a static dimension read through ``Shape(x)`` or
-    ``GatherV2(Shape(x), constant indices)``."""
-    v = vector_element(graph, t, i)
-    if v is not None:
-        return v
-    src = graph.producer(t)
-    if src.op == "ConcatV2":
-        part = concat_part(graph, src, i)
-        return None if part is None else _shape_element(graph, graph.input(src, part[0]), part[1])
-    if src.op == "GatherV2" and graph.producer(graph.input(src, 0)).op == "Shape":
-        idx = constant_value(graph, graph.input(src, 1))
-        if idx is None or not -np.size(idx) <= i < np.size(idx):
-            return None
-        return _shape_element(graph, graph.input(src, 0), int(np.atleast_1d(idx)[i]))
-    if src.op == "Shape":
-        shape = graph.shape(graph.input(src, 0))
-        return None if shape is None or not -len(shape) <= i < len(shape) else shape[i]
-    return None
-
-
 def static_target(graph, node) -> np.ndarray | None:
     """A Reshape's target computed at run time (``tf.tensordot``'s concat of Shape(x) parts) as a
     constant, when every entry but one (the batch, written -1) is known before run time; else None."""
     out = node.shapes[0] if node.shapes else None
     if out is None:
         return None
-    known = [_shape_element(graph, graph.input(node, 1), i) for i in range(len(out))]
+    known = [vector_element(graph, graph.input(node, 1), i, shapes=True) for i in range(len(out))]
     known = [None if v is None or v < 0 else v for v in known]
     if sum(v is None for v in known) > 1 or any(v != d for v, d in zip(known, out) if None not in (v, d)):
         return None

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphslim.analysis.constants import constant_value
-from graphslim.analysis.position_rules import POSITION_RULES, NotPositional, Span
+from graphslim.analysis.position_rules import POSITION_RULES, NotPositional, Span, static_target
 from graphslim.errors import PassError
 from graphslim.ir.graph import Graph, Tensor
 
@@ -38,10 +38,8 @@ __all__ = ["Liveness", "live_spans", "slice_dead_positions", "static_reshapes"]
 
 @dataclass
 class Liveness:
-    """What :func:`live_spans` found. ``needed[tensor]``: the span its consumers need (absent: all of it).
-    ``computed[node]``: the span the node's output is computed on after the rewrite. ``edges[(node,
+    """What :func:`live_spans` found. ``computed[node]``: the span the node's output is computed on after the rewrite. ``edges[(node,
     port)]``: the span node reads of input ``port``. ``rewrites``: the rules' attribute changes."""
-    needed: dict = field(default_factory=dict)
     computed: dict = field(default_factory=dict)
     edges: dict = field(default_factory=dict)
     rewrites: list = field(default_factory=list)
@@ -74,9 +72,8 @@ def _hull(spans: list) -> Span | None:
     return Span(first.axis, min(s.lo for s in spans), max(s.hi for s in spans), first.period, first.merged)
 
 
-def _whole(span: Span | None, shape) -> bool:
-    return span is None or (span.lo == 0 and span.period is not None and span.hi >= span.period
-                            and shape is not None and span.axis < len(shape))
+def _whole(span: Span | None) -> bool:
+    return span is None or (span.lo == 0 and span.period is not None and span.hi >= span.period)
 
 
 def _analyze(graph: Graph, forced: set) -> Liveness:
@@ -90,10 +87,8 @@ def _analyze(graph: Graph, forced: set) -> Liveness:
             wanted = [live.edges.get((c.name, p)) for c, p in graph.consumers(node.output(0)) if c.name in alive]
             need = _hull(wanted) if wanted else None
         shape = node.shapes[0] if node.shapes else None
-        if _whole(need, shape):
+        if _whole(need):
             need = None
-        if need is not None:
-            live.needed[node.output(0)] = need
         rule = POSITION_RULES.get(node.op)
         n_in = len(graph.inputs_of(node))
         spans = [None] * n_in
@@ -107,7 +102,7 @@ def _analyze(graph: Graph, forced: set) -> Liveness:
             if len(spans) != n_in:
                 raise PassError(f"positions: the position rule of {node.op} returned {len(spans)} spans for "
                                 f"node {node.name!r}, which has {n_in} inputs.")
-            spans = [None if _whole(s, ctx.in_shape(node, p)) else s for p, s in enumerate(spans)]
+            spans = [None if _whole(s) else s for s in spans]
             if any(s is not None for s in spans):
                 live.rewrites.extend(ctx._pending)
                 if need is not None:
@@ -168,8 +163,6 @@ def static_reshapes(graph: Graph) -> int:
     (``tf.tensordot``'s ``concat([shape(x)[:2], [C]])`` on a static sequence length) that target as a
     constant, -1 at the unknown entry; re-infer, and repeat while the shapes this makes known unlock
     more. Returns the number rewritten. The same reshapes: the shape inference guarantees the entries."""
-    from graphslim.analysis.position_rules import static_target
-
     done = 0
     while True:
         found = [(n, t) for n in graph.nodes("Reshape") if constant_value(graph, graph.input(n, 1)) is None
