@@ -10,7 +10,7 @@ import numpy as np
 
 from graphslim.analysis.channel_maps import (Blocked, In, IndexMap, Link, Out, collapse_map, expand_map,
                                              map_from_labels, normalize_map, restrict_map, shift_map)
-from graphslim.analysis.constants import constant_value
+from graphslim.analysis.constants import concat_part, constant_value, vector_element
 from graphslim.ir import ops
 from graphslim.ir.graph import WEIGHT_OP, Graph, Node
 
@@ -68,50 +68,6 @@ def slice_range(node: Node, begin, end_or_size, dim: int, i: int) -> tuple[int, 
     e = int(end_or_size[i])
     hi = dim if node.attr("end_mask", 0) >> i & 1 else (e + dim if e < 0 else min(e, dim))
     return lo, hi
-
-
-def concat_part(graph: Graph, node: Node, element: int) -> tuple[int, int] | None:
-    """``(input port, offset in it)`` holding element ``element`` of 1-D ConcatV2 ``node``'s output (a
-    shape vector ``concat([shape(x)[:2], [C]])``, as ``tf.tensordot`` builds for Keras Dense on a 3-D
-    input), or None when a part has no static length."""
-    start = 0
-    for p, t in enumerate(graph.inputs_of(node)[:-1]):
-        s = graph.shape(t)
-        if s is None or len(s) != 1 or s[0] is None:
-            return None
-        if element < start + s[0]:
-            return p, element - start
-        start += s[0]
-    return None
-
-
-def vector_element(graph: Graph, t, element: int, *, shapes: bool = False) -> int | None:
-    """Element ``element`` of the 1-D int tensor ``t`` when it is constant: a constant vector, a Pack of
-    scalars whose element is constant (``[batch, 1, 1]`` with the batch read at run time), or a ConcatV2
-    whose part holding it is constant; else None. With ``shapes``, also a static dimension read at run
-    time through ``Shape(x)`` or ``GatherV2(Shape(x), constant indices)`` (``tf.tensordot``'s target)."""
-    v = constant_value(graph, t)
-    if v is not None:
-        v = np.atleast_1d(v)
-        return int(v[element]) if -len(v) <= element < len(v) else None
-    src = graph.producer(t)
-    if src.op == "Pack" and 0 <= element < len(graph.inputs_of(src)):
-        e = constant_value(graph, graph.input(src, element))
-        return None if e is None or np.ndim(e) else int(e)
-    if src.op == "ConcatV2":
-        part = concat_part(graph, src, element)
-        return None if part is None else vector_element(graph, graph.input(src, part[0]), part[1], shapes=shapes)
-    if not shapes:
-        return None
-    if src.op == "GatherV2" and graph.producer(graph.input(src, 0)).op == "Shape":
-        idx = constant_value(graph, graph.input(src, 1))
-        if idx is None or not -np.size(idx) <= element < np.size(idx):
-            return None
-        return vector_element(graph, graph.input(src, 0), int(np.atleast_1d(idx)[element]), shapes=True)
-    if src.op == "Shape":
-        dims = graph.shape(graph.input(src, 0))
-        return None if dims is None or not -len(dims) <= element < len(dims) else dims[element]
-    return None
 
 
 def _channel_axis(node: Node, rank: int = 4) -> int:
